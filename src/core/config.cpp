@@ -1,0 +1,70 @@
+// Config validation, buffer-size hints and tuned defaults: pure host functions.
+#include "flashep/config.hpp"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "core/layout_math.hpp"
+
+namespace flashep {
+
+int subchannels_per_block(int num_nvl_ranks) { return subchannels_for(num_nvl_ranks); }
+
+int num_channels(int num_sms, int num_nvl_ranks) { return num_sms * subchannels_for(num_nvl_ranks); }
+
+namespace {
+/// Largest ring slot any dispatch or combine with rows of `hidden_bytes` may use: a BF16 row
+/// (hidden_bytes) or an FP8 row with its scales, plus kMaxTopk indices and weights.
+int max_slot_bytes(size_t hidden_bytes) {
+  const int hidden = static_cast<int>(hidden_bytes / 2);
+  const int bf16 = make_dispatch_slot(hidden, 2, false, kMaxTopk).slot_bytes;
+  const int fp8 = make_dispatch_slot(hidden, 1, true, kMaxTopk).slot_bytes;
+  const int combine = make_combine_slot(hidden, kMaxTopk).slot_bytes;
+  return std::max({bf16, fp8, combine});
+}
+}  // namespace
+
+size_t Config::get_nvl_buffer_size_hint(size_t hidden_bytes, int num_ranks) const {
+  validate();
+  if (num_ranks < 1 || num_ranks > kMaxNvlRanks)
+    throw std::invalid_argument("get_nvl_buffer_size_hint: num_ranks must be in [1, " + std::to_string(kMaxNvlRanks) +
+                                "], got " + std::to_string(num_ranks));
+  return static_cast<size_t>(ring_region_bytes(num_ranks, num_channels(num_sms, num_ranks),
+                                               num_max_nvl_chunked_recv_tokens, max_slot_bytes(hidden_bytes)));
+}
+
+size_t Config::get_rdma_buffer_size_hint(size_t hidden_bytes, int num_ranks, int nvl_domain_size) const {
+  validate();
+  if (nvl_domain_size <= 0 || num_ranks <= nvl_domain_size) return 0;
+  // Multi-node layout (later milestone): one RDMA ring per (channel, node) for sending and
+  // receiving, each num_max_rdma_chunked_recv_tokens slots.
+  const int64_t num_nodes = (num_ranks + nvl_domain_size - 1) / nvl_domain_size;
+  const int64_t bytes = int64_t(2) * num_channels(num_sms, nvl_domain_size) * num_nodes *
+                        num_max_rdma_chunked_recv_tokens * max_slot_bytes(hidden_bytes);
+  return static_cast<size_t>(align_up(bytes, 128));
+}
+
+void Config::validate() const {
+  auto fail = [](const std::string& what) { throw std::invalid_argument("flashep::Config: " + what); };
+  if (num_sms < 1 || num_sms > 1024) fail("num_sms must be in [1, 1024], got " + std::to_string(num_sms));
+  if (num_max_nvl_chunked_send_tokens < 1) fail("num_max_nvl_chunked_send_tokens must be >= 1");
+  if (num_max_nvl_chunked_recv_tokens < num_max_nvl_chunked_send_tokens)
+    fail("num_max_nvl_chunked_recv_tokens (" + std::to_string(num_max_nvl_chunked_recv_tokens) +
+         ") must be >= num_max_nvl_chunked_send_tokens (" + std::to_string(num_max_nvl_chunked_send_tokens) + ")");
+  if (num_max_rdma_chunked_send_tokens < 1) fail("num_max_rdma_chunked_send_tokens must be >= 1");
+  if (num_max_rdma_chunked_recv_tokens < num_max_rdma_chunked_send_tokens)
+    fail("num_max_rdma_chunked_recv_tokens must be >= num_max_rdma_chunked_send_tokens");
+}
+
+// Defaults measured on 8 x H200 (docs/performance.md): rings of a few chunks are enough to cover
+// the NVLink round trip of the head/tail counters, and small rings keep the buffer small.
+Config default_dispatch_config(int /*num_ranks*/, int num_sms) {
+  return Config{num_sms, 8, 64, 6, 256};
+}
+
+Config default_combine_config(int /*num_ranks*/, int num_sms) {
+  return Config{num_sms, 8, 64, 6, 256};
+}
+
+}  // namespace flashep

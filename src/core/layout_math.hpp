@@ -1,0 +1,152 @@
+// The arithmetic of channels and of the NVLink buffer layout, as host+device functions so the CPU
+// tests exercise exactly what the kernels compute.
+//
+// The NVLink allocation of every rank (shared with its peers over CUDA IPC) is:
+//
+//   [ ring region (num_nvl_bytes): one ring per (channel, source rank), `ring_depth` slots each    ]
+//   [ control header: barrier signals | barrier epoch | notify slots (one per source) | tails | heads ]
+//
+// A ring (c, s) in rank d's buffer carries channel c of source s to d. Its *tail* (slots written)
+// lives in d's header and is written by s; its *head* (slots consumed) lives in s's header at
+// index (c, d) and is written by d. So every spinning reader polls its own memory.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "flashep/config.hpp"
+
+#if defined(__CUDACC__)
+#define FLASHEP_HD __host__ __device__ __forceinline__
+#else
+#define FLASHEP_HD inline
+#endif
+
+namespace flashep {
+
+FLASHEP_HD constexpr int64_t align_up(int64_t value, int64_t alignment) {
+  return (value + alignment - 1) / alignment * alignment;
+}
+FLASHEP_HD constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+/// Channels per block (see flashep::subchannels_per_block): enough (peer, subchannel) warp pairs
+/// that every block runs at least 8 sender warps, whatever the domain size.
+FLASHEP_HD constexpr int subchannels_for(int num_nvl_ranks) { return num_nvl_ranks >= 8 ? 1 : 8 / num_nvl_ranks; }
+
+/// Half-open token range [begin, end) of `channel` when `num_tokens` are split over `num_channels`
+/// contiguous, balanced ranges (sizes differ by at most one).
+struct TokenRange {
+  int begin;
+  int end;
+};
+FLASHEP_HD TokenRange channel_token_range(int num_tokens, int num_channels, int channel) {
+  const int64_t n = num_tokens;
+  return TokenRange{static_cast<int>(n * channel / num_channels),
+                    static_cast<int>(n * (channel + 1) / num_channels)};
+}
+
+/// Channel owning token `token` (inverse of channel_token_range).
+FLASHEP_HD int channel_of_token(int num_tokens, int num_channels, int token) {
+  // Largest c with floor(n*c/C) <= token; start from the estimate and correct.
+  int c = static_cast<int>((static_cast<int64_t>(token) * num_channels) / (num_tokens > 0 ? num_tokens : 1));
+  while (c + 1 < num_channels && channel_token_range(num_tokens, num_channels, c + 1).begin <= token) ++c;
+  while (c > 0 && channel_token_range(num_tokens, num_channels, c).begin > token) --c;
+  return c;
+}
+
+/// Ring slot of a dispatch: token row, FP8 scales, local top-k indices and weights, source index.
+struct DispatchSlotLayout {
+  int row_bytes;     // H * element size
+  int scale_offset;  // float32[num_scales]
+  int num_scales;    // H / 128 for FP8, else 0
+  int topk_idx_offset;      // int32[K]
+  int topk_weights_offset;  // float32[K]
+  int src_idx_offset;       // int32
+  int slot_bytes;           // multiple of 16
+};
+FLASHEP_HD DispatchSlotLayout make_dispatch_slot(int hidden, int elem_size, bool has_scales, int num_topk) {
+  DispatchSlotLayout s{};
+  s.row_bytes = hidden * elem_size;
+  s.scale_offset = static_cast<int>(align_up(s.row_bytes, 16));
+  s.num_scales = has_scales ? hidden / 128 : 0;
+  s.topk_idx_offset = s.scale_offset + s.num_scales * 4;
+  s.topk_weights_offset = s.topk_idx_offset + num_topk * 4;
+  s.src_idx_offset = s.topk_weights_offset + num_topk * 4;
+  s.slot_bytes = static_cast<int>(align_up(s.src_idx_offset + 4, 16));
+  return s;
+}
+
+/// Ring slot of a combine: expert output row (bf16) and its top-k weights.
+struct CombineSlotLayout {
+  int row_bytes;
+  int topk_weights_offset;
+  int slot_bytes;
+};
+FLASHEP_HD CombineSlotLayout make_combine_slot(int hidden, int num_topk) {
+  CombineSlotLayout s{};
+  s.row_bytes = hidden * 2;
+  s.topk_weights_offset = static_cast<int>(align_up(s.row_bytes, 16));
+  s.slot_bytes = static_cast<int>(align_up(s.topk_weights_offset + num_topk * 4, 16));
+  return s;
+}
+
+/// Offsets in one rank's NVLink allocation for a domain of `num_ranks` ranks. The first
+/// `ring_capacity` bytes (= num_nvl_bytes, the part users see through get_local_buffer_tensor) hold
+/// the rings, whose contents are transient; the control header after them holds state that must
+/// survive between operations (barrier epochs, zeroed ring counters), out of users' reach.
+struct NvlBufferLayout {
+  int num_ranks;
+  int64_t ring_capacity;          // bytes available to rings (num_nvl_bytes)
+  int64_t barrier_signal_offset;  // int[kMaxNvlRanks]: epoch last signalled by each peer
+  int64_t barrier_epoch_offset;   // int: this rank's barrier count (device state, graph-safe)
+  int64_t notify_offset;          // num_ranks notify slots
+  int64_t notify_slot_ints;       // ints per notify slot
+  int64_t tail_offset;            // int[kMaxChannels][num_ranks]
+  int64_t head_offset;            // int[kMaxChannels][num_ranks]
+  int64_t allocation_bytes;       // total bytes to allocate (multiple of 128)
+
+  /// Notify slot layout (ints): [num_tokens_per_rank: R][channel prefix: kMaxChannels][experts: L]
+  FLASHEP_HD int64_t notify_slot(int src) const { return notify_offset + int64_t(src) * notify_slot_ints * 4; }
+  FLASHEP_HD int64_t tail(int channel, int peer) const { return tail_offset + (int64_t(channel) * num_ranks + peer) * 4; }
+  FLASHEP_HD int64_t head(int channel, int peer) const { return head_offset + (int64_t(channel) * num_ranks + peer) * 4; }
+  /// Byte offset of slot 0 of ring (channel, src).
+  FLASHEP_HD int64_t ring(int channel, int src, int ring_depth, int slot_bytes) const {
+    return (int64_t(channel) * num_ranks + src) * ring_depth * int64_t(slot_bytes);
+  }
+};
+
+/// Ring bytes that `num_channels` channels of `ring_depth` slots of `slot_bytes` need on a domain
+/// of `num_ranks` (a multiple of 128).
+FLASHEP_HD int64_t ring_region_bytes(int num_ranks, int num_channels, int ring_depth, int slot_bytes) {
+  return align_up(int64_t(num_channels) * num_ranks * ring_depth * slot_bytes, 128);
+}
+
+FLASHEP_HD NvlBufferLayout make_nvl_layout(int num_ranks, int64_t ring_capacity) {
+  NvlBufferLayout l{};
+  l.num_ranks = num_ranks;
+  l.ring_capacity = ring_capacity;
+  const int64_t header = align_up(ring_capacity, 128);
+  l.barrier_signal_offset = header;
+  l.barrier_epoch_offset = header + kMaxNvlRanks * 4;
+  l.notify_offset = align_up(l.barrier_epoch_offset + 4, 128);
+  l.notify_slot_ints = num_ranks + kMaxChannels + kMaxLocalExperts;
+  l.tail_offset = align_up(l.notify_offset + int64_t(num_ranks) * l.notify_slot_ints * 4, 128);
+  l.head_offset = align_up(l.tail_offset + int64_t(kMaxChannels) * num_ranks * 4, 128);
+  l.allocation_bytes = align_up(l.head_offset + int64_t(kMaxChannels) * num_ranks * 4, 128);
+  return l;
+}
+
+/// send_head encoding (a handle field): for token t and rank r, the ring slot index of t in its
+/// channel's ring to r if t was sent to r, else -(slots used before t) - 1. Either way
+/// slots_before() gives how many of the channel's tokens before t went to r, which is what a
+/// combine receiver needs to release ring space in order.
+FLASHEP_HD int encode_send_head(bool sent, int slots_before) { return sent ? slots_before : -slots_before - 1; }
+FLASHEP_HD int slots_before(int send_head) { return send_head >= 0 ? send_head : -send_head - 1; }
+
+/// The expert range [begin, end) of rank r when E experts are spread over R ranks.
+FLASHEP_HD int local_expert_index(int64_t expert, int rank, int num_local_experts) {
+  const int64_t begin = int64_t(rank) * num_local_experts;
+  return (expert >= begin && expert < begin + num_local_experts) ? int(expert - begin) : -1;
+}
+
+}  // namespace flashep

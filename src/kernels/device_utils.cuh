@@ -1,0 +1,122 @@
+// Device-side building blocks shared by every kernel: memory-model-correct flag accesses, bounded
+// spin-waits, warp-wide row copies, and the error record.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "core/device_error.hpp"
+
+namespace flashep::device {
+
+constexpr int kWarpSize = 32;
+
+// ---- flags (all system scope: peers write our memory over NVLink) --------------------------------
+__device__ __forceinline__ int ld_acquire_sys(const int* ptr) {
+  int value;
+  asm volatile("ld.acquire.sys.global.b32 %0, [%1];" : "=r"(value) : "l"(ptr) : "memory");
+  return value;
+}
+__device__ __forceinline__ void st_release_sys(int* ptr, int value) {
+  asm volatile("st.release.sys.global.b32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
+}
+__device__ __forceinline__ int ld_relaxed_sys(const int* ptr) {
+  int value;
+  asm volatile("ld.relaxed.sys.global.b32 %0, [%1];" : "=r"(value) : "l"(ptr) : "memory");
+  return value;
+}
+__device__ __forceinline__ void st_relaxed_sys(int* ptr, int value) {
+  asm volatile("st.relaxed.sys.global.b32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
+}
+
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// ---- 16-byte data movement -----------------------------------------------------------------------
+// Source rows (user tensors, read once): non-coherent path, no L1 allocation.
+__device__ __forceinline__ int4 ld_stream(const int4* ptr) {
+  int4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr));
+  return v;
+}
+// Ring slots written by a peer: bypass L1 (a ring slot is rewritten every lap, L1 could be stale).
+__device__ __forceinline__ int4 ld_ring(const int4* ptr) { return __ldcg(ptr); }
+__device__ __forceinline__ void st_na(int4* ptr, const int4& v) {
+  asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1, %2, %3, %4};" ::"l"(ptr), "r"(v.x), "r"(v.y),
+               "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
+/// Warp copies `num_int4` 16-byte words from src to dst, with kUnroll loads in flight per lane.
+template <int kUnroll, bool kSrcIsRing>
+__device__ __forceinline__ void warp_copy(int4* __restrict__ dst, const int4* __restrict__ src, int num_int4,
+                                          int lane) {
+  int i = lane;
+  for (; i + (kUnroll - 1) * kWarpSize < num_int4; i += kUnroll * kWarpSize) {
+    int4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) v[u] = kSrcIsRing ? ld_ring(src + i + u * kWarpSize) : ld_stream(src + i + u * kWarpSize);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) st_na(dst + i + u * kWarpSize, v[u]);
+  }
+  for (; i < num_int4; i += kWarpSize) st_na(dst + i, kSrcIsRing ? ld_ring(src + i) : ld_stream(src + i));
+}
+
+// ---- bounded waits and the error record ----------------------------------------------------------
+/// Everything a waiting thread needs to bound its wait and to report a timeout.
+struct WaitContext {
+  DeviceErrorRecord* error;  // host-mapped
+  int* abort_flag;           // device memory of this rank: set once any thread of this rank failed
+  uint64_t timeout_ns;
+  int rank;
+};
+
+__device__ __forceinline__ void record_error(const WaitContext& ctx, Phase phase, int peer, int channel, int expected,
+                                             int observed) {
+  // First failure wins: claim the record through the local abort flag, fill it, then publish.
+  if (atomicCAS(ctx.abort_flag, 0, 1) == 0) {
+    DeviceErrorRecord* r = ctx.error;
+    r->rank = ctx.rank;
+    r->phase = static_cast<int>(phase);
+    r->peer = peer;
+    r->channel = channel;
+    r->expected = expected;
+    r->observed = observed;
+    r->block = static_cast<int>(blockIdx.x);
+    __threadfence_system();
+    r->flag = 1;
+    __threadfence_system();
+  }
+}
+
+__device__ __forceinline__ bool aborted(const WaitContext& ctx) {
+  return *reinterpret_cast<volatile int*>(ctx.abort_flag) != 0;
+}
+
+/// Spins until `*counter >= target` (acquire). Returns the value seen, or a negative number when
+/// the wait timed out or another thread of this rank already failed (then the caller bails out).
+__device__ __forceinline__ int wait_at_least(const WaitContext& ctx, const int* counter, int target, Phase phase,
+                                             int peer, int channel) {
+  int value = ld_acquire_sys(counter);
+  if (value >= target) return value;
+  const uint64_t start = global_timer_ns();
+  for (uint32_t spins = 1;; ++spins) {
+    value = ld_acquire_sys(counter);
+    if (value >= target) return value;
+    if ((spins & 255) == 0) {
+      if (aborted(ctx)) return -1;
+      if (global_timer_ns() - start > ctx.timeout_ns) {
+        record_error(ctx, phase, peer, channel, target, value);
+        return -1;
+      }
+    }
+  }
+}
+
+}  // namespace flashep::device
