@@ -85,10 +85,10 @@ template <typename T>
 HostArray<T> read_array(nb::handle obj, const std::string& name, size_t ndim) {
   nb::ndarray<const T, nb::device::cpu> array;
   if (obj.is_none() || !nb::try_cast(obj, array, /*convert=*/false)) {
-    throw nb::type_error(("oracle: '" + name + "' must be a CPU numpy array of dtype " + dtype_name<T>()).c_str());
+    throw nb::type_error(("oracle: " + name + " must be a CPU numpy array of dtype " + dtype_name<T>()).c_str());
   }
   if (array.ndim() != ndim) {
-    throw nb::value_error(("oracle: '" + name + "' must have " + std::to_string(ndim) + " dimensions, got " +
+    throw nb::value_error(("oracle: " + name + " must have " + std::to_string(ndim) + " dimensions, got " +
                            std::to_string(array.ndim()))
                               .c_str());
   }
@@ -125,7 +125,7 @@ void require_shape(const HostArray<T>& array, const std::vector<size_t>& expecte
     for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
     return s + "]";
   };
-  throw nb::value_error(("oracle: '" + name + "' has shape " + text(array.shape) + ", expected " + text(expected)).c_str());
+  throw nb::value_error(("oracle: " + name + " has shape " + text(array.shape) + ", expected " + text(expected)).c_str());
 }
 
 /// Moves `values` into a new numpy array of `shape` (C order) that owns them. `Scalar` is the numpy

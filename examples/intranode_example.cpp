@@ -1,0 +1,237 @@
+// A torch-free, MPI-free use of the flashep C++ API: one process per local GPU (fork), an
+// all-gather through shared memory, then layout -> notify -> dispatch -> combine on random routing,
+// checking that combine(dispatch(x)) == x * (number of ranks each token went to).
+//
+//   flashep_example [num_ranks] [num_tokens] [hidden]
+//
+// Exits 0 with "skipped" when there are fewer GPUs than ranks (e.g. on a CI machine without GPU).
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "flashep/buffer.hpp"
+
+namespace {
+
+#define CHECK_CUDA(call)                                                                    \
+  do {                                                                                      \
+    cudaError_t status_ = (call);                                                           \
+    if (status_ != cudaSuccess) {                                                           \
+      std::fprintf(stderr, "%s failed: %s\n", #call, cudaGetErrorString(status_));          \
+      std::exit(1);                                                                         \
+    }                                                                                       \
+  } while (0)
+
+/// Shared-memory all-gather for processes forked from one parent.
+struct SharedExchange {
+  std::atomic<int> arrived[2];
+  std::atomic<int> generation;
+  unsigned char data[16][1024];
+};
+
+struct ShmAllGather {
+  SharedExchange* shm;
+  int rank, num_ranks;
+  void operator()(const void* mine, size_t bytes, void* all) const {
+    if (bytes > sizeof(shm->data[0])) throw flashep::Error("example all-gather: payload too large");
+    std::memcpy(shm->data[rank], mine, bytes);
+    barrier();
+    for (int r = 0; r < num_ranks; ++r) std::memcpy(static_cast<char*>(all) + r * bytes, shm->data[r], bytes);
+    barrier();
+  }
+  void barrier() const {
+    const int gen = shm->generation.load();
+    if (shm->arrived[gen & 1].fetch_add(1) + 1 == num_ranks) {
+      shm->arrived[gen & 1].store(0);
+      shm->generation.fetch_add(1);
+    } else {
+      while (shm->generation.load() == gen) usleep(100);
+    }
+  }
+};
+
+int run_rank(int rank, int num_ranks, int num_tokens, int hidden, SharedExchange* shm) {
+  CHECK_CUDA(cudaSetDevice(rank));
+  const int num_experts = 8 * num_ranks, num_topk = 4;
+  flashep::Config config = flashep::default_dispatch_config(num_ranks, 24);
+  flashep::BufferOptions options;
+  options.rank = rank;
+  options.num_ranks = num_ranks;
+  options.num_nvl_bytes = config.get_nvl_buffer_size_hint(size_t(hidden) * 2, num_ranks);
+  flashep::Buffer buffer(options, ShmAllGather{shm, rank, num_ranks});
+  cudaStream_t stream = buffer.comm_stream();
+
+  // Random routing (distinct experts per token, some slots masked) and small-integer bf16 x.
+  std::mt19937 rng(1234 + rank);
+  std::vector<int64_t> topk_idx(size_t(num_tokens) * num_topk);
+  std::vector<float> topk_weights(topk_idx.size());
+  for (int t = 0; t < num_tokens; ++t)
+    for (int k = 0; k < num_topk; ++k) {
+      int64_t e;
+      bool fresh;
+      do {
+        e = rng() % num_experts;
+        fresh = true;
+        for (int j = 0; j < k; ++j) fresh &= topk_idx[size_t(t) * num_topk + j] != e;
+      } while (!fresh);
+      topk_idx[size_t(t) * num_topk + k] = (rng() % 10 == 0) ? -1 : e;
+      topk_weights[size_t(t) * num_topk + k] = 1.0f;
+    }
+  std::vector<__nv_bfloat16> x(size_t(num_tokens) * hidden);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = __float2bfloat16(float(int(rng() % 9) - 4));
+
+  auto device_alloc = [](size_t bytes) {
+    void* p = nullptr;
+    CHECK_CUDA(cudaMalloc(&p, bytes > 0 ? bytes : 1));
+    return p;
+  };
+  const int R = num_ranks, C = buffer.num_channels(config);
+  auto* d_x = static_cast<__nv_bfloat16*>(device_alloc(x.size() * 2));
+  auto* d_topk_idx = static_cast<int64_t*>(device_alloc(topk_idx.size() * 8));
+  auto* d_topk_weights = static_cast<float*>(device_alloc(topk_weights.size() * 4));
+  auto* d_tokens_per_rank = static_cast<int*>(device_alloc(R * 4));
+  auto* d_tokens_per_expert = static_cast<int*>(device_alloc(num_experts * 4));
+  auto* d_in_rank = static_cast<bool*>(device_alloc(size_t(num_tokens) * R));
+  auto* d_rank_prefix = static_cast<int*>(device_alloc(R * R * 4));
+  auto* d_channel_prefix = static_cast<int*>(device_alloc(R * C * 4));
+  auto* d_recv_channel_prefix = static_cast<int*>(device_alloc(R * C * 4));
+  auto* d_send_head = static_cast<int*>(device_alloc(size_t(num_tokens) * R * 4));
+  CHECK_CUDA(cudaMemcpy(d_x, x.data(), x.size() * 2, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(d_topk_idx, topk_idx.data(), topk_idx.size() * 8, cudaMemcpyHostToDevice));
+  CHECK_CUDA(cudaMemcpy(d_topk_weights, topk_weights.data(), topk_weights.size() * 4, cudaMemcpyHostToDevice));
+
+  buffer.get_dispatch_layout({d_topk_idx, num_tokens, num_topk, num_experts, d_tokens_per_rank, nullptr,
+                              d_tokens_per_expert, d_in_rank},
+                             stream);
+  flashep::NotifyDispatchArgs notify;
+  notify.num_tokens_per_rank = d_tokens_per_rank;
+  notify.num_tokens_per_expert = d_tokens_per_expert;
+  notify.is_token_in_rank = d_in_rank;
+  notify.num_tokens = num_tokens;
+  notify.num_experts = num_experts;
+  notify.rank_prefix_matrix = d_rank_prefix;
+  notify.channel_prefix_matrix = d_channel_prefix;
+  notify.recv_channel_prefix_matrix = d_recv_channel_prefix;
+  notify.config = config;
+  buffer.notify_dispatch(notify, stream);
+  const flashep::RecvCounts counts = buffer.wait_recv_counts();  // wait-notify: sized from the GPU's counts
+
+  const int num_recv = counts.num_recv_tokens;
+  auto* d_recv_x = static_cast<__nv_bfloat16*>(device_alloc(size_t(num_recv) * hidden * 2));
+  auto* d_recv_topk_idx = static_cast<int64_t*>(device_alloc(size_t(num_recv) * num_topk * 8));
+  auto* d_recv_topk_weights = static_cast<float*>(device_alloc(size_t(num_recv) * num_topk * 4));
+  auto* d_recv_src_idx = static_cast<int*>(device_alloc(size_t(num_recv) * 4));
+  flashep::DispatchArgs dispatch;
+  dispatch.x = d_x;
+  dispatch.num_tokens = num_tokens;
+  dispatch.hidden = hidden;
+  dispatch.topk_idx = d_topk_idx;
+  dispatch.topk_weights = d_topk_weights;
+  dispatch.num_topk = num_topk;
+  dispatch.num_experts = num_experts;
+  dispatch.is_token_in_rank = d_in_rank;
+  dispatch.rank_prefix_matrix = d_rank_prefix;
+  dispatch.channel_prefix_matrix = d_channel_prefix;
+  dispatch.recv_channel_prefix_matrix = d_recv_channel_prefix;
+  dispatch.num_output_rows = num_recv;
+  dispatch.recv_x = d_recv_x;
+  dispatch.recv_topk_idx = d_recv_topk_idx;
+  dispatch.recv_topk_weights = d_recv_topk_weights;
+  dispatch.recv_src_idx = d_recv_src_idx;
+  dispatch.send_head = d_send_head;
+  dispatch.config = config;
+  buffer.dispatch(dispatch, stream);
+
+  // The "experts" return their rows unchanged; combine sums them back per token.
+  auto* d_combined = static_cast<__nv_bfloat16*>(device_alloc(x.size() * 2));
+  flashep::CombineArgs combine;
+  combine.x = d_recv_x;
+  combine.num_recv_tokens = num_recv;
+  combine.hidden = hidden;
+  combine.rank_prefix_matrix = d_rank_prefix;
+  combine.channel_prefix_matrix = d_channel_prefix;
+  combine.recv_channel_prefix_matrix = d_recv_channel_prefix;
+  combine.is_token_in_rank = d_in_rank;
+  combine.send_head = d_send_head;
+  combine.num_tokens = num_tokens;
+  combine.combined_x = d_combined;
+  combine.config = flashep::default_combine_config(num_ranks, 24);
+  buffer.combine(combine, stream);
+  CHECK_CUDA(cudaStreamSynchronize(stream));
+  buffer.check();
+
+  std::vector<__nv_bfloat16> combined(x.size());
+  std::vector<uint8_t> in_rank(size_t(num_tokens) * R);
+  CHECK_CUDA(cudaMemcpy(combined.data(), d_combined, combined.size() * 2, cudaMemcpyDeviceToHost));
+  CHECK_CUDA(cudaMemcpy(in_rank.data(), d_in_rank, in_rank.size(), cudaMemcpyDeviceToHost));
+  long mismatches = 0;
+  for (int t = 0; t < num_tokens; ++t) {
+    int copies = 0;
+    for (int r = 0; r < R; ++r) copies += in_rank[size_t(t) * R + r];
+    for (int h = 0; h < hidden; ++h) {
+      const size_t i = size_t(t) * hidden + h;
+      mismatches += __bfloat162float(combined[i]) != __bfloat162float(x[i]) * copies;
+    }
+  }
+  std::printf("rank %d: received %d tokens, combine(dispatch(x)) %s (%ld mismatches)\n", rank, num_recv,
+              mismatches == 0 ? "OK" : "WRONG", mismatches);
+  buffer.destroy();
+  return mismatches == 0 ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // CUDA must not be initialized in a process that forks CUDA users: count devices in a child.
+  int num_devices = 0;
+  if (const pid_t probe = fork(); probe == 0) {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess) count = 0;
+    std::_Exit(count);
+  } else {
+    int status = 0;
+    waitpid(probe, &status, 0);
+    num_devices = WIFEXITED(status) ? WEXITSTATUS(status) : 0;
+  }
+  const int num_ranks = argc > 1 ? std::atoi(argv[1]) : num_devices;
+  const int num_tokens = argc > 2 ? std::atoi(argv[2]) : 1024;
+  const int hidden = argc > 3 ? std::atoi(argv[3]) : 4096;
+  if (num_ranks < 1 || num_devices < num_ranks) {
+    std::printf("flashep_example: skipped (%d CUDA devices, %d ranks requested)\n", num_devices, num_ranks);
+    return 0;
+  }
+  // Fork before this process touches a GPU context in the children's place.
+  auto* shm = static_cast<SharedExchange*>(
+      mmap(nullptr, sizeof(SharedExchange), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
+  new (shm) SharedExchange{};
+  std::vector<pid_t> children;
+  for (int rank = 0; rank < num_ranks; ++rank) {
+    const pid_t pid = fork();
+    if (pid == 0) {
+      int rc = 1;
+      try {
+        rc = run_rank(rank, num_ranks, num_tokens, hidden, shm);
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "rank %d: %s\n", rank, e.what());
+      }
+      std::_Exit(rc);
+    }
+    children.push_back(pid);
+  }
+  int failures = 0;
+  for (pid_t pid : children) {
+    int status = 0;
+    waitpid(pid, &status, 0);
+    failures += !(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+  }
+  std::printf("flashep_example: %d ranks, %s\n", num_ranks, failures == 0 ? "all OK" : "FAILED");
+  return failures == 0 ? 0 : 1;
+}

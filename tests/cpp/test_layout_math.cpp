@@ -1,0 +1,148 @@
+// CPU tests of the arithmetic the kernels share with the host: channel ranges, ring-slot and
+// buffer layouts, send_head encoding, configs and size hints.
+#include <set>
+#include <stdexcept>
+
+#include "check.hpp"
+#include "core/device_error.hpp"
+#include "core/layout_math.hpp"
+#include "flashep/buffer.hpp"
+#include "flashep/config.hpp"
+
+using namespace flashep;
+
+static void test_channel_ranges() {
+  for (int n : {0, 1, 5, 127, 128, 4096, 4097}) {
+    for (int C : {1, 2, 3, 24, 96, 1024}) {
+      int expected_begin = 0, min_size = 1 << 30, max_size = 0;
+      for (int c = 0; c < C; ++c) {
+        const TokenRange r = channel_token_range(n, C, c);
+        CHECK_EQ(r.begin, expected_begin);  // contiguous cover, in order
+        CHECK(r.end >= r.begin);
+        min_size = std::min(min_size, r.end - r.begin);
+        max_size = std::max(max_size, r.end - r.begin);
+        expected_begin = r.end;
+        for (int t = r.begin; t < r.end; ++t) CHECK_EQ(channel_of_token(n, C, t), c);
+      }
+      CHECK_EQ(expected_begin, n);
+      CHECK(max_size - min_size <= 1);  // balanced
+    }
+  }
+}
+
+static void test_slot_layouts() {
+  for (int hidden : {2048, 2560, 4096, 7168, 8192}) {
+    for (int k : {0, 1, 6, 8, 32}) {
+      const DispatchSlotLayout bf16 = make_dispatch_slot(hidden, 2, false, k);
+      CHECK_EQ(bf16.row_bytes, hidden * 2);
+      CHECK_EQ(bf16.num_scales, 0);
+      CHECK_EQ(bf16.slot_bytes % 16, 0);
+      CHECK(bf16.src_idx_offset + 4 <= bf16.slot_bytes);
+      CHECK(bf16.topk_weights_offset >= bf16.topk_idx_offset + 4 * k);
+      const DispatchSlotLayout fp8 = make_dispatch_slot(hidden, 1, true, k);
+      CHECK_EQ(fp8.num_scales, hidden / 128);
+      CHECK_EQ(fp8.scale_offset % 16, 0);
+      CHECK(fp8.topk_idx_offset >= fp8.scale_offset + 4 * fp8.num_scales);
+      CHECK(fp8.slot_bytes < bf16.slot_bytes + 16 + 4 * fp8.num_scales);
+      const CombineSlotLayout combine = make_combine_slot(hidden, k);
+      CHECK_EQ(combine.slot_bytes % 16, 0);
+      CHECK(combine.topk_weights_offset + 4 * k <= combine.slot_bytes);
+    }
+  }
+}
+
+static void test_buffer_layout() {
+  for (int R : {1, 2, 4, 8, 16}) {
+    const int64_t capacity = 1 << 20;
+    const NvlBufferLayout l = make_nvl_layout(R, capacity);
+    // The control header lives after the user-visible ring region, in 128-byte aligned blocks.
+    CHECK(l.barrier_signal_offset >= capacity);
+    CHECK(l.barrier_epoch_offset >= l.barrier_signal_offset + 4 * kMaxNvlRanks);
+    CHECK(l.notify_offset % 128 == 0 && l.tail_offset % 128 == 0 && l.head_offset % 128 == 0);
+    CHECK(l.notify_slot(R - 1) + l.notify_slot_ints * 4 <= l.tail_offset);
+    CHECK(l.tail(kMaxChannels - 1, R - 1) + 4 <= l.head_offset);
+    CHECK(l.head(kMaxChannels - 1, R - 1) + 4 <= l.allocation_bytes);
+    CHECK_EQ(l.allocation_bytes % 128, 0);
+    // Rings tile the region without overlap.
+    const int C = 24, depth = 8, slot = 14352;
+    std::set<int64_t> starts;
+    for (int c = 0; c < C; ++c)
+      for (int s = 0; s < R; ++s) starts.insert(l.ring(c, s, depth, slot));
+    CHECK_EQ(int(starts.size()), C * R);
+    CHECK_EQ(*starts.rbegin() + int64_t(depth) * slot, int64_t(C) * R * depth * slot);
+    CHECK(ring_region_bytes(R, C, depth, slot) >= int64_t(C) * R * depth * slot);
+  }
+}
+
+static void test_send_head_encoding() {
+  for (int before : {0, 1, 5, 1000}) {
+    CHECK_EQ(slots_before(encode_send_head(true, before)), before);
+    CHECK_EQ(slots_before(encode_send_head(false, before)), before);
+    CHECK(encode_send_head(true, before) >= 0);
+    CHECK(encode_send_head(false, before) < 0);
+  }
+  CHECK_EQ(local_expert_index(17, 2, 8), 1);
+  CHECK_EQ(local_expert_index(15, 2, 8), -1);
+  CHECK_EQ(local_expert_index(-1, 0, 8), -1);
+  CHECK_EQ(local_expert_index(24, 2, 8), -1);
+}
+
+static void test_config() {
+  Config config;  // DeepEP's defaults
+  CHECK_EQ(config.num_sms, 20);
+  CHECK_EQ(config.num_max_nvl_chunked_send_tokens, 6);
+  CHECK_EQ(config.num_max_nvl_chunked_recv_tokens, 256);
+  CHECK_EQ(subchannels_per_block(8), 1);
+  CHECK_EQ(subchannels_per_block(4), 2);
+  CHECK_EQ(subchannels_per_block(2), 4);
+  CHECK_EQ(num_channels(24, 8), 24);
+  CHECK_EQ(num_channels(24, 2), 96);
+  for (int R : {2, 4, 8}) {
+    for (int sms : {2, 8, 24, 32}) {
+      const Config c = default_dispatch_config(R, sms);
+      CHECK_EQ(c.num_sms, sms);
+      const size_t hint = c.get_nvl_buffer_size_hint(7168 * 2, R);
+      CHECK_EQ(hint % 128, size_t(0));
+      // Enough for the largest slot of any dispatch/combine of that hidden size.
+      const int biggest = std::max(make_dispatch_slot(7168, 2, false, kMaxTopk).slot_bytes,
+                                   make_combine_slot(7168, kMaxTopk).slot_bytes);
+      CHECK(int64_t(hint) >= ring_region_bytes(R, num_channels(sms, R), c.num_max_nvl_chunked_recv_tokens, biggest));
+      CHECK_EQ(c.get_rdma_buffer_size_hint(7168 * 2, R, 8), size_t(0));
+      CHECK(c.get_rdma_buffer_size_hint(7168 * 2, 16, 8) > 0);
+    }
+  }
+  CHECK_THROWS((Config{0, 6, 256, 6, 256}.validate()), std::invalid_argument);
+  CHECK_THROWS((Config{20, 8, 4, 6, 256}.validate()), std::invalid_argument);
+  CHECK_THROWS((Config{20, 0, 4, 6, 256}.validate()), std::invalid_argument);
+}
+
+static void test_error_messages() {
+  DeviceErrorRecord r{};
+  r.flag = 1;
+  r.rank = 3;
+  r.phase = static_cast<int>(Phase::kNotifyBarrier);
+  r.peer = 5;
+  r.channel = -1;
+  r.expected = 7;
+  r.observed = 6;
+  const std::string message = describe(r, 10.0);
+  CHECK(message.find("rank 3") != std::string::npos);
+  CHECK(message.find("notify_dispatch") != std::string::npos);
+  CHECK(message.find("timed out") != std::string::npos);
+  CHECK(message.find("rank 5") != std::string::npos);
+  r.phase = static_cast<int>(Phase::kLayoutInvalidExpert);
+  r.peer = 256;
+  r.expected = 12;
+  r.observed = 300;
+  CHECK(describe(r, 10.0).find("expert id 300") != std::string::npos);
+}
+
+int main() {
+  test_channel_ranges();
+  test_slot_layouts();
+  test_buffer_layout();
+  test_send_head_encoding();
+  test_config();
+  test_error_messages();
+  return check::summary("test_layout_math");
+}
