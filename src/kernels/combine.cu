@@ -16,7 +16,7 @@
 namespace flashep::kernels {
 namespace {
 
-constexpr int kCopyUnroll = 4;
+constexpr int kCopyUnroll = 8;  // 16-byte loads in flight per lane (see dispatch.cu)
 constexpr int kMaxRolesPerBlock = 16;  // R * subchannels_for(R) for every supported R
 
 __device__ __forceinline__ char* at(void* base, int64_t byte_offset) { return static_cast<char*>(base) + byte_offset; }

@@ -13,7 +13,8 @@
 namespace flashep::kernels {
 namespace {
 
-constexpr int kCopyUnroll = 4;
+// 16-byte loads in flight per lane while copying a row: enough to cover HBM latency with few warps.
+constexpr int kCopyUnroll = 8;
 
 __device__ __forceinline__ char* at(void* base, int64_t byte_offset) { return static_cast<char*>(base) + byte_offset; }
 
@@ -133,7 +134,9 @@ __device__ void dispatch_recv(const DispatchParams& p, int src, int channel, int
   if (lane == 0) device::st_relaxed_sys(local_tail, 0);
 }
 
-__global__ void __launch_bounds__(1024, 1) dispatch_kernel(DispatchParams p) {
+// kMaxThreads: 512 for domains of up to 8 ranks (lets the compiler use 128 registers), 1024 above.
+template <int kMaxThreads>
+__global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams p) {
   const int R = p.comm.num_ranks;
   const int G = subchannels_for(R);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -149,7 +152,11 @@ __global__ void __launch_bounds__(1024, 1) dispatch_kernel(DispatchParams p) {
 }  // namespace
 
 cudaError_t launch_dispatch(const DispatchParams& p, int num_sms, cudaStream_t stream) {
-  dispatch_kernel<<<num_sms, comm_block_threads(p.comm.num_ranks), 0, stream>>>(p);
+  const int threads = comm_block_threads(p.comm.num_ranks);
+  if (threads <= 512)
+    dispatch_kernel<512><<<num_sms, threads, 0, stream>>>(p);
+  else
+    dispatch_kernel<1024><<<num_sms, threads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
