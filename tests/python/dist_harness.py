@@ -125,6 +125,10 @@ def free_port() -> int:
 def _child_main(fn: Callable, rank: int, world_size: int, port: int, result_queue, args: tuple,
                 extra_env: Dict[str, str]) -> None:
     os.environ.update(NVLS_ENV)
+    # Without these, the survivors of a failed rank (rank 0 hosts the TCPStore) flood stderr with
+    # "Failed to check the 'should dump' flag on TCPStore" warnings while the harness waits for them.
+    os.environ.setdefault("TORCH_NCCL_DUMP_ON_TIMEOUT", "0")
+    os.environ.setdefault("TORCH_NCCL_ENABLE_MONITORING", "0")
     os.environ.update(extra_env)
     os.environ.update({
         "RANK": str(rank),

@@ -1,0 +1,293 @@
+"""Benchmark of the high-throughput path: FP8 dispatch, BF16 dispatch and BF16 combine per shape and
+SM count, next to an NCCL all_to_all_single baseline moving the same bytes.
+
+    python3 -m flashep.bench [--num-ranks N] [--sms 8,12,16,24,32] [--shapes deepep|all] [--out FILE]
+
+One process per GPU (default: every visible GPU), one Buffer sized for every config used. Per shape
+(tokens per rank, hidden, top-k, experts; routing: each token picks top-k distinct experts uniformly
+at random) and per SM count, with Config(num_sms, send, recv, 6, 256) where send/recv come from
+Buffer.get_dispatch_config / get_combine_config:
+  * dispatch is timed as the whole call (CPU wait for the counts included), layout computed once
+    outside the timing; combine is timed on the handle of the BF16 dispatch;
+  * CUDA events around each call, ranks aligned by a barrier before each iteration, >= 5 warm-up
+    iterations then >= 20 timed ones; the median is reported;
+  * bandwidth as DeepEP defines it: rows this rank receives (its own included) x row bytes / time,
+    an FP8 row counting H + H/128*4 bytes, a BF16 row 2H; combine counts the same rows x 2H;
+  * NCCL baseline: all_to_all_single where every rank receives as many bytes as it receives in the
+    dispatch, split evenly over the source ranks.
+Rank 0 prints one table (time and GB/s of rank 0, GB/s averaged over ranks, NCCL time and GB/s) and
+writes it as markdown to --out.
+"""
+from __future__ import annotations
+
+import os
+
+# NVLink multicast stays off (docs/gpu-machine.md); set before torch/NCCL initialise CUDA.
+for _key, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+                     ("NVSHMEM_DISABLE_NVLS", "1")):
+    os.environ[_key] = _value
+
+import argparse  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from typing import Dict, List, NamedTuple, Optional  # noqa: E402
+
+
+class Shape(NamedTuple):
+    name: str
+    tokens: int
+    hidden: int
+    topk: int
+    experts: int
+
+
+DEEPEP_SHAPE = Shape("4096x7168 top8/256", 4096, 7168, 8, 256)
+SHAPES: Dict[str, List[Shape]] = {
+    "deepep": [DEEPEP_SHAPE],
+    "all": [DEEPEP_SHAPE, Shape("4096x4096 top6/64", 4096, 4096, 6, 64), Shape("8192x2048 top8/128", 8192, 2048, 8, 128)],
+}
+
+#: DeepEP V1 on 8 x H200, 24 SMs, the DeepEP shape (docs/gpu-machine.md), for reference.
+DEEPEP_REFERENCE = {"dispatch fp8": 320.0, "dispatch bf16": 334.0, "combine bf16": 321.0}
+
+
+def _parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python3 -m flashep.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-ranks", type=int, default=0, help="processes/GPUs (default: all visible GPUs)")
+    parser.add_argument("--sms", default="8,12,16,24,32", help="comma-separated SM counts (even)")
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="deepep", help="workloads to run")
+    parser.add_argument("--out", default=None, help="write the table as markdown to this file")
+    parser.add_argument("--warmup", type=int, default=5, help="warm-up iterations (>= 5)")
+    parser.add_argument("--iters", type=int, default=20, help="timed iterations (>= 20)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds before the run is killed")
+    args = parser.parse_args(argv)
+    args.sms_list = [int(s) for s in args.sms.split(",") if s.strip()]
+    if not args.sms_list or any(s < 2 or s % 2 for s in args.sms_list):
+        parser.error(f"--sms needs even SM counts >= 2, got {args.sms!r}")
+    args.warmup = max(args.warmup, 5)
+    args.iters = max(args.iters, 20)
+    return args
+
+
+# ---- timing helpers (run inside a rank) ----------------------------------------------------------
+
+
+def _time_call(torch, dist, fn, warmup: int, iters: int):
+    """Median time in us of fn() between CUDA events on the current stream; ranks aligned by a
+    barrier before each timed call. Returns (median_us, last result)."""
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    torch.cuda.synchronize()
+    times = []
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(iters):
+        result = None
+        dist.barrier()
+        torch.cuda.synchronize()
+        start.record()
+        result = fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1000.0)
+    return statistics.median(times), result
+
+
+def _gbps(num_bytes: float, time_us: float) -> float:
+    return num_bytes / time_us / 1e3 if time_us > 0 else 0.0
+
+
+def _config_fields(cfg) -> tuple:
+    return (cfg.num_max_nvl_chunked_send_tokens, cfg.num_max_nvl_chunked_recv_tokens)
+
+
+def _make_inputs(torch, shape: Shape, rank: int, dev):
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(20251122 + rank)
+    n, H, K, E = shape.tokens, shape.hidden, shape.topk, shape.experts
+    x = torch.randn((n, H), generator=gen, dtype=torch.float32, device=dev)
+    x_bf16 = x.to(torch.bfloat16)
+    # FP8 e4m3 with one float32 scale per 128 channels (amax / 448), scales column-major as usual.
+    blocks = x.view(n, H // 128, 128)
+    scale = blocks.abs().amax(dim=-1).clamp(min=1e-4) / 448.0
+    x_fp8 = (blocks / scale.unsqueeze(-1)).to(torch.float8_e4m3fn).view(n, H)
+    scales = scale.t().contiguous().t()
+    scores = torch.rand((n, E), generator=gen, dtype=torch.float32, device=dev)
+    topk_idx = scores.topk(K, dim=1).indices.to(torch.int64).contiguous()  # K distinct experts, uniform
+    topk_weights = torch.rand((n, K), generator=gen, dtype=torch.float32, device=dev)
+    return x_bf16, (x_fp8, scales), topk_idx, topk_weights
+
+
+def _nccl_baseline(torch, dist, recv_bytes_all: List[int], rank: int, R: int, dev, warmup: int, iters: int):
+    """all_to_all_single in which rank r receives recv_bytes_all[r] bytes, evenly from every rank."""
+    in_splits = [recv_bytes_all[j] // R for j in range(R)]
+    out_splits = [recv_bytes_all[rank] // R] * R
+    send = torch.empty((sum(in_splits),), dtype=torch.uint8, device=dev).fill_(1)
+    recv = torch.empty((sum(out_splits),), dtype=torch.uint8, device=dev)
+    t_us, _ = _time_call(torch, dist, lambda: dist.all_to_all_single(recv, send, out_splits, in_splits),
+                         warmup, iters)
+    return t_us, sum(out_splits)
+
+
+def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    import flashep
+
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=R,
+                            device_id=dev)
+    shapes = SHAPES[args.shapes]
+    base_dispatch = flashep.Buffer.get_dispatch_config(R)
+    base_combine = flashep.Buffer.get_combine_config(R)
+    d_send, d_recv = _config_fields(base_dispatch)
+    c_send, c_recv = _config_fields(base_combine)
+    configs = {sms: (flashep.Config(sms, d_send, d_recv, 6, 256), flashep.Config(sms, c_send, c_recv, 6, 256))
+               for sms in args.sms_list}
+    max_hidden_bytes = max(s.hidden for s in shapes) * 2
+    num_nvl_bytes = max(c.get_nvl_buffer_size_hint(max_hidden_bytes, R) for pair in configs.values() for c in pair)
+    buffer = flashep.Buffer(dist.group.WORLD, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=0)
+    if rank == 0:
+        print(f"flashep.bench: {R} ranks on {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, "
+              f"buffer {num_nvl_bytes / 2 ** 20:.1f} MiB; dispatch chunks (send {d_send}, recv {d_recv}), "
+              f"combine chunks (send {c_send}, recv {c_recv}); warmup {args.warmup}, iters {args.iters}",
+              flush=True)
+
+    records = []  # (shape, op, dtype, sms, time_us, bytes, nccl_us, nccl_bytes) of this rank
+    for shape in shapes:
+        H = shape.hidden
+        x_bf16, x_fp8, topk_idx, topk_weights = _make_inputs(torch, shape, rank, dev)
+        ntpr, _, ntpe, itir, _ = buffer.get_dispatch_layout(topk_idx, shape.experts)
+        layout = dict(num_tokens_per_rank=ntpr, is_token_in_rank=itir, num_tokens_per_expert=ntpe,
+                      topk_idx=topk_idx, topk_weights=topk_weights)
+        nccl: Dict[str, tuple] = {}
+        for sms in args.sms_list:
+            cfg_d, cfg_c = configs[sms]
+            t_fp8, out_fp8 = _time_call(torch, dist, lambda: buffer.dispatch(x_fp8, **layout, config=cfg_d),
+                                        args.warmup, args.iters)
+            rows = out_fp8[0][0].size(0)
+            del out_fp8
+            t_bf16, out_bf16 = _time_call(torch, dist, lambda: buffer.dispatch(x_bf16, **layout, config=cfg_d),
+                                          args.warmup, args.iters)
+            recv_x, _, recv_w, _, handle, _ = out_bf16
+            del out_bf16
+            t_comb, _ = _time_call(torch, dist, lambda: buffer.combine(recv_x, handle, topk_weights=recv_w,
+                                                                       config=cfg_c), args.warmup, args.iters)
+            fp8_bytes = rows * (H + H // 128 * 4)
+            bf16_bytes = rows * H * 2
+            if not nccl:  # the byte counts do not depend on the SM count
+                for key, nbytes in (("fp8", fp8_bytes), ("bf16", bf16_bytes)):
+                    everyone = [None] * R
+                    dist.all_gather_object(everyone, nbytes)
+                    nccl[key] = _nccl_baseline(torch, dist, everyone, rank, R, dev, args.warmup, args.iters)
+            records.append((shape.name, "dispatch", "fp8", sms, t_fp8, fp8_bytes) + nccl["fp8"])
+            records.append((shape.name, "dispatch", "bf16", sms, t_bf16, bf16_bytes) + nccl["bf16"])
+            records.append((shape.name, "combine", "bf16", sms, t_comb, bf16_bytes) + nccl["bf16"])
+            if rank == 0:
+                print(f"  {shape.name} SMs {sms:3d}: dispatch fp8 {t_fp8:8.1f} us {_gbps(fp8_bytes, t_fp8):6.1f} GB/s, "
+                      f"dispatch bf16 {t_bf16:8.1f} us {_gbps(bf16_bytes, t_bf16):6.1f} GB/s, combine "
+                      f"{t_comb:8.1f} us {_gbps(bf16_bytes, t_comb):6.1f} GB/s", flush=True)
+            del recv_x, recv_w, handle
+
+    gathered = [None] * R
+    dist.all_gather_object(gathered, records)
+    if rank == 0:
+        table = _table(gathered, R, torch.cuda.get_device_name(dev), shapes)
+        print("\n" + table, flush=True)
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                f.write(table + "\n")
+            print(f"written to {args.out}", flush=True)
+    torch.cuda.synchronize()
+    dist.barrier()
+    del buffer
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _table(gathered, R: int, device_name: str, shapes: List[Shape]) -> str:
+    header = ["shape", "op", "dtype", "SMs", "time_us", "GB/s (rank 0)", "GB/s (mean)", "nccl_us", "nccl_GB/s"]
+    lines = [f"# flashep.bench: {R} x {device_name}",
+             "",
+             "GB/s as DeepEP defines it: rows received by a rank (its own included) x row bytes / time "
+             "(FP8 row H + H/128*4 bytes, BF16 row 2H; combine counts the same rows x 2H). time_us: median "
+             "of rank 0. nccl: all_to_all_single moving the same bytes per rank (even splits).",
+             "",
+             "| " + " | ".join(header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    for i, rec in enumerate(gathered[0]):
+        name, op, dtype, sms, t_us, nbytes, nccl_us, nccl_bytes = rec
+        per_rank = [_gbps(g[i][5], g[i][4]) for g in gathered]
+        lines.append(f"| {name} | {op} | {dtype} | {sms} | {t_us:.1f} | {_gbps(nbytes, t_us):.1f} | "
+                     f"{statistics.mean(per_rank):.1f} | {nccl_us:.1f} | {_gbps(nccl_bytes, nccl_us):.1f} |")
+    if R == 8 and any(s == DEEPEP_SHAPE for s in shapes):
+        lines += ["", "Reference (docs/gpu-machine.md), DeepEP V1 on 8 x H200, 24 SMs, the 4096x7168 top8/256 "
+                      "shape: " + ", ".join(f"{k} {v:.0f} GB/s" for k, v in DEEPEP_REFERENCE.items()) + "."]
+    return "\n".join(lines)
+
+
+def _child(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
+    try:
+        _worker(rank, R, args, port)
+    except BaseException:
+        sys.stderr.write(f"[rank {rank}] flashep.bench failed:\n{traceback.format_exc()}")
+        sys.stderr.flush()
+        os._exit(1)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parse_args(argv)
+    import multiprocessing
+
+    import torch
+
+    available = torch.cuda.device_count()
+    R = args.num_ranks or available
+    if R < 1 or R > available:
+        print(f"flashep.bench: --num-ranks {R} but {available} GPUs are visible", file=sys.stderr)
+        return 2
+    # The children unpickle the target by module name: use the importable one, not __main__.
+    from flashep import bench as this_module
+
+    ctx = multiprocessing.get_context("spawn")
+    port = _free_port()
+    processes = [ctx.Process(target=this_module._child, args=(r, R, args, port), daemon=True) for r in range(R)]
+    for p in processes:
+        p.start()
+    deadline = time.monotonic() + args.timeout
+    failed_at = None
+    while any(p.is_alive() for p in processes):
+        time.sleep(0.2)
+        now = time.monotonic()
+        if failed_at is None and any(p.exitcode not in (None, 0) for p in processes):
+            failed_at = now
+        if now > deadline or (failed_at is not None and now > failed_at + 30):
+            hung = [r for r, p in enumerate(processes) if p.is_alive()]
+            print(f"flashep.bench: killing ranks {hung} "
+                  f"({'time limit reached' if now > deadline else 'another rank failed'})", file=sys.stderr)
+            for r in hung:
+                processes[r].kill()
+            break
+    for p in processes:
+        p.join(10)
+    codes = [p.exitcode for p in processes]
+    if any(c != 0 for c in codes):
+        print(f"flashep.bench: FAILED, exit codes by rank: {codes}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""GPU failure behaviour: a peer that never arrives (bounded timeout, clear error, no hang) and bad
+inputs (clear ValueError/TypeError/RuntimeError naming the argument, raised before any kernel; the
+Buffer stays healthy afterwards). World size 2 (skipped with the reason on fewer GPUs).
+
+    python3 -m pytest -v -s tests/python/test_failures.py
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dist_harness as dh  # noqa: E402
+
+TIMEOUT_S = 5          # FLASHEP_TIMEOUT_S of the timeout test
+MUST_RAISE_WITHIN_S = 20
+
+
+def _nvl_bytes(deep_ep, R, hidden=7168):
+    configs = [deep_ep.Buffer.get_dispatch_config(R), deep_ep.Buffer.get_combine_config(R)]
+    return max(c.get_nvl_buffer_size_hint(hidden * 2, R) for c in configs)
+
+
+def _routing(torch, n, E, K, dev, seed):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    topk = torch.rand((n, E), generator=g, dtype=torch.float32, device="cpu").topk(K, dim=1).indices
+    weights = torch.rand((n, K), generator=g, dtype=torch.float32, device="cpu")
+    return topk.to(device=dev, dtype=torch.int64).contiguous(), weights.to(dev)
+
+
+def _roundtrip(buffer, torch, dev, rank, R, n=64, H=2048, E=64, K=4, seed=0):
+    """A valid layout + dispatch + combine on every rank; returns a description of what is wrong
+    (empty when combine(dispatch(x)) == x * number of receiving ranks)."""
+    topk, weights = _routing(torch, n, E, K, dev, seed + rank)
+    g = torch.Generator(device="cpu").manual_seed(seed + 100 + rank)
+    x = torch.randint(-8, 9, (n, H), generator=g, dtype=torch.int32, device="cpu").to(
+        device=dev, dtype=torch.bfloat16)
+    ntpr, _, ntpe, itir, _ = buffer.get_dispatch_layout(topk, E)
+    recv_x, _, recv_w, _, handle, _ = buffer.dispatch(x, num_tokens_per_rank=ntpr, is_token_in_rank=itir,
+                                                      num_tokens_per_expert=ntpe, topk_idx=topk,
+                                                      topk_weights=weights)
+    combined, combined_w, _ = buffer.combine(recv_x, handle, topk_weights=recv_w)
+    want = (x.float() * itir.sum(dim=1, keepdim=True).float()).to(torch.bfloat16)
+    torch.cuda.synchronize()
+    problems = []
+    if not torch.equal(combined, want):
+        problems.append(f"combined_x wrong in {int((combined != want).sum())} elements")
+    if not torch.equal(combined_w, weights):
+        problems.append("combined_topk_weights differ from the dispatched weights")
+    return "; ".join(problems), (x, topk, weights, ntpr, ntpe, itir, recv_x, recv_w, handle)
+
+
+# ---- (a) a rank that skips a dispatch ------------------------------------------------------------
+
+
+def test_peer_skips_dispatch_times_out():
+    with tempfile.TemporaryDirectory(prefix="flashep_timeout_") as tmp:
+        results = dh.run_world(_timeout_worker, 2, args=(os.path.join(tmp, "rank0_done"),), timeout_s=180,
+                               env={"FLASHEP_TIMEOUT_S": str(TIMEOUT_S)}, grace_s=60, exit_grace_s=60)
+    print(f"rank 0: {results[0]}")
+
+
+def _timeout_worker(rank, R, marker):
+    import torch
+    import torch.distributed as dist
+
+    import flashep as deep_ep
+
+    dev = torch.device("cuda", rank)
+    buffer = deep_ep.Buffer(dist.group.WORLD, num_nvl_bytes=_nvl_bytes(deep_ep, R))
+    # One healthy round first: both ranks are up and the buffer works.
+    problems, _ = _roundtrip(buffer, torch, dev, rank, R)
+    assert not problems, f"the healthy round before the timeout test failed: {problems}"
+    dist.barrier()
+
+    if rank != 0:
+        # Rank 1 never calls dispatch; it waits until rank 0 is done (bounded), then exits.
+        deadline = time.monotonic() + MUST_RAISE_WITHIN_S + 60
+        while not os.path.exists(marker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return "skipped the dispatch"
+
+    topk, weights = _routing(torch, 64, 64, 4, dev, 7)
+    x = torch.ones((64, 2048), dtype=torch.bfloat16, device=dev)
+    ntpr, _, ntpe, itir, _ = buffer.get_dispatch_layout(topk, 64)
+    torch.cuda.synchronize()
+    start = time.monotonic()
+    error = None
+    try:
+        buffer.dispatch(x, num_tokens_per_rank=ntpr, is_token_in_rank=itir, num_tokens_per_expert=ntpe,
+                        topk_idx=topk, topk_weights=weights)
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 (the type is checked below)
+        error = e
+    elapsed = time.monotonic() - start
+    try:
+        dh.log_all(rank, f"dispatch without its peer: {type(error).__name__ if error else 'no error'} after "
+                         f"{elapsed:.1f} s: {error}")
+        assert error is not None, (f"dispatch returned without error after {elapsed:.1f} s although rank 1 never "
+                                   "called dispatch")
+        assert isinstance(error, RuntimeError), f"expected a RuntimeError, got {type(error).__name__}: {error}"
+        message = str(error).lower()
+        assert "notify" in message or "dispatch" in message, f"the error does not name the phase: {error}"
+        assert "timed out" in message or "timeout" in message, f"the error does not say it timed out: {error}"
+        assert elapsed < MUST_RAISE_WITHIN_S, (f"the timeout error came after {elapsed:.1f} s (FLASHEP_TIMEOUT_S="
+                                               f"{TIMEOUT_S}, limit {MUST_RAISE_WITHIN_S} s)")
+    finally:
+        with open(marker, "w") as f:
+            f.write("done")
+    # The buffer is unusable now; it is dropped when the process exits (the harness fails the test
+    # if that hangs or crashes).
+    return f"{type(error).__name__} after {elapsed:.1f} s: {error}"
+
+
+# ---- (b) bad inputs ------------------------------------------------------------------------------
+
+ALLOWED = (ValueError, TypeError, RuntimeError)
+
+
+def test_bad_inputs_raise_before_any_kernel():
+    results = dh.run_world(_bad_inputs_worker, 2, timeout_s=300,
+                           env={"FLASHEP_CHECK_INPUTS": "1", "FLASHEP_TIMEOUT_S": "20"})
+    print(f"rank 0 checked {results[0]} bad inputs")
+
+
+class _Expect:
+    def __init__(self, rank):
+        self.rank = rank
+        self.failures = []
+        self.count = 0
+
+    def __call__(self, name, fn, keywords, allowed=ALLOWED):
+        """fn() must raise one of `allowed` whose message matches one of `keywords` (regexes, any case)."""
+        self.count += 1
+        try:
+            fn()
+        except allowed as error:
+            message = str(error)
+            if keywords and not any(re.search(k, message, re.IGNORECASE) for k in keywords):
+                self.failures.append(f"{name}: {type(error).__name__} message does not mention any of "
+                                     f"{keywords}: {message!r}")
+            else:
+                dh.log0(self.rank, f"  ok   {name}: {type(error).__name__}: {message}")
+                return
+        except BaseException as error:  # noqa: BLE001
+            self.failures.append(f"{name}: raised {type(error).__name__} (expected one of "
+                                 f"{[a.__name__ for a in (allowed if isinstance(allowed, tuple) else (allowed,))]}): "
+                                 f"{error}")
+        else:
+            self.failures.append(f"{name}: no error raised")
+        dh.log_all(self.rank, "FAILED " + self.failures[-1])
+
+
+def _bad_inputs_worker(rank, R):
+    import torch
+    import torch.distributed as dist
+
+    import flashep as deep_ep
+
+    dev = torch.device("cuda", rank)
+    group = dist.group.WORLD
+    buffer = deep_ep.Buffer(group, num_nvl_bytes=_nvl_bytes(deep_ep, R))
+    problems, state = _roundtrip(buffer, torch, dev, rank, R, seed=1)
+    assert not problems, f"the first valid round failed: {problems}"
+    x, topk, weights, ntpr, ntpe, itir, recv_x, recv_w, handle = state
+    n, H = x.shape
+    E, K = ntpe.size(0), topk.size(1)
+    layout = dict(num_tokens_per_rank=ntpr, is_token_in_rank=itir, num_tokens_per_expert=ntpe)
+    expect = _Expect(rank)
+    X = r"\bx\b"
+
+    def dispatch(x_arg=x, **overrides):
+        kwargs = dict(layout, topk_idx=topk, topk_weights=weights)
+        kwargs.update(overrides)
+        return buffer.dispatch(x_arg, **kwargs)
+
+    dh.log0(rank, "bad inputs (each must raise before any kernel):")
+    expect("x float32", lambda: dispatch(x.float()), ["dtype", "bfloat16", "bf16", "float32"])
+    expect("x 3-D", lambda: dispatch(x.view(n, H // 128, 128)), [X, "shape", "dim", "2-d", "2d"])
+    expect("x non-contiguous (x[:, ::2])", lambda: dispatch(x[:, ::2]), ["contiguous", "stride"])
+    expect("x transposed", lambda: dispatch(x.t()), ["contiguous", "stride", "shape", "is_token_in_rank"])
+    expect("x on the CPU", lambda: dispatch(x.cpu()), ["cuda", "device", "cpu"])
+    expect("x rows != is_token_in_rank rows", lambda: dispatch(x[: n - 1]),
+           ["is_token_in_rank", "topk_idx", "shape", "token", "row"])
+    bad_topk = topk.clone()
+    bad_topk[0, 0] = E  # an expert id >= num_experts
+    expect("get_dispatch_layout: topk_idx with expert id >= E (FLASHEP_CHECK_INPUTS=1)",
+           lambda: buffer.get_dispatch_layout(bad_topk, E), ["topk_idx", "expert", "range", "outside"])
+    expect("dispatch: topk_idx with expert id >= E (FLASHEP_CHECK_INPUTS=1)",
+           lambda: dispatch(topk_idx=bad_topk), ["topk_idx", "expert", "range", "outside"])
+    bad_topk[0, 0] = -2
+    expect("get_dispatch_layout: topk_idx with -2", lambda: buffer.get_dispatch_layout(bad_topk, E),
+           ["topk_idx", "expert", "range", "outside"])
+    expect("topk_idx int32 (layout)", lambda: buffer.get_dispatch_layout(topk.to(torch.int32), E),
+           ["topk_idx", "int64", "dtype"])
+    expect("topk_idx int32 (dispatch)", lambda: dispatch(topk_idx=topk.to(torch.int32)),
+           ["topk_idx", "int64", "dtype"])
+    wide = torch.full((n, 33), -1, dtype=torch.int64, device=dev)
+    wide[:, 0] = 0
+    expect("top-k 33 > 32", lambda: buffer.get_dispatch_layout(wide, E), ["top-?k", "32"])
+    expect("topk_weights shape mismatch", lambda: dispatch(topk_weights=weights[:, :-1].contiguous()),
+           ["topk_weights"])
+    expect("topk_weights float64", lambda: dispatch(topk_weights=weights.double()), ["topk_weights"])
+    expect("topk_idx without topk_weights", lambda: dispatch(topk_weights=None), ["topk_weights", "topk_idx"])
+    expect("is_token_in_rank wrong shape", lambda: dispatch(is_token_in_rank=itir[:, :1].contiguous()),
+           ["is_token_in_rank"])
+    expect("num_tokens_per_rank wrong shape",
+           lambda: dispatch(num_tokens_per_rank=torch.zeros((R + 1,), dtype=torch.int32, device=dev)),
+           ["num_tokens_per_rank"])
+    expect("dispatch without layout", lambda: buffer.dispatch(x, topk_idx=topk, topk_weights=weights),
+           ["num_tokens_per_rank", "is_token_in_rank", "num_tokens_per_expert", "layout", "handle"])
+    odd_e = E + 1
+    expect("num_tokens_per_expert with E % R != 0",
+           lambda: dispatch(num_tokens_per_expert=torch.zeros((odd_e,), dtype=torch.int32, device=dev)),
+           ["num_tokens_per_expert", "num_experts", "experts", "multiple", "divisible"])
+    expect("get_dispatch_layout num_experts % R != 0", lambda: buffer.get_dispatch_layout(topk, odd_e),
+           ["num_experts", "experts", "multiple", "divisible"])
+    fp8 = torch.zeros((n, H), dtype=torch.float8_e4m3fn, device=dev)
+    expect("fp8 scales wrong shape",
+           lambda: dispatch((fp8, torch.ones((n, H // 128 + 1), dtype=torch.float32, device=dev))), ["scale"])
+    expect("fp8 scales float16",
+           lambda: dispatch((fp8, torch.ones((n, H // 128), dtype=torch.float16, device=dev))), ["scale"])
+    expect("fp8 without scales", lambda: dispatch(fp8), ["dtype", "bfloat16", "bf16", "scale", "float8", "fp8"])
+    expect("handle of wrong length (combine)", lambda: buffer.combine(recv_x, handle[:3]), ["handle"])
+    wrong_prefix = (torch.zeros((R + 1, R), dtype=torch.int32, device=dev),) + tuple(handle[1:])
+    expect("handle with a wrong rank_prefix_matrix (cached dispatch)",
+           lambda: buffer.dispatch(x, handle=wrong_prefix), ["handle", "rank_prefix_matrix", "shape"])
+    expect("handle with a wrong is_token_in_rank (combine)",
+           lambda: buffer.combine(recv_x, tuple(handle[:4]) + (itir[:-1].contiguous(),) + tuple(handle[5:])),
+           ["handle", "is_token_in_rank", "send_head", "shape"])
+    expect("cached dispatch with topk_idx", lambda: buffer.dispatch(x, handle=handle, topk_idx=topk),
+           ["topk", "handle", "cached"])
+    if recv_x.size(0) > 0:
+        expect("combine x with one row too few", lambda: buffer.combine(recv_x[:-1], handle, topk_weights=recv_w[:-1]),
+               [X, "row", "shape", "num_recv", "token", "size"])
+    expect("combine x with one row too many",
+           lambda: buffer.combine(torch.cat([recv_x, recv_x[:1] if recv_x.size(0) else
+                                             torch.zeros((1, H), dtype=torch.bfloat16, device=dev)]), handle),
+           [X, "row", "shape", "num_recv", "token", "size"])
+    expect("combine x float32", lambda: buffer.combine(recv_x.float(), handle), ["dtype", "bfloat16", "bf16", X])
+    expect("combine bias wrong shape",
+           lambda: buffer.combine(recv_x, handle, bias=torch.zeros((n + 1, H), dtype=torch.bfloat16, device=dev)),
+           ["bias"])
+    expect("combine topk_weights wrong rows",
+           lambda: buffer.combine(recv_x, handle, topk_weights=torch.zeros((recv_x.size(0) + 1, K),
+                                                                           dtype=torch.float32, device=dev)),
+           ["topk_weights"])
+    expect("config with odd num_sms", lambda: dispatch(config=deep_ep.Config(7, 6, 256, 6, 256)),
+           ["num_sms", "even", "sms"])
+    expect("config recv chunk < send chunk", lambda: dispatch(config=deep_ep.Config(8, 16, 8, 6, 256)),
+           ["chunk", "num_max_nvl"])
+    expect("allocate_on_comm_stream without previous_event",
+           lambda: dispatch(async_finish=True, allocate_on_comm_stream=True),
+           ["previous_event", "allocate_on_comm_stream"])
+    expect("allocate_on_comm_stream without async_finish",
+           lambda: buffer.get_dispatch_layout(topk, E, previous_event=buffer.capture(), allocate_on_comm_stream=True),
+           ["async_finish", "allocate_on_comm_stream"])
+    saved_sms = deep_ep.Buffer.num_sms
+    try:
+        expect("Buffer.set_num_sms(odd)", lambda: deep_ep.Buffer.set_num_sms(23), ["num_sms", "even", "sms"])
+    finally:
+        if deep_ep.Buffer.num_sms != saved_sms:
+            dh.log_all(rank, f"FAILED Buffer.set_num_sms(23) changed Buffer.num_sms to {deep_ep.Buffer.num_sms}")
+            expect.failures.append(f"Buffer.set_num_sms(23) changed Buffer.num_sms to {deep_ep.Buffer.num_sms}")
+            deep_ep.Buffer.num_sms = saved_sms
+
+    # A buffer too small for the call (collective construction; the dispatch must refuse to run).
+    small = deep_ep.Buffer(group, num_nvl_bytes=1 << 20)
+    big_x = torch.zeros((n, 7168), dtype=torch.bfloat16, device=dev)
+    expect("buffer too small (1 MiB, H=7168)",
+           lambda: small.dispatch(big_x, **layout, topk_idx=topk, topk_weights=weights),
+           ["num_nvl_bytes", "buffer", "small", "size", "bytes"])
+    torch.cuda.synchronize()
+    dist.barrier()
+    del small
+    dist.barrier()
+
+    expect("low_latency_mode=True", lambda: deep_ep.Buffer(group, 0, 1 << 26, low_latency_mode=True,
+                                                           num_qps_per_rank=1),
+           ["low.?latency", "not implemented", "not supported"], allowed=NotImplementedError)
+
+    # The buffer is still healthy: no kernel ran with a bad input and nothing is left half-done.
+    torch.cuda.synchronize()
+    dist.barrier()
+    problems, _ = _roundtrip(buffer, torch, dev, rank, R, seed=2)
+    if problems:
+        expect.failures.append(f"valid round after the bad inputs: {problems}")
+    dh.log0(rank, f"valid round after the bad inputs: {'ok' if not problems else problems}")
+    torch.cuda.synchronize()
+    dist.barrier()
+    del buffer
+    dist.barrier()
+    if expect.failures:
+        raise AssertionError(f"{len(expect.failures)} of {expect.count} bad-input checks failed on rank {rank}:\n"
+                             + "\n".join(expect.failures))
+    return expect.count
