@@ -285,23 +285,29 @@ class BufferImpl {
     require(a.num_tokens >= 0 && a.hidden > 0, "dispatch: num_tokens must be >= 0 and hidden > 0");
     require((int64_t(a.hidden) * elem) % 16 == 0,
             "dispatch: a row of x must be a multiple of 16 bytes (hidden " + str(a.hidden) + ")");
-    require(!fp8 || (a.hidden % 128 == 0 && a.x_scales != nullptr),
-            "dispatch: FP8 x needs hidden % 128 == 0 and x_scales [n, hidden/128]");
+    // Sizes say what is present (num_topk > 0: top-k; FP8: scales); pointers are required only where
+    // there is data behind them (an empty tensor's data pointer may be null).
+    const bool has_topk = a.num_topk > 0;
+    const bool has_input = a.num_tokens > 0, has_output = a.num_output_rows > 0;
+    require(!fp8 || a.hidden % 128 == 0, "dispatch: FP8 x needs hidden % 128 == 0 (one scale per 128 channels)");
+    require(!fp8 || !has_input || a.x_scales != nullptr, "dispatch: FP8 x needs x_scales [n, hidden/128]");
     require(fp8 || a.x_scales == nullptr, "dispatch: x_scales only go with FP8 x");
     require(a.num_topk >= 0 && a.num_topk <= kMaxTopk, "dispatch: num_topk must be in [0, " + str(kMaxTopk) + "]");
-    require((a.topk_idx == nullptr) == (a.num_topk == 0) && (a.topk_weights == nullptr) == (a.topk_idx == nullptr),
-            "dispatch: topk_idx and topk_weights go together, with num_topk > 0");
-    require(!a.cached || a.topk_idx == nullptr, "dispatch: cached mode takes no topk_idx/topk_weights");
-    require(a.num_topk == 0 || (a.num_experts > 0 && a.num_experts % R == 0),
+    require(!has_topk || !has_input || (a.topk_idx && a.topk_weights),
+            "dispatch: topk_idx and topk_weights are required when num_topk > 0");
+    require(has_topk || (a.topk_idx == nullptr && a.topk_weights == nullptr),
+            "dispatch: topk_idx/topk_weights given with num_topk == 0");
+    require(!a.cached || !has_topk, "dispatch: cached mode takes no topk_idx/topk_weights");
+    require(!has_topk || (a.num_experts > 0 && a.num_experts % R == 0),
             "dispatch: num_experts must be a positive multiple of num_ranks");
-    require(a.num_tokens == 0 || (a.x && a.is_token_in_rank), "dispatch: x or is_token_in_rank is null");
+    require(!has_input || (a.x && a.is_token_in_rank), "dispatch: x or is_token_in_rank is null");
     require(a.rank_prefix_matrix && a.recv_channel_prefix_matrix, "dispatch: layout matrices are null");
     require(a.num_output_rows >= 0, "dispatch: num_output_rows must be >= 0");
-    require(a.num_output_rows == 0 || a.recv_x, "dispatch: recv_x is null");
-    require(!fp8 || a.num_output_rows == 0 || a.recv_x_scales, "dispatch: recv_x_scales is null");
-    require(a.num_topk == 0 || a.num_output_rows == 0 || (a.recv_topk_idx && a.recv_topk_weights),
+    require(!has_output || a.recv_x, "dispatch: recv_x is null");
+    require(!fp8 || !has_output || a.recv_x_scales, "dispatch: recv_x_scales is null");
+    require(!has_topk || !has_output || (a.recv_topk_idx && a.recv_topk_weights),
             "dispatch: recv_topk_idx/recv_topk_weights are null");
-    require(a.cached || ((a.num_output_rows == 0 || a.recv_src_idx) && (a.num_tokens == 0 || a.send_head)),
+    require(a.cached || ((!has_output || a.recv_src_idx) && (!has_input || a.send_head)),
             "dispatch: recv_src_idx/send_head are null");
     const DispatchSlotLayout slot = make_dispatch_slot(a.hidden, elem, fp8, a.num_topk);
     require_ring_space(a.config, slot.slot_bytes, "dispatch");
@@ -361,9 +367,13 @@ class BufferImpl {
     require(a.num_tokens >= 0 && a.num_recv_tokens >= 0, "combine: token counts must be >= 0");
     require(a.hidden > 0 && a.hidden % 8 == 0, "combine: hidden must be a positive multiple of 8");
     require(a.num_topk >= 0 && a.num_topk <= kMaxTopk, "combine: num_topk must be in [0, " + str(kMaxTopk) + "]");
-    require((a.topk_weights == nullptr) == (a.combined_topk_weights == nullptr),
-            "combine: topk_weights and combined_topk_weights go together");
-    require(a.topk_weights == nullptr || a.num_topk > 0, "combine: topk_weights needs num_topk > 0");
+    // num_topk > 0 means top-k weights travel with the rows (every rank must agree: it sets the
+    // ring slot layout); pointers are required only where there are rows behind them.
+    const bool has_weights = a.num_topk > 0;
+    require(!has_weights || a.num_recv_tokens == 0 || a.topk_weights, "combine: topk_weights is null");
+    require(!has_weights || a.num_tokens == 0 || a.combined_topk_weights, "combine: combined_topk_weights is null");
+    require(has_weights || (a.topk_weights == nullptr && a.combined_topk_weights == nullptr),
+            "combine: topk weights given with num_topk == 0");
     require(a.num_recv_tokens == 0 || a.x, "combine: x is null");
     require(a.num_tokens == 0 || (a.combined_x && a.send_head && a.is_token_in_rank),
             "combine: combined_x/send_head/is_token_in_rank is null");
@@ -386,7 +396,7 @@ class BufferImpl {
     p.send_head = a.send_head;
     p.num_tokens = a.num_tokens;
     p.hidden = a.hidden;
-    p.num_topk = a.topk_weights ? a.num_topk : 0;
+    p.num_topk = a.num_topk;
     p.num_channels = C;
     p.ring_depth = a.config.num_max_nvl_chunked_recv_tokens;
     p.chunk_tokens = a.config.num_max_nvl_chunked_send_tokens;

@@ -12,8 +12,6 @@ import sys
 import tempfile
 import time
 
-import pytest
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dist_harness as dh  # noqa: E402
 

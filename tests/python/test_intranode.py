@@ -656,7 +656,8 @@ def stress_test(env, iters):
         hits = torch.nn.functional.one_hot(dest, R).to(torch.int32) * valid.unsqueeze(-1).to(torch.int32)
         want_itir = hits.sum(dim=1) > 0
         count = want_itir.sum(dim=1, keepdim=True).to(torch.float32)
-        want_x = (x.to(torch.float32) * count).to(torch.bfloat16)
+        # + 0.0: a token sent nowhere combines to +0.0 (the sum starts at +0), not x * 0 = -0.0.
+        want_x = (x.to(torch.float32) * count + 0.0).to(torch.bfloat16)
         want_w = torch.where(valid, weights, torch.zeros_like(weights))
         wrong = combined.view(torch.int16) != want_x.view(torch.int16)
         wrong_rows = wrong.any(dim=1)
