@@ -63,12 +63,16 @@ def _parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="warm-up iterations (>= 5)")
     parser.add_argument("--iters", type=int, default=20, help="timed iterations (>= 20)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds before the run is killed")
+    parser.add_argument("--chunks", default="",
+                        help="ring configs to sweep, 'send:recv' comma-separated (both dispatch and combine; "
+                             "default: Buffer.get_dispatch_config / get_combine_config)")
     args = parser.parse_args(argv)
     args.sms_list = [int(s) for s in args.sms.split(",") if s.strip()]
     if not args.sms_list or any(s < 2 or s % 2 for s in args.sms_list):
         parser.error(f"--sms needs even SM counts >= 2, got {args.sms!r}")
     args.warmup = max(args.warmup, 5)
     args.iters = max(args.iters, 20)
+    args.chunk_list = [tuple(int(v) for v in c.split(":")) for c in args.chunks.split(",") if c.strip()]
     return args
 
 
@@ -145,12 +149,17 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
     shapes = SHAPES[args.shapes]
     base_dispatch = flashep.Buffer.get_dispatch_config(R)
     base_combine = flashep.Buffer.get_combine_config(R)
-    d_send, d_recv = _config_fields(base_dispatch)
-    c_send, c_recv = _config_fields(base_combine)
-    configs = {sms: (flashep.Config(sms, d_send, d_recv, 6, 256), flashep.Config(sms, c_send, c_recv, 6, 256))
-               for sms in args.sms_list}
+    if args.chunk_list:
+        chunk_pairs = [(c, c) for c in args.chunk_list]
+    else:
+        chunk_pairs = [(_config_fields(base_dispatch), _config_fields(base_combine))]
+    # (sms, (dispatch send, recv), (combine send, recv)) -> (dispatch Config, combine Config)
+    configs = {(sms, d, c): (flashep.Config(sms, d[0], d[1], 6, 256), flashep.Config(sms, c[0], c[1], 6, 256))
+               for sms in args.sms_list for d, c in chunk_pairs}
     max_hidden_bytes = max(s.hidden for s in shapes) * 2
     num_nvl_bytes = max(c.get_nvl_buffer_size_hint(max_hidden_bytes, R) for pair in configs.values() for c in pair)
+    d_send, d_recv = chunk_pairs[0][0]
+    c_send, c_recv = chunk_pairs[0][1]
     buffer = flashep.Buffer(dist.group.WORLD, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=0)
     if rank == 0:
         print(f"flashep.bench: {R} ranks on {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, "
@@ -166,8 +175,7 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
         layout = dict(num_tokens_per_rank=ntpr, is_token_in_rank=itir, num_tokens_per_expert=ntpe,
                       topk_idx=topk_idx, topk_weights=topk_weights)
         nccl: Dict[str, tuple] = {}
-        for sms in args.sms_list:
-            cfg_d, cfg_c = configs[sms]
+        for (sms, d_chunks, c_chunks), (cfg_d, cfg_c) in configs.items():
             t_fp8, out_fp8 = _time_call(torch, dist, lambda: buffer.dispatch(x_fp8, **layout, config=cfg_d),
                                         args.warmup, args.iters)
             rows = out_fp8[0][0].size(0)
@@ -176,6 +184,10 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
                                           args.warmup, args.iters)
             recv_x, _, recv_w, _, handle, _ = out_bf16
             del out_bf16
+            # Cached dispatch: the same data movement without the count exchange and host wait, so the
+            # difference to the row above is the notify + host round trip.
+            t_cached, _ = _time_call(torch, dist, lambda: buffer.dispatch(x_bf16, handle=handle, config=cfg_d),
+                                     args.warmup, args.iters)
             t_comb, _ = _time_call(torch, dist, lambda: buffer.combine(recv_x, handle, topk_weights=recv_w,
                                                                        config=cfg_c), args.warmup, args.iters)
             fp8_bytes = rows * (H + H // 128 * 4)
@@ -185,12 +197,16 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
                     everyone = [None] * R
                     dist.all_gather_object(everyone, nbytes)
                     nccl[key] = _nccl_baseline(torch, dist, everyone, rank, R, dev, args.warmup, args.iters)
-            records.append((shape.name, "dispatch", "fp8", sms, t_fp8, fp8_bytes) + nccl["fp8"])
-            records.append((shape.name, "dispatch", "bf16", sms, t_bf16, bf16_bytes) + nccl["bf16"])
-            records.append((shape.name, "combine", "bf16", sms, t_comb, bf16_bytes) + nccl["bf16"])
+            chunks = f"{d_chunks[0]}:{d_chunks[1]}"
+            records.append((shape.name, "dispatch", "fp8", sms, chunks, t_fp8, fp8_bytes) + nccl["fp8"])
+            records.append((shape.name, "dispatch", "bf16", sms, chunks, t_bf16, bf16_bytes) + nccl["bf16"])
+            records.append((shape.name, "dispatch (cached)", "bf16", sms, chunks, t_cached, bf16_bytes) + nccl["bf16"])
+            records.append((shape.name, "combine", "bf16", sms, f"{c_chunks[0]}:{c_chunks[1]}", t_comb, bf16_bytes)
+                           + nccl["bf16"])
             if rank == 0:
-                print(f"  {shape.name} SMs {sms:3d}: dispatch fp8 {t_fp8:8.1f} us {_gbps(fp8_bytes, t_fp8):6.1f} GB/s, "
-                      f"dispatch bf16 {t_bf16:8.1f} us {_gbps(bf16_bytes, t_bf16):6.1f} GB/s, combine "
+                print(f"  {shape.name} SMs {sms:3d} chunks {chunks}: dispatch fp8 {t_fp8:8.1f} us "
+                      f"{_gbps(fp8_bytes, t_fp8):6.1f} GB/s, bf16 {t_bf16:8.1f} us {_gbps(bf16_bytes, t_bf16):6.1f} GB/s, "
+                      f"cached bf16 {t_cached:8.1f} us {_gbps(bf16_bytes, t_cached):6.1f} GB/s, combine "
                       f"{t_comb:8.1f} us {_gbps(bf16_bytes, t_comb):6.1f} GB/s", flush=True)
             del recv_x, recv_w, handle
 
@@ -212,7 +228,8 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
 
 
 def _table(gathered, R: int, device_name: str, shapes: List[Shape]) -> str:
-    header = ["shape", "op", "dtype", "SMs", "time_us", "GB/s (rank 0)", "GB/s (mean)", "nccl_us", "nccl_GB/s"]
+    header = ["shape", "op", "dtype", "SMs", "chunks (send:recv)", "time_us", "GB/s (rank 0)", "GB/s (mean)",
+              "nccl_us", "nccl_GB/s"]
     lines = [f"# flashep.bench: {R} x {device_name}",
              "",
              "GB/s as DeepEP defines it: rows received by a rank (its own included) x row bytes / time "
@@ -222,9 +239,9 @@ def _table(gathered, R: int, device_name: str, shapes: List[Shape]) -> str:
              "| " + " | ".join(header) + " |",
              "|" + "|".join("---" for _ in header) + "|"]
     for i, rec in enumerate(gathered[0]):
-        name, op, dtype, sms, t_us, nbytes, nccl_us, nccl_bytes = rec
-        per_rank = [_gbps(g[i][5], g[i][4]) for g in gathered]
-        lines.append(f"| {name} | {op} | {dtype} | {sms} | {t_us:.1f} | {_gbps(nbytes, t_us):.1f} | "
+        name, op, dtype, sms, chunks, t_us, nbytes, nccl_us, nccl_bytes = rec
+        per_rank = [_gbps(g[i][6], g[i][5]) for g in gathered]
+        lines.append(f"| {name} | {op} | {dtype} | {sms} | {chunks} | {t_us:.1f} | {_gbps(nbytes, t_us):.1f} | "
                      f"{statistics.mean(per_rank):.1f} | {nccl_us:.1f} | {_gbps(nccl_bytes, nccl_us):.1f} |")
     if R == 8 and any(s == DEEPEP_SHAPE for s in shapes):
         lines += ["", "Reference (docs/gpu-machine.md), DeepEP V1 on 8 x H200, 24 SMs, the 4096x7168 top8/256 "

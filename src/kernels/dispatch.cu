@@ -63,18 +63,29 @@ __device__ void dispatch_send(const DispatchParams& p, int dst, int channel, int
         if (head < 0) return;
       }
       char* slot = ring + int64_t(tail % p.ring_depth) * slot_bytes;
+      // Issue the metadata loads first: their latency then hides behind the row copy.
+      float scale0 = 0.f, scale1 = 0.f;
+      if (lane < p.slot.num_scales) scale0 = p.x_scales[t * p.scale_token_stride + lane * p.scale_hidden_stride];
+      if (lane + 32 < p.slot.num_scales)
+        scale1 = p.x_scales[t * p.scale_token_stride + (lane + 32) * p.scale_hidden_stride];
+      int64_t expert = -1;
+      float weight = 0.f;
+      if (lane < p.num_topk) {
+        expert = __ldg(p.topk_idx + int64_t(t) * p.num_topk + lane);
+        weight = __ldg(p.topk_weights + int64_t(t) * p.num_topk + lane);
+      }
       device::warp_copy<kCopyUnroll, false>(reinterpret_cast<int4*>(slot),
                                             reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + int64_t(t) * p.slot.row_bytes),
                                             row_int4, lane);
-      for (int j = lane; j < p.slot.num_scales; j += 32)
-        reinterpret_cast<float*>(slot + p.slot.scale_offset)[j] =
-            p.x_scales[t * p.scale_token_stride + j * p.scale_hidden_stride];
+      float* slot_scales = reinterpret_cast<float*>(slot + p.slot.scale_offset);
+      if (lane < p.slot.num_scales) slot_scales[lane] = scale0;
+      if (lane + 32 < p.slot.num_scales) slot_scales[lane + 32] = scale1;
+      for (int j = lane + 64; j < p.slot.num_scales; j += 32)  // hidden > 8192: rare, plain loop
+        slot_scales[j] = p.x_scales[t * p.scale_token_stride + j * p.scale_hidden_stride];
       if (lane < p.num_topk) {
-        const int64_t expert = p.topk_idx[int64_t(t) * p.num_topk + lane];
         const int local = local_expert_index(expert, dst, num_local_experts);
         reinterpret_cast<int*>(slot + p.slot.topk_idx_offset)[lane] = local;
-        reinterpret_cast<float*>(slot + p.slot.topk_weights_offset)[lane] =
-            local >= 0 ? p.topk_weights[int64_t(t) * p.num_topk + lane] : 0.0f;
+        reinterpret_cast<float*>(slot + p.slot.topk_weights_offset)[lane] = local >= 0 ? weight : 0.0f;
       }
       if (lane == 0) *reinterpret_cast<int*>(slot + p.slot.src_idx_offset) = t;
       ++tail;
@@ -114,16 +125,29 @@ __device__ void dispatch_recv(const DispatchParams& p, int src, int channel, int
     for (int i = consumed; i < available; ++i) {
       const char* slot = ring + int64_t(i % p.ring_depth) * slot_bytes;
       const int64_t row = out_begin + i;
+      // Metadata loads first (see dispatch_send), stores after the row copy.
+      const float* slot_scales = reinterpret_cast<const float*>(slot + p.slot.scale_offset);
+      float scale0 = 0.f, scale1 = 0.f;
+      if (lane < p.slot.num_scales) scale0 = __ldcg(slot_scales + lane);
+      if (lane + 32 < p.slot.num_scales) scale1 = __ldcg(slot_scales + lane + 32);
+      int local = -1;
+      float weight = 0.f;
+      if (lane < p.num_topk) {
+        local = __ldcg(reinterpret_cast<const int*>(slot + p.slot.topk_idx_offset) + lane);
+        weight = __ldcg(reinterpret_cast<const float*>(slot + p.slot.topk_weights_offset) + lane);
+      }
+      const int src_idx = (!p.cached && lane == 0) ? __ldcg(reinterpret_cast<const int*>(slot + p.slot.src_idx_offset)) : 0;
       device::warp_copy<kCopyUnroll, true>(reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + row * p.slot.row_bytes),
                                            reinterpret_cast<const int4*>(slot), row_int4, lane);
-      for (int j = lane; j < p.slot.num_scales; j += 32)
-        p.recv_x_scales[row * p.slot.num_scales + j] = __ldcg(reinterpret_cast<const float*>(slot + p.slot.scale_offset) + j);
+      float* out_scales = p.recv_x_scales + row * p.slot.num_scales;
+      if (lane < p.slot.num_scales) out_scales[lane] = scale0;
+      if (lane + 32 < p.slot.num_scales) out_scales[lane + 32] = scale1;
+      for (int j = lane + 64; j < p.slot.num_scales; j += 32) out_scales[j] = __ldcg(slot_scales + j);
       if (lane < p.num_topk) {
-        p.recv_topk_idx[row * p.num_topk + lane] = __ldcg(reinterpret_cast<const int*>(slot + p.slot.topk_idx_offset) + lane);
-        p.recv_topk_weights[row * p.num_topk + lane] =
-            __ldcg(reinterpret_cast<const float*>(slot + p.slot.topk_weights_offset) + lane);
+        p.recv_topk_idx[row * p.num_topk + lane] = local;
+        p.recv_topk_weights[row * p.num_topk + lane] = weight;
       }
-      if (!p.cached && lane == 0) p.recv_src_idx[row] = __ldcg(reinterpret_cast<const int*>(slot + p.slot.src_idx_offset));
+      if (!p.cached && lane == 0) p.recv_src_idx[row] = src_idx;
     }
     consumed = available;
     // Our loads of the released slots completed (their values were stored); release them.
