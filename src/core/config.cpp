@@ -60,11 +60,11 @@ void Config::validate() const {
 // Defaults measured on 8 x H200 (docs/performance.md): rings of a few chunks are enough to cover
 // the NVLink round trip of the head/tail counters, and small rings keep the buffer small.
 Config default_dispatch_config(int /*num_ranks*/, int num_sms) {
-  return Config{num_sms, 8, 64, 6, 256};
+  return Config{num_sms, 4, 32, 6, 256};
 }
 
 Config default_combine_config(int /*num_ranks*/, int num_sms) {
-  return Config{num_sms, 8, 64, 6, 256};
+  return Config{num_sms, 4, 32, 6, 256};
 }
 
 }  // namespace flashep

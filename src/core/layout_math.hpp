@@ -30,8 +30,10 @@ FLASHEP_HD constexpr int64_t align_up(int64_t value, int64_t alignment) {
 FLASHEP_HD constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
 /// Channels per block (see flashep::subchannels_per_block): enough (peer, subchannel) warp pairs
-/// that every block runs at least 8 sender warps, whatever the domain size.
-FLASHEP_HD constexpr int subchannels_for(int num_nvl_ranks) { return num_nvl_ranks >= 8 ? 1 : 8 / num_nvl_ranks; }
+/// that every block runs 16 sender and 16 receiver warps (1024 threads) for domains of up to 16
+/// ranks. Measured on 4 x H200 (docs/performance.md): per-token latency per warp is ~10 us under
+/// load, so throughput comes from many independent token streams per SM.
+FLASHEP_HD constexpr int subchannels_for(int num_nvl_ranks) { return num_nvl_ranks >= 16 ? 1 : 16 / num_nvl_ranks; }
 
 /// Half-open token range [begin, end) of `channel` when `num_tokens` are split over `num_channels`
 /// contiguous, balanced ranges (sizes differ by at most one).

@@ -16,8 +16,8 @@
 namespace flashep::kernels {
 namespace {
 
-constexpr int kCopyUnroll = 8;  // 16-byte loads in flight per lane (see dispatch.cu)
-constexpr int kMaxRolesPerBlock = 16;  // R * subchannels_for(R) for every supported R
+constexpr int kCopyUnroll = 4;  // 16-byte loads in flight per lane (see dispatch.cu)
+constexpr int kMaxRolesPerBlock = 16;  // R * subchannels_for(R) <= 16 for every supported R
 
 __device__ __forceinline__ char* at(void* base, int64_t byte_offset) { return static_cast<char*>(base) + byte_offset; }
 
@@ -174,13 +174,11 @@ __device__ void combine_recv(const CombineParams& p, int channel, int worker, vo
       float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
       if (bias0) add_bf16x8(acc, device::ld_stream(bias0 + i));
       if (bias1) add_bf16x8(acc, device::ld_stream(bias1 + i));
-      int4 values[kMaxRanks];
+      // Ranks ascending (the oracle's order); 64 registers per thread leave no room to hold all
+      // R loads at once, the other 31 warps of the SM cover the latency.
 #pragma unroll
       for (int r = 0; r < kMaxRanks; ++r)
-        if (rows[r]) values[r] = device::ld_ring(rows[r] + i);
-#pragma unroll
-      for (int r = 0; r < kMaxRanks; ++r)
-        if (rows[r]) add_bf16x8(acc, values[r]);
+        if (rows[r]) add_bf16x8(acc, device::ld_ring(rows[r] + i));
       device::st_na(out + i, to_bf16x8(acc));
     }
     if (p.combined_topk_weights != nullptr && lane < p.num_topk) {
@@ -212,7 +210,7 @@ __device__ void combine_recv(const CombineParams& p, int channel, int worker, vo
 }
 
 template <int kMaxRanks>
-__global__ void __launch_bounds__(kMaxRanks == 16 ? 1024 : 512, 1) combine_kernel(CombineParams p) {
+__global__ void __launch_bounds__(1024, 1) combine_kernel(CombineParams p) {
   __shared__ int positions[kMaxRolesPerBlock];
   const int R = p.comm.num_ranks;
   const int G = subchannels_for(R);

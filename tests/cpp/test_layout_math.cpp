@@ -92,11 +92,12 @@ static void test_config() {
   CHECK_EQ(config.num_sms, 20);
   CHECK_EQ(config.num_max_nvl_chunked_send_tokens, 6);
   CHECK_EQ(config.num_max_nvl_chunked_recv_tokens, 256);
-  CHECK_EQ(subchannels_per_block(8), 1);
-  CHECK_EQ(subchannels_per_block(4), 2);
-  CHECK_EQ(subchannels_per_block(2), 4);
-  CHECK_EQ(num_channels(24, 8), 24);
-  CHECK_EQ(num_channels(24, 2), 96);
+  CHECK_EQ(subchannels_per_block(16), 1);
+  CHECK_EQ(subchannels_per_block(8), 2);
+  CHECK_EQ(subchannels_per_block(4), 4);
+  CHECK_EQ(subchannels_per_block(2), 8);
+  CHECK_EQ(num_channels(24, 8), 48);
+  CHECK_EQ(num_channels(24, 2), 192);
   for (int R : {2, 4, 8}) {
     for (int sms : {2, 8, 24, 32}) {
       const Config c = default_dispatch_config(R, sms);
