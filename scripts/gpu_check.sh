@@ -9,8 +9,9 @@
 #   1. install   python3 -m pip install --no-build-isolation --no-deps -v .   (CMAKE_BUILD_PARALLEL_LEVEL=nproc)
 #   2. cpp       cmake -B build -G Ninja && cmake --build build && ctest --test-dir build
 #   3. pytest    python3 -m pytest -x -v -s tests/python   (GPU tests adapt to the GPU count)
-#   4. sanitize  (--sanitize) compute-sanitizer memcheck on the 2-rank intranode test, quick grid
-#   5. bench     python3 -m flashep.bench [--out $OUT/bench.md]
+#   4. bench     python3 -m flashep.bench [--out $OUT/bench.md]
+#   5. sanitize  (--sanitize) compute-sanitizer memcheck on the 2-rank intranode test, quick grid
+#                (bounded by SANITIZE_TIMEOUT_S, default 600)
 # Flags: --quick      smaller test grids (FLASHEP_TEST_QUICK=1)
 #        --sanitize   add step 4
 #        --no-tests   skip steps 2 and 3 (and 4)
@@ -125,20 +126,7 @@ else
   skip_step pytest "--no-tests"
 fi
 
-# ---- 4. compute-sanitizer memcheck on the 2-rank intranode test (quick grid, short stress loop)
-if [[ $SANITIZE -eq 1 && $RUN_TESTS -eq 1 && $INSTALL_OK -eq 1 ]]; then
-  SANITIZER="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
-  sanitize() {
-    FLASHEP_TEST_QUICK=1 FLASHEP_TEST_STRESS_ITERS=20 FLASHEP_TIMEOUT_S=600 FLASHEP_TEST_TIMEOUT_S=3000 \
-      "$SANITIZER" --tool memcheck --target-processes all --error-exitcode 99 \
-      "$PY" -m pytest -x -v -s -p no:cacheprovider tests/python/test_intranode.py -k R2
-  }
-  run_step sanitize sanitize || true
-elif [[ $SANITIZE -eq 1 ]]; then
-  skip_step sanitize "tests disabled or install failed"
-fi
-
-# ---- 5. benchmark
+# ---- 4. benchmark (before the sanitizer: it is the main job, the sanitizer the slowest step)
 if [[ $RUN_BENCH -eq 1 && $INSTALL_OK -eq 1 ]]; then
   BENCH_OUT=()
   if [[ -n "${OUT:-}" ]]; then BENCH_OUT=(--out "$OUT/bench.md"); fi
@@ -149,6 +137,19 @@ elif [[ $RUN_BENCH -eq 1 ]]; then
   skip_step bench "install failed"
 else
   skip_step bench "--no-bench"
+fi
+
+# ---- 5. compute-sanitizer memcheck on the 2-rank intranode test (quick grid, short stress loop)
+if [[ $SANITIZE -eq 1 && $RUN_TESTS -eq 1 && $INSTALL_OK -eq 1 ]]; then
+  SANITIZER="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
+  sanitize() {
+    FLASHEP_TEST_QUICK=1 FLASHEP_TEST_STRESS_ITERS=20 FLASHEP_TIMEOUT_S=600 FLASHEP_TEST_TIMEOUT_S=3000 \
+      timeout "${SANITIZE_TIMEOUT_S:-600}" "$SANITIZER" --tool memcheck --target-processes all --error-exitcode 99 \
+      "$PY" -m pytest -x -v -s -p no:cacheprovider tests/python/test_intranode.py -k R2
+  }
+  run_step sanitize sanitize || true
+elif [[ $SANITIZE -eq 1 ]]; then
+  skip_step sanitize "tests disabled or install failed"
 fi
 
 echo

@@ -350,6 +350,7 @@ class BufferImpl {
     p.num_output_rows = a.num_output_rows;
     p.slot = slot;
     p.cached = a.cached;
+    p.debug_skip = debug_dispatch_skip_;
     p.recv_x = a.recv_x;
     p.recv_x_scales = a.recv_x_scales;
     p.recv_topk_idx = a.recv_topk_idx;
@@ -425,6 +426,7 @@ class BufferImpl {
   int num_local_experts_pending_ = 0;
   int notified_channels_ = -1;
   bool awaiting_counts_ = false;
+  int debug_dispatch_skip_ = env::debug_dispatch_skip();
   bool available_ = false;
   bool destroyed_ = false;
 };

@@ -15,4 +15,12 @@ inline double timeout_s() {
   return parsed > 0 ? parsed : 100.0;
 }
 
+/// FLASHEP_DEBUG_DISPATCH_SKIP (default 0): diagnostics that leave a stage of dispatch out to
+/// locate its bottleneck (1: receivers skip the row copy; 2: senders skip the row copy; 4: senders
+/// write rows to their own buffer instead of the peer's). Results are wrong while it is set.
+inline int debug_dispatch_skip() {
+  const char* value = std::getenv("FLASHEP_DEBUG_DISPATCH_SKIP");
+  return value == nullptr ? 0 : std::atoi(value);
+}
+
 }  // namespace flashep::env

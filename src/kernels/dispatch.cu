@@ -27,7 +27,9 @@ __device__ void dispatch_send(const DispatchParams& p, int dst, int channel, int
   const int R = comm.num_ranks;
   const TokenRange range = channel_token_range(p.num_tokens, p.num_channels, channel);
   const int slot_bytes = p.slot.slot_bytes;
-  char* ring = at(comm.peer_buffers[dst], comm.layout.ring(channel, comm.rank, p.ring_depth, slot_bytes));
+  // Diagnostics (debug_skip & 4): write rows into our own buffer instead of the peer's.
+  char* ring = at((p.debug_skip & 4) ? comm.local_buffer : comm.peer_buffers[dst],
+                  comm.layout.ring(channel, comm.rank, p.ring_depth, slot_bytes));
   int* remote_tail = reinterpret_cast<int*>(at(comm.peer_buffers[dst], comm.layout.tail(channel, comm.rank)));
   const int* local_head = reinterpret_cast<const int*>(at(comm.local_buffer, comm.layout.head(channel, dst)));
   const device::WaitContext ctx = wait_context(comm);
@@ -74,9 +76,10 @@ __device__ void dispatch_send(const DispatchParams& p, int dst, int channel, int
         expert = __ldg(p.topk_idx + int64_t(t) * p.num_topk + lane);
         weight = __ldg(p.topk_weights + int64_t(t) * p.num_topk + lane);
       }
-      device::warp_copy<kCopyUnroll, false>(reinterpret_cast<int4*>(slot),
-                                            reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + int64_t(t) * p.slot.row_bytes),
-                                            row_int4, lane);
+      if (!(p.debug_skip & 2))
+        device::warp_copy<kCopyUnroll, false>(reinterpret_cast<int4*>(slot),
+                                              reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + int64_t(t) * p.slot.row_bytes),
+                                              row_int4, lane);
       float* slot_scales = reinterpret_cast<float*>(slot + p.slot.scale_offset);
       if (lane < p.slot.num_scales) slot_scales[lane] = scale0;
       if (lane + 32 < p.slot.num_scales) slot_scales[lane + 32] = scale1;
@@ -137,8 +140,9 @@ __device__ void dispatch_recv(const DispatchParams& p, int src, int channel, int
         weight = __ldcg(reinterpret_cast<const float*>(slot + p.slot.topk_weights_offset) + lane);
       }
       const int src_idx = (!p.cached && lane == 0) ? __ldcg(reinterpret_cast<const int*>(slot + p.slot.src_idx_offset)) : 0;
-      device::warp_copy<kCopyUnroll, true>(reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + row * p.slot.row_bytes),
-                                           reinterpret_cast<const int4*>(slot), row_int4, lane);
+      if (!(p.debug_skip & 1))
+        device::warp_copy<kCopyUnroll, true>(reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + row * p.slot.row_bytes),
+                                             reinterpret_cast<const int4*>(slot), row_int4, lane);
       float* out_scales = p.recv_x_scales + row * p.slot.num_scales;
       if (lane < p.slot.num_scales) out_scales[lane] = scale0;
       if (lane + 32 < p.slot.num_scales) out_scales[lane + 32] = scale1;
@@ -158,9 +162,7 @@ __device__ void dispatch_recv(const DispatchParams& p, int src, int channel, int
   if (lane == 0) device::st_relaxed_sys(local_tail, 0);
 }
 
-// kMaxThreads: 512 for domains of up to 8 ranks (lets the compiler use 128 registers), 1024 above.
-template <int kMaxThreads>
-__global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams p) {
+__global__ void __launch_bounds__(1024, 1) dispatch_kernel(DispatchParams p) {
   const int R = p.comm.num_ranks;
   const int G = subchannels_for(R);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -176,11 +178,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1) dispatch_kernel(DispatchParams
 }  // namespace
 
 cudaError_t launch_dispatch(const DispatchParams& p, int num_sms, cudaStream_t stream) {
-  const int threads = comm_block_threads(p.comm.num_ranks);
-  if (threads <= 512)
-    dispatch_kernel<512><<<num_sms, threads, 0, stream>>>(p);
-  else
-    dispatch_kernel<1024><<<num_sms, threads, 0, stream>>>(p);
+  dispatch_kernel<<<num_sms, comm_block_threads(p.comm.num_ranks), 0, stream>>>(p);
   return cudaGetLastError();
 }
 

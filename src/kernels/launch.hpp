@@ -73,6 +73,7 @@ struct DispatchParams {
   int num_tokens, num_topk, num_experts, num_channels, ring_depth, chunk_tokens, num_output_rows;
   DispatchSlotLayout slot;
   bool cached;
+  int debug_skip;  // FLASHEP_DEBUG_DISPATCH_SKIP (docs/env.md): diagnostics only, results are wrong
   void* recv_x;
   float* recv_x_scales;
   int64_t* recv_topk_idx;
