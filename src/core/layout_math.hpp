@@ -56,6 +56,10 @@ FLASHEP_HD int channel_of_token(int num_tokens, int num_channels, int token) {
   return c;
 }
 
+/// Every ring slot starts on a 128-byte cache line, so a warp's 512-byte store of a row covers whole
+/// lines (a 16-byte-aligned slot would split every store over 5 lines: partial writes over NVLink).
+inline constexpr int kSlotAlignment = 128;
+
 /// Ring slot of a dispatch: token row, FP8 scales, local top-k indices and weights, source index.
 struct DispatchSlotLayout {
   int row_bytes;     // H * element size
@@ -74,7 +78,7 @@ FLASHEP_HD DispatchSlotLayout make_dispatch_slot(int hidden, int elem_size, bool
   s.topk_idx_offset = s.scale_offset + s.num_scales * 4;
   s.topk_weights_offset = s.topk_idx_offset + num_topk * 4;
   s.src_idx_offset = s.topk_weights_offset + num_topk * 4;
-  s.slot_bytes = static_cast<int>(align_up(s.src_idx_offset + 4, 16));
+  s.slot_bytes = static_cast<int>(align_up(s.src_idx_offset + 4, kSlotAlignment));
   return s;
 }
 
@@ -88,7 +92,7 @@ FLASHEP_HD CombineSlotLayout make_combine_slot(int hidden, int num_topk) {
   CombineSlotLayout s{};
   s.row_bytes = hidden * 2;
   s.topk_weights_offset = static_cast<int>(align_up(s.row_bytes, 16));
-  s.slot_bytes = static_cast<int>(align_up(s.topk_weights_offset + num_topk * 4, 16));
+  s.slot_bytes = static_cast<int>(align_up(s.topk_weights_offset + num_topk * 4, kSlotAlignment));
   return s;
 }
 

@@ -36,16 +36,17 @@ static void test_slot_layouts() {
       const DispatchSlotLayout bf16 = make_dispatch_slot(hidden, 2, false, k);
       CHECK_EQ(bf16.row_bytes, hidden * 2);
       CHECK_EQ(bf16.num_scales, 0);
-      CHECK_EQ(bf16.slot_bytes % 16, 0);
+      CHECK_EQ(bf16.slot_bytes % kSlotAlignment, 0);
       CHECK(bf16.src_idx_offset + 4 <= bf16.slot_bytes);
       CHECK(bf16.topk_weights_offset >= bf16.topk_idx_offset + 4 * k);
       const DispatchSlotLayout fp8 = make_dispatch_slot(hidden, 1, true, k);
       CHECK_EQ(fp8.num_scales, hidden / 128);
       CHECK_EQ(fp8.scale_offset % 16, 0);
       CHECK(fp8.topk_idx_offset >= fp8.scale_offset + 4 * fp8.num_scales);
-      CHECK(fp8.slot_bytes < bf16.slot_bytes + 16 + 4 * fp8.num_scales);
+      CHECK(fp8.slot_bytes < bf16.slot_bytes + kSlotAlignment + 4 * fp8.num_scales);
+      CHECK_EQ(fp8.slot_bytes % kSlotAlignment, 0);
       const CombineSlotLayout combine = make_combine_slot(hidden, k);
-      CHECK_EQ(combine.slot_bytes % 16, 0);
+      CHECK_EQ(combine.slot_bytes % kSlotAlignment, 0);
       CHECK(combine.topk_weights_offset + 4 * k <= combine.slot_bytes);
     }
   }
