@@ -53,7 +53,11 @@ struct ShmAllGather {
       shm->arrived[gen & 1].store(0);
       shm->generation.fetch_add(1);
     } else {
-      while (shm->generation.load() == gen) usleep(100);
+      // Bounded: a sibling that died must not freeze the others.
+      for (int waited_ms = 0; shm->generation.load() == gen; waited_ms += 1) {
+        if (waited_ms > 120000) throw flashep::Error("example all-gather: timed out waiting for the other ranks");
+        usleep(1000);
+      }
     }
   }
 };
