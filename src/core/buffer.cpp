@@ -23,6 +23,12 @@ void require(bool condition, const std::string& message) {
 
 std::string str(int64_t v) { return std::to_string(v); }
 
+/// Kernels move rows with 16-byte vector accesses: a misaligned pointer would fault the context.
+void require_aligned16(const void* ptr, const char* op, const char* name) {
+  require(reinterpret_cast<uintptr_t>(ptr) % 16 == 0,
+          std::string(op) + ": " + name + " must be 16-byte aligned (a tensor view with an odd storage offset?)");
+}
+
 }  // namespace
 
 class BufferImpl {
@@ -309,6 +315,8 @@ class BufferImpl {
             "dispatch: recv_topk_idx/recv_topk_weights are null");
     require(a.cached || ((!has_output || a.recv_src_idx) && (!has_input || a.send_head)),
             "dispatch: recv_src_idx/send_head are null");
+    require_aligned16(a.x, "dispatch", "x");
+    require_aligned16(a.recv_x, "dispatch", "recv_x");
     const DispatchSlotLayout slot = make_dispatch_slot(a.hidden, elem, fp8, a.num_topk);
     require_ring_space(a.config, slot.slot_bytes, "dispatch");
     if (!a.cached) {
@@ -380,6 +388,10 @@ class BufferImpl {
             "combine: combined_x/send_head/is_token_in_rank is null");
     require(a.rank_prefix_matrix && a.channel_prefix_matrix && a.recv_channel_prefix_matrix,
             "combine: handle matrices are null");
+    require_aligned16(a.x, "combine", "x");
+    require_aligned16(a.bias0, "combine", "bias0");
+    require_aligned16(a.bias1, "combine", "bias1");
+    require_aligned16(a.combined_x, "combine", "combined_x");
     const CombineSlotLayout slot = make_combine_slot(a.hidden, a.num_topk);
     require_ring_space(a.config, slot.slot_bytes, "combine");
     FLASHEP_CUDA_CHECK(cudaSetDevice(device_));
