@@ -10,20 +10,13 @@
 // how many slots precede the oldest token any worker still needs (slots_before(send_head[J])).
 #include <cuda_bf16.h>
 
-#include "kernels/device_utils.cuh"
-#include "kernels/launch.hpp"
+#include "kernels/comm_utils.cuh"
 
 namespace flashep::kernels {
 namespace {
 
 constexpr int kCopyUnroll = 4;  // 16-byte loads in flight per lane (see dispatch.cu)
 constexpr int kMaxRolesPerBlock = 16;  // R * subchannels_for(R) <= 16 for every supported R
-
-__device__ __forceinline__ char* at(void* base, int64_t byte_offset) { return static_cast<char*>(base) + byte_offset; }
-
-__device__ __forceinline__ device::WaitContext wait_context(const CommContext& comm) {
-  return device::WaitContext{comm.error, comm.abort_flag, comm.timeout_ns, comm.rank};
-}
 
 __device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4& v) {
   const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&v);

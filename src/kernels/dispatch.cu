@@ -7,20 +7,13 @@
 //   receiver (src, channel): drains the ring (channel, src) in this rank's buffer straight into the
 //            final output rows, then releases the slots by writing the head into src's buffer.
 // Every warp works alone: no block-level synchronization, no shared memory.
-#include "kernels/device_utils.cuh"
-#include "kernels/launch.hpp"
+#include "kernels/comm_utils.cuh"
 
 namespace flashep::kernels {
 namespace {
 
 // 16-byte loads in flight per lane while copying a row (32 warps per SM: 64 registers per thread).
 constexpr int kCopyUnroll = 4;
-
-__device__ __forceinline__ char* at(void* base, int64_t byte_offset) { return static_cast<char*>(base) + byte_offset; }
-
-__device__ __forceinline__ device::WaitContext wait_context(const CommContext& comm) {
-  return device::WaitContext{comm.error, comm.abort_flag, comm.timeout_ns, comm.rank};
-}
 
 __device__ void dispatch_send(const DispatchParams& p, int dst, int channel, int lane) {
   const CommContext& comm = p.comm;

@@ -1,17 +1,12 @@
 // notify_dispatch: the count exchange before a dispatch; notify_barrier: the rendezvous before a
 // combine or a cached dispatch. Both reset this rank's ring heads for the coming operation (tails
 // are reset by their readers at the end of each operation; see layout_math.hpp).
-#include "kernels/device_utils.cuh"
-#include "kernels/launch.hpp"
+#include "kernels/comm_utils.cuh"
 
 namespace flashep::kernels {
 namespace {
 
 constexpr int kNotifyThreads = 1024;
-
-__device__ __forceinline__ int* buffer_int(void* base, int64_t byte_offset) {
-  return reinterpret_cast<int*>(static_cast<char*>(base) + byte_offset);
-}
 
 /// Block-wide barrier across the ranks of the domain. Graph-safe: the epoch is device state that
 /// every rank advances by one per barrier, so replays keep matching. Returns false on timeout.
@@ -21,7 +16,7 @@ __device__ bool barrier_across_ranks(const CommContext& comm, Phase phase) {
   __threadfence_system();  // this block's earlier writes to peers are visible before the signal
   __syncthreads();
   if (threadIdx.x == 0) {
-    int* local_epoch = buffer_int(comm.local_buffer, comm.layout.barrier_epoch_offset);
+    int* local_epoch = int_at(comm.local_buffer, comm.layout.barrier_epoch_offset);
     epoch = *local_epoch + 1;
     *local_epoch = epoch;
     failed = 0;
@@ -29,10 +24,10 @@ __device__ bool barrier_across_ranks(const CommContext& comm, Phase phase) {
   __syncthreads();
   const int peer = threadIdx.x;
   if (peer < comm.num_ranks) {
-    int* remote_signal = buffer_int(comm.peer_buffers[peer], comm.layout.barrier_signal_offset + 4 * comm.rank);
+    int* remote_signal = int_at(comm.peer_buffers[peer], comm.layout.barrier_signal_offset + 4 * comm.rank);
     device::st_release_sys(remote_signal, epoch);
-    const int* my_signal = buffer_int(comm.local_buffer, comm.layout.barrier_signal_offset + 4 * peer);
-    const device::WaitContext ctx{comm.error, comm.abort_flag, comm.timeout_ns, comm.rank};
+    const int* my_signal = int_at(comm.local_buffer, comm.layout.barrier_signal_offset + 4 * peer);
+    const device::WaitContext ctx = wait_context(comm);
     if (device::wait_at_least(ctx, my_signal, epoch, phase, peer, -1) < 0) failed = 1;
   }
   __syncthreads();
@@ -40,7 +35,7 @@ __device__ bool barrier_across_ranks(const CommContext& comm, Phase phase) {
 }
 
 __device__ void reset_heads(const CommContext& comm, int num_channels) {
-  int* heads = buffer_int(comm.local_buffer, comm.layout.head_offset);
+  int* heads = int_at(comm.local_buffer, comm.layout.head_offset);
   for (int i = threadIdx.x; i < num_channels * comm.num_ranks; i += blockDim.x) heads[i] = 0;
 }
 
@@ -70,7 +65,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(Noti
   // 3. Inclusive prefix over channels; publish our row of counts, our channel prefix and our
   //    per-expert counts into each destination's notify slot for us.
   for (int dst = warp; dst < R; dst += num_warps) {
-    int* slot = buffer_int(comm.peer_buffers[dst], comm.layout.notify_slot(comm.rank));
+    int* slot = int_at(comm.peer_buffers[dst], comm.layout.notify_slot(comm.rank));
     int running = 0;
     for (int base = 0; base < C; base += 32) {
       const int c = base + lane;
@@ -95,7 +90,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(Noti
   if (!barrier_across_ranks(comm, Phase::kNotifyBarrier)) return;
 
   // 5. rank_prefix_matrix (same on every rank), our receive channel prefix, per-expert counts.
-  auto slot_of = [&](int src) { return buffer_int(comm.local_buffer, comm.layout.notify_slot(src)); };
+  auto slot_of = [&](int src) { return int_at(comm.local_buffer, comm.layout.notify_slot(src)); };
   for (int dst = threadIdx.x; dst < R; dst += blockDim.x) {
     int running = 0;
     for (int src = 0; src < R; ++src) {
