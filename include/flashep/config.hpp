@@ -19,7 +19,7 @@ inline constexpr int kMaxChannels = 1024;
 /// Tuning of a high-throughput dispatch or combine. Field names and defaults are DeepEP V1's.
 ///
 /// `num_sms` is the SM-control knob: the dispatch/combine kernels launch exactly `num_sms` blocks of
-/// one SM each. Every block serves `subchannels(R)` channels (see num_channels()); a channel is a
+/// one SM each. Every block serves `channels_per_block(R)` channels (see num_channels()); a channel is a
 /// contiguous range of a rank's tokens that flows through its own ring buffer to every peer.
 /// `num_max_nvl_chunked_send_tokens` is how many tokens a sender writes before publishing its ring
 /// tail; `num_max_nvl_chunked_recv_tokens` is the ring depth (slots per (channel, peer)).
@@ -40,10 +40,10 @@ struct Config {
   void validate() const;
 };
 
-/// Channels per block for `num_nvl_ranks` peers: every block runs one sender warp and one receiver
-/// warp per (peer, subchannel), so small domains use several subchannels to keep 8+ warps busy.
-int subchannels_per_block(int num_nvl_ranks);
-/// Number of channels C of a dispatch/combine: num_sms * subchannels_per_block(num_nvl_ranks).
+/// Channels per block for `num_nvl_ranks` peers (2 today): every channel has a sender warp that feeds
+/// all peers and receiver warps that drain all peers, each pipelined with bulk copies.
+int channels_per_block(int num_nvl_ranks);
+/// Number of channels C of a dispatch/combine: num_sms * channels_per_block(num_nvl_ranks).
 int num_channels(int num_sms, int num_nvl_ranks);
 
 /// Tuned defaults (pure host heuristics; see src/core/config.cpp for the measurements behind them).

@@ -318,6 +318,9 @@ class BufferImpl {
     require_aligned16(a.x, "dispatch", "x");
     require_aligned16(a.recv_x, "dispatch", "recv_x");
     const DispatchSlotLayout slot = make_dispatch_slot(a.hidden, elem, fp8, a.num_topk);
+    require(dispatch_stages(block_channel_count(R), slot.slot_bytes) >= 1,
+            "dispatch: rows of " + str(slot.slot_bytes) + " bytes do not fit the kernel's shared memory (hidden " +
+                str(a.hidden) + " too large)");
     require_ring_space(a.config, slot.slot_bytes, "dispatch");
     if (!a.cached) {
       require(notified_channels_ == C, "dispatch: call notify_dispatch with the same config first (it used " +
@@ -357,6 +360,9 @@ class BufferImpl {
     p.chunk_tokens = a.config.num_max_nvl_chunked_send_tokens;
     p.num_output_rows = a.num_output_rows;
     p.slot = slot;
+    p.channels_per_block = block_channel_count(R);
+    p.stages = dispatch_stages(p.channels_per_block, slot.slot_bytes);
+    p.publish_lag = env::publish_lag();
     p.cached = a.cached;
     p.debug_skip = debug_dispatch_skip_;
     p.recv_x = a.recv_x;
@@ -393,6 +399,9 @@ class BufferImpl {
     require_aligned16(a.bias1, "combine", "bias1");
     require_aligned16(a.combined_x, "combine", "combined_x");
     const CombineSlotLayout slot = make_combine_slot(a.hidden, a.num_topk);
+    require(combine_stages(block_channel_count(R), slot.slot_bytes) >= 1,
+            "combine: rows of " + str(slot.slot_bytes) + " bytes do not fit the kernel's shared memory (hidden " +
+                str(a.hidden) + " too large)");
     require_ring_space(a.config, slot.slot_bytes, "combine");
     FLASHEP_CUDA_CHECK(cudaSetDevice(device_));
     kernels::BarrierParams barrier{comm_context(), C};
@@ -414,6 +423,9 @@ class BufferImpl {
     p.ring_depth = a.config.num_max_nvl_chunked_recv_tokens;
     p.chunk_tokens = a.config.num_max_nvl_chunked_send_tokens;
     p.slot = slot;
+    p.channels_per_block = block_channel_count(R);
+    p.stages = combine_stages(p.channels_per_block, slot.slot_bytes);
+    p.publish_lag = env::publish_lag();
     p.combined_x = a.combined_x;
     p.combined_topk_weights = a.combined_topk_weights;
     launch_check(kernels::launch_combine(p, a.config.num_sms, stream), "combine");

@@ -9,9 +9,9 @@
 
 namespace flashep {
 
-int subchannels_per_block(int num_nvl_ranks) { return subchannels_for(num_nvl_ranks); }
+int channels_per_block(int num_nvl_ranks) { return block_channel_count(num_nvl_ranks); }
 
-int num_channels(int num_sms, int num_nvl_ranks) { return num_sms * subchannels_for(num_nvl_ranks); }
+int num_channels(int num_sms, int num_nvl_ranks) { return num_sms * block_channel_count(num_nvl_ranks); }
 
 namespace {
 /// Largest ring slot any dispatch or combine with rows of `hidden_bytes` may use: a BF16 row

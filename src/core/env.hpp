@@ -23,4 +23,13 @@ inline int debug_dispatch_skip() {
   return value == nullptr ? 0 : std::atoi(value);
 }
 
+/// FLASHEP_PUBLISH_LAG (default 4, range 0..7): how many items a ring sender lets its bulk stores
+/// stay in flight before it waits for them and publishes the ring tail (src/kernels/ring_sender.cuh).
+/// Read at every call, so a benchmark can sweep it.
+inline int publish_lag() {
+  const char* value = std::getenv("FLASHEP_PUBLISH_LAG");
+  const int parsed = (value == nullptr || *value == '\0') ? 4 : std::atoi(value);
+  return parsed < 0 ? 0 : (parsed > 7 ? 7 : parsed);
+}
+
 }  // namespace flashep::env

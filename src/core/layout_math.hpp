@@ -29,11 +29,48 @@ FLASHEP_HD constexpr int64_t align_up(int64_t value, int64_t alignment) {
 }
 FLASHEP_HD constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
-/// Channels per block (see flashep::subchannels_per_block): enough (peer, subchannel) warp pairs
-/// that every block runs 16 sender and 16 receiver warps (1024 threads) for domains of up to 16
-/// ranks. Measured on 4 x H200 (docs/performance.md): per-token latency per warp is ~10 us under
-/// load, so throughput comes from many independent token streams per SM.
-FLASHEP_HD constexpr int subchannels_for(int num_nvl_ranks) { return num_nvl_ranks >= 16 ? 1 : 16 / num_nvl_ranks; }
+/// Channels per block (see flashep::channels_per_block). Every channel has its own sender and
+/// receiver warps, each with a pipeline of bulk copies in shared memory (src/kernels/ring_sender.cuh),
+/// so a block needs only a few channels to keep NVLink busy; two split the block's shared memory
+/// while giving every SM two independent token streams.
+inline constexpr int kMaxChannelsPerBlock = 2;
+FLASHEP_HD constexpr int block_channel_count(int num_nvl_ranks) { return num_nvl_ranks > 8 ? 1 : kMaxChannelsPerBlock; }
+
+/// Combine receiver warps per channel (tokens of a channel are dealt to them in turn).
+inline constexpr int kCombineWorkers = 8;
+
+/// Pipelines of bulk copies: every pipelined warp owns `stages` ring-slot-sized stages of shared
+/// memory. The stages of a block share kBulkStageBudgetBytes (H100/H200 allow 227 KB per block).
+inline constexpr int kMaxBulkStages = 8;
+inline constexpr int kBulkStageBudgetBytes = 200 * 1024;
+/// Ring tails a sender warp remembers to publish them late (ring_sender.cuh), per lane.
+inline constexpr int kBulkTailHistory = 8;
+
+/// Stages per pipelined warp when `pipelined_warps` warps of a block split the budget; 0 when a
+/// single slot does not fit.
+FLASHEP_HD int bulk_stages(int pipelined_warps, int slot_bytes) {
+  const int fit = kBulkStageBudgetBytes / (pipelined_warps * slot_bytes);
+  return fit < kMaxBulkStages ? fit : kMaxBulkStages;
+}
+/// Dynamic shared memory of a dispatch block: the sender warp of each channel is pipelined
+/// (`stages` slots, one mbarrier per stage, a tail history); receivers copy without shared memory.
+FLASHEP_HD int dispatch_smem_bytes(int channels_in_block, int stages, int slot_bytes) {
+  return channels_in_block * stages * (slot_bytes + 8) + channels_in_block * kBulkTailHistory * 32 * 4;
+}
+FLASHEP_HD int dispatch_stages(int channels_in_block, int slot_bytes) {
+  return bulk_stages(channels_in_block, slot_bytes);
+}
+/// Threads of a dispatch block: per channel one sender warp and one receiver warp per source.
+FLASHEP_HD int dispatch_block_threads(int channels_in_block, int num_nvl_ranks) {
+  return channels_in_block * (1 + num_nvl_ranks) * 32;
+}
+/// Dynamic shared memory of a combine block: only the sender warps (one per channel) are pipelined.
+FLASHEP_HD int combine_smem_bytes(int channels_in_block, int stages, int slot_bytes) {
+  return channels_in_block * stages * (slot_bytes + 8) + channels_in_block * kBulkTailHistory * 32 * 4;
+}
+FLASHEP_HD int combine_stages(int channels_in_block, int slot_bytes) {
+  return bulk_stages(channels_in_block, slot_bytes);
+}
 
 /// Half-open token range [begin, end) of `channel` when `num_tokens` are split over `num_channels`
 /// contiguous, balanced ranges (sizes differ by at most one).

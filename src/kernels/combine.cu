@@ -1,22 +1,23 @@
 // Intranode high-throughput combine: the reverse of dispatch.
 //
-// Same grid and channels as dispatch. Per block, per subchannel:
-//   sender (dst, channel): pushes the expert-output rows this rank received from dst in that channel
-//          (contiguous rows, in dispatch order) into ring (channel, this rank) of dst;
-//   receivers (R workers per channel): token t of the channel is reduced by worker (t - begin) % R,
-//          which waits until every ring holding a row of t has it (send_head gives the slot), sums
-//          bias0 + bias1 + rows of ranks ascending in float32 and writes the bf16 result once.
+// Same grid and channels as dispatch. Per channel:
+//   sender (one warp, ring_sender.cuh): pushes the expert-output rows this rank received in that
+//          channel back to their source ranks, each row with its top-k weights into ring
+//          (channel, this rank) of the source. It takes the sources in turn, starting after its
+//          own rank, so that at any moment the ranks write to different peers (no incast);
+//   receivers (kCombineWorkers warps): token t of the channel is reduced by worker
+//          (t - begin) % kCombineWorkers, which waits until every ring holding a row of t has it
+//          (send_head gives the slot), sums bias0 + bias1 + rows of ranks ascending in float32 and
+//          writes the bf16 result once.
 // Ring slots are released in token order: worker 0 (the coordinator) publishes, per source ring,
 // how many slots precede the oldest token any worker still needs (slots_before(send_head[J])).
 #include <cuda_bf16.h>
 
-#include "kernels/comm_utils.cuh"
+#include "kernels/ring_sender.cuh"
 
 namespace flashep::kernels {
 namespace {
 
-constexpr int kCopyUnroll = 4;  // 16-byte loads in flight per lane (see dispatch.cu)
-constexpr int kMaxRolesPerBlock = 16;  // R * subchannels_for(R) <= 16 for every supported R
 
 __device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4& v) {
   const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&v);
@@ -36,45 +37,73 @@ __device__ __forceinline__ int4 to_bf16x8(const float (&acc)[8]) {
   return out;
 }
 
-__device__ void combine_send(const CombineParams& p, int dst, int channel, int lane) {
+/// Sender policy of run_ring_sender: the rows each source rank sent us in this channel (contiguous
+/// in x), taken one per source in turn. Lane r tracks source r.
+struct CombineSendPolicy {
+  const CombineParams& p;
+  int lane;
+  int count = 0;      // lane r: rows of source r in this channel
+  int64_t first_row = 0;  // lane r: row of x holding its first one
+  int next_load_index = 0, next_send_index = 0;  // lane r: rows of source r loaded / sent
+  int load_turn, send_turn;                      // source whose turn is next
+  int64_t row = 0;                               // the row next_send returned
+
+  /// Source of the next item of a cursor (index per lane, turn shared); -1 when all are taken.
+  __device__ int take(int& my_index, int& turn) const {
+    const uint32_t left = __ballot_sync(0xffffffffu, lane < p.comm.num_ranks && my_index < count);
+    if (left == 0) return -1;
+    const uint32_t later = left & ~((1u << turn) - 1u);
+    const int src = __ffs(later ? later : left) - 1;
+    turn = src + 1 < p.comm.num_ranks ? src + 1 : 0;
+    return src;
+  }
+  __device__ bool next_load(const void** source_row) {
+    const int src = take(next_load_index, load_turn);
+    if (src < 0) return false;
+    const int64_t r = __shfl_sync(0xffffffffu, first_row + next_load_index, src);
+    if (lane == src) ++next_load_index;
+    *source_row = static_cast<const char*>(p.x) + r * p.slot.row_bytes;
+    return true;
+  }
+  __device__ uint32_t next_send(int /*my_tail*/) {
+    const int src = take(next_send_index, send_turn);
+    row = __shfl_sync(0xffffffffu, first_row + next_send_index, src);
+    if (lane == src) ++next_send_index;
+    return 1u << src;
+  }
+  __device__ void write_metadata(char* stage) const {
+    if (p.topk_weights != nullptr && lane < p.num_topk)
+      reinterpret_cast<float*>(stage + p.slot.topk_weights_offset)[lane] = p.topk_weights[row * p.num_topk + lane];
+  }
+};
+
+__device__ void combine_send(const CombineParams& p, const WarpStages& w, int channel, int lane) {
   const CommContext& comm = p.comm;
   const int R = comm.num_ranks, C = p.num_channels;
-  const int* channel_prefix = p.recv_channel_prefix_matrix + dst * C;
-  const int begin_in_rank = channel > 0 ? channel_prefix[channel - 1] : 0;
-  const int count = channel_prefix[channel] - begin_in_rank;
-  if (count == 0) return;
-  const int64_t first_row = (dst > 0 ? p.rank_prefix_matrix[(dst - 1) * R + comm.rank] : 0) + begin_in_rank;
-  const int slot_bytes = p.slot.slot_bytes;
-  char* ring = at(comm.peer_buffers[dst], comm.layout.ring(channel, comm.rank, p.ring_depth, slot_bytes));
-  int* remote_tail = reinterpret_cast<int*>(at(comm.peer_buffers[dst], comm.layout.tail(channel, comm.rank)));
-  const int* local_head = reinterpret_cast<const int*>(at(comm.local_buffer, comm.layout.head(channel, dst)));
-  const device::WaitContext ctx = wait_context(comm);
-  const int row_int4 = p.slot.row_bytes / 16;
-
-  int published = 0, head = 0;
-  for (int tail = 0; tail < count;) {
-    if (tail - head >= p.ring_depth) {
-      int seen = 0;
-      if (lane == 0)
-        seen = device::wait_at_least(ctx, local_head, tail - p.ring_depth + 1, Phase::kCombineSendWaitSpace, dst,
-                                     channel);
-      head = __shfl_sync(0xffffffffu, seen, 0);
-      if (head < 0) return;
-    }
-    const int64_t row = first_row + tail;
-    char* slot = ring + int64_t(tail % p.ring_depth) * slot_bytes;
-    device::warp_copy<kCopyUnroll, false>(
-        reinterpret_cast<int4*>(slot),
-        reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + row * p.slot.row_bytes), row_int4, lane);
-    if (p.topk_weights != nullptr && lane < p.num_topk)
-      reinterpret_cast<float*>(slot + p.slot.topk_weights_offset)[lane] = p.topk_weights[row * p.num_topk + lane];
-    ++tail;
-    if (tail - published >= p.chunk_tokens || tail == count || tail - head >= p.ring_depth) {
-      __syncwarp();
-      if (lane == 0) device::st_release_sys(remote_tail, tail);
-      published = tail;
-    }
+  const int first_turn = comm.rank + 1 < R ? comm.rank + 1 : 0;
+  CombineSendPolicy policy{p, lane};
+  policy.load_turn = policy.send_turn = first_turn;
+  RingSendTarget target{};
+  if (lane < R) {
+    const int* channel_prefix = p.recv_channel_prefix_matrix + lane * C;
+    const int begin_in_rank = channel > 0 ? channel_prefix[channel - 1] : 0;
+    policy.count = channel_prefix[channel] - begin_in_rank;
+    policy.first_row = (lane > 0 ? p.rank_prefix_matrix[(lane - 1) * R + comm.rank] : 0) + begin_in_rank;
+    target.ring = at(comm.peer_buffers[lane], comm.layout.ring(channel, comm.rank, p.ring_depth, p.slot.slot_bytes));
+    target.remote_tail = int_at(comm.peer_buffers[lane], comm.layout.tail(channel, comm.rank));
+    target.local_head = int_at(comm.local_buffer, comm.layout.head(channel, lane));
   }
+  RingSendConfig cfg{};
+  cfg.num_dsts = R;
+  cfg.ring_depth = p.ring_depth;
+  cfg.chunk = p.chunk_tokens;
+  cfg.load_bytes = p.slot.row_bytes;
+  cfg.store_offset = 0;
+  cfg.publish_lag = p.publish_lag;
+  cfg.space_phase = Phase::kCombineSendWaitSpace;
+  cfg.channel = channel;
+  RingSendLane state;
+  run_ring_sender(policy, w, target, cfg, wait_context(comm), state, lane);
 }
 
 /// State of the coordinator lanes: lane r < R owns source ring r of this channel.
@@ -90,7 +119,7 @@ __device__ bool release_heads(const CombineParams& p, int channel, const TokenRa
   const CommContext& comm = p.comm;
   const int R = comm.num_ranks;
   int oldest = range.end;
-  for (int w = 0; w < R; ++w) oldest = min(oldest, positions[w]);
+  for (int w = 0; w < kCombineWorkers; ++w) oldest = min(oldest, positions[w]);
   if (lane < R) {
     const int head = oldest >= range.end ? state.total : slots_before(p.send_head[int64_t(oldest) * R + lane]);
     if (head > state.released) {
@@ -120,7 +149,10 @@ __device__ void combine_recv(const CombineParams& p, int channel, int worker, vo
     my_tail = reinterpret_cast<const int*>(at(comm.local_buffer, comm.layout.tail(channel, lane)));
   }
 
-  for (int t = range.begin + worker; t < range.end; t += R) {
+  for (int t = range.begin + worker; t < range.end; t += kCombineWorkers) {
+    // Our reads of earlier tokens' ring rows are done (their values were used) before the
+    // coordinator may see the new position and release those slots.
+    __threadfence_block();
     if (lane == 0) positions[worker] = t;
     __syncwarp();
     const int head_slot = lane < R ? p.send_head[int64_t(t) * R + lane] : -1;
@@ -203,38 +235,49 @@ __device__ void combine_recv(const CombineParams& p, int channel, int worker, vo
 }
 
 template <int kMaxRanks>
-__global__ void __launch_bounds__(1024, 1) combine_kernel(CombineParams p) {
-  __shared__ int positions[kMaxRolesPerBlock];
-  const int R = p.comm.num_ranks;
-  const int G = subchannels_for(R);
+__global__ void __launch_bounds__(kMaxChannelsPerBlock * (1 + kCombineWorkers) * 32, 1) combine_kernel(CombineParams p) {
+  extern __shared__ __align__(128) char smem[];
+  __shared__ int positions[kMaxChannelsPerBlock * kCombineWorkers];
+  const int G = p.channels_per_block, S = p.stages;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int role_warp = warp % (R * G);
-  const int channel = blockIdx.x * G + role_warp / R;
-  if (threadIdx.x < R * G) {
-    const int ch = blockIdx.x * G + threadIdx.x / R;
+  if (threadIdx.x < G * kCombineWorkers) {
+    const int ch = blockIdx.x * G + threadIdx.x / kCombineWorkers;
     positions[threadIdx.x] = channel_token_range(p.num_tokens, p.num_channels, ch).begin;
   }
   __syncthreads();
-  if (warp < R * G)
-    combine_send(p, role_warp % R, channel, lane);
-  else
-    combine_recv<kMaxRanks>(p, channel, role_warp % R, positions + (role_warp / R) * R, lane);
+  if (warp < G) {  // senders 0..G-1, then G * kCombineWorkers receivers
+    const int slot_bytes = p.slot.slot_bytes;
+    uint64_t* barriers = reinterpret_cast<uint64_t*>(smem + int64_t(G) * S * slot_bytes);
+    int* history = reinterpret_cast<int*>(barriers + G * S);
+    WarpStages w{smem + int64_t(warp) * S * slot_bytes, barriers + warp * S, history + warp * kBulkTailHistory * 32,
+                 S, slot_bytes};
+    if (lane < S) device::mbarrier_init(w.barriers + lane, 1);
+    device::fence_mbarrier_init();
+    __syncwarp();
+    combine_send(p, w, blockIdx.x * G + warp, lane);
+  } else {
+    const int role = warp - G;
+    const int sub = role / kCombineWorkers;
+    combine_recv<kMaxRanks>(p, blockIdx.x * G + sub, role % kCombineWorkers, positions + sub * kCombineWorkers, lane);
+  }
 }
 
 }  // namespace
 
 cudaError_t launch_combine(const CombineParams& p, int num_sms, cudaStream_t stream) {
   const int R = p.comm.num_ranks;
-  const int threads = comm_block_threads(R);
-  if (R <= 2)
-    combine_kernel<2><<<num_sms, threads, 0, stream>>>(p);
-  else if (R <= 4)
-    combine_kernel<4><<<num_sms, threads, 0, stream>>>(p);
-  else if (R <= 8)
-    combine_kernel<8><<<num_sms, threads, 0, stream>>>(p);
-  else
-    combine_kernel<16><<<num_sms, threads, 0, stream>>>(p);
-  return cudaGetLastError();
+  const int threads = p.channels_per_block * (1 + kCombineWorkers) * 32;
+  const int smem = combine_smem_bytes(p.channels_per_block, p.stages, p.slot.slot_bytes);
+  auto launch = [&](auto kernel) {
+    cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (status != cudaSuccess) return status;
+    kernel<<<num_sms, threads, smem, stream>>>(p);
+    return cudaGetLastError();
+  };
+  if (R <= 2) return launch(combine_kernel<2>);
+  if (R <= 4) return launch(combine_kernel<4>);
+  if (R <= 8) return launch(combine_kernel<8>);
+  return launch(combine_kernel<16>);
 }
 
 }  // namespace flashep::kernels

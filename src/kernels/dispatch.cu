@@ -1,96 +1,137 @@
 // Intranode high-throughput dispatch.
 //
-// Grid: num_sms blocks (one per SM); block b serves channels b*G .. b*G+G-1 (G subchannels). Every
-// block has one sender warp and one receiver warp per (peer, subchannel):
-//   sender   (dst, channel): scans the channel's tokens, pushes those routed to dst into the ring
-//            (channel, this rank) in dst's buffer over NVLink, publishing the ring tail every chunk;
-//   receiver (src, channel): drains the ring (channel, src) in this rank's buffer straight into the
-//            final output rows, then releases the slots by writing the head into src's buffer.
-// Every warp works alone: no block-level synchronization, no shared memory.
-#include "kernels/comm_utils.cuh"
+// Grid: num_sms blocks; block b serves channels b*G .. b*G+G-1 (G = block_channel_count(R)). Per
+// channel:
+//   sender   : one warp with a pipeline of shared-memory stages (ring_sender.cuh) walks the
+//              channel's tokens once; loads each routed token's row into a stage, adds its
+//              scales, top-k (global expert ids) and index, and stores that slot image into the ring
+//              (channel, this rank) of every rank the token goes to;
+//   receivers: one warp per (channel, source) drains ring (channel, source) straight into the final
+//              output rows with plain 16-byte loads and stores (local memory). Top-k ids become
+//              local expert ids here; weights of other ranks' experts become 0.
+// Output rows are ordered by source rank, then channel, then token (no sort), as the handle says.
+#include "kernels/ring_sender.cuh"
 
 namespace flashep::kernels {
 namespace {
 
-// 16-byte loads in flight per lane while copying a row (32 warps per SM: 64 registers per thread).
-constexpr int kCopyUnroll = 4;
+/// The routing of 32 consecutive tokens of a channel, one per lane.
+struct TokenBatch {
+  int base = 0;          // first token of the batch
+  uint32_t pending = 0;  // tokens of the batch not taken yet that go to at least one rank
+  uint32_t my_mask = 0;  // lane i: ranks token base+i goes to (bit r)
+};
 
-__device__ void dispatch_send(const DispatchParams& p, int dst, int channel, int lane) {
-  const CommContext& comm = p.comm;
-  const int R = comm.num_ranks;
-  const TokenRange range = channel_token_range(p.num_tokens, p.num_channels, channel);
-  const int slot_bytes = p.slot.slot_bytes;
-  // Diagnostics (debug_skip & 4): write rows into our own buffer instead of the peer's.
-  char* ring = at((p.debug_skip & 4) ? comm.local_buffer : comm.peer_buffers[dst],
-                  comm.layout.ring(channel, comm.rank, p.ring_depth, slot_bytes));
-  int* remote_tail = reinterpret_cast<int*>(at(comm.peer_buffers[dst], comm.layout.tail(channel, comm.rank)));
-  const int* local_head = reinterpret_cast<const int*>(at(comm.local_buffer, comm.layout.head(channel, dst)));
-  const device::WaitContext ctx = wait_context(comm);
-  const int num_local_experts = p.num_topk > 0 ? p.num_experts / R : 0;
-  const int row_int4 = p.slot.row_bytes / 16;
+/// Sender policy of run_ring_sender: the tokens of one channel that go anywhere.
+struct DispatchSendPolicy {
+  const DispatchParams& p;
+  TokenRange range;
+  int lane;
+  TokenBatch load_batch, send_batch;
+  int token = -1;  // the token next_send returned
 
-  int tail = 0, published = 0, head = 0;
-  auto publish = [&]() {
-    __syncwarp();
-    if (lane == 0) device::st_release_sys(remote_tail, tail);
-    published = tail;
-  };
-
-  for (int base = range.begin; base < range.end; base += 32) {
-    const int token = base + lane;
-    const bool routed = token < range.end && p.is_token_in_rank[int64_t(token) * R + dst];
-    uint32_t pending = __ballot_sync(0xffffffffu, routed);
-    if (!p.cached && token < range.end) {
-      const int before = tail + __popc(pending & ((1u << lane) - 1u));
-      p.send_head[int64_t(token) * R + dst] = encode_send_head(routed, before);
+  __device__ uint32_t routing_of(int t) const {
+    uint32_t mask = 0;
+    if (t < range.end) {
+      const bool* row = p.is_token_in_rank + int64_t(t) * p.comm.num_ranks;
+      for (int r = 0; r < p.comm.num_ranks; ++r) mask |= row[r] ? (1u << r) : 0u;
     }
-    while (pending != 0) {
-      const int t = base + __ffs(pending) - 1;
-      pending &= pending - 1;
-      if (tail - head >= p.ring_depth) {
-        // Ring full: publish what we wrote (the receiver may be waiting for it), then wait for space.
-        if (published != tail) publish();
-        int seen = 0;
-        if (lane == 0)
-          seen = device::wait_at_least(ctx, local_head, tail - p.ring_depth + 1, Phase::kDispatchSendWaitSpace, dst,
-                                       channel);
-        head = __shfl_sync(0xffffffffu, seen, 0);
-        if (head < 0) return;
-      }
-      char* slot = ring + int64_t(tail % p.ring_depth) * slot_bytes;
-      // Issue the metadata loads first: their latency then hides behind the row copy.
-      float scale0 = 0.f, scale1 = 0.f;
-      if (lane < p.slot.num_scales) scale0 = p.x_scales[t * p.scale_token_stride + lane * p.scale_hidden_stride];
-      if (lane + 32 < p.slot.num_scales)
-        scale1 = p.x_scales[t * p.scale_token_stride + (lane + 32) * p.scale_hidden_stride];
-      int64_t expert = -1;
-      float weight = 0.f;
-      if (lane < p.num_topk) {
-        expert = __ldg(p.topk_idx + int64_t(t) * p.num_topk + lane);
-        weight = __ldg(p.topk_weights + int64_t(t) * p.num_topk + lane);
-      }
-      if (!(p.debug_skip & 2))
-        device::warp_copy<kCopyUnroll, false>(reinterpret_cast<int4*>(slot),
-                                              reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + int64_t(t) * p.slot.row_bytes),
-                                              row_int4, lane);
-      float* slot_scales = reinterpret_cast<float*>(slot + p.slot.scale_offset);
-      if (lane < p.slot.num_scales) slot_scales[lane] = scale0;
-      if (lane + 32 < p.slot.num_scales) slot_scales[lane + 32] = scale1;
-      for (int j = lane + 64; j < p.slot.num_scales; j += 32)  // hidden > 8192: rare, plain loop
-        slot_scales[j] = p.x_scales[t * p.scale_token_stride + j * p.scale_hidden_stride];
-      if (lane < p.num_topk) {
-        const int local = local_expert_index(expert, dst, num_local_experts);
-        reinterpret_cast<int*>(slot + p.slot.topk_idx_offset)[lane] = local;
-        reinterpret_cast<float*>(slot + p.slot.topk_weights_offset)[lane] = local >= 0 ? weight : 0.0f;
-      }
-      if (lane == 0) *reinterpret_cast<int*>(slot + p.slot.src_idx_offset) = t;
-      ++tail;
-      if (tail - published >= p.chunk_tokens) publish();
+    return mask;
+  }
+  /// Moves `batch` to the next batch with a routed token; false past the channel's end.
+  __device__ bool refill(TokenBatch& batch) const {
+    while (batch.pending == 0) {
+      batch.base += 32;
+      if (batch.base >= range.end) return false;
+      batch.my_mask = routing_of(batch.base + lane);
+      batch.pending = __ballot_sync(0xffffffffu, batch.my_mask != 0);
+    }
+    return true;
+  }
+  __device__ bool next_load(const void** row) {
+    if (!refill(load_batch)) return false;
+    const int t = load_batch.base + __ffs(load_batch.pending) - 1;
+    load_batch.pending &= load_batch.pending - 1;
+    *row = static_cast<const char*>(p.x) + int64_t(t) * p.slot.row_bytes;
+    return true;
+  }
+  __device__ uint32_t next_send(int my_tail) {
+    // Entering a batch records where each of its tokens lands (the handle's send_head), unrouted
+    // ones included: combine needs, per token, the slots sent before it. my_tail is exact here:
+    // every earlier token went out, and a batch with no routed token moves no tail.
+    while (send_batch.pending == 0) enter_next_send_batch(my_tail);
+    const int j = __ffs(send_batch.pending) - 1;
+    send_batch.pending &= send_batch.pending - 1;
+    token = send_batch.base + j;
+    return __shfl_sync(0xffffffffu, send_batch.my_mask, j);
+  }
+  __device__ void enter_next_send_batch(int my_tail) {
+    send_batch.base += 32;
+    send_batch.my_mask = routing_of(send_batch.base + lane);
+    send_batch.pending = __ballot_sync(0xffffffffu, send_batch.my_mask != 0);
+    if (!p.cached) write_send_heads(my_tail);
+  }
+  /// After the last send: send_head of the batches past the last routed token.
+  __device__ void finish(int my_tail) {
+    while (send_batch.base + 32 < range.end) enter_next_send_batch(my_tail);
+  }
+  __device__ void write_send_heads(int my_tail) const {
+    const int R = p.comm.num_ranks;
+    const int t = send_batch.base + lane;
+    for (int r = 0; r < R; ++r) {
+      const bool routed = (send_batch.my_mask >> r) & 1u;
+      const uint32_t to_r = __ballot_sync(0xffffffffu, routed);
+      const int before = __shfl_sync(0xffffffffu, my_tail, r) + __popc(to_r & ((1u << lane) - 1u));
+      if (t < range.end) p.send_head[int64_t(t) * R + r] = encode_send_head(routed, before);
     }
   }
-  if (published != tail) publish();
+  __device__ void write_metadata(char* stage) const {
+    const int t = token;
+    float* scales = reinterpret_cast<float*>(stage + p.slot.scale_offset);
+    for (int j = lane; j < p.slot.num_scales; j += 32)
+      scales[j] = p.x_scales[t * p.scale_token_stride + j * p.scale_hidden_stride];
+    if (lane < p.num_topk) {
+      reinterpret_cast<int*>(stage + p.slot.topk_idx_offset)[lane] =
+          static_cast<int>(__ldg(p.topk_idx + int64_t(t) * p.num_topk + lane));
+      reinterpret_cast<float*>(stage + p.slot.topk_weights_offset)[lane] =
+          __ldg(p.topk_weights + int64_t(t) * p.num_topk + lane);
+    }
+    if (lane == 0) *reinterpret_cast<int*>(stage + p.slot.src_idx_offset) = t;
+  }
+};
+
+__device__ void dispatch_send(const DispatchParams& p, const WarpStages& w, int channel, int lane) {
+  const CommContext& comm = p.comm;
+  const int R = comm.num_ranks;
+  DispatchSendPolicy policy{p, channel_token_range(p.num_tokens, p.num_channels, channel), lane};
+  policy.load_batch.base = policy.send_batch.base = policy.range.begin - 32;
+  RingSendTarget target{};
+  if (lane < R) {
+    // Diagnostics (debug_skip & 4): write every slot into our own buffer instead of the peer's.
+    void* dst_buffer = (p.debug_skip & 4) ? comm.local_buffer : comm.peer_buffers[lane];
+    target.ring = at(dst_buffer, comm.layout.ring(channel, comm.rank, p.ring_depth, p.slot.slot_bytes));
+    target.remote_tail = int_at(comm.peer_buffers[lane], comm.layout.tail(channel, comm.rank));
+    target.local_head = int_at(comm.local_buffer, comm.layout.head(channel, lane));
+  }
+  RingSendConfig cfg{};
+  cfg.num_dsts = R;
+  cfg.ring_depth = p.ring_depth;
+  cfg.chunk = p.chunk_tokens;
+  cfg.load_bytes = p.slot.row_bytes;
+  cfg.store_offset = (p.debug_skip & 2) ? p.slot.scale_offset : 0;  // diagnostics: metadata only
+  cfg.publish_lag = p.publish_lag;
+  cfg.space_phase = Phase::kDispatchSendWaitSpace;
+  cfg.channel = channel;
+  RingSendLane state;
+  if (run_ring_sender(policy, w, target, cfg, wait_context(comm), state, lane)) policy.finish(state.tail);
 }
 
+/// 16-byte loads in flight per lane while a receiver copies a row (ring -> output, local memory).
+constexpr int kRecvCopyUnroll = 8;
+
+/// Receiver of ring (channel, src): copies every slot straight into its output row with plain
+/// loads and stores (local memory, no shared memory needed, so there is one such warp per source),
+/// releasing the slots after each batch.
 __device__ void dispatch_recv(const DispatchParams& p, int src, int channel, int lane) {
   const CommContext& comm = p.comm;
   const int R = comm.num_ranks, C = p.num_channels;
@@ -107,9 +148,10 @@ __device__ void dispatch_recv(const DispatchParams& p, int src, int channel, int
   }
   const int slot_bytes = p.slot.slot_bytes;
   const char* ring = at(comm.local_buffer, comm.layout.ring(channel, src, p.ring_depth, slot_bytes));
-  int* local_tail = reinterpret_cast<int*>(at(comm.local_buffer, comm.layout.tail(channel, src)));
-  int* remote_head = reinterpret_cast<int*>(at(comm.peer_buffers[src], comm.layout.head(channel, comm.rank)));
+  int* local_tail = int_at(comm.local_buffer, comm.layout.tail(channel, src));
+  int* remote_head = int_at(comm.peer_buffers[src], comm.layout.head(channel, comm.rank));
   const int row_int4 = p.slot.row_bytes / 16;
+  const int num_local_experts = p.num_topk > 0 ? p.num_experts / R : 0;
 
   for (int consumed = 0; consumed < count;) {
     int available = 0;
@@ -121,28 +163,31 @@ __device__ void dispatch_recv(const DispatchParams& p, int src, int channel, int
     for (int i = consumed; i < available; ++i) {
       const char* slot = ring + int64_t(i % p.ring_depth) * slot_bytes;
       const int64_t row = out_begin + i;
-      // Metadata loads first (see dispatch_send), stores after the row copy.
+      // Metadata loads first: their latency hides behind the row copy; stores after it.
       const float* slot_scales = reinterpret_cast<const float*>(slot + p.slot.scale_offset);
       float scale0 = 0.f, scale1 = 0.f;
       if (lane < p.slot.num_scales) scale0 = __ldcg(slot_scales + lane);
       if (lane + 32 < p.slot.num_scales) scale1 = __ldcg(slot_scales + lane + 32);
-      int local = -1;
+      int expert = -1;
       float weight = 0.f;
       if (lane < p.num_topk) {
-        local = __ldcg(reinterpret_cast<const int*>(slot + p.slot.topk_idx_offset) + lane);
+        expert = __ldcg(reinterpret_cast<const int*>(slot + p.slot.topk_idx_offset) + lane);
         weight = __ldcg(reinterpret_cast<const float*>(slot + p.slot.topk_weights_offset) + lane);
       }
       const int src_idx = (!p.cached && lane == 0) ? __ldcg(reinterpret_cast<const int*>(slot + p.slot.src_idx_offset)) : 0;
       if (!(p.debug_skip & 1))
-        device::warp_copy<kCopyUnroll, true>(reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + row * p.slot.row_bytes),
-                                             reinterpret_cast<const int4*>(slot), row_int4, lane);
+        device::warp_copy<kRecvCopyUnroll, true>(
+            reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + row * p.slot.row_bytes),
+            reinterpret_cast<const int4*>(slot), row_int4, lane);
       float* out_scales = p.recv_x_scales + row * p.slot.num_scales;
       if (lane < p.slot.num_scales) out_scales[lane] = scale0;
       if (lane + 32 < p.slot.num_scales) out_scales[lane + 32] = scale1;
       for (int j = lane + 64; j < p.slot.num_scales; j += 32) out_scales[j] = __ldcg(slot_scales + j);
       if (lane < p.num_topk) {
+        // Senders ship global expert ids; experts of other ranks read -1 here, with weight 0.
+        const int local = local_expert_index(expert, comm.rank, num_local_experts);
         p.recv_topk_idx[row * p.num_topk + lane] = local;
-        p.recv_topk_weights[row * p.num_topk + lane] = weight;
+        p.recv_topk_weights[row * p.num_topk + lane] = local >= 0 ? weight : 0.0f;
       }
       if (!p.cached && lane == 0) p.recv_src_idx[row] = src_idx;
     }
@@ -155,23 +200,33 @@ __device__ void dispatch_recv(const DispatchParams& p, int src, int channel, int
   if (lane == 0) device::st_relaxed_sys(local_tail, 0);
 }
 
-__global__ void __launch_bounds__(1024, 1) dispatch_kernel(DispatchParams p) {
-  const int R = p.comm.num_ranks;
-  const int G = subchannels_for(R);
+__global__ void __launch_bounds__(kMaxChannelsPerBlock * (1 + 8) * 32, 1) dispatch_kernel(DispatchParams p) {
+  extern __shared__ __align__(128) char smem[];
+  const int G = p.channels_per_block, S = p.stages, R = p.comm.num_ranks;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int role_warp = warp % (R * G);
-  const int peer = role_warp % R;
-  const int channel = blockIdx.x * G + role_warp / R;
-  if (warp < R * G)
-    dispatch_send(p, peer, channel, lane);
-  else
-    dispatch_recv(p, peer, channel, lane);
+  if (warp < G) {  // senders 0..G-1, then G * R receivers
+    const int slot_bytes = p.slot.slot_bytes;
+    uint64_t* barriers = reinterpret_cast<uint64_t*>(smem + int64_t(G) * S * slot_bytes);
+    int* history = reinterpret_cast<int*>(barriers + G * S);
+    WarpStages w{smem + int64_t(warp) * S * slot_bytes, barriers + warp * S, history + warp * kTailHistory * 32, S,
+                 slot_bytes};
+    if (lane < S) device::mbarrier_init(w.barriers + lane, 1);
+    device::fence_mbarrier_init();
+    __syncwarp();
+    dispatch_send(p, w, blockIdx.x * G + warp, lane);
+  } else {
+    const int role = warp - G;
+    dispatch_recv(p, role % R, blockIdx.x * G + role / R, lane);
+  }
 }
 
 }  // namespace
 
 cudaError_t launch_dispatch(const DispatchParams& p, int num_sms, cudaStream_t stream) {
-  dispatch_kernel<<<num_sms, comm_block_threads(p.comm.num_ranks), 0, stream>>>(p);
+  const int smem = dispatch_smem_bytes(p.channels_per_block, p.stages, p.slot.slot_bytes);
+  cudaError_t status = cudaFuncSetAttribute(dispatch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (status != cudaSuccess) return status;
+  dispatch_kernel<<<num_sms, dispatch_block_threads(p.channels_per_block, p.comm.num_ranks), smem, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -72,6 +72,9 @@ struct DispatchParams {
   const int* recv_channel_prefix_matrix;
   int num_tokens, num_topk, num_experts, num_channels, ring_depth, chunk_tokens, num_output_rows;
   DispatchSlotLayout slot;
+  int channels_per_block;  // block_channel_count(R)
+  int stages;              // dispatch_stages(channels_per_block, slot.slot_bytes) >= 1
+  int publish_lag;         // in [0, kBulkTailHistory - 1] (ring_sender.cuh)
   bool cached;
   int debug_skip;  // FLASHEP_DEBUG_DISPATCH_SKIP (docs/env.md): diagnostics only, results are wrong
   void* recv_x;
@@ -94,12 +97,12 @@ struct CombineParams {
   const int* send_head;
   int num_tokens, hidden, num_topk, num_channels, ring_depth, chunk_tokens;
   CombineSlotLayout slot;
+  int channels_per_block;  // block_channel_count(R)
+  int stages;              // combine_stages(channels_per_block, slot.slot_bytes) >= 1
+  int publish_lag;         // in [0, kBulkTailHistory - 1] (ring_sender.cuh)
   void* combined_x;
   float* combined_topk_weights;
 };
-
-/// Threads per block of dispatch and combine: a sender and a receiver warp per (peer, subchannel).
-inline int comm_block_threads(int num_ranks) { return 2 * num_ranks * subchannels_for(num_ranks) * 32; }
 
 cudaError_t launch_get_dispatch_layout(const LayoutParams& p, cudaStream_t stream);
 cudaError_t launch_notify_dispatch(const NotifyDispatchParams& p, cudaStream_t stream);

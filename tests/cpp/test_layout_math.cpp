@@ -88,17 +88,43 @@ static void test_send_head_encoding() {
   CHECK_EQ(local_expert_index(24, 2, 8), -1);
 }
 
+static void test_bulk_stages() {
+  // Every supported row fits at least one stage per pipelined warp, and blocks stay within the
+  // 227 KB of shared memory H100/H200 allow.
+  constexpr int kMaxBlockSmem = 227 * 1024;
+  for (int hidden : {128, 2048, 4096, 7168, 8192, 16384}) {
+    for (int topk : {0, 1, 8, kMaxTopk}) {
+      for (bool fp8 : {false, true}) {
+        const DispatchSlotLayout d = make_dispatch_slot(hidden, fp8 ? 1 : 2, fp8, topk);
+        const int ds = dispatch_stages(kMaxChannelsPerBlock, d.slot_bytes);
+        CHECK(ds >= 1 && ds <= kMaxBulkStages);
+        CHECK(dispatch_smem_bytes(kMaxChannelsPerBlock, ds, d.slot_bytes) <= kMaxBlockSmem);
+      }
+      const CombineSlotLayout c = make_combine_slot(hidden, topk);
+      const int cs = combine_stages(kMaxChannelsPerBlock, c.slot_bytes);
+      CHECK(cs >= 1 && cs <= kMaxBulkStages);
+      CHECK(combine_smem_bytes(kMaxChannelsPerBlock, cs, c.slot_bytes) <= kMaxBlockSmem);
+    }
+  }
+  // The DeepEP workload: 7 BF16 stages, 8 FP8 stages per dispatch sender; 7 combine stages.
+  CHECK_EQ(dispatch_stages(2, make_dispatch_slot(7168, 2, false, 8).slot_bytes), 7);
+  CHECK_EQ(dispatch_stages(2, make_dispatch_slot(7168, 1, true, 8).slot_bytes), 8);
+  CHECK_EQ(combine_stages(2, make_combine_slot(7168, 8).slot_bytes), 7);
+  // Stages never exceed the cap for tiny rows.
+  CHECK_EQ(bulk_stages(4, 128), kMaxBulkStages);
+}
+
 static void test_config() {
   Config config;  // DeepEP's defaults
   CHECK_EQ(config.num_sms, 20);
   CHECK_EQ(config.num_max_nvl_chunked_send_tokens, 6);
   CHECK_EQ(config.num_max_nvl_chunked_recv_tokens, 256);
-  CHECK_EQ(subchannels_per_block(16), 1);
-  CHECK_EQ(subchannels_per_block(8), 2);
-  CHECK_EQ(subchannels_per_block(4), 4);
-  CHECK_EQ(subchannels_per_block(2), 8);
+  for (int R : {1, 2, 4, 8}) CHECK_EQ(channels_per_block(R), kMaxChannelsPerBlock);
+  CHECK_EQ(channels_per_block(16), 1);
+  CHECK(dispatch_block_threads(channels_per_block(16), 16) <= 1024);
+  CHECK(dispatch_block_threads(channels_per_block(8), 8) <= 1024);
   CHECK_EQ(num_channels(24, 8), 48);
-  CHECK_EQ(num_channels(24, 2), 192);
+  CHECK_EQ(num_channels(24, 2), 48);
   for (int R : {2, 4, 8}) {
     for (int sms : {2, 8, 24, 32}) {
       const Config c = default_dispatch_config(R, sms);
@@ -144,6 +170,7 @@ int main() {
   test_slot_layouts();
   test_buffer_layout();
   test_send_head_encoding();
+  test_bulk_stages();
   test_config();
   test_error_messages();
   return check::summary("test_layout_math");

@@ -1,0 +1,166 @@
+// The sending side of the NVLink rings, shared by dispatch and combine: one warp feeds one channel's
+// rings at every peer with bulk copies.
+//
+// Items (a token of dispatch, an expert-output row of combine) flow through a pipeline of `stages`
+// shared-memory slots:
+//   1. lane 0 bulk-loads the item's row from global memory into a stage, `lookahead` items ahead;
+//   2. the lanes write the item's metadata (scales, top-k, source index) after the row;
+//   3. lane d, for every destination d of the item, waits for ring space at d and bulk-stores the
+//      whole slot image into d's ring (one store per destination: a dispatch token is read once);
+//   4. every lane commits one bulk group per item (empty if it stored nothing), so group n of every
+//      lane is item n, and publishes d's ring tail `publish_lag` items late, once those stores are
+//      written (wait_group), so the warp never waits on its newest stores.
+// A lane that must wait for ring space first publishes everything it wrote (the receiver may be
+// waiting for exactly that), so sender and receiver cannot wait on each other.
+#pragma once
+
+#include "kernels/bulk_copy.cuh"
+#include "kernels/comm_utils.cuh"
+
+namespace flashep::kernels {
+
+/// Tail history entries per sender warp: kBulkTailHistory (> the publish lag).
+inline constexpr int kTailHistory = kBulkTailHistory;
+
+/// Shared memory of one pipelined warp (sender or receiver).
+struct WarpStages {
+  char* stages;        // `count` slots of `slot_bytes`
+  uint64_t* barriers;  // `count` mbarriers, one per stage
+  int* tail_history;   // [kTailHistory][32], senders only
+  int count;
+  int slot_bytes;
+
+  __device__ char* stage(int index) const { return stages + int64_t(index) * slot_bytes; }
+};
+
+/// Lookahead of the loads: half the stages, so that stores of the older half keep reading their
+/// stages while the newer half fills.
+/// Items sent..sent+lookahead are in stages at once, so lookahead < stages.
+__device__ __forceinline__ int load_lookahead(int stages) { return stages / 2; }
+
+/// What a sender needs to know about the rings it feeds: lane d < num_dsts holds destination d's.
+struct RingSendTarget {
+  char* ring;            // slot 0 of our ring at the destination
+  int* remote_tail;      // the ring's tail, in the destination's memory
+  const int* local_head; // the ring's head, written into our memory by the destination
+};
+
+/// Per-lane sender state (lane d: destination d).
+struct RingSendLane {
+  int tail = 0;       // slots stored
+  int head = 0;       // slots the destination released (last seen)
+  int published = 0;  // tail last published
+};
+
+__device__ __forceinline__ void publish_tail(const RingSendTarget& target, RingSendLane& lane_state, int tail) {
+  device::fence_proxy_async_global();
+  device::st_release_sys(target.remote_tail, tail);
+  lane_state.published = tail;
+}
+
+/// Waits (this lane only) until the ring has room for one more slot. Returns false on timeout or
+/// abort (the error is recorded).
+__device__ __forceinline__ bool wait_ring_space(const device::WaitContext& ctx, const RingSendTarget& target,
+                                                RingSendLane& s, int ring_depth, Phase phase, int dst, int channel) {
+  if (s.tail - s.head < ring_depth) return true;
+  s.head = device::ld_acquire_sys(target.local_head);
+  if (s.tail - s.head < ring_depth) return true;
+  // Publish everything first: the receiver may be waiting for exactly these slots.
+  device::bulk_wait_written(0);
+  if (s.published != s.tail) publish_tail(target, s, s.tail);
+  const int seen = device::wait_at_least(ctx, target.local_head, s.tail - ring_depth + 1, phase, dst, channel);
+  if (seen < 0) return false;
+  s.head = seen;
+  return true;
+}
+
+struct RingSendConfig {
+  int num_dsts;
+  int ring_depth;
+  int chunk;             // publish once this many slots are unpublished (and written)
+  int load_bytes;        // bytes of the row loaded into a stage
+  int store_offset;      // bytes of the stage stored start here (0; debug runs may skip the row)
+  int publish_lag;       // items a lane's stores may be in flight before their tail is published (< kTailHistory)
+  Phase space_phase;
+  int channel;
+};
+
+/// Runs the pipeline over the items `policy` produces. Policy (all calls by every lane, uniform):
+///   bool next_load(const void** row)                  next item's source row, false at the end
+///   uint32_t next_send(int my_tail)                   next item (same order): destination mask;
+///                                                     my_tail = this lane's slots stored so far
+///   void write_metadata(char* stage)                  metadata of the item next_send returned
+/// Returns false when a wait failed (error recorded); true when every tail was published.
+template <typename Policy>
+__device__ bool run_ring_sender(Policy& policy, const WarpStages& w, const RingSendTarget& target,
+                                const RingSendConfig& cfg, const device::WaitContext& ctx, RingSendLane& s,
+                                int lane) {
+  const int S = w.count, L = load_lookahead(S);
+  const int store_bytes = w.slot_bytes - cfg.store_offset;
+  int loaded = 0, sent = 0;
+  bool more = true;
+  bool ok = true;
+  while (true) {
+    // 1. Loads, up to L items ahead of the one being sent.
+    while (more && loaded <= sent + L) {
+      const void* row = nullptr;
+      if (!policy.next_load(&row)) {
+        more = false;
+        break;
+      }
+      const int stage = loaded % S;
+      if (loaded >= S) {  // the stage's previous item (loaded - S) must have finished reading it
+        device::bulk_wait_read((sent - 1) - (loaded - S));
+        __syncwarp();
+      }
+      if (lane == 0) {
+        device::mbarrier_arrive_expect_tx(w.barriers + stage, cfg.load_bytes);
+        device::bulk_load(w.stage(stage), row, cfg.load_bytes, w.barriers + stage);
+      }
+      ++loaded;
+    }
+    if (sent == loaded) break;
+
+    // 2. Metadata, then the row must have arrived.
+    const int stage = sent % S;
+    const uint32_t dst_mask = policy.next_send(s.tail);
+    char* slot_image = w.stage(stage);
+    policy.write_metadata(slot_image);
+    device::fence_proxy_async_shared();
+    __syncwarp();
+    if (!device::mbarrier_wait(w.barriers + stage, (sent / S) & 1, ctx.timeout_ns)) {
+      if (lane == 0) device::record_error(ctx, cfg.space_phase, -1, cfg.channel, sent, -1);
+      ok = false;
+    }
+
+    // 3. One bulk store per destination, from the destination's lane.
+    if (ok && lane < cfg.num_dsts && ((dst_mask >> lane) & 1u)) {
+      if (wait_ring_space(ctx, target, s, cfg.ring_depth, cfg.space_phase, lane, cfg.channel)) {
+        device::bulk_store(target.ring + int64_t(s.tail % cfg.ring_depth) * w.slot_bytes + cfg.store_offset,
+                           slot_image + cfg.store_offset, store_bytes);
+        ++s.tail;
+      } else {
+        ok = false;
+      }
+    }
+    device::bulk_commit();
+    w.tail_history[(sent % kTailHistory) * 32 + lane] = s.tail;
+    ++sent;
+    if (__any_sync(0xffffffffu, !ok)) {
+      device::bulk_wait_written(0);
+      return false;
+    }
+
+    // 4. Publish the tail as of publish_lag items ago, whose stores are written by now.
+    if (sent > cfg.publish_lag) {
+      device::bulk_wait_written(cfg.publish_lag);
+      const int done = w.tail_history[((sent - 1 - cfg.publish_lag) % kTailHistory) * 32 + lane];
+      if (lane < cfg.num_dsts && done - s.published >= cfg.chunk) publish_tail(target, s, done);
+    }
+  }
+  device::bulk_wait_written(0);
+  if (lane < cfg.num_dsts && s.published != s.tail) publish_tail(target, s, s.tail);
+  return true;
+}
+
+}  // namespace flashep::kernels
