@@ -97,12 +97,13 @@ FLASHEP_HD int channel_of_token(int num_tokens, int num_channels, int token) {
 /// lines (a 16-byte-aligned slot would split every store over 5 lines: partial writes over NVLink).
 inline constexpr int kSlotAlignment = 128;
 
-/// Ring slot of a dispatch: token row, FP8 scales, local top-k indices and weights, source index.
+/// Ring slot of a dispatch: token row, FP8 scales, top-k (global expert ids, as the caller gave
+/// them, and weights), source index.
 struct DispatchSlotLayout {
   int row_bytes;     // H * element size
   int scale_offset;  // float32[num_scales]
   int num_scales;    // H / 128 for FP8, else 0
-  int topk_idx_offset;      // int32[K]
+  int topk_idx_offset;      // int64[K], 8-byte aligned
   int topk_weights_offset;  // float32[K]
   int src_idx_offset;       // int32
   int slot_bytes;           // multiple of 16
@@ -112,8 +113,8 @@ FLASHEP_HD DispatchSlotLayout make_dispatch_slot(int hidden, int elem_size, bool
   s.row_bytes = hidden * elem_size;
   s.scale_offset = static_cast<int>(align_up(s.row_bytes, 16));
   s.num_scales = has_scales ? hidden / 128 : 0;
-  s.topk_idx_offset = s.scale_offset + s.num_scales * 4;
-  s.topk_weights_offset = s.topk_idx_offset + num_topk * 4;
+  s.topk_idx_offset = static_cast<int>(align_up(s.scale_offset + s.num_scales * 4, 8));
+  s.topk_weights_offset = s.topk_idx_offset + num_topk * 8;
   s.src_idx_offset = s.topk_weights_offset + num_topk * 4;
   s.slot_bytes = static_cast<int>(align_up(s.src_idx_offset + 4, kSlotAlignment));
   return s;

@@ -105,6 +105,20 @@ __device__ __forceinline__ void bulk_wait_written(int allowed_pending) {
   }
 }
 
+// ---- small asynchronous copies (metadata next to a bulk-loaded row) -------------------------------
+/// 4- or 8-byte global -> shared copy that does not hold a register until it lands.
+template <int kBytes>
+__device__ __forceinline__ void async_copy_small(void* smem_dst, const void* global_src) {
+  static_assert(kBytes == 4 || kBytes == 8, "cp.async.ca copies 4, 8 or 16 bytes");
+  asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(smem_addr(smem_dst)), "l"(global_src), "n"(kBytes)
+               : "memory");
+}
+/// Makes `bar` track this thread's earlier cp.async copies: it counts one arrival when they landed
+/// (the arrival is part of the mbarrier's expected count: .noinc).
+__device__ __forceinline__ void async_copy_arrive(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+
 // ---- proxy fences --------------------------------------------------------------------------------
 /// Generic-proxy accesses of shared memory before it, ordered with async-proxy accesses after it.
 __device__ __forceinline__ void fence_proxy_async_shared() {

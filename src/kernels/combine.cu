@@ -46,7 +46,7 @@ struct CombineSendPolicy {
   int64_t first_row = 0;  // lane r: row of x holding its first one
   int next_load_index = 0, next_send_index = 0;  // lane r: rows of source r loaded / sent
   int load_turn, send_turn;                      // source whose turn is next
-  int64_t row = 0;                               // the row next_send returned
+  int64_t load_row_index = 0;                    // the row next_load moved to
 
   /// Source of the next item of a cursor (index per lane, turn shared); -1 when all are taken.
   __device__ int take(int& my_index, int& turn) const {
@@ -57,23 +57,25 @@ struct CombineSendPolicy {
     turn = src + 1 < p.comm.num_ranks ? src + 1 : 0;
     return src;
   }
-  __device__ bool next_load(const void** source_row) {
+  __device__ bool next_load() {
     const int src = take(next_load_index, load_turn);
     if (src < 0) return false;
-    const int64_t r = __shfl_sync(0xffffffffu, first_row + next_load_index, src);
+    load_row_index = __shfl_sync(0xffffffffu, first_row + next_load_index, src);
     if (lane == src) ++next_load_index;
-    *source_row = static_cast<const char*>(p.x) + r * p.slot.row_bytes;
     return true;
+  }
+  __device__ const void* load_row() const {
+    return static_cast<const char*>(p.x) + load_row_index * p.slot.row_bytes;
+  }
+  __device__ void load_metadata(char* stage) const {
+    if (p.topk_weights != nullptr && lane < p.num_topk)
+      device::async_copy_small<4>(stage + p.slot.topk_weights_offset + lane * 4,
+                                  p.topk_weights + load_row_index * p.num_topk + lane);
   }
   __device__ uint32_t next_send(int /*my_tail*/) {
     const int src = take(next_send_index, send_turn);
-    row = __shfl_sync(0xffffffffu, first_row + next_send_index, src);
     if (lane == src) ++next_send_index;
     return 1u << src;
-  }
-  __device__ void write_metadata(char* stage) const {
-    if (p.topk_weights != nullptr && lane < p.num_topk)
-      reinterpret_cast<float*>(stage + p.slot.topk_weights_offset)[lane] = p.topk_weights[row * p.num_topk + lane];
   }
 };
 
@@ -251,7 +253,7 @@ __global__ void __launch_bounds__(kMaxChannelsPerBlock * (1 + kCombineWorkers) *
     int* history = reinterpret_cast<int*>(barriers + G * S);
     WarpStages w{smem + int64_t(warp) * S * slot_bytes, barriers + warp * S, history + warp * kBulkTailHistory * 32,
                  S, slot_bytes};
-    if (lane < S) device::mbarrier_init(w.barriers + lane, 1);
+    if (lane < S) device::mbarrier_init(w.barriers + lane, kStageArrivals);
     device::fence_mbarrier_init();
     __syncwarp();
     combine_send(p, w, blockIdx.x * G + warp, lane);

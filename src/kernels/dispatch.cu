@@ -28,7 +28,7 @@ struct DispatchSendPolicy {
   TokenRange range;
   int lane;
   TokenBatch load_batch, send_batch;
-  int token = -1;  // the token next_send returned
+  int load_token = -1;  // the token next_load moved to
 
   __device__ uint32_t routing_of(int t) const {
     uint32_t mask = 0;
@@ -48,12 +48,25 @@ struct DispatchSendPolicy {
     }
     return true;
   }
-  __device__ bool next_load(const void** row) {
+  __device__ bool next_load() {
     if (!refill(load_batch)) return false;
-    const int t = load_batch.base + __ffs(load_batch.pending) - 1;
+    load_token = load_batch.base + __ffs(load_batch.pending) - 1;
     load_batch.pending &= load_batch.pending - 1;
-    *row = static_cast<const char*>(p.x) + int64_t(t) * p.slot.row_bytes;
     return true;
+  }
+  __device__ const void* load_row() const {
+    return static_cast<const char*>(p.x) + int64_t(load_token) * p.slot.row_bytes;
+  }
+  __device__ void load_metadata(char* stage) const {
+    const int64_t t = load_token;
+    float* scales = reinterpret_cast<float*>(stage + p.slot.scale_offset);
+    for (int j = lane; j < p.slot.num_scales; j += 32)
+      device::async_copy_small<4>(scales + j, p.x_scales + t * p.scale_token_stride + j * p.scale_hidden_stride);
+    if (lane < p.num_topk) {
+      device::async_copy_small<8>(stage + p.slot.topk_idx_offset + lane * 8, p.topk_idx + t * p.num_topk + lane);
+      device::async_copy_small<4>(stage + p.slot.topk_weights_offset + lane * 4, p.topk_weights + t * p.num_topk + lane);
+    }
+    if (lane == 0) *reinterpret_cast<int*>(stage + p.slot.src_idx_offset) = static_cast<int>(t);
   }
   __device__ uint32_t next_send(int my_tail) {
     // Entering a batch records where each of its tokens lands (the handle's send_head), unrouted
@@ -62,7 +75,6 @@ struct DispatchSendPolicy {
     while (send_batch.pending == 0) enter_next_send_batch(my_tail);
     const int j = __ffs(send_batch.pending) - 1;
     send_batch.pending &= send_batch.pending - 1;
-    token = send_batch.base + j;
     return __shfl_sync(0xffffffffu, send_batch.my_mask, j);
   }
   __device__ void enter_next_send_batch(int my_tail) {
@@ -84,19 +96,6 @@ struct DispatchSendPolicy {
       const int before = __shfl_sync(0xffffffffu, my_tail, r) + __popc(to_r & ((1u << lane) - 1u));
       if (t < range.end) p.send_head[int64_t(t) * R + r] = encode_send_head(routed, before);
     }
-  }
-  __device__ void write_metadata(char* stage) const {
-    const int t = token;
-    float* scales = reinterpret_cast<float*>(stage + p.slot.scale_offset);
-    for (int j = lane; j < p.slot.num_scales; j += 32)
-      scales[j] = p.x_scales[t * p.scale_token_stride + j * p.scale_hidden_stride];
-    if (lane < p.num_topk) {
-      reinterpret_cast<int*>(stage + p.slot.topk_idx_offset)[lane] =
-          static_cast<int>(__ldg(p.topk_idx + int64_t(t) * p.num_topk + lane));
-      reinterpret_cast<float*>(stage + p.slot.topk_weights_offset)[lane] =
-          __ldg(p.topk_weights + int64_t(t) * p.num_topk + lane);
-    }
-    if (lane == 0) *reinterpret_cast<int*>(stage + p.slot.src_idx_offset) = t;
   }
 };
 
@@ -168,10 +167,10 @@ __device__ void dispatch_recv(const DispatchParams& p, int src, int channel, int
       float scale0 = 0.f, scale1 = 0.f;
       if (lane < p.slot.num_scales) scale0 = __ldcg(slot_scales + lane);
       if (lane + 32 < p.slot.num_scales) scale1 = __ldcg(slot_scales + lane + 32);
-      int expert = -1;
+      int64_t expert = -1;
       float weight = 0.f;
       if (lane < p.num_topk) {
-        expert = __ldcg(reinterpret_cast<const int*>(slot + p.slot.topk_idx_offset) + lane);
+        expert = __ldcg(reinterpret_cast<const long long*>(slot + p.slot.topk_idx_offset) + lane);
         weight = __ldcg(reinterpret_cast<const float*>(slot + p.slot.topk_weights_offset) + lane);
       }
       const int src_idx = (!p.cached && lane == 0) ? __ldcg(reinterpret_cast<const int*>(slot + p.slot.src_idx_offset)) : 0;
@@ -210,7 +209,7 @@ __global__ void __launch_bounds__(kMaxChannelsPerBlock * (1 + 8) * 32, 1) dispat
     int* history = reinterpret_cast<int*>(barriers + G * S);
     WarpStages w{smem + int64_t(warp) * S * slot_bytes, barriers + warp * S, history + warp * kTailHistory * 32, S,
                  slot_bytes};
-    if (lane < S) device::mbarrier_init(w.barriers + lane, 1);
+    if (lane < S) device::mbarrier_init(w.barriers + lane, kStageArrivals);
     device::fence_mbarrier_init();
     __syncwarp();
     dispatch_send(p, w, blockIdx.x * G + warp, lane);

@@ -3,8 +3,10 @@
 //
 // Items (a token of dispatch, an expert-output row of combine) flow through a pipeline of `stages`
 // shared-memory slots:
-//   1. lane 0 bulk-loads the item's row from global memory into a stage, `lookahead` items ahead;
-//   2. the lanes write the item's metadata (scales, top-k, source index) after the row;
+//   1. lane 0 bulk-loads the item's row from global memory into a stage, `lookahead` items ahead,
+//      while the lanes copy its metadata (scales, top-k, source index) after the row with cp.async;
+//      both complete on the stage's mbarrier, so no load latency sits on the per-item path;
+//   2. once the stage's mbarrier flips, the slot image is complete;
 //   3. lane d, for every destination d of the item, waits for ring space at d and bulk-stores the
 //      whole slot image into d's ring (one store per destination: a dispatch token is read once);
 //   4. every lane commits one bulk group per item (empty if it stored nothing), so group n of every
@@ -85,11 +87,16 @@ struct RingSendConfig {
   int channel;
 };
 
+/// mbarrier arrivals per stage and item: lane 0's arrive.expect_tx (the row) + one per lane (its
+/// cp.async metadata copies).
+inline constexpr int kStageArrivals = 1 + device::kWarpSize;
+
 /// Runs the pipeline over the items `policy` produces. Policy (all calls by every lane, uniform):
-///   bool next_load(const void** row)                  next item's source row, false at the end
-///   uint32_t next_send(int my_tail)                   next item (same order): destination mask;
-///                                                     my_tail = this lane's slots stored so far
-///   void write_metadata(char* stage)                  metadata of the item next_send returned
+///   bool next_load()                      moves to the next item to load, false at the end
+///   const void* load_row()                that item's source row
+///   void load_metadata(char* stage)       starts copying its metadata into the stage (cp.async)
+///   uint32_t next_send(int my_tail)       next item to send (same order): destination mask;
+///                                         my_tail = this lane's slots stored so far
 /// Returns false when a wait failed (error recorded); true when every tail was published.
 template <typename Policy>
 __device__ bool run_ring_sender(Policy& policy, const WarpStages& w, const RingSendTarget& target,
@@ -101,10 +108,9 @@ __device__ bool run_ring_sender(Policy& policy, const WarpStages& w, const RingS
   bool more = true;
   bool ok = true;
   while (true) {
-    // 1. Loads, up to L items ahead of the one being sent.
+    // 1. Loads (row and metadata, completing on the stage's mbarrier), up to L items ahead.
     while (more && loaded <= sent + L) {
-      const void* row = nullptr;
-      if (!policy.next_load(&row)) {
+      if (!policy.next_load()) {
         more = false;
         break;
       }
@@ -113,25 +119,28 @@ __device__ bool run_ring_sender(Policy& policy, const WarpStages& w, const RingS
         device::bulk_wait_read((sent - 1) - (loaded - S));
         __syncwarp();
       }
+      char* stage_ptr = w.stage(stage);
+      policy.load_metadata(stage_ptr);
+      device::async_copy_arrive(w.barriers + stage);
       if (lane == 0) {
         device::mbarrier_arrive_expect_tx(w.barriers + stage, cfg.load_bytes);
-        device::bulk_load(w.stage(stage), row, cfg.load_bytes, w.barriers + stage);
+        device::bulk_load(stage_ptr, policy.load_row(), cfg.load_bytes, w.barriers + stage);
       }
       ++loaded;
     }
     if (sent == loaded) break;
 
-    // 2. Metadata, then the row must have arrived.
+    // 2. The item's row and metadata must have landed; the metadata (generic-proxy writes) is then
+    //    ordered before the bulk stores (async proxy) that read it.
     const int stage = sent % S;
     const uint32_t dst_mask = policy.next_send(s.tail);
     char* slot_image = w.stage(stage);
-    policy.write_metadata(slot_image);
-    device::fence_proxy_async_shared();
-    __syncwarp();
     if (!device::mbarrier_wait(w.barriers + stage, (sent / S) & 1, ctx.timeout_ns)) {
       if (lane == 0) device::record_error(ctx, cfg.space_phase, -1, cfg.channel, sent, -1);
       ok = false;
     }
+    device::fence_proxy_async_shared();
+    __syncwarp();
 
     // 3. One bulk store per destination, from the destination's lane.
     if (ok && lane < cfg.num_dsts && ((dst_mask >> lane) & 1u)) {

@@ -38,11 +38,12 @@ static void test_slot_layouts() {
       CHECK_EQ(bf16.num_scales, 0);
       CHECK_EQ(bf16.slot_bytes % kSlotAlignment, 0);
       CHECK(bf16.src_idx_offset + 4 <= bf16.slot_bytes);
-      CHECK(bf16.topk_weights_offset >= bf16.topk_idx_offset + 4 * k);
+      CHECK(bf16.topk_weights_offset >= bf16.topk_idx_offset + 8 * k);
+      CHECK(bf16.topk_idx_offset % 8 == 0);
       const DispatchSlotLayout fp8 = make_dispatch_slot(hidden, 1, true, k);
       CHECK_EQ(fp8.num_scales, hidden / 128);
       CHECK_EQ(fp8.scale_offset % 16, 0);
-      CHECK(fp8.topk_idx_offset >= fp8.scale_offset + 4 * fp8.num_scales);
+      CHECK(fp8.topk_idx_offset >= fp8.scale_offset + 4 * fp8.num_scales && fp8.topk_idx_offset % 8 == 0);
       CHECK(fp8.slot_bytes < bf16.slot_bytes + kSlotAlignment + 4 * fp8.num_scales);
       CHECK_EQ(fp8.slot_bytes % kSlotAlignment, 0);
       const CombineSlotLayout combine = make_combine_slot(hidden, k);
