@@ -10,6 +10,7 @@
 #include "core/cuda_check.hpp"
 #include "core/env.hpp"
 #include "core/layout_math.hpp"
+#include "core/profile.hpp"
 #include "kernels/launch.hpp"
 #include "transport/transport.hpp"
 
@@ -111,6 +112,8 @@ class BufferImpl {
     cudaFree(local_buffer_);
     cudaFree(abort_flag_);
     cudaFree(peer_table_);
+    cudaFree(profile_);
+    profile_ = nullptr;
     cudaFreeHost(const_cast<kernels::MappedRecvCounts*>(mapped_counts_));
     mapped_counts_ = nullptr;
     cudaFreeHost(const_cast<DeviceErrorRecord*>(error_));
@@ -170,6 +173,30 @@ class BufferImpl {
     c.abort_flag = abort_flag_;
     c.timeout_ns = static_cast<uint64_t>(timeout_s_ * 1e9);
     return c;
+  }
+
+  // ---- FLASHEP_DEBUG_PROFILE (diagnostics) -------------------------------------------------------
+  unsigned long long* profile_begin(int num_blocks, cudaStream_t stream) {
+    if (profile_every_ <= 0) return nullptr;
+    const size_t bytes = sizeof(unsigned long long) * size_t(num_blocks) * kernels::kProfileMaxWarps *
+                         kernels::kProfileCounters;
+    if (profile_ == nullptr) FLASHEP_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&profile_), sizeof(unsigned long long) * 1024 *
+                                                                          kernels::kProfileMaxWarps *
+                                                                          kernels::kProfileCounters));
+    FLASHEP_CUDA_CHECK(cudaMemsetAsync(profile_, 0, bytes, stream));
+    return profile_;
+  }
+  void profile_end(const char* op, int num_blocks, int warps_per_block, const std::vector<profile::WarpRole>& roles,
+                   cudaStream_t stream) {
+    if (profile_every_ <= 0 || options_.rank != 0 || ++profile_calls_ % profile_every_ != 0) return;
+    FLASHEP_CUDA_CHECK(cudaStreamSynchronize(stream));
+    std::vector<unsigned long long> counters(size_t(num_blocks) * warps_per_block * kernels::kProfileCounters);
+    FLASHEP_CUDA_CHECK(cudaMemcpy(counters.data(), profile_, sizeof(unsigned long long) * counters.size(),
+                                  cudaMemcpyDeviceToHost));
+    int clock_khz = 0;
+    FLASHEP_CUDA_CHECK(cudaDeviceGetAttribute(&clock_khz, cudaDevAttrClockRate, device_));
+    std::fprintf(stderr, "flashep profile: %s call %d, %d blocks\n%s", op, profile_calls_, num_blocks,
+                 profile::summarize(counters, num_blocks, warps_per_block, roles, clock_khz).c_str());
   }
 
   void launch_check(cudaError_t status, const char* what) const {
@@ -371,7 +398,13 @@ class BufferImpl {
     p.recv_topk_weights = a.recv_topk_weights;
     p.recv_src_idx = a.recv_src_idx;
     p.send_head = a.send_head;
+    const int dispatch_warps = dispatch_block_threads(p.channels_per_block, R) / 32;
+    p.comm.profile = profile_begin(a.config.num_sms, stream);
     launch_check(kernels::launch_dispatch(p, a.config.num_sms, stream), "dispatch");
+    profile_end("dispatch", a.config.num_sms, dispatch_warps,
+                {{"sender", 0, p.channels_per_block, {"load", "row_wait", "store", "publish", "drain"}},
+                 {"receiver", p.channels_per_block, p.channels_per_block * R, {"tail_wait", "copy", "release"}}},
+                stream);
   }
 
   void combine(const CombineArgs& a, cudaStream_t stream) {
@@ -428,7 +461,14 @@ class BufferImpl {
     p.publish_lag = env::publish_lag();
     p.combined_x = a.combined_x;
     p.combined_topk_weights = a.combined_topk_weights;
+    const int combine_warps = p.channels_per_block * (1 + kCombineWorkers);
+    p.comm.profile = profile_begin(a.config.num_sms, stream);
     launch_check(kernels::launch_combine(p, a.config.num_sms, stream), "combine");
+    profile_end("combine", a.config.num_sms, combine_warps,
+                {{"sender", 0, p.channels_per_block, {"load", "row_wait", "store", "publish", "drain"}},
+                 {"receiver", p.channels_per_block, p.channels_per_block * kCombineWorkers,
+                  {"row_wait", "reduce", "release"}}},
+                stream);
   }
 
   BufferOptions options_;
@@ -451,6 +491,9 @@ class BufferImpl {
   int notified_channels_ = -1;
   bool awaiting_counts_ = false;
   int debug_dispatch_skip_ = env::debug_dispatch_skip();
+  int profile_every_ = env::debug_profile();
+  int profile_calls_ = 0;
+  unsigned long long* profile_ = nullptr;
   bool available_ = false;
   bool destroyed_ = false;
 };

@@ -2,6 +2,7 @@
 // them (C++ and Python) is docs/env.md; keep the two in step.
 #pragma once
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -21,6 +22,13 @@ inline double timeout_s() {
 inline int debug_dispatch_skip() {
   const char* value = std::getenv("FLASHEP_DEBUG_DISPATCH_SKIP");
   return value == nullptr ? 0 : std::atoi(value);
+}
+
+/// FLASHEP_DEBUG_PROFILE (default 0): N > 0 prints, on rank 0, every N-th dispatch/combine's
+/// per-warp phase clocks to stderr (synchronizes the stream after those calls). Diagnostics only.
+inline int debug_profile() {
+  const char* value = std::getenv("FLASHEP_DEBUG_PROFILE");
+  return value == nullptr ? 0 : std::max(0, std::atoi(value));
 }
 
 /// FLASHEP_PUBLISH_LAG (default 4, range 0..7): how many items a ring sender lets its bulk stores

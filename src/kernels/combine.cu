@@ -105,7 +105,8 @@ __device__ void combine_send(const CombineParams& p, const WarpStages& w, int ch
   cfg.space_phase = Phase::kCombineSendWaitSpace;
   cfg.channel = channel;
   RingSendLane state;
-  run_ring_sender(policy, w, target, cfg, wait_context(comm), state, lane);
+  device::PhaseClock clock(comm.profile, blockDim.x / 32, lane);
+  run_ring_sender(policy, w, target, cfg, wait_context(comm), state, clock, lane);
 }
 
 /// State of the coordinator lanes: lane r < R owns source ring r of this channel.
@@ -151,6 +152,7 @@ __device__ void combine_recv(const CombineParams& p, int channel, int worker, vo
     my_tail = reinterpret_cast<const int*>(at(comm.local_buffer, comm.layout.tail(channel, lane)));
   }
 
+  device::PhaseClock clock(comm.profile, blockDim.x / 32, lane);
   for (int t = range.begin + worker; t < range.end; t += kCombineWorkers) {
     // Our reads of earlier tokens' ring rows are done (their values were used) before the
     // coordinator may see the new position and release those slots.
@@ -183,6 +185,7 @@ __device__ void combine_recv(const CombineParams& p, int channel, int worker, vo
         }
       }
     }
+    clock.mark(0);  // waiting for rows (the coordinator releases meanwhile)
 
     const int4* rows[kMaxRanks];
 #pragma unroll
@@ -218,6 +221,8 @@ __device__ void combine_recv(const CombineParams& p, int channel, int worker, vo
       p.combined_topk_weights[int64_t(t) * p.num_topk + lane] = weight;
     }
     __syncwarp();
+    clock.mark(1);  // reducing
+    clock.count_item();
   }
   __threadfence_block();
   if (lane == 0) positions[worker] = range.end;
@@ -233,6 +238,7 @@ __device__ void combine_recv(const CombineParams& p, int channel, int worker, vo
     }
     // Every row of every ring was consumed, so every sender's final tail was seen: reset them.
     if (lane < R && state.total > 0) device::st_relaxed_sys(const_cast<int*>(my_tail), 0);
+    clock.mark(2);  // final release
   }
 }
 

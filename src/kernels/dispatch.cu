@@ -10,6 +10,7 @@
 //              output rows with plain 16-byte loads and stores (local memory). Top-k ids become
 //              local expert ids here; weights of other ranks' experts become 0.
 // Output rows are ordered by source rank, then channel, then token (no sort), as the handle says.
+#include "kernels/profile.cuh"
 #include "kernels/ring_sender.cuh"
 
 namespace flashep::kernels {
@@ -122,7 +123,8 @@ __device__ void dispatch_send(const DispatchParams& p, const WarpStages& w, int 
   cfg.space_phase = Phase::kDispatchSendWaitSpace;
   cfg.channel = channel;
   RingSendLane state;
-  if (run_ring_sender(policy, w, target, cfg, wait_context(comm), state, lane)) policy.finish(state.tail);
+  device::PhaseClock clock(comm.profile, blockDim.x / 32, lane);
+  if (run_ring_sender(policy, w, target, cfg, wait_context(comm), state, clock, lane)) policy.finish(state.tail);
 }
 
 /// 16-byte loads in flight per lane while a receiver copies a row (ring -> output, local memory).
@@ -151,6 +153,7 @@ __device__ void dispatch_recv(const DispatchParams& p, int src, int channel, int
   int* remote_head = int_at(comm.peer_buffers[src], comm.layout.head(channel, comm.rank));
   const int row_int4 = p.slot.row_bytes / 16;
   const int num_local_experts = p.num_topk > 0 ? p.num_experts / R : 0;
+  device::PhaseClock clock(comm.profile, blockDim.x / 32, lane);
 
   for (int consumed = 0; consumed < count;) {
     int available = 0;
@@ -159,6 +162,7 @@ __device__ void dispatch_recv(const DispatchParams& p, int src, int channel, int
     available = __shfl_sync(0xffffffffu, available, 0);
     if (available < 0) return;
     available = min(available, count);
+    clock.mark(0);  // waiting for the tail
     for (int i = consumed; i < available; ++i) {
       const char* slot = ring + int64_t(i % p.ring_depth) * slot_bytes;
       const int64_t row = out_begin + i;
@@ -189,11 +193,14 @@ __device__ void dispatch_recv(const DispatchParams& p, int src, int channel, int
         p.recv_topk_weights[row * p.num_topk + lane] = local >= 0 ? weight : 0.0f;
       }
       if (!p.cached && lane == 0) p.recv_src_idx[row] = src_idx;
+      clock.count_item();
     }
+    clock.mark(1);  // copying
     consumed = available;
     // Our loads of the released slots completed (their values were stored); release them.
     __syncwarp();
     if (lane == 0) device::st_release_sys(remote_head, consumed);
+    clock.mark(2);  // releasing
   }
   // The sender published its final tail (== count) and writes no more: reset for the next operation.
   if (lane == 0) device::st_relaxed_sys(local_tail, 0);

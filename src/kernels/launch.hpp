@@ -11,6 +11,13 @@
 
 namespace flashep::kernels {
 
+/// Diagnostics (FLASHEP_DEBUG_PROFILE): per-warp cycle counters, kProfileCounters per warp, of up to
+/// kProfileMaxWarps warps per block. Counter kProfileItems counts the warp's items, the others are
+/// phases (src/kernels/profile.cuh; the phase names are in src/core/profile.hpp).
+inline constexpr int kProfileCounters = 8;
+inline constexpr int kProfileItems = 7;
+inline constexpr int kProfileMaxWarps = 32;
+
 /// What every communicating kernel knows about its rank and its peers.
 struct CommContext {
   int rank = 0;
@@ -19,6 +26,7 @@ struct CommContext {
   void* local_buffer = nullptr;
   NvlBufferLayout layout{};
   DeviceErrorRecord* error = nullptr;  // host-mapped
+  unsigned long long* profile = nullptr;  // FLASHEP_DEBUG_PROFILE counters, normally null
   int* abort_flag = nullptr;           // device memory
   uint64_t timeout_ns = 0;
 };

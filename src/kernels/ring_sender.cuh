@@ -18,6 +18,7 @@
 
 #include "kernels/bulk_copy.cuh"
 #include "kernels/comm_utils.cuh"
+#include "kernels/profile.cuh"
 
 namespace flashep::kernels {
 
@@ -101,7 +102,7 @@ inline constexpr int kStageArrivals = 1 + device::kWarpSize;
 template <typename Policy>
 __device__ bool run_ring_sender(Policy& policy, const WarpStages& w, const RingSendTarget& target,
                                 const RingSendConfig& cfg, const device::WaitContext& ctx, RingSendLane& s,
-                                int lane) {
+                                device::PhaseClock& clock, int lane) {
   const int S = w.count, L = load_lookahead(S);
   const int store_bytes = w.slot_bytes - cfg.store_offset;
   int loaded = 0, sent = 0;
@@ -128,6 +129,7 @@ __device__ bool run_ring_sender(Policy& policy, const WarpStages& w, const RingS
       }
       ++loaded;
     }
+    clock.mark(0);  // load issue
     if (sent == loaded) break;
 
     // 2. The item's row and metadata must have landed; the metadata (generic-proxy writes) is then
@@ -141,6 +143,7 @@ __device__ bool run_ring_sender(Policy& policy, const WarpStages& w, const RingS
     }
     device::fence_proxy_async_shared();
     __syncwarp();
+    clock.mark(1);  // waiting for the row
 
     // 3. One bulk store per destination, from the destination's lane.
     if (ok && lane < cfg.num_dsts && ((dst_mask >> lane) & 1u)) {
@@ -159,6 +162,8 @@ __device__ bool run_ring_sender(Policy& policy, const WarpStages& w, const RingS
       device::bulk_wait_written(0);
       return false;
     }
+    clock.mark(2);  // stores, ring space included
+    clock.count_item();
 
     // 4. Publish the tail as of publish_lag items ago, whose stores are written by now.
     if (sent > cfg.publish_lag) {
@@ -166,9 +171,13 @@ __device__ bool run_ring_sender(Policy& policy, const WarpStages& w, const RingS
       const int done = w.tail_history[((sent - 1 - cfg.publish_lag) % kTailHistory) * 32 + lane];
       if (lane < cfg.num_dsts && done - s.published >= cfg.chunk) publish_tail(target, s, done);
     }
+    __syncwarp();
+    clock.mark(3);  // publishing
   }
   device::bulk_wait_written(0);
   if (lane < cfg.num_dsts && s.published != s.tail) publish_tail(target, s, s.tail);
+  __syncwarp();
+  clock.mark(4);  // final drain
   return true;
 }
 
