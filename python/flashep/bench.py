@@ -9,7 +9,9 @@ at random) and per SM count, with Config(num_sms, send, recv, 6, 256) where send
 Buffer.get_dispatch_config / get_combine_config:
   * dispatch is timed as the whole call (CPU wait for the counts included), layout computed once
     outside the timing; combine is timed on the handle of the BF16 dispatch;
-  * CUDA events around each call, ranks aligned by a barrier before each iteration, >= 5 warm-up
+  * two timings: "call" = CUDA events around one call, ranks aligned by a barrier before each
+    (host path included); "stream" = calls back to back with events around each, DeepEP's method
+    (for calls that do not wait on the host: cached dispatch FP8/BF16, combine, NCCL); >= 5 warm-up
     iterations then >= 20 timed ones; the median is reported;
   * bandwidth as DeepEP defines it: rows this rank receives (its own included) x row bytes / time,
     an FP8 row counting H + H/128*4 bytes, a BF16 row 2H; combine counts the same rows x 2H;
@@ -100,6 +102,25 @@ def _time_call(torch, dist, fn, warmup: int, iters: int):
     return statistics.median(times), result
 
 
+def _time_stream(torch, dist, fn, warmup: int, iters: int):
+    """DeepEP's method: calls issued back to back (the GPU never waits for the host between them),
+    CUDA events around each; median in us. Only for calls that do not wait on the host (cached
+    dispatch, combine, NCCL). Returns (median_us, last result)."""
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    torch.cuda.synchronize()
+    dist.barrier()
+    torch.cuda.synchronize()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for start, end in events:
+        start.record()
+        result = fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) * 1000.0 for start, end in events), result
+
+
 def _gbps(num_bytes: float, time_us: float) -> float:
     return num_bytes / time_us / 1e3 if time_us > 0 else 0.0
 
@@ -131,9 +152,10 @@ def _nccl_baseline(torch, dist, recv_bytes_all: List[int], rank: int, R: int, de
     out_splits = [recv_bytes_all[rank] // R] * R
     send = torch.empty((sum(in_splits),), dtype=torch.uint8, device=dev).fill_(1)
     recv = torch.empty((sum(out_splits),), dtype=torch.uint8, device=dev)
-    t_us, _ = _time_call(torch, dist, lambda: dist.all_to_all_single(recv, send, out_splits, in_splits),
-                         warmup, iters)
-    return t_us, sum(out_splits)
+    a2a = lambda: dist.all_to_all_single(recv, send, out_splits, in_splits)  # noqa: E731
+    t_call, _ = _time_call(torch, dist, a2a, warmup, iters)
+    t_stream, _ = _time_stream(torch, dist, a2a, warmup, iters)
+    return {"call": (t_call, sum(out_splits)), "stream": (t_stream, sum(out_splits))}
 
 
 def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
@@ -167,7 +189,7 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
               f"combine chunks (send {c_send}, recv {c_recv}); warmup {args.warmup}, iters {args.iters}",
               flush=True)
 
-    records = []  # (shape, op, dtype, sms, time_us, bytes, nccl_us, nccl_bytes) of this rank
+    records = []  # (shape, op, dtype, timing, sms, chunks, time_us, bytes, nccl_us, nccl_bytes) of this rank
     for shape in shapes:
         H = shape.hidden
         x_bf16, x_fp8, topk_idx, topk_weights = _make_inputs(torch, shape, rank, dev)
@@ -185,11 +207,18 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
             recv_x, _, recv_w, _, handle, _ = out_bf16
             del out_bf16
             # Cached dispatch: the same data movement without the count exchange and host wait, so the
-            # difference to the row above is the notify + host round trip.
+            # difference to the row above is the notify + host round trip. "stream" rows are timed as
+            # DeepEP times them (back to back), "call" rows one call at a time from an idle GPU (the
+            # host path of the call included).
             t_cached, _ = _time_call(torch, dist, lambda: buffer.dispatch(x_bf16, handle=handle, config=cfg_d),
                                      args.warmup, args.iters)
-            t_comb, _ = _time_call(torch, dist, lambda: buffer.combine(recv_x, handle, topk_weights=recv_w,
-                                                                       config=cfg_c), args.warmup, args.iters)
+            t_cached_s, _ = _time_stream(torch, dist, lambda: buffer.dispatch(x_bf16, handle=handle, config=cfg_d),
+                                         args.warmup, args.iters)
+            t_cached_fp8_s, _ = _time_stream(torch, dist, lambda: buffer.dispatch(x_fp8, handle=handle, config=cfg_d),
+                                             args.warmup, args.iters)
+            combine_fn = lambda: buffer.combine(recv_x, handle, topk_weights=recv_w, config=cfg_c)  # noqa: E731
+            t_comb, _ = _time_call(torch, dist, combine_fn, args.warmup, args.iters)
+            t_comb_s, _ = _time_stream(torch, dist, combine_fn, args.warmup, args.iters)
             fp8_bytes = rows * (H + H // 128 * 4)
             bf16_bytes = rows * H * 2
             if not nccl:  # the byte counts do not depend on the SM count
@@ -198,16 +227,23 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
                     dist.all_gather_object(everyone, nbytes)
                     nccl[key] = _nccl_baseline(torch, dist, everyone, rank, R, dev, args.warmup, args.iters)
             chunks = f"{d_chunks[0]}:{d_chunks[1]}"
-            records.append((shape.name, "dispatch", "fp8", sms, chunks, t_fp8, fp8_bytes) + nccl["fp8"])
-            records.append((shape.name, "dispatch", "bf16", sms, chunks, t_bf16, bf16_bytes) + nccl["bf16"])
-            records.append((shape.name, "dispatch (cached)", "bf16", sms, chunks, t_cached, bf16_bytes) + nccl["bf16"])
-            records.append((shape.name, "combine", "bf16", sms, f"{c_chunks[0]}:{c_chunks[1]}", t_comb, bf16_bytes)
-                           + nccl["bf16"])
+            c_chunks_s = f"{c_chunks[0]}:{c_chunks[1]}"
+            for op, dtype, timing, ch, t_us, nbytes in (
+                    ("dispatch", "fp8", "call", chunks, t_fp8, fp8_bytes),
+                    ("dispatch", "bf16", "call", chunks, t_bf16, bf16_bytes),
+                    ("dispatch (cached)", "bf16", "call", chunks, t_cached, bf16_bytes),
+                    ("combine", "bf16", "call", c_chunks_s, t_comb, bf16_bytes),
+                    ("dispatch (cached)", "fp8", "stream", chunks, t_cached_fp8_s, fp8_bytes),
+                    ("dispatch (cached)", "bf16", "stream", chunks, t_cached_s, bf16_bytes),
+                    ("combine", "bf16", "stream", c_chunks_s, t_comb_s, bf16_bytes)):
+                records.append((shape.name, op, dtype, timing, sms, ch, t_us, nbytes) + nccl[dtype][timing])
             if rank == 0:
                 print(f"  {shape.name} SMs {sms:3d} chunks {chunks}: dispatch fp8 {t_fp8:8.1f} us "
                       f"{_gbps(fp8_bytes, t_fp8):6.1f} GB/s, bf16 {t_bf16:8.1f} us {_gbps(bf16_bytes, t_bf16):6.1f} GB/s, "
                       f"cached bf16 {t_cached:8.1f} us {_gbps(bf16_bytes, t_cached):6.1f} GB/s, combine "
-                      f"{t_comb:8.1f} us {_gbps(bf16_bytes, t_comb):6.1f} GB/s", flush=True)
+                      f"{t_comb:8.1f} us {_gbps(bf16_bytes, t_comb):6.1f} GB/s; back to back: cached fp8 "
+                      f"{_gbps(fp8_bytes, t_cached_fp8_s):6.1f}, cached bf16 {_gbps(bf16_bytes, t_cached_s):6.1f}, "
+                      f"combine {_gbps(bf16_bytes, t_comb_s):6.1f} GB/s", flush=True)
             del recv_x, recv_w, handle
 
     gathered = [None] * R
@@ -228,20 +264,23 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
 
 
 def _table(gathered, R: int, device_name: str, shapes: List[Shape]) -> str:
-    header = ["shape", "op", "dtype", "SMs", "chunks (send:recv)", "time_us", "GB/s (rank 0)", "GB/s (mean)",
-              "nccl_us", "nccl_GB/s"]
+    header = ["shape", "op", "dtype", "timing", "SMs", "chunks (send:recv)", "time_us", "GB/s (rank 0)",
+              "GB/s (mean)", "nccl_us", "nccl_GB/s"]
     lines = [f"# flashep.bench: {R} x {device_name}",
              "",
              "GB/s as DeepEP defines it: rows received by a rank (its own included) x row bytes / time "
              "(FP8 row H + H/128*4 bytes, BF16 row 2H; combine counts the same rows x 2H). time_us: median "
-             "of rank 0. nccl: all_to_all_single moving the same bytes per rank (even splits).",
+             "of rank 0. nccl: all_to_all_single moving the same bytes per rank (even splits), timed the same way. "
+             "timing 'call': one call at a time from an idle GPU after a barrier (the host path of the call "
+             "included; the non-cached dispatch includes its host wait for the counts); 'stream': calls back "
+             "to back, events around each (DeepEP's method, no host time).",
              "",
              "| " + " | ".join(header) + " |",
              "|" + "|".join("---" for _ in header) + "|"]
     for i, rec in enumerate(gathered[0]):
-        name, op, dtype, sms, chunks, t_us, nbytes, nccl_us, nccl_bytes = rec
-        per_rank = [_gbps(g[i][6], g[i][5]) for g in gathered]
-        lines.append(f"| {name} | {op} | {dtype} | {sms} | {chunks} | {t_us:.1f} | {_gbps(nbytes, t_us):.1f} | "
+        name, op, dtype, timing, sms, chunks, t_us, nbytes, nccl_us, nccl_bytes = rec
+        per_rank = [_gbps(g[i][7], g[i][6]) for g in gathered]
+        lines.append(f"| {name} | {op} | {dtype} | {timing} | {sms} | {chunks} | {t_us:.1f} | {_gbps(nbytes, t_us):.1f} | "
                      f"{statistics.mean(per_rank):.1f} | {nccl_us:.1f} | {_gbps(nccl_bytes, nccl_us):.1f} |")
     if R == 8 and any(s == DEEPEP_SHAPE for s in shapes):
         lines += ["", "Reference (docs/gpu-machine.md), DeepEP V1 on 8 x H200, 24 SMs, the 4096x7168 top8/256 "

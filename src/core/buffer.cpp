@@ -459,15 +459,16 @@ class BufferImpl {
     p.channels_per_block = block_channel_count(R);
     p.stages = combine_stages(p.channels_per_block, slot.slot_bytes);
     p.publish_lag = env::publish_lag();
+    p.bulk_sender = env::combine_bulk_sender();
     p.combined_x = a.combined_x;
     p.combined_topk_weights = a.combined_topk_weights;
-    const int combine_warps = p.channels_per_block * (1 + kCombineWorkers);
+    const int combine_warps = combine_block_threads(p.channels_per_block, R, p.bulk_sender) / 32;
+    const int sender_warps = combine_sender_warps(p.channels_per_block, R, p.bulk_sender);
     p.comm.profile = profile_begin(a.config.num_sms, stream);
     launch_check(kernels::launch_combine(p, a.config.num_sms, stream), "combine");
     profile_end("combine", a.config.num_sms, combine_warps,
-                {{"sender", 0, p.channels_per_block, {"load", "row_wait", "store", "publish", "drain"}},
-                 {"receiver", p.channels_per_block, p.channels_per_block * kCombineWorkers,
-                  {"row_wait", "reduce", "release"}}},
+                {{"sender", 0, p.bulk_sender ? sender_warps : 0, {"load", "row_wait", "store", "publish", "drain"}},
+                 {"receiver", sender_warps, p.channels_per_block * kCombineWorkers, {"row_wait", "reduce", "release"}}},
                 stream);
   }
 

@@ -31,6 +31,13 @@ inline int debug_profile() {
   return value == nullptr ? 0 : std::max(0, std::atoi(value));
 }
 
+/// FLASHEP_COMBINE_SENDER (default "warp"): "bulk" sends combine rows with the bulk-copy ring
+/// sender (one warp per channel), "warp" with plain-copy warps per (channel, peer). Read at every call.
+inline bool combine_bulk_sender() {
+  const char* value = std::getenv("FLASHEP_COMBINE_SENDER");
+  return value != nullptr && std::string(value) == "bulk";
+}
+
 /// FLASHEP_PUBLISH_LAG (default 4, range 0..7): how many items a ring sender lets its bulk stores
 /// stay in flight before it waits for them and publishes the ring tail (src/kernels/ring_sender.cuh).
 /// Read at every call, so a benchmark can sweep it.

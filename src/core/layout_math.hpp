@@ -71,6 +71,16 @@ FLASHEP_HD int combine_smem_bytes(int channels_in_block, int stages, int slot_by
 FLASHEP_HD int combine_stages(int channels_in_block, int slot_bytes) {
   return bulk_stages(channels_in_block, slot_bytes);
 }
+/// Sender warps of a combine block: one bulk-copy warp per channel, or one plain-copy warp per
+/// (channel, destination).
+FLASHEP_HD int combine_sender_warps(int channels_in_block, int num_nvl_ranks, bool bulk_sender) {
+  return bulk_sender ? channels_in_block : channels_in_block * num_nvl_ranks;
+}
+/// Threads of a combine block: its senders and kCombineWorkers receiver warps per channel.
+FLASHEP_HD int combine_block_threads(int channels_in_block, int num_nvl_ranks, bool bulk_sender) {
+  return (combine_sender_warps(channels_in_block, num_nvl_ranks, bulk_sender) + channels_in_block * kCombineWorkers) *
+         32;
+}
 
 /// Half-open token range [begin, end) of `channel` when `num_tokens` are split over `num_channels`
 /// contiguous, balanced ranges (sizes differ by at most one).

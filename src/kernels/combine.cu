@@ -109,6 +109,53 @@ __device__ void combine_send(const CombineParams& p, const WarpStages& w, int ch
   run_ring_sender(policy, w, target, cfg, wait_context(comm), state, clock, lane);
 }
 
+/// The other sender (CombineParams::bulk_sender false): one warp per (channel, destination) copies
+/// the rows with plain 16-byte loads and stores, no shared memory. Each row has one destination, so
+/// the bulk sender keeps only a stage's worth of bytes in flight per row, while plain stores keep
+/// as many in flight as the memory system accepts; which wins is measured (docs/performance.md).
+constexpr int kWarpSenderUnroll = 4;  // 16-byte loads in flight per lane (64 registers per thread)
+
+__device__ void combine_send_warp(const CombineParams& p, int dst, int channel, int lane) {
+  const CommContext& comm = p.comm;
+  const int R = comm.num_ranks, C = p.num_channels;
+  const int* channel_prefix = p.recv_channel_prefix_matrix + dst * C;
+  const int begin_in_rank = channel > 0 ? channel_prefix[channel - 1] : 0;
+  const int count = channel_prefix[channel] - begin_in_rank;
+  if (count == 0) return;
+  const int64_t first_row = (dst > 0 ? p.rank_prefix_matrix[(dst - 1) * R + comm.rank] : 0) + begin_in_rank;
+  const int slot_bytes = p.slot.slot_bytes;
+  char* ring = at(comm.peer_buffers[dst], comm.layout.ring(channel, comm.rank, p.ring_depth, slot_bytes));
+  int* remote_tail = int_at(comm.peer_buffers[dst], comm.layout.tail(channel, comm.rank));
+  const int* local_head = int_at(comm.local_buffer, comm.layout.head(channel, dst));
+  const device::WaitContext ctx = wait_context(comm);
+  const int row_int4 = p.slot.row_bytes / 16;
+
+  int published = 0, head = 0;
+  for (int tail = 0; tail < count;) {
+    if (tail - head >= p.ring_depth) {
+      int seen = 0;
+      if (lane == 0)
+        seen = device::wait_at_least(ctx, local_head, tail - p.ring_depth + 1, Phase::kCombineSendWaitSpace, dst,
+                                     channel);
+      head = __shfl_sync(0xffffffffu, seen, 0);
+      if (head < 0) return;
+    }
+    const int64_t row = first_row + tail;
+    char* slot = ring + int64_t(tail % p.ring_depth) * slot_bytes;
+    device::warp_copy<kWarpSenderUnroll, false>(
+        reinterpret_cast<int4*>(slot),
+        reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + row * p.slot.row_bytes), row_int4, lane);
+    if (p.topk_weights != nullptr && lane < p.num_topk)
+      reinterpret_cast<float*>(slot + p.slot.topk_weights_offset)[lane] = p.topk_weights[row * p.num_topk + lane];
+    ++tail;
+    if (tail - published >= p.chunk_tokens || tail == count || tail - head >= p.ring_depth) {
+      __syncwarp();
+      if (lane == 0) device::st_release_sys(remote_tail, tail);
+      published = tail;
+    }
+  }
+}
+
 /// State of the coordinator lanes: lane r < R owns source ring r of this channel.
 struct ReleaseState {
   int released;  // head value last published to rank `lane`
@@ -242,29 +289,35 @@ __device__ void combine_recv(const CombineParams& p, int channel, int worker, vo
   }
 }
 
-template <int kMaxRanks>
-__global__ void __launch_bounds__(kMaxChannelsPerBlock * (1 + kCombineWorkers) * 32, 1) combine_kernel(CombineParams p) {
+template <int kMaxRanks, bool kBulkSender>
+__global__ void __launch_bounds__(kBulkSender ? kMaxChannelsPerBlock * (1 + kCombineWorkers) * 32 : 1024, 1)
+    combine_kernel(CombineParams p) {
   extern __shared__ __align__(128) char smem[];
   __shared__ int positions[kMaxChannelsPerBlock * kCombineWorkers];
-  const int G = p.channels_per_block, S = p.stages;
+  const int G = p.channels_per_block, S = p.stages, R = p.comm.num_ranks;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (threadIdx.x < G * kCombineWorkers) {
     const int ch = blockIdx.x * G + threadIdx.x / kCombineWorkers;
     positions[threadIdx.x] = channel_token_range(p.num_tokens, p.num_channels, ch).begin;
   }
   __syncthreads();
-  if (warp < G) {  // senders 0..G-1, then G * kCombineWorkers receivers
-    const int slot_bytes = p.slot.slot_bytes;
-    uint64_t* barriers = reinterpret_cast<uint64_t*>(smem + int64_t(G) * S * slot_bytes);
-    int* history = reinterpret_cast<int*>(barriers + G * S);
-    WarpStages w{smem + int64_t(warp) * S * slot_bytes, barriers + warp * S, history + warp * kBulkTailHistory * 32,
-                 S, slot_bytes};
-    if (lane < S) device::mbarrier_init(w.barriers + lane, kStageArrivals);
-    device::fence_mbarrier_init();
-    __syncwarp();
-    combine_send(p, w, blockIdx.x * G + warp, lane);
+  const int num_senders = combine_sender_warps(G, R, kBulkSender);
+  if (warp < num_senders) {  // senders first, then G * kCombineWorkers receivers
+    if constexpr (kBulkSender) {
+      const int slot_bytes = p.slot.slot_bytes;
+      uint64_t* barriers = reinterpret_cast<uint64_t*>(smem + int64_t(G) * S * slot_bytes);
+      int* history = reinterpret_cast<int*>(barriers + G * S);
+      WarpStages w{smem + int64_t(warp) * S * slot_bytes, barriers + warp * S,
+                   history + warp * kBulkTailHistory * 32, S, slot_bytes};
+      if (lane < S) device::mbarrier_init(w.barriers + lane, kStageArrivals);
+      device::fence_mbarrier_init();
+      __syncwarp();
+      combine_send(p, w, blockIdx.x * G + warp, lane);
+    } else {
+      combine_send_warp(p, warp % R, blockIdx.x * G + warp / R, lane);
+    }
   } else {
-    const int role = warp - G;
+    const int role = warp - num_senders;
     const int sub = role / kCombineWorkers;
     combine_recv<kMaxRanks>(p, blockIdx.x * G + sub, role % kCombineWorkers, positions + sub * kCombineWorkers, lane);
   }
@@ -274,18 +327,24 @@ __global__ void __launch_bounds__(kMaxChannelsPerBlock * (1 + kCombineWorkers) *
 
 cudaError_t launch_combine(const CombineParams& p, int num_sms, cudaStream_t stream) {
   const int R = p.comm.num_ranks;
-  const int threads = p.channels_per_block * (1 + kCombineWorkers) * 32;
-  const int smem = combine_smem_bytes(p.channels_per_block, p.stages, p.slot.slot_bytes);
+  const int threads = combine_block_threads(p.channels_per_block, R, p.bulk_sender);
+  const int smem = p.bulk_sender ? combine_smem_bytes(p.channels_per_block, p.stages, p.slot.slot_bytes) : 0;
   auto launch = [&](auto kernel) {
     cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (status != cudaSuccess) return status;
     kernel<<<num_sms, threads, smem, stream>>>(p);
     return cudaGetLastError();
   };
-  if (R <= 2) return launch(combine_kernel<2>);
-  if (R <= 4) return launch(combine_kernel<4>);
-  if (R <= 8) return launch(combine_kernel<8>);
-  return launch(combine_kernel<16>);
+  if (p.bulk_sender) {
+    if (R <= 2) return launch(combine_kernel<2, true>);
+    if (R <= 4) return launch(combine_kernel<4, true>);
+    if (R <= 8) return launch(combine_kernel<8, true>);
+    return launch(combine_kernel<16, true>);
+  }
+  if (R <= 2) return launch(combine_kernel<2, false>);
+  if (R <= 4) return launch(combine_kernel<4, false>);
+  if (R <= 8) return launch(combine_kernel<8, false>);
+  return launch(combine_kernel<16, false>);
 }
 
 }  // namespace flashep::kernels

@@ -108,6 +108,7 @@ struct CombineParams {
   int channels_per_block;  // block_channel_count(R)
   int stages;              // combine_stages(channels_per_block, slot.slot_bytes) >= 1
   int publish_lag;         // in [0, kBulkTailHistory - 1] (ring_sender.cuh)
+  bool bulk_sender;        // bulk-copy sender per channel, else plain-copy warps per (channel, peer)
   void* combined_x;
   float* combined_topk_weights;
 };

@@ -124,6 +124,8 @@ static void test_config() {
   CHECK_EQ(channels_per_block(16), 1);
   CHECK(dispatch_block_threads(channels_per_block(16), 16) <= 1024);
   CHECK(dispatch_block_threads(channels_per_block(8), 8) <= 1024);
+  for (int R : {2, 4, 8, 16})
+    for (bool bulk : {false, true}) CHECK(combine_block_threads(channels_per_block(R), R, bulk) <= 1024);
   CHECK_EQ(num_channels(24, 8), 48);
   CHECK_EQ(num_channels(24, 2), 48);
   for (int R : {2, 4, 8}) {
