@@ -57,16 +57,15 @@ void Config::validate() const {
     fail("num_max_rdma_chunked_recv_tokens must be >= num_max_rdma_chunked_send_tokens");
 }
 
-// Defaults measured on 4 x H200 (docs/performance.md, 2026-11-22): shallow rings win (2:16 and
-// 1:8 beat 4:32, 8:64, 16:64 and 32:128 at 24 SMs), most likely because the whole ring region then
-// stays in L2 (60 MB) between the peer's stores and the receiver's loads. Rings of 16 slots still
-// cover the head/tail round trip over NVLink.
+// Defaults measured on 4 x H200 (docs/performance.md, 2026-11-22, bulk-copy senders, two channels
+// per SM): rings 4:32 (send chunk : ring depth) beat 2:16 and 8:64 at 12 and 24 SMs for dispatch and
+// combine (8:64 also lets the ring region outgrow L2).
 Config default_dispatch_config(int /*num_ranks*/, int num_sms) {
-  return Config{num_sms, 2, 16, 6, 256};
+  return Config{num_sms, 4, 32, 6, 256};
 }
 
 Config default_combine_config(int /*num_ranks*/, int num_sms) {
-  return Config{num_sms, 2, 16, 6, 256};
+  return Config{num_sms, 4, 32, 6, 256};
 }
 
 }  // namespace flashep
