@@ -85,25 +85,15 @@ __device__ void combine_send(const CombineParams& p, const WarpStages& w, int ch
   const int first_turn = comm.rank + 1 < R ? comm.rank + 1 : 0;
   CombineSendPolicy policy{p, lane};
   policy.load_turn = policy.send_turn = first_turn;
-  RingSendTarget target{};
   if (lane < R) {
     const int* channel_prefix = p.recv_channel_prefix_matrix + lane * C;
     const int begin_in_rank = channel > 0 ? channel_prefix[channel - 1] : 0;
     policy.count = channel_prefix[channel] - begin_in_rank;
     policy.first_row = (lane > 0 ? p.rank_prefix_matrix[(lane - 1) * R + comm.rank] : 0) + begin_in_rank;
-    target.ring = at(comm.peer_buffers[lane], comm.layout.ring(channel, comm.rank, p.ring_depth, p.slot.slot_bytes));
-    target.remote_tail = int_at(comm.peer_buffers[lane], comm.layout.tail(channel, comm.rank));
-    target.local_head = int_at(comm.local_buffer, comm.layout.head(channel, lane));
   }
-  RingSendConfig cfg{};
-  cfg.num_dsts = R;
-  cfg.ring_depth = p.ring_depth;
-  cfg.chunk = p.chunk_tokens;
-  cfg.load_bytes = p.slot.row_bytes;
-  cfg.store_offset = 0;
-  cfg.publish_lag = p.publish_lag;
-  cfg.space_phase = Phase::kCombineSendWaitSpace;
-  cfg.channel = channel;
+  const RingSendTarget target = ring_send_target(comm, channel, p.ring_depth, p.slot.slot_bytes, lane);
+  const RingSendConfig cfg{R, p.ring_depth, p.chunk_tokens, p.slot.row_bytes, /*store_offset=*/0, p.publish_lag,
+                           Phase::kCombineSendWaitSpace, channel};
   RingSendLane state;
   device::PhaseClock clock(comm.profile, blockDim.x / 32, lane);
   run_ring_sender(policy, w, target, cfg, wait_context(comm), state, clock, lane);

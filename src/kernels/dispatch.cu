@@ -105,23 +105,12 @@ __device__ void dispatch_send(const DispatchParams& p, const WarpStages& w, int 
   const int R = comm.num_ranks;
   DispatchSendPolicy policy{p, channel_token_range(p.num_tokens, p.num_channels, channel), lane};
   policy.load_batch.base = policy.send_batch.base = policy.range.begin - 32;
-  RingSendTarget target{};
-  if (lane < R) {
-    // Diagnostics (debug_skip & 4): write every slot into our own buffer instead of the peer's.
-    void* dst_buffer = (p.debug_skip & 4) ? comm.local_buffer : comm.peer_buffers[lane];
-    target.ring = at(dst_buffer, comm.layout.ring(channel, comm.rank, p.ring_depth, p.slot.slot_bytes));
-    target.remote_tail = int_at(comm.peer_buffers[lane], comm.layout.tail(channel, comm.rank));
-    target.local_head = int_at(comm.local_buffer, comm.layout.head(channel, lane));
-  }
-  RingSendConfig cfg{};
-  cfg.num_dsts = R;
-  cfg.ring_depth = p.ring_depth;
-  cfg.chunk = p.chunk_tokens;
-  cfg.load_bytes = p.slot.row_bytes;
-  cfg.store_offset = (p.debug_skip & 2) ? p.slot.scale_offset : 0;  // diagnostics: metadata only
-  cfg.publish_lag = p.publish_lag;
-  cfg.space_phase = Phase::kDispatchSendWaitSpace;
-  cfg.channel = channel;
+  // Diagnostics: debug_skip & 4 aims every slot at our own buffer, & 2 stores only the metadata.
+  const RingSendTarget target = ring_send_target(comm, channel, p.ring_depth, p.slot.slot_bytes, lane,
+                                                 (p.debug_skip & 4) != 0);
+  const int store_offset = (p.debug_skip & 2) ? p.slot.scale_offset : 0;
+  const RingSendConfig cfg{R, p.ring_depth, p.chunk_tokens, p.slot.row_bytes, store_offset, p.publish_lag,
+                           Phase::kDispatchSendWaitSpace, channel};
   RingSendLane state;
   device::PhaseClock clock(comm.profile, blockDim.x / 32, lane);
   if (run_ring_sender(policy, w, target, cfg, wait_context(comm), state, clock, lane)) policy.finish(state.tail);

@@ -48,6 +48,20 @@ struct RingSendTarget {
   const int* local_head; // the ring's head, written into our memory by the destination
 };
 
+/// Lane d < num_ranks: ring (channel, our rank) at destination d. Diagnostics may aim the slots at
+/// our own buffer (`into_own_buffer`); tails and heads stay the real ones.
+__device__ __forceinline__ RingSendTarget ring_send_target(const CommContext& comm, int channel, int ring_depth,
+                                                           int slot_bytes, int lane, bool into_own_buffer = false) {
+  RingSendTarget target{};
+  if (lane < comm.num_ranks) {
+    void* slots = into_own_buffer ? comm.local_buffer : comm.peer_buffers[lane];
+    target.ring = at(slots, comm.layout.ring(channel, comm.rank, ring_depth, slot_bytes));
+    target.remote_tail = int_at(comm.peer_buffers[lane], comm.layout.tail(channel, comm.rank));
+    target.local_head = int_at(comm.local_buffer, comm.layout.head(channel, lane));
+  }
+  return target;
+}
+
 /// Per-lane sender state (lane d: destination d).
 struct RingSendLane {
   int tail = 0;       // slots stored
