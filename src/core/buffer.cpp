@@ -25,10 +25,12 @@ void require(bool condition, const std::string& message) {
 std::string str(int64_t v) { return std::to_string(v); }
 
 /// Kernels move rows with 16-byte vector accesses: a misaligned pointer would fault the context.
-void require_aligned16(const void* ptr, const char* op, const char* name) {
-  require(reinterpret_cast<uintptr_t>(ptr) % 16 == 0,
-          std::string(op) + ": " + name + " must be 16-byte aligned (a tensor view with an odd storage offset?)");
+void require_aligned(const void* ptr, int alignment, const char* op, const char* name) {
+  require(reinterpret_cast<uintptr_t>(ptr) % alignment == 0,
+          std::string(op) + ": " + name + " must be " + std::to_string(alignment) +
+              "-byte aligned (a tensor view with an odd storage offset?)");
 }
+void require_aligned16(const void* ptr, const char* op, const char* name) { require_aligned(ptr, 16, op, name); }
 
 }  // namespace
 
@@ -344,6 +346,10 @@ class BufferImpl {
             "dispatch: recv_src_idx/send_head are null");
     require_aligned16(a.x, "dispatch", "x");
     require_aligned16(a.recv_x, "dispatch", "recv_x");
+    // The senders copy top-k ids (8 bytes) and weights/scales (4 bytes) with cp.async.
+    require_aligned(a.topk_idx, 8, "dispatch", "topk_idx");
+    require_aligned(a.topk_weights, 4, "dispatch", "topk_weights");
+    require_aligned(a.x_scales, 4, "dispatch", "x_scales");
     const DispatchSlotLayout slot = make_dispatch_slot(a.hidden, elem, fp8, a.num_topk);
     require(dispatch_stages(block_channel_count(R), slot.slot_bytes) >= 1,
             "dispatch: rows of " + str(slot.slot_bytes) + " bytes do not fit the kernel's shared memory (hidden " +

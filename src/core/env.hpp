@@ -31,8 +31,10 @@ inline int debug_profile() {
   return value == nullptr ? 0 : std::max(0, std::atoi(value));
 }
 
-/// FLASHEP_COMBINE_SENDER (default "warp"): "bulk" sends combine rows with the bulk-copy ring
-/// sender (one warp per channel), "warp" with plain-copy warps per (channel, peer). Read at every call.
+/// FLASHEP_COMBINE_SENDER (default "warp"): diagnostics only. "bulk" sends combine rows with the
+/// bulk-copy ring sender (one warp per channel), which can deadlock: one warp serving every peer is
+/// head-of-line blocked by a full ring while combine receivers free slots in token order (review,
+/// docs/design.md). "warp" (plain-copy warps per (channel, peer)) is safe. Read at every call.
 inline bool combine_bulk_sender() {
   const char* value = std::getenv("FLASHEP_COMBINE_SENDER");
   return value != nullptr && std::string(value) == "bulk";

@@ -80,13 +80,17 @@ __device__ __forceinline__ void publish_tail(const RingSendTarget& target, RingS
 __device__ __forceinline__ bool wait_ring_space(const device::WaitContext& ctx, const RingSendTarget& target,
                                                 RingSendLane& s, int ring_depth, Phase phase, int dst, int channel) {
   if (s.tail - s.head < ring_depth) return true;
+  // The receiver's reads of the freed slots (generic proxy) come before our bulk stores into them
+  // (async proxy): a proxy fence after every acquire of the head whose value we use.
   s.head = device::ld_acquire_sys(target.local_head);
+  device::fence_proxy_async_global();
   if (s.tail - s.head < ring_depth) return true;
   // Publish everything first: the receiver may be waiting for exactly these slots.
   device::bulk_wait_written(0);
   if (s.published != s.tail) publish_tail(target, s, s.tail);
   const int seen = device::wait_at_least(ctx, target.local_head, s.tail - ring_depth + 1, phase, dst, channel);
   if (seen < 0) return false;
+  device::fence_proxy_async_global();
   s.head = seen;
   return true;
 }
