@@ -57,6 +57,9 @@ class BufferImpl {
 
     // The NVLink domain of this rank; single-node kernels need the whole group in it.
     layout_ = make_nvl_layout(nvl_domain_size_, static_cast<int64_t>(options.num_nvl_bytes));
+    // Combine receivers address ring rows as 32-bit offsets in 16-byte words.
+    require(layout_.allocation_bytes <= kMaxNvlBufferBytes,
+            "num_nvl_bytes " + str(options.num_nvl_bytes) + " exceeds the maximum of " + str(kMaxNvlBufferBytes));
     FLASHEP_CUDA_CHECK(cudaMalloc(&local_buffer_, layout_.allocation_bytes));
     FLASHEP_CUDA_CHECK(cudaMemset(local_buffer_, 0, layout_.allocation_bytes));
     void* raw = nullptr;

@@ -34,6 +34,8 @@ FLASHEP_HD constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 /// so a block needs only a few channels to keep NVLink busy; two split the block's shared memory
 /// while giving every SM two independent token streams.
 inline constexpr int kMaxChannelsPerBlock = 2;
+/// Largest NVLink buffer: kernels address it in 16-byte words with 32-bit offsets (64 GiB).
+inline constexpr int64_t kMaxNvlBufferBytes = int64_t(16) << 32;
 FLASHEP_HD constexpr int block_channel_count(int num_nvl_ranks) { return num_nvl_ranks > 8 ? 1 : kMaxChannelsPerBlock; }
 
 /// Combine receiver warps per channel (tokens of a channel are dealt to them in turn).
@@ -61,7 +63,7 @@ FLASHEP_HD int dispatch_stages(int channels_in_block, int slot_bytes) {
   return bulk_stages(channels_in_block, slot_bytes);
 }
 /// Threads of a dispatch block: per channel one sender warp and one receiver warp per source.
-FLASHEP_HD int dispatch_block_threads(int channels_in_block, int num_nvl_ranks) {
+FLASHEP_HD constexpr int dispatch_block_threads(int channels_in_block, int num_nvl_ranks) {
   return channels_in_block * (1 + num_nvl_ranks) * 32;
 }
 /// Dynamic shared memory of a combine block: only the sender warps (one per channel) are pipelined.
@@ -73,11 +75,11 @@ FLASHEP_HD int combine_stages(int channels_in_block, int slot_bytes) {
 }
 /// Sender warps of a combine block: one bulk-copy warp per channel, or one plain-copy warp per
 /// (channel, destination).
-FLASHEP_HD int combine_sender_warps(int channels_in_block, int num_nvl_ranks, bool bulk_sender) {
+FLASHEP_HD constexpr int combine_sender_warps(int channels_in_block, int num_nvl_ranks, bool bulk_sender) {
   return bulk_sender ? channels_in_block : channels_in_block * num_nvl_ranks;
 }
 /// Threads of a combine block: its senders and kCombineWorkers receiver warps per channel.
-FLASHEP_HD int combine_block_threads(int channels_in_block, int num_nvl_ranks, bool bulk_sender) {
+FLASHEP_HD constexpr int combine_block_threads(int channels_in_block, int num_nvl_ranks, bool bulk_sender) {
   return (combine_sender_warps(channels_in_block, num_nvl_ranks, bulk_sender) + channels_in_block * kCombineWorkers) *
          32;
 }

@@ -103,8 +103,15 @@ __device__ void combine_send(const CombineParams& p, const WarpStages& w, int ch
 /// the rows with plain 16-byte loads and stores, no shared memory. Each row has one destination, so
 /// the bulk sender keeps only a stage's worth of bytes in flight per row, while plain stores keep
 /// as many in flight as the memory system accepts; which wins is measured (docs/performance.md).
-constexpr int kWarpSenderUnroll = 4;  // 16-byte loads in flight per lane (64 registers per thread)
+/// Threads of the plain-sender kernel for domains of up to kMaxRanks ranks (its launch bound).
+template <int kMaxRanks>
+inline constexpr int kPlainSenderBlockThreads = combine_block_threads(block_channel_count(kMaxRanks), kMaxRanks, false);
+/// 16-byte loads in flight per lane: as many as the registers of a block of that size allow
+/// (65536 / threads: 102 at R <= 2, 85 at R <= 4, 64 at R <= 8).
+template <int kMaxRanks>
+inline constexpr int kWarpSenderUnroll = kMaxRanks <= 4 ? 8 : 4;
 
+template <int kMaxRanks>
 __device__ void combine_send_warp(const CombineParams& p, int dst, int channel, int lane) {
   const CommContext& comm = p.comm;
   const int R = comm.num_ranks, C = p.num_channels;
@@ -132,7 +139,7 @@ __device__ void combine_send_warp(const CombineParams& p, int dst, int channel, 
     }
     const int64_t row = first_row + tail;
     char* slot = ring + int64_t(tail % p.ring_depth) * slot_bytes;
-    device::warp_copy<kWarpSenderUnroll, false>(
+    device::warp_copy<kWarpSenderUnroll<kMaxRanks>, false>(
         reinterpret_cast<int4*>(slot),
         reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + row * p.slot.row_bytes), row_int4, lane);
     if (p.topk_weights != nullptr && lane < p.num_topk)
@@ -170,6 +177,10 @@ __device__ bool release_heads(const CombineParams& p, int channel, const TokenRa
   }
   return oldest >= range.end;
 }
+
+/// Hidden words a combine receiver lane reduces at once: ~8 row loads in flight at R <= 4.
+template <int kMaxRanks>
+inline constexpr int kCombineRecvUnroll = kMaxRanks <= 4 ? 2 : 1;
 
 template <int kMaxRanks>
 __device__ void combine_recv(const CombineParams& p, int channel, int worker, volatile int* positions, int lane) {
@@ -224,36 +235,63 @@ __device__ void combine_recv(const CombineParams& p, int channel, int worker, vo
     }
     clock.mark(0);  // waiting for rows (the coordinator releases meanwhile)
 
-    const int4* rows[kMaxRanks];
+    // Rank r's row of t, as a 16-byte-word offset into our buffer (32 bits: registers are short
+    // at 1024 threads per block), or kNoRow.
+    constexpr uint32_t kNoRow = 0xffffffffu;
+    const int4* buffer_words = static_cast<const int4*>(comm.local_buffer);
+    uint32_t rows[kMaxRanks];
 #pragma unroll
     for (int r = 0; r < kMaxRanks; ++r) {
       const int slot_index = __shfl_sync(0xffffffffu, head_slot, r);
       rows[r] = (r < R && slot_index >= 0)
-                    ? reinterpret_cast<const int4*>(at(comm.local_buffer,
-                                                       comm.layout.ring(channel, r, p.ring_depth, slot_bytes) +
-                                                           int64_t(slot_index % p.ring_depth) * slot_bytes))
-                    : nullptr;
+                    ? static_cast<uint32_t>((comm.layout.ring(channel, r, p.ring_depth, slot_bytes) +
+                                             int64_t(slot_index % p.ring_depth) * slot_bytes) /
+                                            16)
+                    : kNoRow;
     }
     const int4* bias0 = p.bias0 ? reinterpret_cast<const int4*>(p.bias0) + int64_t(t) * hidden_int4 : nullptr;
     const int4* bias1 = p.bias1 ? reinterpret_cast<const int4*>(p.bias1) + int64_t(t) * hidden_int4 : nullptr;
     int4* out = reinterpret_cast<int4*>(p.combined_x) + int64_t(t) * hidden_int4;
-    for (int i = lane; i < hidden_int4; i += 32) {
-      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      if (bias0) add_bf16x8(acc, device::ld_stream(bias0 + i));
-      if (bias1) add_bf16x8(acc, device::ld_stream(bias1 + i));
-      // Ranks ascending (the oracle's order); 64 registers per thread leave no room to hold all
-      // R loads at once, the other 31 warps of the SM cover the latency.
+    // Latency-bound, so loads go out together: kUnroll words of every rank at R <= 4, then one
+    // word's sum at a time; at R > 4 one word, ranks in groups of four (registers are short). Sums
+    // in the oracle's order: bias0, bias1, ranks ascending.
+    constexpr int kUnroll = kCombineRecvUnroll<kMaxRanks>;
+    constexpr int kRankGroup = kMaxRanks < 4 ? kMaxRanks : 4;
+    static_assert(kUnroll == 1 || kRankGroup == kMaxRanks, "unrolled words need all ranks in one group");
+    for (int base = lane; base < hidden_int4; base += kUnroll * 32) {
+      float acc[8];
 #pragma unroll
-      for (int r = 0; r < kMaxRanks; ++r)
-        if (rows[r]) add_bf16x8(acc, device::ld_ring(rows[r] + i));
-      device::st_na(out + i, to_bf16x8(acc));
+      for (int r0 = 0; r0 < kMaxRanks; r0 += kRankGroup) {
+        int4 loaded[kUnroll][kRankGroup];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+          for (int r = 0; r < kRankGroup; ++r)
+            if (base + u * 32 < hidden_int4 && rows[r0 + r] != kNoRow)
+              loaded[u][r] = device::ld_ring(buffer_words + rows[r0 + r] + base + u * 32);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int i = base + u * 32;
+          if (i >= hidden_int4) break;
+          if (r0 == 0) {
+#pragma unroll
+            for (int k = 0; k < 8; ++k) acc[k] = 0.f;
+            if (bias0) add_bf16x8(acc, device::ld_stream(bias0 + i));
+            if (bias1) add_bf16x8(acc, device::ld_stream(bias1 + i));
+          }
+#pragma unroll
+          for (int r = 0; r < kRankGroup; ++r)
+            if (rows[r0 + r] != kNoRow) add_bf16x8(acc, loaded[u][r]);
+          if (r0 + kRankGroup >= kMaxRanks) device::st_na(out + i, to_bf16x8(acc));
+        }
+      }
     }
     if (p.combined_topk_weights != nullptr && lane < p.num_topk) {
       float weight = 0.f;
 #pragma unroll
       for (int r = 0; r < kMaxRanks; ++r)
-        if (rows[r])
-          weight += __ldcg(reinterpret_cast<const float*>(reinterpret_cast<const char*>(rows[r]) +
+        if (rows[r] != kNoRow)
+          weight += __ldcg(reinterpret_cast<const float*>(reinterpret_cast<const char*>(buffer_words + rows[r]) +
                                                           p.slot.topk_weights_offset) + lane);
       p.combined_topk_weights[int64_t(t) * p.num_topk + lane] = weight;
     }
@@ -280,7 +318,9 @@ __device__ void combine_recv(const CombineParams& p, int channel, int worker, vo
 }
 
 template <int kMaxRanks, bool kBulkSender>
-__global__ void __launch_bounds__(kBulkSender ? kMaxChannelsPerBlock * (1 + kCombineWorkers) * 32 : 1024, 1)
+__global__ void __launch_bounds__(kBulkSender ? kMaxChannelsPerBlock * (1 + kCombineWorkers) * 32
+                                              : kPlainSenderBlockThreads<kMaxRanks>,
+                                  1)
     combine_kernel(CombineParams p) {
   extern __shared__ __align__(128) char smem[];
   __shared__ int positions[kMaxChannelsPerBlock * kCombineWorkers];
@@ -304,7 +344,7 @@ __global__ void __launch_bounds__(kBulkSender ? kMaxChannelsPerBlock * (1 + kCom
       __syncwarp();
       combine_send(p, w, blockIdx.x * G + warp, lane);
     } else {
-      combine_send_warp(p, warp % R, blockIdx.x * G + warp / R, lane);
+      combine_send_warp<kMaxRanks>(p, warp % R, blockIdx.x * G + warp / R, lane);
     }
   } else {
     const int role = warp - num_senders;

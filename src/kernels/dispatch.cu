@@ -116,12 +116,21 @@ __device__ void dispatch_send(const DispatchParams& p, const WarpStages& w, int 
   if (run_ring_sender(policy, w, target, cfg, wait_context(comm), state, clock, lane)) policy.finish(state.tail);
 }
 
+/// Threads of a dispatch block for domains of up to kMaxRanks ranks (its launch bound).
+template <int kMaxRanks>
+inline constexpr int kDispatchBlockThreads = dispatch_block_threads(block_channel_count(kMaxRanks), kMaxRanks);
 /// 16-byte loads in flight per lane while a receiver copies a row (ring -> output, local memory).
-constexpr int kRecvCopyUnroll = 8;
+/// A receiver is latency-bound (one warp per source ring), so it takes as much of a row per round
+/// as the registers allow without spilling: 192 threads (R <= 2) leave 244 registers, 320 (R <= 4)
+/// 168, 576 (R <= 8) 96; a 7168-wide BF16 row (28 words per lane) then takes 1, 2 or 3 rounds
+/// (20 at R <= 4: 24 spilled).
+template <int kMaxRanks>
+inline constexpr int kRecvCopyUnroll = kMaxRanks <= 2 ? 32 : kMaxRanks <= 4 ? 20 : 10;
 
 /// Receiver of ring (channel, src): copies every slot straight into its output row with plain
 /// loads and stores (local memory, no shared memory needed, so there is one such warp per source),
 /// releasing the slots after each batch.
+template <int kMaxRanks>
 __device__ void dispatch_recv(const DispatchParams& p, int src, int channel, int lane) {
   const CommContext& comm = p.comm;
   const int R = comm.num_ranks, C = p.num_channels;
@@ -168,7 +177,7 @@ __device__ void dispatch_recv(const DispatchParams& p, int src, int channel, int
       }
       const int src_idx = (!p.cached && lane == 0) ? __ldcg(reinterpret_cast<const int*>(slot + p.slot.src_idx_offset)) : 0;
       if (!(p.debug_skip & 1))
-        device::warp_copy<kRecvCopyUnroll, true>(
+        device::warp_copy<kRecvCopyUnroll<kMaxRanks>, true>(
             reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + row * p.slot.row_bytes),
             reinterpret_cast<const int4*>(slot), row_int4, lane);
       float* out_scales = p.recv_x_scales + row * p.slot.num_scales;
@@ -195,7 +204,8 @@ __device__ void dispatch_recv(const DispatchParams& p, int src, int channel, int
   if (lane == 0) device::st_relaxed_sys(local_tail, 0);
 }
 
-__global__ void __launch_bounds__(kMaxChannelsPerBlock * (1 + 8) * 32, 1) dispatch_kernel(DispatchParams p) {
+template <int kMaxRanks>
+__global__ void __launch_bounds__(kDispatchBlockThreads<kMaxRanks>, 1) dispatch_kernel(DispatchParams p) {
   extern __shared__ __align__(128) char smem[];
   const int G = p.channels_per_block, S = p.stages, R = p.comm.num_ranks;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -211,18 +221,25 @@ __global__ void __launch_bounds__(kMaxChannelsPerBlock * (1 + 8) * 32, 1) dispat
     dispatch_send(p, w, blockIdx.x * G + warp, lane);
   } else {
     const int role = warp - G;
-    dispatch_recv(p, role % R, blockIdx.x * G + role / R, lane);
+    dispatch_recv<kMaxRanks>(p, role % R, blockIdx.x * G + role / R, lane);
   }
 }
 
 }  // namespace
 
 cudaError_t launch_dispatch(const DispatchParams& p, int num_sms, cudaStream_t stream) {
+  const int R = p.comm.num_ranks;
   const int smem = dispatch_smem_bytes(p.channels_per_block, p.stages, p.slot.slot_bytes);
-  cudaError_t status = cudaFuncSetAttribute(dispatch_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (status != cudaSuccess) return status;
-  dispatch_kernel<<<num_sms, dispatch_block_threads(p.channels_per_block, p.comm.num_ranks), smem, stream>>>(p);
-  return cudaGetLastError();
+  auto launch = [&](auto kernel) {
+    cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (status != cudaSuccess) return status;
+    kernel<<<num_sms, dispatch_block_threads(p.channels_per_block, R), smem, stream>>>(p);
+    return cudaGetLastError();
+  };
+  if (R <= 2) return launch(dispatch_kernel<2>);
+  if (R <= 4) return launch(dispatch_kernel<4>);
+  if (R <= 8) return launch(dispatch_kernel<8>);
+  return launch(dispatch_kernel<16>);
 }
 
 }  // namespace flashep::kernels
