@@ -40,13 +40,13 @@ inline bool combine_bulk_sender() {
   return value != nullptr && std::string(value) == "bulk";
 }
 
-/// FLASHEP_PUBLISH_LAG (default 4, range 0..7): how many items a ring sender lets its bulk stores
+/// FLASHEP_PUBLISH_LAG (default 4, range 0..15): how many items a ring sender lets its bulk stores
 /// stay in flight before it waits for them and publishes the ring tail (src/kernels/ring_sender.cuh).
 /// Read at every call, so a benchmark can sweep it.
 inline int publish_lag() {
   const char* value = std::getenv("FLASHEP_PUBLISH_LAG");
   const int parsed = (value == nullptr || *value == '\0') ? 4 : std::atoi(value);
-  return parsed < 0 ? 0 : (parsed > 7 ? 7 : parsed);
+  return parsed < 0 ? 0 : (parsed > 15 ? 15 : parsed);
 }
 
 }  // namespace flashep::env

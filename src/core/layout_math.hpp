@@ -46,7 +46,7 @@ inline constexpr int kCombineWorkers = 8;
 inline constexpr int kMaxBulkStages = 8;
 inline constexpr int kBulkStageBudgetBytes = 200 * 1024;
 /// Ring tails a sender warp remembers to publish them late (ring_sender.cuh), per lane.
-inline constexpr int kBulkTailHistory = 8;
+inline constexpr int kBulkTailHistory = 16;
 
 /// Stages per pipelined warp when `pipelined_warps` warps of a block split the budget; 0 when a
 /// single slot does not fit.

@@ -16,6 +16,8 @@
 //   - generic writes to shared memory that a later bulk copy reads need fence.proxy.async first.
 #pragma once
 
+#include <utility>
+
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -77,32 +79,31 @@ __device__ __forceinline__ void bulk_store(void* global_dst, const void* smem_sr
 }
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
 
-/// wait_group.read with a run-time count (the instruction takes an immediate; counts above 7 wait
-/// as if 7, which is only stricter).
-__device__ __forceinline__ void bulk_wait_read(int allowed_pending) {
-  switch (allowed_pending <= 0 ? 0 : allowed_pending) {
-    case 0: asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); break;
-    case 1: asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory"); break;
-    case 2: asm volatile("cp.async.bulk.wait_group.read 2;" ::: "memory"); break;
-    case 3: asm volatile("cp.async.bulk.wait_group.read 3;" ::: "memory"); break;
-    case 4: asm volatile("cp.async.bulk.wait_group.read 4;" ::: "memory"); break;
-    case 5: asm volatile("cp.async.bulk.wait_group.read 5;" ::: "memory"); break;
-    case 6: asm volatile("cp.async.bulk.wait_group.read 6;" ::: "memory"); break;
-    default: asm volatile("cp.async.bulk.wait_group.read 7;" ::: "memory"); break;
+/// Largest run-time count the waits below take exactly (larger counts wait as if this, which is
+/// only stricter).
+inline constexpr int kMaxBulkWaitCount = 15;
+
+template <bool kRead, int kAllowedPending>
+__device__ __forceinline__ void bulk_wait_imm() {
+  if constexpr (kRead) {
+    asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(kAllowedPending) : "memory");
+  } else {
+    asm volatile("cp.async.bulk.wait_group %0;" ::"n"(kAllowedPending) : "memory");
   }
 }
-/// wait_group (writes performed) with a run-time count, as bulk_wait_read.
+/// The instruction takes an immediate: one comparison per possible count, for a run-time count.
+template <bool kRead, int... kCounts>
+__device__ __forceinline__ void bulk_wait_any(int allowed_pending, std::integer_sequence<int, kCounts...>) {
+  const int n = allowed_pending <= 0 ? 0 : (allowed_pending > kMaxBulkWaitCount ? kMaxBulkWaitCount : allowed_pending);
+  ((n == kCounts ? bulk_wait_imm<kRead, kCounts>() : void()), ...);
+}
+/// wait_group.read: all but the `allowed_pending` newest groups finished reading shared memory.
+__device__ __forceinline__ void bulk_wait_read(int allowed_pending) {
+  bulk_wait_any<true>(allowed_pending, std::make_integer_sequence<int, kMaxBulkWaitCount + 1>{});
+}
+/// wait_group: all but the `allowed_pending` newest groups finished writing global memory.
 __device__ __forceinline__ void bulk_wait_written(int allowed_pending) {
-  switch (allowed_pending <= 0 ? 0 : allowed_pending) {
-    case 0: asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); break;
-    case 1: asm volatile("cp.async.bulk.wait_group 1;" ::: "memory"); break;
-    case 2: asm volatile("cp.async.bulk.wait_group 2;" ::: "memory"); break;
-    case 3: asm volatile("cp.async.bulk.wait_group 3;" ::: "memory"); break;
-    case 4: asm volatile("cp.async.bulk.wait_group 4;" ::: "memory"); break;
-    case 5: asm volatile("cp.async.bulk.wait_group 5;" ::: "memory"); break;
-    case 6: asm volatile("cp.async.bulk.wait_group 6;" ::: "memory"); break;
-    default: asm volatile("cp.async.bulk.wait_group 7;" ::: "memory"); break;
-  }
+  bulk_wait_any<false>(allowed_pending, std::make_integer_sequence<int, kMaxBulkWaitCount + 1>{});
 }
 
 // ---- small asynchronous copies (metadata next to a bulk-loaded row) -------------------------------
