@@ -18,6 +18,7 @@ enum class Phase : int {
   kCombineRecvWaitData,     // combine receiver waiting for expert outputs
   kCombineReleaseWait,      // combine receiver's coordinator waiting for its own workers
   kDispatchInvalidExpert,   // dispatch saw an expert id outside [-1, E)
+  kSendWaitRowLoad,         // a bulk-copy sender waiting for its own row to land in shared memory
 };
 
 /// Written by the first failing thread (flag set last, after the fields). Plain ints so the layout
@@ -46,6 +47,7 @@ inline const char* phase_name(Phase phase) {
     case Phase::kCombineRecvWaitData: return "combine receive (waiting for expert outputs)";
     case Phase::kCombineReleaseWait: return "combine receive (waiting for local workers)";
     case Phase::kDispatchInvalidExpert: return "dispatch (invalid expert id in topk_idx)";
+    case Phase::kSendWaitRowLoad: return "send (waiting for a row to load from local memory into a stage)";
   }
   return "unknown";
 }
@@ -67,6 +69,11 @@ inline std::string describe(const DeviceErrorRecord& r, double timeout_s) {
            std::to_string(r.expected);
   }
   s += "timed out after " + std::to_string(timeout_s) + " s in " + phase_name(phase);
+  if (phase == Phase::kSendWaitRowLoad) {
+    return s + " on channel " + std::to_string(r.channel) + " (item " + std::to_string(r.expected) + ", block " +
+           std::to_string(r.block) + "): a copy within this GPU did not complete; the buffer is unusable now and "
+           "must be destroyed";
+  }
   if (r.peer >= 0) s += ", waiting for rank " + std::to_string(r.peer);
   if (r.channel >= 0) s += " on channel " + std::to_string(r.channel);
   s += " (awaited " + std::to_string(r.expected) + ", saw " + std::to_string(r.observed) + ", block " +

@@ -156,7 +156,7 @@ __device__ bool run_ring_sender(Policy& policy, const WarpStages& w, const RingS
     const uint32_t dst_mask = policy.next_send(s.tail);
     char* slot_image = w.stage(stage);
     if (!device::mbarrier_wait(w.barriers + stage, (sent / S) & 1, ctx.timeout_ns)) {
-      if (lane == 0) device::record_error(ctx, cfg.space_phase, -1, cfg.channel, sent, -1);
+      if (lane == 0) device::record_error(ctx, Phase::kSendWaitRowLoad, -1, cfg.channel, sent, -1);
       ok = false;
     }
     device::fence_proxy_async_shared();
@@ -177,6 +177,10 @@ __device__ bool run_ring_sender(Policy& policy, const WarpStages& w, const RingS
     w.tail_history[(sent % kTailHistory) * 32 + lane] = s.tail;
     ++sent;
     if (__any_sync(0xffffffffu, !ok)) {
+      // Leave no copy in flight into or out of this block's shared memory, which another block
+      // may own once we exit: the loads of items sent - 1 .. loaded - 1 (bounded), our stores.
+      for (int item = sent - 1; item < loaded; ++item)
+        device::mbarrier_wait(w.barriers + item % S, (item / S) & 1, ctx.timeout_ns);
       device::bulk_wait_written(0);
       return false;
     }

@@ -166,6 +166,14 @@ static void test_error_messages() {
   r.expected = 12;
   r.observed = 300;
   CHECK(describe(r, 10.0).find("expert id 300") != std::string::npos);
+  // A sender's own row load: names the channel, and does not blame a peer.
+  r.phase = static_cast<int>(Phase::kSendWaitRowLoad);
+  r.peer = -1;
+  r.channel = 9;
+  const std::string load_message = describe(r, 10.0);
+  CHECK(load_message.find("channel 9") != std::string::npos);
+  CHECK(load_message.find("waiting for a row to load") != std::string::npos);
+  CHECK(load_message.find("peer") == std::string::npos);
 }
 
 int main() {
