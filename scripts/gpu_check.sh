@@ -9,6 +9,8 @@
 #   1. install   python3 -m pip install --no-build-isolation --no-deps -v .   (CMAKE_BUILD_PARALLEL_LEVEL=nproc)
 #   2. cpp       cmake -B build -G Ninja && cmake --build build && ctest --test-dir build
 #   3. pytest    python3 -m pytest -x -v -s tests/python   (GPU tests adapt to the GPU count)
+#   3b. kernels16 the intranode tests again (quick grid) on the kernels built for 8- and 16-rank
+#                domains (FLASHEP_DEBUG_KERNEL_RANKS), so fewer GPUs test that code too
 #   4. bench     python3 -m flashep.bench [--out $OUT/bench.md]
 #   5. sanitize  (--sanitize) compute-sanitizer memcheck on the 2-rank intranode test, quick grid;
 #                CUDA API return codes are not reported (NCCL probes kernel images at init)
@@ -125,6 +127,20 @@ elif [[ $RUN_TESTS -eq 1 ]]; then
   skip_step pytest "install failed"
 else
   skip_step pytest "--no-tests"
+fi
+
+# ---- 3b. the kernels built for larger domains (8 and 16 ranks: other register budgets and
+#          unrolling), run on the GPUs here through FLASHEP_DEBUG_KERNEL_RANKS, quick grid
+if [[ $RUN_TESTS -eq 1 && $INSTALL_OK -eq 1 ]]; then
+  larger_domains() {
+    local k
+    for k in 8 16; do
+      echo "--- FLASHEP_DEBUG_KERNEL_RANKS=$k"
+      FLASHEP_DEBUG_KERNEL_RANKS=$k FLASHEP_TEST_QUICK=1 "$PY" -m pytest -x -v -s -rs -p no:cacheprovider \
+        tests/python/test_intranode.py || return 1
+    done
+  }
+  run_step kernels16 larger_domains || true
 fi
 
 # ---- 4. benchmark (before the sanitizer: it is the main job, the sanitizer the slowest step)

@@ -401,6 +401,7 @@ class BufferImpl {
     p.publish_lag = env::publish_lag();
     p.cached = a.cached;
     p.debug_skip = debug_dispatch_skip_;
+    p.kernel_ranks = env::debug_kernel_ranks();
     p.recv_x = a.recv_x;
     p.recv_x_scales = a.recv_x_scales;
     p.recv_topk_idx = a.recv_topk_idx;
@@ -469,6 +470,7 @@ class BufferImpl {
     p.stages = combine_stages(p.channels_per_block, slot.slot_bytes);
     p.publish_lag = env::publish_lag();
     p.bulk_sender = env::combine_bulk_sender();
+    p.kernel_ranks = env::debug_kernel_ranks();
     p.combined_x = a.combined_x;
     p.combined_topk_weights = a.combined_topk_weights;
     const int combine_warps = combine_block_threads(p.channels_per_block, R, p.bulk_sender) / 32;

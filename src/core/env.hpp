@@ -24,6 +24,14 @@ inline int debug_dispatch_skip() {
   return value == nullptr ? 0 : std::atoi(value);
 }
 
+/// FLASHEP_DEBUG_KERNEL_RANKS (default 0): run the dispatch/combine kernels instantiated for
+/// domains of at least this many ranks (their register budgets and unrolling differ), so that a
+/// machine with fewer GPUs tests the code that larger domains run. Results stay correct.
+inline int debug_kernel_ranks() {
+  const char* value = std::getenv("FLASHEP_DEBUG_KERNEL_RANKS");
+  return value == nullptr ? 0 : std::max(0, std::atoi(value));
+}
+
 /// FLASHEP_DEBUG_PROFILE (default 0): N > 0 prints, on rank 0, every N-th dispatch/combine's
 /// per-warp phase clocks to stderr (synchronizes the stream after those calls). Diagnostics only.
 inline int debug_profile() {

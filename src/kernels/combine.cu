@@ -365,15 +365,17 @@ cudaError_t launch_combine(const CombineParams& p, int num_sms, cudaStream_t str
     kernel<<<num_sms, threads, smem, stream>>>(p);
     return cudaGetLastError();
   };
+  // The instantiation for the domain size (a debug knob may pick a larger one).
+  const int kernel_ranks = R > p.kernel_ranks ? R : p.kernel_ranks;
   if (p.bulk_sender) {
-    if (R <= 2) return launch(combine_kernel<2, true>);
-    if (R <= 4) return launch(combine_kernel<4, true>);
-    if (R <= 8) return launch(combine_kernel<8, true>);
+    if (kernel_ranks <= 2) return launch(combine_kernel<2, true>);
+    if (kernel_ranks <= 4) return launch(combine_kernel<4, true>);
+    if (kernel_ranks <= 8) return launch(combine_kernel<8, true>);
     return launch(combine_kernel<16, true>);
   }
-  if (R <= 2) return launch(combine_kernel<2, false>);
-  if (R <= 4) return launch(combine_kernel<4, false>);
-  if (R <= 8) return launch(combine_kernel<8, false>);
+  if (kernel_ranks <= 2) return launch(combine_kernel<2, false>);
+  if (kernel_ranks <= 4) return launch(combine_kernel<4, false>);
+  if (kernel_ranks <= 8) return launch(combine_kernel<8, false>);
   return launch(combine_kernel<16, false>);
 }
 

@@ -236,9 +236,11 @@ cudaError_t launch_dispatch(const DispatchParams& p, int num_sms, cudaStream_t s
     kernel<<<num_sms, dispatch_block_threads(p.channels_per_block, R), smem, stream>>>(p);
     return cudaGetLastError();
   };
-  if (R <= 2) return launch(dispatch_kernel<2>);
-  if (R <= 4) return launch(dispatch_kernel<4>);
-  if (R <= 8) return launch(dispatch_kernel<8>);
+  // The instantiation for the domain size (a debug knob may pick a larger one).
+  const int kernel_ranks = R > p.kernel_ranks ? R : p.kernel_ranks;
+  if (kernel_ranks <= 2) return launch(dispatch_kernel<2>);
+  if (kernel_ranks <= 4) return launch(dispatch_kernel<4>);
+  if (kernel_ranks <= 8) return launch(dispatch_kernel<8>);
   return launch(dispatch_kernel<16>);
 }
 

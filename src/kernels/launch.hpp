@@ -85,6 +85,7 @@ struct DispatchParams {
   int publish_lag;         // in [0, kBulkTailHistory - 1] (ring_sender.cuh)
   bool cached;
   int debug_skip;  // FLASHEP_DEBUG_DISPATCH_SKIP (docs/env.md): diagnostics only, results are wrong
+  int kernel_ranks;  // run the kernel built for domains of max(R, this) ranks (FLASHEP_DEBUG_KERNEL_RANKS)
   void* recv_x;
   float* recv_x_scales;
   int64_t* recv_topk_idx;
@@ -109,6 +110,7 @@ struct CombineParams {
   int stages;              // combine_stages(channels_per_block, slot.slot_bytes) >= 1
   int publish_lag;         // in [0, kBulkTailHistory - 1] (ring_sender.cuh)
   bool bulk_sender;        // bulk-copy sender per channel, else plain-copy warps per (channel, peer)
+  int kernel_ranks;        // as DispatchParams::kernel_ranks
   void* combined_x;
   float* combined_topk_weights;
 };
