@@ -125,6 +125,8 @@ int run_rank(int rank, int num_ranks, int num_tokens, int hidden, SharedExchange
   notify.channel_prefix_matrix = d_channel_prefix;
   notify.recv_channel_prefix_matrix = d_recv_channel_prefix;
   notify.config = config;
+  notify.hidden = hidden;  // optional: every rank's row shape is then checked at the barrier too
+  notify.num_topk = num_topk;
   buffer.notify_dispatch(notify, stream);
   const flashep::RecvCounts counts = buffer.wait_recv_counts();  // wait-notify: sized from the GPU's counts
 

@@ -92,6 +92,12 @@ struct NotifyDispatchArgs {
   int* channel_prefix_matrix = nullptr;       ///< out [R, C] (C = num_channels(config.num_sms, R))
   int* recv_channel_prefix_matrix = nullptr;  ///< out [R, C]
   Config config;
+  /// Optional (hidden > 0): the rows of the dispatch that follows. Every call's opening barrier
+  /// checks that all ranks make the same call (operation, config, num_experts) and fails with a
+  /// clear error otherwise; with these it also checks the row shape (hidden, dtype, top-k).
+  int hidden = 0;
+  DType dtype = DType::kBFloat16;
+  int num_topk = 0;
 };
 
 /// What the host learns from notify_dispatch.

@@ -493,7 +493,8 @@ class Buffer:
             is_token_in_rank=is_token_in_rank.data_ptr(), num_tokens=num_tokens, num_experts=num_experts,
             expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens,
             rank_prefix_matrix=rank_prefix_matrix.data_ptr(), channel_prefix_matrix=channel_prefix_matrix.data_ptr(),
-            recv_channel_prefix_matrix=recv_channel_prefix_matrix.data_ptr(), config=config, stream=launch.stream)
+            recv_channel_prefix_matrix=recv_channel_prefix_matrix.data_ptr(), config=config, hidden=payload.hidden,
+            dtype=payload.dtype, num_topk=num_topk, stream=launch.stream)
         if num_worst_tokens > 0:
             rows, num_recv_tokens_per_expert_list = num_worst_tokens, []
         else:

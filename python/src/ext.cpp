@@ -422,7 +422,8 @@ void runtime_get_dispatch_layout(Buffer& self, uintptr_t topk_idx, int num_token
 void runtime_notify_dispatch(Buffer& self, uintptr_t num_tokens_per_rank, uintptr_t num_tokens_per_expert,
                              uintptr_t is_token_in_rank, int num_tokens, int num_experts, int expert_alignment,
                              int num_worst_tokens, uintptr_t rank_prefix_matrix, uintptr_t channel_prefix_matrix,
-                             uintptr_t recv_channel_prefix_matrix, const Config& config, uintptr_t stream) {
+                             uintptr_t recv_channel_prefix_matrix, const Config& config, int hidden, DType dtype,
+                             int num_topk, uintptr_t stream) {
   flashep::NotifyDispatchArgs a;
   a.num_tokens_per_rank = as_ptr<const int>(num_tokens_per_rank);
   a.num_tokens_per_expert = as_ptr<const int>(num_tokens_per_expert);
@@ -435,6 +436,9 @@ void runtime_notify_dispatch(Buffer& self, uintptr_t num_tokens_per_rank, uintpt
   a.channel_prefix_matrix = as_ptr<int>(channel_prefix_matrix);
   a.recv_channel_prefix_matrix = as_ptr<int>(recv_channel_prefix_matrix);
   a.config = config;
+  a.hidden = hidden;
+  a.dtype = dtype;
+  a.num_topk = num_topk;
   self.notify_dispatch(a, as_stream(stream));
 }
 
@@ -561,8 +565,8 @@ void bind_runtime(nb::module_& m) {
       .def("notify_dispatch", &runtime_notify_dispatch, nb::kw_only(), "num_tokens_per_rank"_a = 0,
            "num_tokens_per_expert"_a = 0, "is_token_in_rank"_a = 0, "num_tokens"_a, "num_experts"_a,
            "expert_alignment"_a = 1, "num_worst_tokens"_a = 0, "rank_prefix_matrix"_a = 0,
-           "channel_prefix_matrix"_a = 0, "recv_channel_prefix_matrix"_a = 0, "config"_a, "stream"_a,
-           release_gil())
+           "channel_prefix_matrix"_a = 0, "recv_channel_prefix_matrix"_a = 0, "config"_a, "hidden"_a = 0,
+           "dtype"_a = DType::kBFloat16, "num_topk"_a = 0, "stream"_a, release_gil())
       .def("wait_recv_counts", &runtime_wait_recv_counts, release_gil(),
            "Bounded host poll for the counts of the last notify_dispatch: (num_recv_tokens, "
            "num_recv_tokens_per_expert list).")

@@ -128,6 +128,11 @@ class BufferImpl {
   }
 
   // ---- checks ------------------------------------------------------------------------------------
+  static CallInfo call_info(CallOp op, const Config& config, int num_channels, int slot_bytes, int num_experts) {
+    return CallInfo{static_cast<int>(op), num_channels, config.num_max_nvl_chunked_recv_tokens, slot_bytes,
+                    num_experts};
+  }
+
   void check() const {
     if (error_ != nullptr && !destroyed_ && error_->flag != 0) {
       DeviceErrorRecord copy;
@@ -271,6 +276,11 @@ class BufferImpl {
     p.rank_prefix_matrix = a.rank_prefix_matrix;
     p.channel_prefix_matrix = a.channel_prefix_matrix;
     p.recv_channel_prefix_matrix = a.recv_channel_prefix_matrix;
+    require(a.hidden >= 0 && a.num_topk >= 0, "notify_dispatch: hidden and num_topk must be >= 0");
+    const int slot_bytes =
+        a.hidden > 0 ? make_dispatch_slot(a.hidden, dtype_size(a.dtype), a.dtype == DType::kFloat8E4M3, a.num_topk).slot_bytes
+                     : 0;
+    p.call = call_info(CallOp::kDispatch, a.config, p.num_channels, slot_bytes, a.num_experts);
     if (a.num_worst_tokens == 0) {
       // The host polls mapped_counts_->seq for this value; a stale notify can never match it.
       ++notify_seq_;
@@ -365,7 +375,8 @@ class BufferImpl {
     }
     FLASHEP_CUDA_CHECK(cudaSetDevice(device_));
     if (a.cached) {
-      kernels::BarrierParams barrier{comm_context(), C};
+      const kernels::BarrierParams barrier{comm_context(), C,
+                                           call_info(CallOp::kCachedDispatch, a.config, C, slot.slot_bytes, 0)};
       launch_check(kernels::launch_notify_barrier(barrier, stream), "notify (cached dispatch)");
     }
     if (a.worst_case_mode && a.num_output_rows > 0) {
@@ -447,7 +458,7 @@ class BufferImpl {
                 str(a.hidden) + " too large)");
     require_ring_space(a.config, slot.slot_bytes, "combine");
     FLASHEP_CUDA_CHECK(cudaSetDevice(device_));
-    kernels::BarrierParams barrier{comm_context(), C};
+    const kernels::BarrierParams barrier{comm_context(), C, call_info(CallOp::kCombine, a.config, C, slot.slot_bytes, 0)};
     launch_check(kernels::launch_notify_barrier(barrier, stream), "notify (combine)");
     kernels::CombineParams p{};
     p.comm = comm_context();

@@ -19,6 +19,7 @@ enum class Phase : int {
   kCombineReleaseWait,      // combine receiver's coordinator waiting for its own workers
   kDispatchInvalidExpert,   // dispatch saw an expert id outside [-1, E)
   kSendWaitRowLoad,         // a bulk-copy sender waiting for its own row to land in shared memory
+  kCallMismatch,            // the ranks of a call disagree on it (CallInfo, layout_math.hpp)
 };
 
 /// Written by the first failing thread (flag set last, after the fields). Plain ints so the layout
@@ -48,13 +49,14 @@ inline const char* phase_name(Phase phase) {
     case Phase::kCombineReleaseWait: return "combine receive (waiting for local workers)";
     case Phase::kDispatchInvalidExpert: return "dispatch (invalid expert id in topk_idx)";
     case Phase::kSendWaitRowLoad: return "send (waiting for a row to load from local memory into a stage)";
+    case Phase::kCallMismatch: return "barrier (the ranks disagree on the call)";
   }
   return "unknown";
 }
 
 inline bool phase_is_timeout(Phase phase) {
   return phase != Phase::kLayoutInvalidExpert && phase != Phase::kDispatchTooManyTokens &&
-         phase != Phase::kDispatchInvalidExpert && phase != Phase::kNone;
+         phase != Phase::kDispatchInvalidExpert && phase != Phase::kCallMismatch && phase != Phase::kNone;
 }
 
 inline std::string describe(const DeviceErrorRecord& r, double timeout_s) {
@@ -67,6 +69,18 @@ inline std::string describe(const DeviceErrorRecord& r, double timeout_s) {
   if (phase == Phase::kDispatchTooManyTokens) {
     return s + phase_name(phase) + ": " + std::to_string(r.observed) + " tokens arrived, num_worst_tokens is " +
            std::to_string(r.expected);
+  }
+  if (phase == Phase::kCallMismatch) {
+    // channel: the CallInfo field; expected: this rank's value; observed: the peer's.
+    static const char* const kFields[] = {"operation (1 dispatch, 2 cached dispatch, 3 combine)",
+                                          "channel count (config.num_sms / 2)",
+                                          "ring depth (config.num_max_nvl_chunked_recv_tokens)",
+                                          "ring slot bytes (hidden size, dtype, top-k)", "num_experts"};
+    const char* field = (r.channel >= 0 && r.channel < 5) ? kFields[r.channel] : "unknown field";
+    return s + "the ranks disagree on the call: " + field + " is " + std::to_string(r.expected) + " here and " +
+           std::to_string(r.observed) + " on rank " + std::to_string(r.peer) +
+           ". Every rank must make the same sequence of calls with the same config and shapes; the buffer "
+           "is unusable now and must be destroyed";
   }
   s += "timed out after " + std::to_string(timeout_s) + " s in " + phase_name(phase);
   if (phase == Phase::kSendWaitRowLoad) {

@@ -146,6 +146,30 @@ FLASHEP_HD CombineSlotLayout make_combine_slot(int hidden, int num_topk) {
   return s;
 }
 
+/// What the ranks of one collective call must agree on. Each rank writes its own into every peer at
+/// the barrier that opens the call and compares the peers' with its own: a disagreement (one rank
+/// in combine while another dispatches, a different config, hidden size, dtype or top-k) is a
+/// usage error that would otherwise corrupt the rings or hang until the timeout.
+enum class CallOp : int { kDispatch = 1, kCachedDispatch = 2, kCombine = 3 };
+struct CallInfo {
+  int op;            // CallOp
+  int num_channels;  // from config.num_sms
+  int ring_depth;    // config.num_max_nvl_chunked_recv_tokens
+  int slot_bytes;    // ring slot: hidden size, dtype, scales, top-k (0: not known, not compared)
+  int num_experts;   // 0: not known / not applicable, not compared
+};
+inline constexpr int kCallInfoInts = 5;
+inline constexpr int kCallInfoOptionalFrom = 3;  // fields from here on are compared only when both are known
+
+/// Index of the first field on which two ranks' CallInfo (as kCallInfoInts ints) disagree, or -1.
+FLASHEP_HD int call_info_mismatch(const int* mine, const int* theirs) {
+  for (int i = 0; i < kCallInfoInts; ++i) {
+    const bool compared = i < kCallInfoOptionalFrom || (mine[i] != 0 && theirs[i] != 0);
+    if (compared && mine[i] != theirs[i]) return i;
+  }
+  return -1;
+}
+
 /// Offsets in one rank's NVLink allocation for a domain of `num_ranks` ranks. The first
 /// `ring_capacity` bytes (= num_nvl_bytes, the part users see through get_local_buffer_tensor) hold
 /// the rings, whose contents are transient; the control header after them holds state that must
@@ -155,6 +179,7 @@ struct NvlBufferLayout {
   int64_t ring_capacity;          // bytes available to rings (num_nvl_bytes)
   int64_t barrier_signal_offset;  // int[kMaxNvlRanks]: epoch last signalled by each peer
   int64_t barrier_epoch_offset;   // int: this rank's barrier count (device state, graph-safe)
+  int64_t call_info_offset;       // int[2][kMaxNvlRanks][kCallInfoInts]: each peer's CallInfo, by epoch parity
   int64_t notify_offset;          // num_ranks notify slots
   int64_t notify_slot_ints;       // ints per notify slot
   int64_t tail_offset;            // int[kMaxChannels][num_ranks]
@@ -163,6 +188,11 @@ struct NvlBufferLayout {
 
   /// Notify slot layout (ints): [num_tokens_per_rank: R][channel prefix: kMaxChannels][experts: L]
   FLASHEP_HD int64_t notify_slot(int src) const { return notify_offset + int64_t(src) * notify_slot_ints * 4; }
+  /// Where `src` leaves its CallInfo for barrier `epoch` (double-buffered by parity: a peer can
+  /// write epoch e + 2's only after this rank has read epoch e's and signalled e + 1).
+  FLASHEP_HD int64_t call_info(int epoch, int src) const {
+    return call_info_offset + (int64_t(epoch & 1) * kMaxNvlRanks + src) * kCallInfoInts * 4;
+  }
   FLASHEP_HD int64_t tail(int channel, int peer) const { return tail_offset + (int64_t(channel) * num_ranks + peer) * 4; }
   FLASHEP_HD int64_t head(int channel, int peer) const { return head_offset + (int64_t(channel) * num_ranks + peer) * 4; }
   /// Byte offset of slot 0 of ring (channel, src).
@@ -184,7 +214,8 @@ FLASHEP_HD NvlBufferLayout make_nvl_layout(int num_ranks, int64_t ring_capacity)
   const int64_t header = align_up(ring_capacity, 128);
   l.barrier_signal_offset = header;
   l.barrier_epoch_offset = header + kMaxNvlRanks * 4;
-  l.notify_offset = align_up(l.barrier_epoch_offset + 4, 128);
+  l.call_info_offset = align_up(l.barrier_epoch_offset + 4, 16);
+  l.notify_offset = align_up(l.call_info_offset + int64_t(2) * kMaxNvlRanks * kCallInfoInts * 4, 128);
   l.notify_slot_ints = num_ranks + kMaxChannels + kMaxLocalExperts;
   l.tail_offset = align_up(l.notify_offset + int64_t(num_ranks) * l.notify_slot_ints * 4, 128);
   l.head_offset = align_up(l.tail_offset + int64_t(kMaxChannels) * num_ranks * 4, 128);

@@ -61,11 +61,13 @@ struct NotifyDispatchParams {
   int* recv_channel_prefix_matrix;
   MappedRecvCounts* mapped;  // nullptr in worst-case mode
   int seq;
+  CallInfo call;  // checked against every rank's at the first barrier
 };
 
 struct BarrierParams {
   CommContext comm;
   int num_channels;  // heads of these channels are reset
+  CallInfo call;     // the call this barrier opens, checked against every rank's
 };
 
 struct DispatchParams {

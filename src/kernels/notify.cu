@@ -9,8 +9,10 @@ namespace {
 constexpr int kNotifyThreads = 1024;
 
 /// Block-wide barrier across the ranks of the domain. Graph-safe: the epoch is device state that
-/// every rank advances by one per barrier, so replays keep matching. Returns false on timeout.
-__device__ bool barrier_across_ranks(const CommContext& comm, Phase phase) {
+/// every rank advances by one per barrier, so replays keep matching. With `info`, the barrier also
+/// checks that every rank makes the same call (CallInfo): each rank's info travels with its signal
+/// and every rank compares the peers' with its own. Returns false on timeout or disagreement.
+__device__ bool barrier_across_ranks(const CommContext& comm, Phase phase, const CallInfo* info) {
   __shared__ int epoch;
   __shared__ int failed;
   __threadfence_system();  // this block's earlier writes to peers are visible before the signal
@@ -24,11 +26,27 @@ __device__ bool barrier_across_ranks(const CommContext& comm, Phase phase) {
   __syncthreads();
   const int peer = threadIdx.x;
   if (peer < comm.num_ranks) {
+    const int* mine = reinterpret_cast<const int*>(info);
+    if (info != nullptr) {  // ordered before the signal by its release
+      int* remote_info = int_at(comm.peer_buffers[peer], comm.layout.call_info(epoch, comm.rank));
+      for (int i = 0; i < kCallInfoInts; ++i) remote_info[i] = mine[i];
+    }
     int* remote_signal = int_at(comm.peer_buffers[peer], comm.layout.barrier_signal_offset + 4 * comm.rank);
     device::st_release_sys(remote_signal, epoch);
     const int* my_signal = int_at(comm.local_buffer, comm.layout.barrier_signal_offset + 4 * peer);
     const device::WaitContext ctx = wait_context(comm);
-    if (device::wait_at_least(ctx, my_signal, epoch, phase, peer, -1) < 0) failed = 1;
+    if (device::wait_at_least(ctx, my_signal, epoch, phase, peer, -1) < 0) {
+      failed = 1;
+    } else if (info != nullptr) {
+      const int* theirs_at = int_at(comm.local_buffer, comm.layout.call_info(epoch, peer));
+      int theirs[kCallInfoInts];
+      for (int i = 0; i < kCallInfoInts; ++i) theirs[i] = device::ld_relaxed_sys(theirs_at + i);
+      const int field = call_info_mismatch(mine, theirs);
+      if (field >= 0) {
+        device::record_error(ctx, Phase::kCallMismatch, peer, field, mine[field], theirs[field]);
+        failed = 1;
+      }
+    }
   }
   __syncthreads();
   return failed == 0;
@@ -48,7 +66,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(Noti
 
   // 1. All ranks finished the previous operation on this buffer: the notify slots and our heads
   //    are free to reuse.
-  if (!barrier_across_ranks(comm, Phase::kNotifyBarrier)) return;
+  if (!barrier_across_ranks(comm, Phase::kNotifyBarrier, &p.call)) return;
   reset_heads(comm, C);
 
   // 2. Tokens this rank sends to each rank per channel (warp per (rank, channel) pair).
@@ -87,7 +105,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(Noti
   }
 
   // 4. Everyone's counts have landed.
-  if (!barrier_across_ranks(comm, Phase::kNotifyBarrier)) return;
+  if (!barrier_across_ranks(comm, Phase::kNotifyBarrier, nullptr)) return;
 
   // 5. rank_prefix_matrix (same on every rank), our receive channel prefix, per-expert counts.
   auto slot_of = [&](int src) { return int_at(comm.local_buffer, comm.layout.notify_slot(src)); };
@@ -121,7 +139,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(Noti
 }
 
 __global__ void __launch_bounds__(kNotifyThreads, 1) notify_barrier_kernel(BarrierParams p) {
-  if (!barrier_across_ranks(p.comm, Phase::kNotifyCombineBarrier)) return;
+  if (!barrier_across_ranks(p.comm, Phase::kNotifyCombineBarrier, &p.call)) return;
   reset_heads(p.comm, p.num_channels);
 }
 

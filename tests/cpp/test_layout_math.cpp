@@ -61,6 +61,11 @@ static void test_buffer_layout() {
     CHECK(l.barrier_signal_offset >= capacity);
     CHECK(l.barrier_epoch_offset >= l.barrier_signal_offset + 4 * kMaxNvlRanks);
     CHECK(l.notify_offset % 128 == 0 && l.tail_offset % 128 == 0 && l.head_offset % 128 == 0);
+    // Call infos: after the epoch, both parities of every rank before the notify slots.
+    CHECK(l.call_info(0, 0) >= l.barrier_epoch_offset + 4);
+    CHECK(l.call_info(1, 0) >= l.call_info(0, kMaxNvlRanks - 1) + kCallInfoInts * 4);
+    CHECK(l.call_info(3, kMaxNvlRanks - 1) == l.call_info(1, kMaxNvlRanks - 1));
+    CHECK(l.call_info(1, kMaxNvlRanks - 1) + kCallInfoInts * 4 <= l.notify_offset);
     CHECK(l.notify_slot(R - 1) + l.notify_slot_ints * 4 <= l.tail_offset);
     CHECK(l.tail(kMaxChannels - 1, R - 1) + 4 <= l.head_offset);
     CHECK(l.head(kMaxChannels - 1, R - 1) + 4 <= l.allocation_bytes);
@@ -74,6 +79,31 @@ static void test_buffer_layout() {
     CHECK_EQ(*starts.rbegin() + int64_t(depth) * slot, int64_t(C) * R * depth * slot);
     CHECK(ring_region_bytes(R, C, depth, slot) >= int64_t(C) * R * depth * slot);
   }
+}
+
+static void test_call_info_mismatch() {
+  const CallInfo mine{static_cast<int>(CallOp::kCombine), 48, 32, 14464, 0};
+  CallInfo theirs = mine;
+  auto mismatch = [&] {
+    return call_info_mismatch(reinterpret_cast<const int*>(&mine), reinterpret_cast<const int*>(&theirs));
+  };
+  CHECK_EQ(int(sizeof(CallInfo)), kCallInfoInts * 4);
+  CHECK_EQ(mismatch(), -1);
+  theirs.op = static_cast<int>(CallOp::kDispatch);
+  CHECK_EQ(mismatch(), 0);
+  theirs = mine;
+  theirs.num_channels = 24;
+  CHECK_EQ(mismatch(), 1);
+  theirs = mine;
+  theirs.ring_depth = 64;
+  CHECK_EQ(mismatch(), 2);
+  theirs = mine;
+  theirs.slot_bytes = 8320;
+  CHECK_EQ(mismatch(), 3);
+  theirs.slot_bytes = 0;  // not known on one side: not compared
+  CHECK_EQ(mismatch(), -1);
+  theirs.num_experts = 256;  // known on one side only
+  CHECK_EQ(mismatch(), -1);
 }
 
 static void test_send_head_encoding() {
@@ -174,6 +204,17 @@ static void test_error_messages() {
   CHECK(load_message.find("channel 9") != std::string::npos);
   CHECK(load_message.find("waiting for a row to load") != std::string::npos);
   CHECK(load_message.find("peer") == std::string::npos);
+  // Ranks that disagree on a call: names the field, both values and the other rank.
+  r.phase = static_cast<int>(Phase::kCallMismatch);
+  r.peer = 1;
+  r.channel = 3;
+  r.expected = 14464;
+  r.observed = 8320;
+  const std::string mismatch_message = describe(r, 10.0);
+  CHECK(mismatch_message.find("disagree") != std::string::npos);
+  CHECK(mismatch_message.find("hidden size") != std::string::npos);
+  CHECK(mismatch_message.find("14464 here and 8320 on rank 1") != std::string::npos);
+  CHECK(mismatch_message.find("timed out") == std::string::npos);
 }
 
 int main() {
@@ -181,6 +222,7 @@ int main() {
   test_slot_layouts();
   test_buffer_layout();
   test_send_head_encoding();
+  test_call_info_mismatch();
   test_bulk_stages();
   test_config();
   test_error_messages();

@@ -115,6 +115,94 @@ def _timeout_worker(rank, R, marker):
     return f"{type(error).__name__} after {elapsed:.1f} s: {error}"
 
 
+# ---- (a') ranks that disagree on a call ---------------------------------------------------------
+
+MISMATCH_TIMEOUT_S = 60  # FLASHEP_TIMEOUT_S there: the errors must come long before it
+MISMATCH_RAISE_WITHIN_S = 10
+
+
+def test_ranks_that_disagree_fail_fast():
+    results = dh.run_world(_mismatch_worker, 2, timeout_s=240, env={"FLASHEP_TIMEOUT_S": str(MISMATCH_TIMEOUT_S)},
+                           grace_s=60, exit_grace_s=60)
+    print(f"rank 0: {results[0]}")
+
+
+def _expect_disagreement(rank, what, call, words):
+    """Runs `call` (which must fail on every rank: the ranks disagree) and checks the error."""
+    start = time.monotonic()
+    error = None
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 (the type is checked below)
+        error = e
+    elapsed = time.monotonic() - start
+    dh.log_all(rank, f"{what}: {type(error).__name__ if error else 'no error'} after {elapsed:.1f} s: {error}")
+    assert error is not None, f"{what}: no error although the ranks disagree"
+    assert isinstance(error, RuntimeError), f"{what}: expected a RuntimeError, got {type(error).__name__}: {error}"
+    message = str(error).lower()
+    assert "disagree" in message and "timed out" not in message, f"{what}: not a disagreement error: {error}"
+    for word in words:
+        assert word in message, f"{what}: the error does not name '{word}': {error}"
+    assert elapsed < MISMATCH_RAISE_WITHIN_S, f"{what}: the error came after {elapsed:.1f} s"
+    return f"{elapsed:.2f} s"
+
+
+def _mismatch_worker(rank, R):
+    import torch
+    import torch.distributed as dist
+
+    import flashep as deep_ep
+
+    dev = torch.device("cuda", rank)
+    outcomes = []
+
+    # 1. A dispatch whose rows differ (hidden 2048 on rank 0, 4096 on rank 1): caught at the count
+    #    exchange, raised by the host wait for the counts.
+    buffer = deep_ep.Buffer(dist.group.WORLD, num_nvl_bytes=_nvl_bytes(deep_ep, R))
+    problems, _ = _roundtrip(buffer, torch, dev, rank, R)
+    assert not problems, f"the healthy round before the mismatch test failed: {problems}"
+    topk, weights = _routing(torch, 64, 64, 4, dev, 7 + rank)
+    x = torch.ones((64, 2048 if rank == 0 else 4096), dtype=torch.bfloat16, device=dev)
+    ntpr, _, ntpe, itir, _ = buffer.get_dispatch_layout(topk, 64)
+    torch.cuda.synchronize()
+    dist.barrier()
+
+    def dispatch():
+        buffer.dispatch(x, num_tokens_per_rank=ntpr, is_token_in_rank=itir, num_tokens_per_expert=ntpe,
+                        topk_idx=topk, topk_weights=weights)
+        torch.cuda.synchronize()
+
+    outcomes.append("dispatch hidden 2048 vs 4096: " +
+                    _expect_disagreement(rank, "dispatch with different hidden sizes", dispatch, ["hidden", "rank"]))
+    dist.barrier()
+    del buffer  # unusable now
+    dist.barrier()
+
+    # 2. A combine with different ring depths (num_max_nvl_chunked_recv_tokens 32 vs 64; the SM
+    #    count is checked against the handle on the host already): caught at combine's barrier,
+    #    raised by the next call on the buffer (combine does not wait on the host).
+    buffer = deep_ep.Buffer(dist.group.WORLD, num_nvl_bytes=_nvl_bytes(deep_ep, R))
+    problems, state = _roundtrip(buffer, torch, dev, rank, R, seed=3)
+    assert not problems, f"the healthy round before the combine mismatch failed: {problems}"
+    recv_x, recv_w, handle = state[6], state[7], state[8]
+    num_sms = deep_ep.Buffer.get_combine_config(R).num_sms
+    config = deep_ep.Config(num_sms, 4, 32 if rank == 0 else 64, 6, 256)
+    torch.cuda.synchronize()
+    dist.barrier()
+
+    def combine():
+        buffer.combine(recv_x, handle, topk_weights=recv_w, config=config)
+        torch.cuda.synchronize()
+        buffer.get_dispatch_layout(state[1], 64)  # any call reports the failure of an earlier one
+
+    outcomes.append("combine ring depth 32 vs 64: " +
+                    _expect_disagreement(rank, "combine with different ring depths", combine, ["ring depth", "rank"]))
+    dist.barrier()
+    del buffer
+    dist.barrier()
+    return "; ".join(outcomes)
+
+
 # ---- (b) bad inputs ------------------------------------------------------------------------------
 
 ALLOWED = (ValueError, TypeError, RuntimeError)
