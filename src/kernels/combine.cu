@@ -106,11 +106,11 @@ __device__ void combine_send(const CombineParams& p, const WarpStages& w, int ch
 /// Threads of the plain-sender kernel for domains of up to kMaxRanks ranks (its launch bound).
 template <int kMaxRanks>
 inline constexpr int kPlainSenderBlockThreads = combine_block_threads(block_channel_count(kMaxRanks), kMaxRanks, false);
-/// 16-byte loads in flight per lane: as many as the registers of a block of that size allow without
-/// spilling (ptxas caps 640/768/1024-thread blocks at 96/80/64 registers; 12 spills at R <= 4). A
-/// 7168-wide row (28 words per lane) takes 3 rounds at 10, 7 at 4.
+/// 16-byte loads in flight per lane (ptxas caps 640/768/1024-thread blocks at 96/80/64 registers).
+/// Measured at R = 4 (4 x H200, DeepEP workload): 8 -> 10 gained 3% at 24 SMs but lost 10% at 12
+/// (229 vs 255 GB/s), so 8 (4 rounds per 7168-wide row; 7 at 4).
 template <int kMaxRanks>
-inline constexpr int kWarpSenderUnroll = kMaxRanks <= 4 ? 10 : 4;
+inline constexpr int kWarpSenderUnroll = kMaxRanks <= 4 ? 8 : 4;
 
 template <int kMaxRanks>
 __device__ void combine_send_warp(const CombineParams& p, int dst, int channel, int lane) {
