@@ -59,7 +59,8 @@ class BufferImpl {
     layout_ = make_nvl_layout(nvl_domain_size_, static_cast<int64_t>(options.num_nvl_bytes));
     // Combine receivers address ring rows as 32-bit offsets in 16-byte words.
     require(layout_.allocation_bytes <= kMaxNvlBufferBytes,
-            "num_nvl_bytes " + str(options.num_nvl_bytes) + " exceeds the maximum of " + str(kMaxNvlBufferBytes));
+            "num_nvl_bytes " + str(options.num_nvl_bytes) + " plus the control header (" +
+                str(layout_.allocation_bytes) + " bytes) exceeds the maximum of " + str(kMaxNvlBufferBytes) + " bytes");
     FLASHEP_CUDA_CHECK(cudaMalloc(&local_buffer_, layout_.allocation_bytes));
     FLASHEP_CUDA_CHECK(cudaMemset(local_buffer_, 0, layout_.allocation_bytes));
     void* raw = nullptr;
@@ -128,8 +129,16 @@ class BufferImpl {
   }
 
   // ---- checks ------------------------------------------------------------------------------------
-  static CallInfo call_info(CallOp op, const Config& config, int num_channels, int slot_bytes, int num_experts) {
-    return CallInfo{static_cast<int>(op), num_channels, config.num_max_nvl_chunked_recv_tokens, slot_bytes,
+  /// The CallInfo of a call (layout_math.hpp); hidden 0 = row shape not known here.
+  static CallInfo call_info(CallOp op, const Config& config, int num_channels, int hidden, DType dtype, int num_topk,
+                            int num_experts) {
+    const bool shape_known = hidden > 0;
+    return CallInfo{static_cast<int>(op),
+                    num_channels,
+                    config.num_max_nvl_chunked_recv_tokens,
+                    shape_known ? hidden : 0,
+                    shape_known ? static_cast<int>(dtype) + 1 : 0,
+                    shape_known ? num_topk + 1 : 0,
                     num_experts};
   }
 
@@ -277,10 +286,7 @@ class BufferImpl {
     p.channel_prefix_matrix = a.channel_prefix_matrix;
     p.recv_channel_prefix_matrix = a.recv_channel_prefix_matrix;
     require(a.hidden >= 0 && a.num_topk >= 0, "notify_dispatch: hidden and num_topk must be >= 0");
-    const int slot_bytes =
-        a.hidden > 0 ? make_dispatch_slot(a.hidden, dtype_size(a.dtype), a.dtype == DType::kFloat8E4M3, a.num_topk).slot_bytes
-                     : 0;
-    p.call = call_info(CallOp::kDispatch, a.config, p.num_channels, slot_bytes, a.num_experts);
+    p.call = call_info(CallOp::kDispatch, a.config, p.num_channels, a.hidden, a.dtype, a.num_topk, a.num_experts);
     if (a.num_worst_tokens == 0) {
       // The host polls mapped_counts_->seq for this value; a stale notify can never match it.
       ++notify_seq_;
@@ -292,6 +298,7 @@ class BufferImpl {
     FLASHEP_CUDA_CHECK(cudaSetDevice(device_));
     launch_check(kernels::launch_notify_dispatch(p, stream), "notify_dispatch");
     notified_channels_ = p.num_channels;
+    notified_call_ = p.call;
     awaiting_counts_ = a.num_worst_tokens == 0;
   }
 
@@ -372,11 +379,20 @@ class BufferImpl {
       require(notified_channels_ == C, "dispatch: call notify_dispatch with the same config first (it used " +
                                            str(notified_channels_) + " channels, this config " + str(C) + ")");
       notified_channels_ = -1;
+      // What the peers checked at the count exchange must be what this rank now sends.
+      const CallInfo now = call_info(CallOp::kDispatch, a.config, C, a.hidden, a.dtype, a.num_topk, 0);
+      require(notified_call_.hidden == 0 ||
+                  (notified_call_.hidden == now.hidden && notified_call_.dtype == now.dtype &&
+                   notified_call_.num_topk == now.num_topk),
+              "dispatch: hidden " + str(a.hidden) + ", dtype or top-k " + str(a.num_topk) +
+                  " differ from what notify_dispatch announced (hidden " + str(notified_call_.hidden) + ", top-k " +
+                  str(notified_call_.num_topk - 1) + ")");
     }
     FLASHEP_CUDA_CHECK(cudaSetDevice(device_));
     if (a.cached) {
       const kernels::BarrierParams barrier{comm_context(), C,
-                                           call_info(CallOp::kCachedDispatch, a.config, C, slot.slot_bytes, 0)};
+                                           call_info(CallOp::kCachedDispatch, a.config, C, a.hidden, a.dtype,
+                                                     a.num_topk, 0)};
       launch_check(kernels::launch_notify_barrier(barrier, stream), "notify (cached dispatch)");
     }
     if (a.worst_case_mode && a.num_output_rows > 0) {
@@ -458,7 +474,8 @@ class BufferImpl {
                 str(a.hidden) + " too large)");
     require_ring_space(a.config, slot.slot_bytes, "combine");
     FLASHEP_CUDA_CHECK(cudaSetDevice(device_));
-    const kernels::BarrierParams barrier{comm_context(), C, call_info(CallOp::kCombine, a.config, C, slot.slot_bytes, 0)};
+    const kernels::BarrierParams barrier{
+        comm_context(), C, call_info(CallOp::kCombine, a.config, C, a.hidden, DType::kBFloat16, a.num_topk, 0)};
     launch_check(kernels::launch_notify_barrier(barrier, stream), "notify (combine)");
     kernels::CombineParams p{};
     p.comm = comm_context();
@@ -512,6 +529,7 @@ class BufferImpl {
   int notify_seq_ = 0;
   int num_local_experts_pending_ = 0;
   int notified_channels_ = -1;
+  CallInfo notified_call_{};  // of the last notify_dispatch
   bool awaiting_counts_ = false;
   int debug_dispatch_skip_ = env::debug_dispatch_skip();
   int profile_every_ = env::debug_profile();

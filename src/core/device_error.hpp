@@ -71,14 +71,22 @@ inline std::string describe(const DeviceErrorRecord& r, double timeout_s) {
            std::to_string(r.expected);
   }
   if (phase == Phase::kCallMismatch) {
-    // channel: the CallInfo field; expected: this rank's value; observed: the peer's.
-    static const char* const kFields[] = {"operation (1 dispatch, 2 cached dispatch, 3 combine)",
-                                          "channel count (config.num_sms / 2)",
-                                          "ring depth (config.num_max_nvl_chunked_recv_tokens)",
-                                          "ring slot bytes (hidden size, dtype, top-k)", "num_experts"};
-    const char* field = (r.channel >= 0 && r.channel < 5) ? kFields[r.channel] : "unknown field";
-    return s + "the ranks disagree on the call: " + field + " is " + std::to_string(r.expected) + " here and " +
-           std::to_string(r.observed) + " on rank " + std::to_string(r.peer) +
+    // channel: the CallInfo field (layout_math.hpp); expected: this rank's value; observed: the peer's.
+    static const char* const kFields[] = {"operation", "channel count (from config.num_sms)",
+                                          "ring depth (config.num_max_nvl_chunked_recv_tokens)", "hidden size",
+                                          "dtype", "top-k width", "num_experts"};
+    constexpr int kNumFields = sizeof(kFields) / sizeof(kFields[0]);
+    auto value = [&](int v) -> std::string {
+      switch (r.channel) {
+        case 0: return v == 1 ? "dispatch" : v == 2 ? "cached dispatch" : v == 3 ? "combine" : std::to_string(v);
+        case 4: return v == 1 ? "bf16" : v == 2 ? "fp8 e4m3" : std::to_string(v);
+        case 5: return std::to_string(v - 1);  // stored as top-k + 1
+        default: return std::to_string(v);
+      }
+    };
+    const char* field = (r.channel >= 0 && r.channel < kNumFields) ? kFields[r.channel] : "unknown field";
+    return s + "the ranks disagree on the call: " + field + " is " + value(r.expected) + " here and " +
+           value(r.observed) + " on rank " + std::to_string(r.peer) +
            ". Every rank must make the same sequence of calls with the same config and shapes; the buffer "
            "is unusable now and must be destroyed";
   }

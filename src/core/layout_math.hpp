@@ -4,7 +4,8 @@
 // The NVLink allocation of every rank (shared with its peers over CUDA IPC) is:
 //
 //   [ ring region (num_nvl_bytes): one ring per (channel, source rank), `ring_depth` slots each    ]
-//   [ control header: barrier signals | barrier epoch | notify slots (one per source) | tails | heads ]
+//   [ control header: barrier signals | barrier epoch | call infos (CallInfo, per source and epoch
+//     parity) | notify slots (one per source) | tails | heads ]
 //
 // A ring (c, s) in rank d's buffer carries channel c of source s to d. Its *tail* (slots written)
 // lives in d's header and is written by s; its *head* (slots consumed) lives in s's header at
@@ -155,10 +156,13 @@ struct CallInfo {
   int op;            // CallOp
   int num_channels;  // from config.num_sms
   int ring_depth;    // config.num_max_nvl_chunked_recv_tokens
-  int slot_bytes;    // ring slot: hidden size, dtype, scales, top-k (0: not known, not compared)
-  int num_experts;   // 0: not known / not applicable, not compared
+  // From here on 0 means "not known here" (not compared); known values are encoded to be > 0.
+  int hidden;        // row width in elements
+  int dtype;         // DType + 1
+  int num_topk;      // top-k width + 1 (a combine without topk_weights: 1)
+  int num_experts;   // a fresh dispatch's expert count
 };
-inline constexpr int kCallInfoInts = 5;
+inline constexpr int kCallInfoInts = 7;
 inline constexpr int kCallInfoOptionalFrom = 3;  // fields from here on are compared only when both are known
 
 /// Index of the first field on which two ranks' CallInfo (as kCallInfoInts ints) disagree, or -1.

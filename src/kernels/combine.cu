@@ -366,8 +366,10 @@ cudaError_t launch_combine(const CombineParams& p, int num_sms, cudaStream_t str
     kernel<<<num_sms, threads, smem, stream>>>(p);
     return cudaGetLastError();
   };
-  // The instantiation for the domain size (a debug knob may pick a larger one).
-  const int kernel_ranks = R > p.kernel_ranks ? R : p.kernel_ranks;
+  // The instantiation for the domain size. A debug knob may pick a larger one, where the block
+  // fits its launch bound (the 16-rank kernel has one channel per block: not for R 5..8).
+  int kernel_ranks = R > p.kernel_ranks ? R : p.kernel_ranks;
+  if (kernel_ranks > 8 && !p.bulk_sender && threads > kPlainSenderBlockThreads<16>) kernel_ranks = 8;
   if (p.bulk_sender) {
     if (kernel_ranks <= 2) return launch(combine_kernel<2, true>);
     if (kernel_ranks <= 4) return launch(combine_kernel<4, true>);

@@ -236,8 +236,10 @@ cudaError_t launch_dispatch(const DispatchParams& p, int num_sms, cudaStream_t s
     kernel<<<num_sms, dispatch_block_threads(p.channels_per_block, R), smem, stream>>>(p);
     return cudaGetLastError();
   };
-  // The instantiation for the domain size (a debug knob may pick a larger one).
-  const int kernel_ranks = R > p.kernel_ranks ? R : p.kernel_ranks;
+  // The instantiation for the domain size. A debug knob may pick a larger one, where the block
+  // fits its launch bound (the 16-rank kernel has one channel per block: not for R 5..8).
+  int kernel_ranks = R > p.kernel_ranks ? R : p.kernel_ranks;
+  if (kernel_ranks > 8 && dispatch_block_threads(p.channels_per_block, R) > kDispatchBlockThreads<16>) kernel_ranks = 8;
   if (kernel_ranks <= 2) return launch(dispatch_kernel<2>);
   if (kernel_ranks <= 4) return launch(dispatch_kernel<4>);
   if (kernel_ranks <= 8) return launch(dispatch_kernel<8>);

@@ -155,10 +155,10 @@ __device__ bool run_ring_sender(Policy& policy, const WarpStages& w, const RingS
     const int stage = sent % S;
     const uint32_t dst_mask = policy.next_send(s.tail);
     char* slot_image = w.stage(stage);
-    if (!device::mbarrier_wait(w.barriers + stage, (sent / S) & 1, ctx.timeout_ns)) {
-      if (lane == 0) device::record_error(ctx, Phase::kSendWaitRowLoad, -1, cfg.channel, sent, -1);
-      ok = false;
-    }
+    if (!device::mbarrier_wait(w.barriers + stage, (sent / S) & 1, ctx.timeout_ns)) ok = false;
+    const uint32_t load_failed = __ballot_sync(0xffffffffu, !ok);
+    if (load_failed != 0 && lane == __ffs(load_failed) - 1)
+      device::record_error(ctx, Phase::kSendWaitRowLoad, -1, cfg.channel, sent, -1);
     device::fence_proxy_async_shared();
     __syncwarp();
     clock.mark(1);  // waiting for the row
@@ -178,9 +178,14 @@ __device__ bool run_ring_sender(Policy& policy, const WarpStages& w, const RingS
     ++sent;
     if (__any_sync(0xffffffffu, !ok)) {
       // Leave no copy in flight into or out of this block's shared memory, which another block
-      // may own once we exit: the loads of items sent - 1 .. loaded - 1 (bounded), our stores.
-      for (int item = sent - 1; item < loaded; ++item)
-        device::mbarrier_wait(w.barriers + item % S, (item / S) & 1, ctx.timeout_ns);
+      // may own once we exit: the loads of items sent - 1 .. loaded - 1 (one timeout bounds them
+      // all), then our stores.
+      const uint64_t drain_start = device::global_timer_ns();
+      for (int item = sent - 1; item < loaded; ++item) {
+        const uint64_t spent = device::global_timer_ns() - drain_start;
+        if (spent >= ctx.timeout_ns) break;
+        device::mbarrier_wait(w.barriers + item % S, (item / S) & 1, ctx.timeout_ns - spent);
+      }
       device::bulk_wait_written(0);
       return false;
     }

@@ -82,7 +82,8 @@ static void test_buffer_layout() {
 }
 
 static void test_call_info_mismatch() {
-  const CallInfo mine{static_cast<int>(CallOp::kCombine), 48, 32, 14464, 0};
+  // A combine of 7168-wide rows with top-8 weights (top-k stored + 1, dtype as DType + 1).
+  const CallInfo mine{static_cast<int>(CallOp::kCombine), 48, 32, 7168, 1, 9, 0};
   CallInfo theirs = mine;
   auto mismatch = [&] {
     return call_info_mismatch(reinterpret_cast<const int*>(&mine), reinterpret_cast<const int*>(&theirs));
@@ -98,9 +99,16 @@ static void test_call_info_mismatch() {
   theirs.ring_depth = 64;
   CHECK_EQ(mismatch(), 2);
   theirs = mine;
-  theirs.slot_bytes = 8320;
+  theirs.hidden = 7176;  // same 128-byte-padded slot as 7168: the field itself is compared
   CHECK_EQ(mismatch(), 3);
-  theirs.slot_bytes = 0;  // not known on one side: not compared
+  theirs = mine;
+  theirs.dtype = 2;
+  CHECK_EQ(mismatch(), 4);
+  theirs = mine;
+  theirs.num_topk = 1;  // no weights on that rank
+  CHECK_EQ(mismatch(), 5);
+  theirs = mine;
+  theirs.hidden = theirs.dtype = theirs.num_topk = 0;  // shape not known on one side: not compared
   CHECK_EQ(mismatch(), -1);
   theirs.num_experts = 256;  // known on one side only
   CHECK_EQ(mismatch(), -1);
@@ -208,13 +216,20 @@ static void test_error_messages() {
   r.phase = static_cast<int>(Phase::kCallMismatch);
   r.peer = 1;
   r.channel = 3;
-  r.expected = 14464;
-  r.observed = 8320;
+  r.expected = 7168;
+  r.observed = 4096;
   const std::string mismatch_message = describe(r, 10.0);
   CHECK(mismatch_message.find("disagree") != std::string::npos);
-  CHECK(mismatch_message.find("hidden size") != std::string::npos);
-  CHECK(mismatch_message.find("14464 here and 8320 on rank 1") != std::string::npos);
+  CHECK(mismatch_message.find("hidden size is 7168 here and 4096 on rank 1") != std::string::npos);
   CHECK(mismatch_message.find("timed out") == std::string::npos);
+  r.channel = 5;  // top-k, stored + 1
+  r.expected = 9;
+  r.observed = 1;
+  CHECK(describe(r, 10.0).find("top-k width is 8 here and 0 on rank 1") != std::string::npos);
+  r.channel = 0;
+  r.expected = 3;
+  r.observed = 2;
+  CHECK(describe(r, 10.0).find("operation is combine here and cached dispatch on rank 1") != std::string::npos);
 }
 
 int main() {
