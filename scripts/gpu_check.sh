@@ -7,7 +7,8 @@
 # Steps (each logged to $LOGDIR/<step>.log; a failing step does not stop the later ones, except that
 # nothing that needs the package runs when its install failed):
 #   1. install   python3 -m pip install --no-build-isolation --no-deps -v .   (CMAKE_BUILD_PARALLEL_LEVEL=nproc)
-#   2. cpp       cmake -B build -G Ninja && cmake --build build && ctest --test-dir build
+#   2. cpp       cmake -B build -G Ninja && cmake --build build && ctest --test-dir build, then the C++
+#                example (build/examples/flashep_example: all local GPUs, torch-free)
 #   3. pytest    python3 -m pytest -x -v -s tests/python   (GPU tests adapt to the GPU count)
 #   3b. kernels16 the intranode tests again (quick grid) on the kernels built for 8- and 16-rank
 #                domains (FLASHEP_DEBUG_KERNEL_RANKS), so fewer GPUs test that code too
@@ -110,7 +111,8 @@ if [[ $RUN_TESTS -eq 1 && $RUN_CPP -eq 1 ]]; then
   cpp_tests() {
     cmake -B build -G Ninja -DCMAKE_BUILD_TYPE=Release ${CUDACXX:+-DCMAKE_CUDA_COMPILER="$CUDACXX"} &&
       cmake --build build -j "$NPROC" &&
-      ctest --test-dir build --output-on-failure
+      ctest --test-dir build --output-on-failure &&
+      { [[ ! -x build/examples/flashep_example ]] || build/examples/flashep_example; }
   }
   run_step cpp cpp_tests || true
 else
