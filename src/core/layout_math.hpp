@@ -85,6 +85,28 @@ FLASHEP_HD constexpr int combine_block_threads(int channels_in_block, int num_nv
          32;
 }
 
+/// The dispatch and combine kernels are instantiated for domains of up to 2, 4, 8 and 16 ranks
+/// (register budgets and unrolling differ); each has a launch bound, the block of its largest domain.
+FLASHEP_HD constexpr int kernel_instance_for(int num_ranks) {
+  return num_ranks <= 2 ? 2 : num_ranks <= 4 ? 4 : num_ranks <= 8 ? 8 : 16;
+}
+FLASHEP_HD constexpr int dispatch_launch_bound(int instance_ranks) {
+  return dispatch_block_threads(block_channel_count(instance_ranks), instance_ranks);
+}
+FLASHEP_HD constexpr int combine_launch_bound(int instance_ranks, bool bulk_sender) {
+  return bulk_sender ? kMaxChannelsPerBlock * (1 + kCombineWorkers) * 32
+                     : combine_block_threads(block_channel_count(instance_ranks), instance_ranks, false);
+}
+/// The instantiation that runs a domain of `num_ranks` whose block has `block_threads` threads,
+/// when a debug knob (FLASHEP_DEBUG_KERNEL_RANKS) asks for at least `requested`: the one for
+/// max(num_ranks, requested), or the one for num_ranks where the block exceeds the larger one's
+/// launch bound (`launch_bound(instance)`; the 16-rank kernels have one channel per block).
+template <typename LaunchBound>
+FLASHEP_HD int kernel_instance(int num_ranks, int requested, int block_threads, LaunchBound launch_bound) {
+  const int wanted = kernel_instance_for(num_ranks > requested ? num_ranks : requested);
+  return block_threads <= launch_bound(wanted) ? wanted : kernel_instance_for(num_ranks);
+}
+
 /// Half-open token range [begin, end) of `channel` when `num_tokens` are split over `num_channels`
 /// contiguous, balanced ranges (sizes differ by at most one).
 struct TokenRange {

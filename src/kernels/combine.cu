@@ -103,9 +103,6 @@ __device__ void combine_send(const CombineParams& p, const WarpStages& w, int ch
 /// the rows with plain 16-byte loads and stores, no shared memory. Each row has one destination, so
 /// the bulk sender keeps only a stage's worth of bytes in flight per row, while plain stores keep
 /// as many in flight as the memory system accepts; which wins is measured (docs/performance.md).
-/// Threads of the plain-sender kernel for domains of up to kMaxRanks ranks (its launch bound).
-template <int kMaxRanks>
-inline constexpr int kPlainSenderBlockThreads = combine_block_threads(block_channel_count(kMaxRanks), kMaxRanks, false);
 /// 16-byte loads in flight per lane (ptxas caps 640/768/1024-thread blocks at 96/80/64 registers).
 /// Measured at R = 4 (4 x H200, DeepEP workload): 8 -> 10 gained 3% at 24 SMs but lost 10% at 12
 /// (229 vs 255 GB/s), so 8 (4 rounds per 7168-wide row; 7 at 4).
@@ -319,9 +316,7 @@ __device__ void combine_recv(const CombineParams& p, int channel, int worker, vo
 }
 
 template <int kMaxRanks, bool kBulkSender>
-__global__ void __launch_bounds__(kBulkSender ? kMaxChannelsPerBlock * (1 + kCombineWorkers) * 32
-                                              : kPlainSenderBlockThreads<kMaxRanks>,
-                                  1)
+__global__ void __launch_bounds__(combine_launch_bound(kMaxRanks, kBulkSender), 1)
     combine_kernel(CombineParams p) {
   extern __shared__ __align__(128) char smem[];
   __shared__ int positions[kMaxChannelsPerBlock * kCombineWorkers];
@@ -366,10 +361,10 @@ cudaError_t launch_combine(const CombineParams& p, int num_sms, cudaStream_t str
     kernel<<<num_sms, threads, smem, stream>>>(p);
     return cudaGetLastError();
   };
-  // The instantiation for the domain size. A debug knob may pick a larger one, where the block
-  // fits its launch bound (the 16-rank kernel has one channel per block: not for R 5..8).
-  int kernel_ranks = R > p.kernel_ranks ? R : p.kernel_ranks;
-  if (kernel_ranks > 8 && !p.bulk_sender && threads > kPlainSenderBlockThreads<16>) kernel_ranks = 8;
+  // The instantiation for the domain size (a debug knob may pick a larger one).
+  const bool bulk = p.bulk_sender;
+  const int kernel_ranks =
+      kernel_instance(R, p.kernel_ranks, threads, [bulk](int k) { return combine_launch_bound(k, bulk); });
   if (p.bulk_sender) {
     if (kernel_ranks <= 2) return launch(combine_kernel<2, true>);
     if (kernel_ranks <= 4) return launch(combine_kernel<4, true>);

@@ -118,7 +118,7 @@ __device__ void dispatch_send(const DispatchParams& p, const WarpStages& w, int 
 
 /// Threads of a dispatch block for domains of up to kMaxRanks ranks (its launch bound).
 template <int kMaxRanks>
-inline constexpr int kDispatchBlockThreads = dispatch_block_threads(block_channel_count(kMaxRanks), kMaxRanks);
+inline constexpr int kDispatchBlockThreads = dispatch_launch_bound(kMaxRanks);
 /// 16-byte loads in flight per lane while a receiver copies a row (ring -> output, local memory).
 /// A receiver is latency-bound (one warp per source ring), so it takes as much of a row per round
 /// as the registers allow without spilling: 192 threads (R <= 2) leave 244 registers, 320 (R <= 4)
@@ -236,10 +236,9 @@ cudaError_t launch_dispatch(const DispatchParams& p, int num_sms, cudaStream_t s
     kernel<<<num_sms, dispatch_block_threads(p.channels_per_block, R), smem, stream>>>(p);
     return cudaGetLastError();
   };
-  // The instantiation for the domain size. A debug knob may pick a larger one, where the block
-  // fits its launch bound (the 16-rank kernel has one channel per block: not for R 5..8).
-  int kernel_ranks = R > p.kernel_ranks ? R : p.kernel_ranks;
-  if (kernel_ranks > 8 && dispatch_block_threads(p.channels_per_block, R) > kDispatchBlockThreads<16>) kernel_ranks = 8;
+  // The instantiation for the domain size (a debug knob may pick a larger one).
+  const int kernel_ranks = kernel_instance(R, p.kernel_ranks, dispatch_block_threads(p.channels_per_block, R),
+                                           [](int k) { return dispatch_launch_bound(k); });
   if (kernel_ranks <= 2) return launch(dispatch_kernel<2>);
   if (kernel_ranks <= 4) return launch(dispatch_kernel<4>);
   if (kernel_ranks <= 8) return launch(dispatch_kernel<8>);

@@ -114,6 +114,30 @@ static void test_call_info_mismatch() {
   CHECK_EQ(mismatch(), -1);
 }
 
+static void test_kernel_instances() {
+  // Whatever the debug knob asks for, the chosen instantiation handles the domain and its launch
+  // bound admits the block (a block over the bound would not launch).
+  for (int R = 1; R <= kMaxNvlRanks; ++R) {
+    const int G = block_channel_count(R);
+    CHECK_EQ(kernel_instance(R, 0, dispatch_block_threads(G, R), dispatch_launch_bound), kernel_instance_for(R));
+    for (int requested : {0, 2, 4, 8, 16}) {
+      const int d = kernel_instance(R, requested, dispatch_block_threads(G, R), dispatch_launch_bound);
+      CHECK(d >= R && d >= kernel_instance_for(R));
+      CHECK(dispatch_block_threads(G, R) <= dispatch_launch_bound(d));
+      for (bool bulk : {false, true}) {
+        const int threads = combine_block_threads(G, R, bulk);
+        const int c = kernel_instance(R, requested, threads, [bulk](int k) { return combine_launch_bound(k, bulk); });
+        CHECK(c >= R);
+        CHECK(threads <= combine_launch_bound(c, bulk));
+        CHECK(threads <= 1024);
+      }
+    }
+  }
+  // The case a review caught: 16-rank kernels on 8 ranks fall back to the 8-rank ones.
+  CHECK_EQ(kernel_instance(8, 16, dispatch_block_threads(2, 8), dispatch_launch_bound), 8);
+  CHECK_EQ(kernel_instance(4, 16, dispatch_block_threads(2, 4), dispatch_launch_bound), 16);
+}
+
 static void test_send_head_encoding() {
   for (int before : {0, 1, 5, 1000}) {
     CHECK_EQ(slots_before(encode_send_head(true, before)), before);
@@ -238,6 +262,7 @@ int main() {
   test_buffer_layout();
   test_send_head_encoding();
   test_call_info_mismatch();
+  test_kernel_instances();
   test_bulk_stages();
   test_config();
   test_error_messages();
