@@ -490,6 +490,7 @@ class BufferImpl {
     p.num_tokens = a.num_tokens;
     p.hidden = a.hidden;
     p.num_topk = a.num_topk;
+    p.num_recv_tokens = a.num_recv_tokens;
     p.num_channels = C;
     p.ring_depth = a.config.num_max_nvl_chunked_recv_tokens;
     p.chunk_tokens = a.config.num_max_nvl_chunked_send_tokens;

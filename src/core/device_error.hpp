@@ -20,6 +20,7 @@ enum class Phase : int {
   kDispatchInvalidExpert,   // dispatch saw an expert id outside [-1, E)
   kSendWaitRowLoad,         // a bulk-copy sender waiting for its own row to land in shared memory
   kCallMismatch,            // the ranks of a call disagree on it (CallInfo, layout_math.hpp)
+  kCombineBadHandle,        // a combine handle points at rows of x that do not exist
 };
 
 /// Written by the first failing thread (flag set last, after the fields). Plain ints so the layout
@@ -50,13 +51,15 @@ inline const char* phase_name(Phase phase) {
     case Phase::kDispatchInvalidExpert: return "dispatch (invalid expert id in topk_idx)";
     case Phase::kSendWaitRowLoad: return "send (waiting for a row to load from local memory into a stage)";
     case Phase::kCallMismatch: return "barrier (the ranks disagree on the call)";
+    case Phase::kCombineBadHandle: return "combine (the handle does not match x)";
   }
   return "unknown";
 }
 
 inline bool phase_is_timeout(Phase phase) {
   return phase != Phase::kLayoutInvalidExpert && phase != Phase::kDispatchTooManyTokens &&
-         phase != Phase::kDispatchInvalidExpert && phase != Phase::kCallMismatch && phase != Phase::kNone;
+         phase != Phase::kDispatchInvalidExpert && phase != Phase::kCallMismatch && phase != Phase::kCombineBadHandle &&
+         phase != Phase::kNone;
 }
 
 inline std::string describe(const DeviceErrorRecord& r, double timeout_s) {
@@ -65,6 +68,12 @@ inline std::string describe(const DeviceErrorRecord& r, double timeout_s) {
   if (phase == Phase::kLayoutInvalidExpert || phase == Phase::kDispatchInvalidExpert) {
     return s + phase_name(phase) + ": token " + std::to_string(r.expected) + " has expert id " +
            std::to_string(r.observed) + " (num_experts " + std::to_string(r.peer) + ")";
+  }
+  if (phase == Phase::kCombineBadHandle) {
+    return s + phase_name(phase) + ": it sends rows up to " + std::to_string(r.observed) + " of x to rank " +
+           std::to_string(r.peer) + " on channel " + std::to_string(r.channel) + ", but x has " +
+           std::to_string(r.expected) + " rows (a handle of another dispatch, or modified). Nothing was read "
+           "out of bounds; the buffer is unusable now and must be destroyed";
   }
   if (phase == Phase::kDispatchTooManyTokens) {
     return s + phase_name(phase) + ": " + std::to_string(r.observed) + " tokens arrived, num_worst_tokens is " +

@@ -37,6 +37,17 @@ __device__ __forceinline__ int4 to_bf16x8(const float (&acc)[8]) {
   return out;
 }
 
+/// The handle's matrices say which rows of x go to each rank; a handle of another dispatch (or a
+/// modified one) could point past x. Checked before any row is read (lane 0 records the error).
+__device__ __forceinline__ bool handle_rows_valid(const CombineParams& p, const device::WaitContext& ctx,
+                                                  int64_t first_row, int count, int dst, int channel) {
+  if (first_row >= 0 && count >= 0 && first_row + count <= p.num_recv_tokens) return true;
+  if ((threadIdx.x % 32) == 0)
+    device::record_error(ctx, Phase::kCombineBadHandle, dst, channel, p.num_recv_tokens,
+                         static_cast<int>(first_row + count));
+  return false;
+}
+
 /// Sender policy of run_ring_sender: the rows each source rank sent us in this channel (contiguous
 /// in x), taken one per source in turn. Lane r tracks source r.
 struct CombineSendPolicy {
@@ -91,6 +102,16 @@ __device__ void combine_send(const CombineParams& p, const WarpStages& w, int ch
     policy.count = channel_prefix[channel] - begin_in_rank;
     policy.first_row = (lane > 0 ? p.rank_prefix_matrix[(lane - 1) * R + comm.rank] : 0) + begin_in_rank;
   }
+  const bool rows_ok = lane >= R || (policy.first_row >= 0 && policy.count >= 0 &&
+                                      policy.first_row + policy.count <= p.num_recv_tokens);
+  const uint32_t bad = __ballot_sync(0xffffffffu, !rows_ok);
+  if (bad != 0) {
+    const int dst = __ffs(bad) - 1;
+    if (lane == dst)
+      device::record_error(wait_context(comm), Phase::kCombineBadHandle, dst, channel, p.num_recv_tokens,
+                           static_cast<int>(policy.first_row + policy.count));
+    return;
+  }
   const RingSendTarget target = ring_send_target(comm, channel, p.ring_depth, p.slot.slot_bytes, lane);
   const RingSendConfig cfg{R, p.ring_depth, p.chunk_tokens, p.slot.row_bytes, /*store_offset=*/0, p.publish_lag,
                            Phase::kCombineSendWaitSpace, channel};
@@ -118,11 +139,12 @@ __device__ void combine_send_warp(const CombineParams& p, int dst, int channel, 
   const int count = channel_prefix[channel] - begin_in_rank;
   if (count == 0) return;
   const int64_t first_row = (dst > 0 ? p.rank_prefix_matrix[(dst - 1) * R + comm.rank] : 0) + begin_in_rank;
+  const device::WaitContext ctx = wait_context(comm);
+  if (!handle_rows_valid(p, ctx, first_row, count, dst, channel)) return;
   const int slot_bytes = p.slot.slot_bytes;
   char* ring = at(comm.peer_buffers[dst], comm.layout.ring(channel, comm.rank, p.ring_depth, slot_bytes));
   int* remote_tail = int_at(comm.peer_buffers[dst], comm.layout.tail(channel, comm.rank));
   const int* local_head = int_at(comm.local_buffer, comm.layout.head(channel, dst));
-  const device::WaitContext ctx = wait_context(comm);
   const int row_int4 = p.slot.row_bytes / 16;
 
   int published = 0, head = 0;

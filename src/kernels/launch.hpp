@@ -107,6 +107,7 @@ struct CombineParams {
   const int* recv_channel_prefix_matrix;
   const int* send_head;
   int num_tokens, hidden, num_topk, num_channels, ring_depth, chunk_tokens;
+  int num_recv_tokens;  // rows of x (the handle's matrices must stay inside them)
   CombineSlotLayout slot;
   int channels_per_block;  // block_channel_count(R)
   int stages;              // combine_stages(channels_per_block, slot.slot_bytes) >= 1

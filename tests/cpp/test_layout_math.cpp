@@ -254,6 +254,14 @@ static void test_error_messages() {
   r.expected = 3;
   r.observed = 2;
   CHECK(describe(r, 10.0).find("operation is combine here and cached dispatch on rank 1") != std::string::npos);
+  // A combine handle that points past x.
+  r.phase = static_cast<int>(Phase::kCombineBadHandle);
+  r.channel = 2;
+  r.expected = 100;
+  r.observed = 412;
+  const std::string handle_message = describe(r, 10.0);
+  CHECK(handle_message.find("rows up to 412 of x to rank 1 on channel 2, but x has 100 rows") != std::string::npos);
+  CHECK(handle_message.find("timed out") == std::string::npos);
 }
 
 int main() {

@@ -200,6 +200,38 @@ def _mismatch_worker(rank, R):
     dist.barrier()
     del buffer
     dist.barrier()
+
+    # 3. A combine whose handle points past x (its rank_prefix_matrix scaled up, on every rank): the
+    #    senders refuse before reading a row; the next call raises.
+    buffer = deep_ep.Buffer(dist.group.WORLD, num_nvl_bytes=_nvl_bytes(deep_ep, R))
+    problems, state = _roundtrip(buffer, torch, dev, rank, R, seed=5)
+    assert not problems, f"the healthy round before the bad-handle test failed: {problems}"
+    recv_x, recv_w, handle = state[6], state[7], state[8]
+    bad_handle = (handle[0] * 4 + 1000,) + tuple(handle[1:])
+    torch.cuda.synchronize()
+    dist.barrier()
+
+    def combine_bad_handle():
+        buffer.combine(recv_x, bad_handle, topk_weights=recv_w)
+        torch.cuda.synchronize()
+        buffer.get_dispatch_layout(state[1], 64)
+
+    start = time.monotonic()
+    error = None
+    try:
+        combine_bad_handle()
+    except Exception as e:  # noqa: BLE001 (checked below)
+        error = e
+    elapsed = time.monotonic() - start
+    dh.log_all(rank, f"combine with a handle past x: {type(error).__name__ if error else 'no error'} after "
+                     f"{elapsed:.1f} s: {error}")
+    assert isinstance(error, RuntimeError), f"combine with a bad handle: expected a RuntimeError, got {error!r}"
+    assert "handle does not match x" in str(error), f"combine with a bad handle: unexpected error: {error}"
+    assert elapsed < MISMATCH_RAISE_WITHIN_S, f"combine with a bad handle: the error came after {elapsed:.1f} s"
+    outcomes.append(f"combine with a handle past x: {elapsed:.2f} s")
+    dist.barrier()
+    del buffer
+    dist.barrier()
     return "; ".join(outcomes)
 
 
