@@ -23,7 +23,7 @@
 #        --no-install reuse the installed package (skip step 1)
 #        --no-cpp     skip step 2
 # Environment: OUT (results folder: logs, bench.md, pytest junit xml), PYTHON (default python3),
-#              BENCH_ARGS (extra arguments for flashep.bench, e.g. "--shapes all").
+#              BENCH_ARGS (extra arguments for flashep.bench, e.g. "--shapes deepep --sms 24").
 # Exit status: 0 when every step that ran passed.
 set -euo pipefail
 

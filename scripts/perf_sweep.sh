@@ -17,7 +17,7 @@ for sender in ${COMBINE_SENDERS:-warp}; do
     for lag in $LAGS; do
       echo "== FLASHEP_COMBINE_SENDER=$sender FLASHEP_PUBLISH_LAG=$lag FLASHEP_DEBUG_DISPATCH_SKIP=$skip sms=$SMS chunks=$CHUNKS"
       FLASHEP_COMBINE_SENDER=$sender FLASHEP_PUBLISH_LAG=$lag FLASHEP_DEBUG_DISPATCH_SKIP=$skip "$PY" -m flashep.bench \
-        --sms "$SMS" --chunks "$CHUNKS" --timeout 300 | grep -E '^\| [0-9]' || echo "(bench failed)"
+        --shapes deepep --sms "$SMS" --chunks "$CHUNKS" --timeout 300 | grep -E '^\| [0-9]' || echo "(bench failed)"
     done
   done
 done

@@ -1,7 +1,7 @@
 """Benchmark of the high-throughput path: FP8 dispatch, BF16 dispatch and BF16 combine per shape and
 SM count, next to an NCCL all_to_all_single baseline moving the same bytes.
 
-    python3 -m flashep.bench [--num-ranks N] [--sms 8,12,16,24,32] [--shapes deepep|all] [--out FILE]
+    python3 -m flashep.bench [--num-ranks N] [--sms 8,12,16,24,32] [--shapes all|deepep] [--out FILE]
 
 One process per GPU (default: every visible GPU), one Buffer sized for every config used. Per shape
 (tokens per rank, hidden, top-k, experts; routing: each token picks top-k distinct experts uniformly
@@ -60,7 +60,8 @@ def _parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python3 -m flashep.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-ranks", type=int, default=0, help="processes/GPUs (default: all visible GPUs)")
     parser.add_argument("--sms", default="8,12,16,24,32", help="comma-separated SM counts (even)")
-    parser.add_argument("--shapes", choices=sorted(SHAPES), default="deepep", help="workloads to run")
+    parser.add_argument("--shapes", choices=sorted(SHAPES), default="all",
+                        help="workloads to run: the DeepEP one, or it and two more (default)")
     parser.add_argument("--out", default=None, help="write the table as markdown to this file")
     parser.add_argument("--warmup", type=int, default=5, help="warm-up iterations (>= 5)")
     parser.add_argument("--iters", type=int, default=20, help="timed iterations (>= 20)")
