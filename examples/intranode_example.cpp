@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <stdexcept>
 #include <vector>
 
 #include "flashep/buffer.hpp"
@@ -41,7 +42,7 @@ struct ShmAllGather {
   SharedExchange* shm;
   int rank, num_ranks;
   void operator()(const void* mine, size_t bytes, void* all) const {
-    if (bytes > sizeof(shm->data[0])) throw flashep::Error("example all-gather: payload too large");
+    if (bytes > sizeof(shm->data[0])) throw std::runtime_error("example all-gather: payload too large");
     std::memcpy(shm->data[rank], mine, bytes);
     barrier();
     for (int r = 0; r < num_ranks; ++r) std::memcpy(static_cast<char*>(all) + r * bytes, shm->data[r], bytes);
@@ -55,7 +56,7 @@ struct ShmAllGather {
     } else {
       // Bounded: a sibling that died must not freeze the others.
       for (int waited_ms = 0; shm->generation.load() == gen; waited_ms += 1) {
-        if (waited_ms > 120000) throw flashep::Error("example all-gather: timed out waiting for the other ranks");
+        if (waited_ms > 120000) throw std::runtime_error("example all-gather: timed out waiting for the other ranks");
         usleep(1000);
       }
     }
@@ -72,6 +73,14 @@ int run_rank(int rank, int num_ranks, int num_tokens, int hidden, SharedExchange
   options.num_nvl_bytes = config.get_nvl_buffer_size_hint(size_t(hidden) * 2, num_ranks);
   flashep::Buffer buffer(options, ShmAllGather{shm, rank, num_ranks});
   cudaStream_t stream = buffer.comm_stream();
+  // Every peer reached through its transport (NVLink here), with a checked pattern.
+  for (const flashep::PeerCheck& peer : buffer.check_transports(64 << 10)) {
+    if (peer.mismatched_words != 0) {
+      std::fprintf(stderr, "rank %d: the transport check with rank %d failed (%lld words)\n", rank, peer.peer,
+                   static_cast<long long>(peer.mismatched_words));
+      return 1;
+    }
+  }
 
   // Random routing (distinct experts per token, some slots masked) and small-integer bf16 x.
   std::mt19937 rng(1234 + rank);
@@ -115,18 +124,23 @@ int run_rank(int rank, int num_ranks, int num_tokens, int hidden, SharedExchange
   buffer.get_dispatch_layout({d_topk_idx, num_tokens, num_topk, num_experts, d_tokens_per_rank, nullptr,
                               d_tokens_per_expert, d_in_rank},
                              stream);
+  // The handle: caller-allocated tensors that notify/dispatch fill and combine reads.
+  flashep::DispatchHandle handle;
+  handle.is_token_in_rank = d_in_rank;
+  handle.rank_prefix_matrix = d_rank_prefix;
+  handle.channel_prefix_matrix = d_channel_prefix;
+  handle.recv_channel_prefix_matrix = d_recv_channel_prefix;
+  handle.send_head = d_send_head;
   flashep::NotifyDispatchArgs notify;
   notify.num_tokens_per_rank = d_tokens_per_rank;
   notify.num_tokens_per_expert = d_tokens_per_expert;
-  notify.is_token_in_rank = d_in_rank;
+  notify.topk_idx = d_topk_idx;  // the GPU checks the counts and the expert ids against it
   notify.num_tokens = num_tokens;
   notify.num_experts = num_experts;
-  notify.rank_prefix_matrix = d_rank_prefix;
-  notify.channel_prefix_matrix = d_channel_prefix;
-  notify.recv_channel_prefix_matrix = d_recv_channel_prefix;
-  notify.config = config;
-  notify.hidden = hidden;  // optional: every rank's row shape is then checked at the barrier too
+  notify.hidden = hidden;  // every rank's row shape is checked at the barrier
   notify.num_topk = num_topk;
+  notify.config = config;
+  notify.handle = &handle;
   buffer.notify_dispatch(notify, stream);
   const flashep::RecvCounts counts = buffer.wait_recv_counts();  // wait-notify: sized from the GPU's counts
 
@@ -134,7 +148,7 @@ int run_rank(int rank, int num_ranks, int num_tokens, int hidden, SharedExchange
   auto* d_recv_x = static_cast<__nv_bfloat16*>(device_alloc(size_t(num_recv) * hidden * 2));
   auto* d_recv_topk_idx = static_cast<int64_t*>(device_alloc(size_t(num_recv) * num_topk * 8));
   auto* d_recv_topk_weights = static_cast<float*>(device_alloc(size_t(num_recv) * num_topk * 4));
-  auto* d_recv_src_idx = static_cast<int*>(device_alloc(size_t(num_recv) * 4));
+  handle.recv_src_idx = static_cast<int*>(device_alloc(size_t(num_recv) * 4));
   flashep::DispatchArgs dispatch;
   dispatch.x = d_x;
   dispatch.num_tokens = num_tokens;
@@ -143,16 +157,11 @@ int run_rank(int rank, int num_ranks, int num_tokens, int hidden, SharedExchange
   dispatch.topk_weights = d_topk_weights;
   dispatch.num_topk = num_topk;
   dispatch.num_experts = num_experts;
-  dispatch.is_token_in_rank = d_in_rank;
-  dispatch.rank_prefix_matrix = d_rank_prefix;
-  dispatch.channel_prefix_matrix = d_channel_prefix;
-  dispatch.recv_channel_prefix_matrix = d_recv_channel_prefix;
   dispatch.num_output_rows = num_recv;
+  dispatch.handle = &handle;
   dispatch.recv_x = d_recv_x;
   dispatch.recv_topk_idx = d_recv_topk_idx;
   dispatch.recv_topk_weights = d_recv_topk_weights;
-  dispatch.recv_src_idx = d_recv_src_idx;
-  dispatch.send_head = d_send_head;
   dispatch.config = config;
   buffer.dispatch(dispatch, stream);
 
@@ -160,16 +169,10 @@ int run_rank(int rank, int num_ranks, int num_tokens, int hidden, SharedExchange
   auto* d_combined = static_cast<__nv_bfloat16*>(device_alloc(x.size() * 2));
   flashep::CombineArgs combine;
   combine.x = d_recv_x;
-  combine.num_recv_tokens = num_recv;
   combine.hidden = hidden;
-  combine.rank_prefix_matrix = d_rank_prefix;
-  combine.channel_prefix_matrix = d_channel_prefix;
-  combine.recv_channel_prefix_matrix = d_recv_channel_prefix;
-  combine.is_token_in_rank = d_in_rank;
-  combine.send_head = d_send_head;
-  combine.num_tokens = num_tokens;
+  combine.handle = &handle;
   combine.combined_x = d_combined;
-  combine.config = flashep::default_combine_config(num_ranks, 24);
+  combine.config = config;  // the handle's channels come from the dispatch's config
   buffer.combine(combine, stream);
   CHECK_CUDA(cudaStreamSynchronize(stream));
   buffer.check();

@@ -1,30 +1,42 @@
 #!/usr/bin/env bash
 # flashep: build, install and check everything on the GPU machine (no network needed).
 #
-#   scripts/gpu_check.sh [--quick] [--sanitize] [--no-tests] [--no-bench] [--no-install] [--no-cpp]
-#                        [-- extra pytest arguments]
+#   scripts/gpu_check.sh [--gpus N] [--quick] [--sanitize] [--no-tests] [--no-bench] [--no-install]
+#                        [--no-cpp] [-- extra pytest arguments]
+#
+# A GPU machine that cannot run the GPU tests is a failure here, never a pass with skips (issue 7):
+# the machine is expected to have N GPUs (--gpus N; default: the GPUs `nvidia-smi -L` lists; no
+# nvidia-smi and no --gpus: exit 2 at once), FLASHEP_TEST_EXPECT_GPUS=N is exported so that a test
+# needing <= N GPUs fails instead of skipping (tests/python/dist_harness.py), and every pytest step
+# checks its junit xml with scripts/check_skips.py: a skip for a GPU/torch reason of a test needing
+# <= N GPUs, or any skip of a CPU test (test_cpu.py), fails the step.
 #
 # Steps (each logged to $LOGDIR/<step>.log; a failing step does not stop the later ones, except that
 # nothing that needs the package runs when its install failed):
+#   0. gpus      torch imports, is built with CUDA, and torch.cuda.device_count() == N (always runs)
 #   1. install   python3 -m pip install --no-build-isolation --no-deps -v .   (CMAKE_BUILD_PARALLEL_LEVEL=nproc)
 #   2. cpp       cmake -B build -G Ninja && cmake --build build && ctest --test-dir build, then the C++
 #                example (build/examples/flashep_example: all local GPUs, torch-free)
-#   3. pytest    python3 -m pytest -x -v -s tests/python   (GPU tests adapt to the GPU count)
+#   3. pytest    python3 -m pytest -x -v -s tests/python   (GPU tests adapt to the GPU count), then
+#                the skip check of its junit xml
 #   3b. kernels16 the intranode tests again (quick grid) on the kernels built for 8- and 16-rank
-#                domains (FLASHEP_DEBUG_KERNEL_RANKS), so fewer GPUs test that code too
+#                domains (FLASHEP_DEBUG_KERNEL_RANKS), so fewer GPUs test that code too (+ skip check)
 #   4. bench     python3 -m flashep.bench [--out $OUT/bench.md]
 #   5. sanitize  (--sanitize) compute-sanitizer memcheck on the 2-rank intranode test, quick grid;
 #                CUDA API return codes are not reported (NCCL probes kernel images at init)
-#                (bounded by SANITIZE_TIMEOUT_S, default 600)
-# Flags: --quick      smaller test grids (FLASHEP_TEST_QUICK=1)
-#        --sanitize   add step 4
-#        --no-tests   skip steps 2 and 3 (and 4)
-#        --no-bench   skip step 5
+#                (bounded by SANITIZE_TIMEOUT_S, default 600) (+ skip check)
+# Flags: --gpus N     the number of GPUs this machine must have and the tests must use (N >= 1;
+#                     set it when CUDA_VISIBLE_DEVICES hides some of what nvidia-smi lists)
+#        --quick      smaller test grids (FLASHEP_TEST_QUICK=1)
+#        --sanitize   add step 5
+#        --no-tests   skip steps 2, 3, 3b (and 5)
+#        --no-bench   skip step 4
 #        --no-install reuse the installed package (skip step 1)
 #        --no-cpp     skip step 2
-# Environment: OUT (results folder: logs, bench.md, pytest junit xml), PYTHON (default python3),
+# Environment: OUT (results folder: logs, bench.md, pytest junit xml files; without OUT they go to
+#              build/gpu_check_logs), PYTHON (default python3),
 #              BENCH_ARGS (extra arguments for flashep.bench, e.g. "--shapes deepep --sms 24").
-# Exit status: 0 when every step that ran passed.
+# Exit status: 0 when every step that ran passed; 2 for bad arguments or an unknown GPU count.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,9 +45,13 @@ cd "$ROOT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
 QUICK=0 SANITIZE=0 RUN_TESTS=1 RUN_BENCH=1 RUN_INSTALL=1 RUN_CPP=1
+EXPECT_GPUS=""
 PYTEST_EXTRA=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
+    --gpus) [[ $# -ge 2 ]] || { echo "gpu_check.sh: --gpus needs a number" >&2; exit 2; }
+            shift; EXPECT_GPUS="$1" ;;
+    --gpus=*) EXPECT_GPUS="${1#--gpus=}" ;;
     --quick) QUICK=1 ;;
     --sanitize) SANITIZE=1 ;;
     --no-tests) RUN_TESTS=0 ;;
@@ -43,11 +59,35 @@ while [[ $# -gt 0 ]]; do
     --no-install) RUN_INSTALL=0 ;;
     --no-cpp) RUN_CPP=0 ;;
     --) shift; PYTEST_EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,25p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo pipefail/{/^#/s/^# \{0,1\}//p}' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
+
+# The GPU count this machine must have. Without it, a machine whose GPUs or torch are missing would
+# just skip every GPU test and pass, so no guess: nvidia-smi's list, or --gpus, or stop here.
+if [[ -z "$EXPECT_GPUS" ]]; then
+  if ! command -v nvidia-smi >/dev/null; then
+    echo "gpu_check.sh: FAILED: nvidia-smi not found and no --gpus N given: cannot tell how many GPUs" \
+      "this machine must test (pass --gpus N)" >&2
+    exit 2
+  fi
+  if ! SMI_LIST="$(nvidia-smi -L)"; then
+    echo "gpu_check.sh: FAILED: 'nvidia-smi -L' failed (driver not loaded?); pass --gpus N to go on" >&2
+    exit 2
+  fi
+  EXPECT_GPUS="$(grep -c '^GPU [0-9]' <<<"$SMI_LIST" || true)"  # MIG lines are indented: not counted
+  EXPECT_GPUS_FROM="nvidia-smi -L"
+else
+  EXPECT_GPUS_FROM="--gpus"
+fi
+if ! [[ "$EXPECT_GPUS" =~ ^[0-9]+$ ]] || [[ "$EXPECT_GPUS" -lt 1 ]]; then
+  echo "gpu_check.sh: FAILED: expected GPU count '$EXPECT_GPUS' (from $EXPECT_GPUS_FROM) is not a number >= 1" >&2
+  exit 2
+fi
+# Strict mode of tests/python/dist_harness.py: a test needing <= N GPUs fails instead of skipping.
+export FLASHEP_TEST_EXPECT_GPUS="$EXPECT_GPUS"
 
 PY="${PYTHON:-python3}"
 NPROC="$(nproc)"
@@ -62,6 +102,7 @@ else
   LOGDIR="$ROOT/build/gpu_check_logs"
 fi
 mkdir -p "$LOGDIR"
+XMLDIR="${OUT:-$LOGDIR}"  # pytest junit xml files (read by the skip checks)
 if [[ $QUICK -eq 1 ]]; then export FLASHEP_TEST_QUICK=1; fi
 
 SUMMARY=()
@@ -84,6 +125,10 @@ run_step() {
     SUMMARY+=("$(printf '%-9s PASS  %5ds  %s' "$name" "$dt" "$log")")
   else
     SUMMARY+=("$(printf '%-9s FAIL  %5ds  %s  (exit %d)' "$name" "$dt" "$log" "$rc")")
+    # The step's last "FAIL..." line (the checks below print one; so does pytest's -r summary) says why.
+    local why
+    why="$(grep -E '^FAIL' "$log" | tail -n 1 | cut -c1-200 || true)"
+    if [[ -n "$why" ]]; then SUMMARY+=("          -> $why"); fi
     FAILED=1
   fi
   return "$rc"
@@ -93,9 +138,52 @@ skip_step() {
   SUMMARY+=("$(printf '%-9s SKIP         %s' "$1" "$2")")
 }
 
-echo "flashep gpu_check: $(date -u +%FT%TZ) in $ROOT"
+# skips_ok XML: the pytest junit xml shows no skip that must not happen here: a GPU/torch skip of a
+# test needing <= EXPECT_GPUS GPUs, or any skip of a CPU test. Strict mode should have turned the
+# first kind into failures already; this also catches skips that do not go through dist_harness.
+skips_ok() {
+  "$PY" "$ROOT/scripts/check_skips.py" --expect-gpus "$EXPECT_GPUS" --forbid-skips-in test_cpu "$1"
+}
+
+# pytest_checked XML ARGS...: pytest ARGS writing the junit XML, then skips_ok XML; fails if either does.
+pytest_checked() {
+  local xml="$1" rc=0; shift
+  rm -f "$xml"  # a stale xml must not stand in for a run that wrote none
+  # COLUMNS: pytest cuts its "FAILED test - reason" lines to the terminal width (80 in a pipe); the
+  # summary below quotes the last one.
+  COLUMNS="${COLUMNS:-160}" "$PY" -m pytest --junitxml "$xml" "$@" || rc=$?
+  skips_ok "$xml" || { [[ $rc -ne 0 ]] || rc=1; }
+  return "$rc"
+}
+
+echo "flashep gpu_check: $(date -u +%FT%TZ) in $ROOT; expecting $EXPECT_GPUS GPUs ($EXPECT_GPUS_FROM)"
 { command -v nvidia-smi >/dev/null && nvidia-smi -L; } || echo "(nvidia-smi not available)"
-"$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "GPUs", torch.cuda.device_count())' || true
+
+# ---- 0. torch with CUDA and exactly the expected GPUs: otherwise every GPU test below could only
+#         skip (or, in strict mode, fail), and the benchmark would measure another machine.
+check_gpus() {
+  "$PY" - "$EXPECT_GPUS" <<'PYEOF'
+import sys
+expect = int(sys.argv[1])
+print("python", sys.version.split()[0])
+try:
+    import torch
+except Exception as error:
+    sys.exit(f"FAIL: torch does not import ({type(error).__name__}: {error}); the GPU tests and the bench need it")
+print("torch", torch.__version__, "cuda", torch.version.cuda)
+if not torch.version.cuda:
+    sys.exit(f"FAIL: torch {torch.__version__} is built without CUDA")
+if not torch.cuda.is_available():
+    sys.exit("FAIL: torch.cuda.is_available() is False (driver, CUDA_VISIBLE_DEVICES?)")
+count = torch.cuda.device_count()
+for i in range(count):
+    print(f"  cuda:{i} {torch.cuda.get_device_name(i)}")
+if count != expect:
+    sys.exit(f"FAIL: torch.cuda.device_count() = {count}, expected {expect} GPUs (set --gpus to what this machine must have)")
+print(f"OK: torch sees the {count} expected GPUs")
+PYEOF
+}
+run_step gpus check_gpus || true
 
 # ---- 1. build + install the Python package
 INSTALL_OK=1
@@ -119,11 +207,12 @@ else
   skip_step cpp "$([[ $RUN_TESTS -eq 0 ]] && echo --no-tests || echo --no-cpp)"
 fi
 
-# ---- 3. Python tests (CPU + GPU; the GPU ones adapt to the GPU count)
-JUNIT=()
-if [[ -n "${OUT:-}" ]]; then JUNIT=(--junitxml "$OUT/pytest.xml"); fi
+# ---- 3. Python tests (CPU + GPU; the GPU ones adapt to the GPU count; strict mode: none of those
+#         needing <= EXPECT_GPUS may skip)
 if [[ $RUN_TESTS -eq 1 && $INSTALL_OK -eq 1 ]]; then
-  py_tests() { "$PY" -m pytest -x -v -s -rs -p no:cacheprovider "${JUNIT[@]}" tests/python "${PYTEST_EXTRA[@]}"; }
+  py_tests() {
+    pytest_checked "$XMLDIR/pytest.xml" -x -v -s -rfEs -p no:cacheprovider tests/python "${PYTEST_EXTRA[@]}"
+  }
   run_step pytest py_tests || true
 elif [[ $RUN_TESTS -eq 1 ]]; then
   skip_step pytest "install failed"
@@ -138,8 +227,8 @@ if [[ $RUN_TESTS -eq 1 && $INSTALL_OK -eq 1 ]]; then
     local k
     for k in 8 16; do
       echo "--- FLASHEP_DEBUG_KERNEL_RANKS=$k"
-      FLASHEP_DEBUG_KERNEL_RANKS=$k FLASHEP_TEST_QUICK=1 "$PY" -m pytest -x -v -s -rs -p no:cacheprovider \
-        tests/python/test_intranode.py || return 1
+      FLASHEP_DEBUG_KERNEL_RANKS=$k FLASHEP_TEST_QUICK=1 pytest_checked "$XMLDIR/pytest-kernels$k.xml" \
+        -x -v -s -rfEs -p no:cacheprovider tests/python/test_intranode.py || return 1
     done
   }
   run_step kernels16 larger_domains || true
@@ -162,9 +251,13 @@ fi
 if [[ $SANITIZE -eq 1 && $RUN_TESTS -eq 1 && $INSTALL_OK -eq 1 ]]; then
   SANITIZER="$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)"
   sanitize() {
-    FLASHEP_TEST_QUICK=1 FLASHEP_TEST_STRESS_ITERS=20 FLASHEP_TIMEOUT_S=600 FLASHEP_TEST_TIMEOUT_S=3000 \
+    local xml="$XMLDIR/pytest-sanitize.xml" rc=0
+    rm -f "$xml"
+    COLUMNS="${COLUMNS:-160}" FLASHEP_TEST_QUICK=1 FLASHEP_TEST_STRESS_ITERS=20 FLASHEP_TIMEOUT_S=600 FLASHEP_TEST_TIMEOUT_S=3000 \
       timeout "${SANITIZE_TIMEOUT_S:-600}" "$SANITIZER" --tool memcheck --target-processes all --report-api-errors no --error-exitcode 99 \
-      "$PY" -m pytest -x -v -s -p no:cacheprovider tests/python/test_intranode.py -k R2
+      "$PY" -m pytest -x -v -s -rfEs -p no:cacheprovider --junitxml "$xml" tests/python/test_intranode.py -k R2 || rc=$?
+    skips_ok "$xml" || { [[ $rc -ne 0 ]] || rc=1; }
+    return "$rc"
   }
   run_step sanitize sanitize || true
 elif [[ $SANITIZE -eq 1 ]]; then

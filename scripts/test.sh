@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The test command (README, CI): builds the library, the C++ tests, the example and the Python
 # extension, then runs the C++ tests (CPU oracle, layout math) and the Python tests. GPU tests run
-# when GPUs are present and report themselves skipped otherwise.
+# when GPUs are present and report themselves skipped otherwise; the CPU tests (test_cpu.py) never
+# skip: a missing or broken extension fails them, and so does any skip among them (issue 7).
+# Last, a self-check: the CPU tests run against a staged copy of the package whose _C*.so is garbage
+# (and one without it) and must fail; if they pass there, they prove nothing, and this script fails.
+# Extra arguments go to the main pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${BUILD_DIR:-build}
@@ -26,10 +30,71 @@ STAGE="$BUILD_DIR/pkg/flashep"
 rm -rf "$STAGE" && mkdir -p "$STAGE"
 cp python/flashep/*.py "$STAGE/"
 cp "$BUILD_DIR"/_C*.so "$STAGE/"
+JUNIT="$BUILD_DIR/pytest.xml"
+rm -f "$JUNIT"  # a stale xml must not stand in for a run that wrote none
 echo "== Python tests"
 set +e
-PYTHONPATH="$BUILD_DIR/pkg${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m pytest -q -rs tests/python "$@"
+PYTHONPATH="$BUILD_DIR/pkg${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m pytest -q -rs --junitxml "$JUNIT" tests/python "$@"
 rc=$?
 set -e
 # pytest exits 5 when it collected nothing; that is a failure of this script's purpose too.
-exit $rc
+echo "== no CPU test may skip (test_cpu.py has nothing to wait for: a skip there tested nothing)"
+if ! "$PYTHON" scripts/check_skips.py --forbid-skips-in test_cpu "$JUNIT"; then
+  echo "FAILED: tests in test_cpu.py skipped (see above)" >&2
+  [[ $rc -ne 0 ]] || rc=1
+fi
+
+# ---- self-check: the CPU tests must FAIL on a broken extension. Once they skipped instead, and CI
+# passed on a garbage _C.so ("36 skipped", exit 0). Each case stages the package's Python sources
+# with the extension replaced, runs test_cpu.py against it alone (FLASHEP_EXT_DIR unset, so nothing
+# else can supply a working _C), and expects pytest's "tests failed" (1) or "collection error" (2).
+# Exit 0 means the tests cannot catch a broken build; any other code means pytest itself did not
+# run, so the check proved nothing either.
+echo "== self-check: a broken extension must fail the tests"
+SELF="$BUILD_DIR/selfcheck"
+selfcheck_failed=0
+for case in garbage missing; do
+  pkg="$SELF/$case/flashep"
+  rm -rf "${SELF:?}/$case" && mkdir -p "$pkg"
+  cp python/flashep/*.py "$pkg/"
+  if [[ $case == garbage ]]; then
+    what="a garbage"
+    for so in "$STAGE"/_C*.so; do  # same file names as the real extension, so the import finds them
+      { printf 'flashep self-check: garbage bytes in place of the extension\n'; head -c 4096 /dev/zero; } \
+        > "$pkg/$(basename "$so")"
+      what+=" $(basename "$so")"
+    done
+  else
+    what="no _C*.so at all"
+  fi
+  log="$SELF/$case.log"
+  set +e
+  # -p no:cacheprovider: these intended failures must not land in .pytest_cache (--lf, --ff).
+  env -u FLASHEP_EXT_DIR PYTHONPATH="$SELF/$case${PYTHONPATH:+:$PYTHONPATH}" \
+    "$PYTHON" -m pytest -q -p no:cacheprovider tests/python/test_cpu.py > "$log" 2>&1
+  src=$?
+  set -e
+  outcome="$(tail -n 1 "$log")"
+  if [[ $src -eq 1 || $src -eq 2 ]]; then
+    echo "ok: with $what, test_cpu.py fails (pytest exit $src: $outcome)"
+  else
+    tail -n 20 "$log" >&2
+    if [[ $src -eq 0 ]]; then
+      echo "SELF-CHECK FAILED: with $what, test_cpu.py PASSED (pytest exit 0: $outcome); the CPU tests" \
+        "would not catch a broken extension (log: $log)" >&2
+    else
+      echo "SELF-CHECK FAILED: with $what, pytest exited $src (not 'tests failed'), so it did not run" \
+        "the tests and the check proves nothing (log: $log)" >&2
+    fi
+    selfcheck_failed=1
+  fi
+done
+
+if [[ $rc -ne 0 ]]; then
+  echo "FAILED: Python tests (exit $rc)" >&2
+  exit "$rc"
+fi
+if [[ $selfcheck_failed -ne 0 ]]; then
+  echo "FAILED: self-check (a broken extension must fail the tests)" >&2
+  exit 1
+fi

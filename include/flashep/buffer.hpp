@@ -1,26 +1,33 @@
 // flashep: the torch-free C++ API of the expert-parallel communication buffer.
 //
-// One Buffer per rank (one process per GPU). Construction is collective: every rank of the group
-// creates its Buffer with the same sizes, and the ranks exchange CUDA IPC handles through an
-// all-gather that the caller provides (torch.distributed, MPI, a file, a TCP store: anything).
+// One Buffer per rank (one process per GPU). Construction is collective: every rank creates its
+// Buffer with the same sizes, then the ranks run the bootstrap (one or more rounds of an all-gather
+// that the caller provides: torch.distributed, MPI, a file, a TCP store, anything). NVLink peers
+// map each other's memory through CUDA IPC; peers in other NVLink domains are reached through
+// NVSHMEM (built in with FLASHEP_WITH_NVSHMEM).
 //
 // All pointers are device pointers unless stated; every operation is enqueued on the stream given
-// and returns without synchronizing, except wait_recv_counts() (a bounded host poll).
+// and returns without synchronizing, except wait_recv_counts() (a bounded host poll) and
+// check_transports().
 //
 // The high-throughput dispatch of one call is:
 //   get_dispatch_layout()              (optional: routing -> per-rank/per-expert counts)
-//   notify_dispatch()                  (GPU exchanges counts, writes them to host-mapped memory)
+//   notify_dispatch()                  (GPU checks and exchanges counts, fills the handle's prefix
+//                                       matrices, writes the receive counts to host-mapped memory)
 //   wait_recv_counts()                 (host polls those counts, bounded by the timeout)
 //   ... caller allocates outputs of exactly num_recv_tokens rows ...
 //   dispatch()
 // With num_worst_tokens > 0 the caller skips wait_recv_counts() and allocates num_worst_tokens rows
-// (CUDA-graph capturable). A cached dispatch (handle of an earlier dispatch) calls dispatch() with
-// `cached = true` and no notify. combine() needs the handle of the dispatch it reverses.
+// (CUDA-graph capturable). A cached dispatch reuses the handle of an earlier dispatch (no notify).
+// combine() takes the handle of the dispatch it reverses.
 //
-// Errors: bad arguments throw flashep::Error before anything is enqueued. A GPU wait that exceeds
-// the timeout records (rank, phase, what it waited for) in host-mapped memory and the kernel exits;
-// the next host call of this Buffer (or wait_recv_counts(), or check()) throws flashep::Error with
-// that record. After such an error the Buffer must be destroyed.
+// Errors (flashep/errors.hpp): bad arguments throw kInvalidArgument before anything is enqueued.
+// A failure found later (a GPU wait past the timeout, bad input found on the GPU, ranks that
+// disagree, a host poll past the timeout) aborts the buffer on every rank: the failing rank writes
+// the abort word of every peer, every wait of every rank gives up at once, kernels stop writing to
+// peers, and the next host call of each rank throws (kTimeout, kDeviceFault, kPeerMismatch, or
+// kPeerFailed on the ranks that only saw the abort). The buffer is then poisoned (kPoisoned) and
+// must be destroyed; a new Buffer works.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -29,41 +36,44 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "flashep/config.hpp"
+#include "flashep/errors.hpp"
 
 namespace flashep {
-
-/// Every error flashep raises: invalid input, timeout, CUDA failure.
-class Error : public std::runtime_error {
- public:
-  using std::runtime_error::runtime_error;
-};
 
 enum class DType : int {
   kBFloat16 = 0,    ///< 2 bytes
   kFloat8E4M3 = 1,  ///< 1 byte, with float32 scales per 128 channels
 };
 
-/// Collective all-gather: `mine` (bytes bytes) from every rank into `all` (num_ranks * bytes, rank
-/// order). Must be called by all ranks in the same order.
+/// Element size in bytes of a DType.
+inline int dtype_size(DType dtype) { return dtype == DType::kBFloat16 ? 2 : 1; }
+
+/// Collective all-gather: `mine` (bytes bytes, the same count on every rank) from every rank into
+/// `all` (num_ranks * bytes, rank order). Must be called by all ranks in the same order.
 using AllGatherFn = std::function<void(const void* mine, size_t bytes, void* all)>;
 
 struct BufferOptions {
   int rank = 0;
   int num_ranks = 1;
-  /// Ranks per NVLink domain ("node"); 0 means min(num_ranks, 8). The intranode kernels need
-  /// num_ranks == nvl_domain_size; multi-node (num_ranks > nvl_domain_size) is a later milestone.
+  /// Ranks per NVLink domain ("node"); 0 means min(num_ranks, 8). One host can run as several
+  /// nodes (e.g. 2 GPUs as 2 nodes of 1). The intranode kernels need num_ranks == nvl_domain_size;
+  /// the multi-node kernels are a later milestone.
   int nvl_domain_size = 0;
+  /// Bytes of the intranode rings (Config::get_nvl_buffer_size_hint).
   size_t num_nvl_bytes = 0;
+  /// Bytes of the NVSHMEM region, allocated when the buffer spans several NVLink domains.
   size_t num_rdma_bytes = 0;
   /// CUDA device of this rank; -1 means the current device.
   int device = -1;
   /// Bound of every GPU spin-wait and host poll, seconds. <= 0 means FLASHEP_TIMEOUT_S (default 100).
   double timeout_s = 0;
+  /// Testing: the value the buffer's long-lived counters (barrier epoch, count sequence) start
+  /// from, so tests can run calls across the point where they wrap. Same on every rank.
+  uint32_t initial_counter = 0;
 };
 
 /// Inputs/outputs of get_dispatch_layout. n = num_tokens, K = num_topk, E = num_experts, R = ranks.
@@ -78,26 +88,45 @@ struct LayoutArgs {
   bool* is_token_in_rank = nullptr;         ///< out [n, R]
 };
 
+/// The intranode dispatch handle (DeepEP V1's tuple). The caller allocates the tensors; notify and
+/// dispatch fill them; a cached dispatch and combine read them. The sizes and the buffer id are
+/// checked at every use, so a handle of another buffer, another config or another shape is
+/// rejected before anything is enqueued. (The contents live on the GPU; the kernels check that
+/// every row they decode lies inside its tensor before touching it.)
+struct DispatchHandle {
+  int* rank_prefix_matrix = nullptr;          ///< [R, R]
+  int* channel_prefix_matrix = nullptr;       ///< [R, C] (C = Buffer::num_channels(config))
+  int* recv_channel_prefix_matrix = nullptr;  ///< [R, C]
+  int* recv_src_idx = nullptr;                ///< [num_recv_tokens]
+  const bool* is_token_in_rank = nullptr;     ///< [num_tokens, R]
+  int* send_head = nullptr;                   ///< [num_tokens, R]
+  int num_ranks = 0;
+  int num_channels = 0;
+  int num_tokens = 0;       ///< n of the dispatch (tokens of this rank)
+  int num_recv_tokens = 0;  ///< rows of the dispatch output (num_worst_tokens in worst-case mode)
+  uint64_t buffer_id = 0;   ///< Buffer::id() of the buffer that made it (set by notify_dispatch)
+};
+
 /// Inputs/outputs of notify_dispatch (the count exchange before a non-cached dispatch).
 struct NotifyDispatchArgs {
   const int* num_tokens_per_rank = nullptr;    ///< [R] tokens this rank sends to each rank
   const int* num_tokens_per_expert = nullptr;  ///< [E] (t,k) pairs of this rank per expert
-  const bool* is_token_in_rank = nullptr;      ///< [n, R]
+  /// [n, K] when num_topk > 0: the GPU checks num_tokens_per_expert and every id against it.
+  const int64_t* topk_idx = nullptr;
   int num_tokens = 0;
   int num_experts = 0;
-  int expert_alignment = 1;
+  int expert_alignment = 1;  ///< in [1, kMaxExpertAlignment]
   /// > 0: worst-case mode, counts are not published to the host (no wait_recv_counts()).
   int num_worst_tokens = 0;
-  int* rank_prefix_matrix = nullptr;          ///< out [R, R]
-  int* channel_prefix_matrix = nullptr;       ///< out [R, C] (C = num_channels(config.num_sms, R))
-  int* recv_channel_prefix_matrix = nullptr;  ///< out [R, C]
-  Config config;
-  /// Optional (hidden > 0): the rows of the dispatch that follows. Every call's opening barrier
-  /// checks that all ranks make the same call (operation, config, num_experts) and fails with a
-  /// clear error otherwise; with these it also checks the row shape (hidden, dtype, top-k).
+  /// The rows of the dispatch that follows: every rank's call check compares them, and dispatch()
+  /// refuses other ones. num_topk 0 = a dispatch without top-k.
   int hidden = 0;
   DType dtype = DType::kBFloat16;
   int num_topk = 0;
+  Config config;
+  /// in: is_token_in_rank [n, R] and the three prefix matrices allocated; out: the matrices, the
+  /// sizes and the buffer id.
+  DispatchHandle* handle = nullptr;
 };
 
 /// What the host learns from notify_dispatch.
@@ -120,65 +149,72 @@ struct DispatchArgs {
   const float* topk_weights = nullptr;  ///< [n, K] or nullptr
   int num_topk = 0;
   int num_experts = 0;
-  const bool* is_token_in_rank = nullptr;  ///< [n, R]
-  const int* rank_prefix_matrix = nullptr;
-  const int* channel_prefix_matrix = nullptr;
-  const int* recv_channel_prefix_matrix = nullptr;
   /// Rows allocated in the outputs: num_recv_tokens, or num_worst_tokens in worst-case mode (the
   /// GPU checks that the real count fits and reports an error otherwise).
   int num_output_rows = 0;
   bool worst_case_mode = false;
-  /// Cached mode: the layout comes from an earlier dispatch; recv_src_idx and send_head are not
-  /// written, topk must be null.
+  /// Cached mode: `handle` comes from an earlier dispatch and is only read; no top-k.
   bool cached = false;
+  /// Fresh: the handle notify_dispatch filled (recv_src_idx [num_output_rows] and send_head [n, R]
+  /// allocated; written here). Cached: an earlier dispatch's handle.
+  DispatchHandle* handle = nullptr;
   void* recv_x = nullptr;                ///< out [rows, H]
   float* recv_x_scales = nullptr;        ///< out [rows, H/128] contiguous (fp8 only)
   int64_t* recv_topk_idx = nullptr;      ///< out [rows, K] local expert index or -1
   float* recv_topk_weights = nullptr;    ///< out [rows, K]
-  int* recv_src_idx = nullptr;           ///< out [rows]
-  int* send_head = nullptr;              ///< out [n, R] (ring slot of each sent token; see docs)
   Config config;
 };
 
-/// Inputs/outputs of combine (reverse of the dispatch whose handle fields are given).
+/// Inputs/outputs of combine (reverse of the dispatch whose handle is given).
 struct CombineArgs {
-  const void* x = nullptr;  ///< bf16 [num_recv_tokens, H] aligned with the dispatch output rows
-  int num_recv_tokens = 0;
+  const void* x = nullptr;  ///< bf16 [handle->num_recv_tokens, H] aligned with the dispatch output rows
   int hidden = 0;
   const float* topk_weights = nullptr;  ///< [num_recv_tokens, K] or nullptr
   int num_topk = 0;
   const void* bias0 = nullptr;  ///< bf16 [n, H] or nullptr
   const void* bias1 = nullptr;  ///< bf16 [n, H] or nullptr
-  const int* rank_prefix_matrix = nullptr;          ///< from the dispatch handle
-  const int* channel_prefix_matrix = nullptr;       ///< from the dispatch handle
-  const int* recv_channel_prefix_matrix = nullptr;  ///< from the dispatch handle
-  const bool* is_token_in_rank = nullptr;           ///< [n, R] from the dispatch handle
-  const int* send_head = nullptr;                   ///< [n, R] from the dispatch handle
-  int num_tokens = 0;                               ///< n (tokens of this rank)
-  void* combined_x = nullptr;                       ///< out bf16 [n, H]
-  float* combined_topk_weights = nullptr;           ///< out [n, K] or nullptr
+  const DispatchHandle* handle = nullptr;
+  void* combined_x = nullptr;              ///< out bf16 [n, H]
+  float* combined_topk_weights = nullptr;  ///< out [n, K] or nullptr
   Config config;
+};
+
+/// How this rank reaches a peer.
+enum class PeerTransport : int {
+  kSelf = 0,
+  kNvlink = 1,   ///< same NVLink domain: loads and stores through CUDA IPC mappings
+  kNvshmem = 2,  ///< another NVLink domain: NVSHMEM puts and signals
+};
+
+/// One peer's result of Buffer::check_transports().
+struct PeerCheck {
+  int peer = 0;
+  PeerTransport transport = PeerTransport::kSelf;
+  int64_t mismatched_words = 0;  ///< 32-bit words that arrived wrong (0 = the exchange worked)
 };
 
 class BufferImpl;
 
 class Buffer {
  public:
-  /// Collective: allocates, exchanges IPC handles through `all_gather`, maps the peers.
+  /// Collective: allocates, runs the bootstrap rounds through `all_gather`, maps the peers.
   Buffer(const BufferOptions& options, const AllGatherFn& all_gather);
-  /// Two-phase construction for bindings that cannot call back: construct, gather every rank's
-  /// local_handle(), then connect() with all of them in rank order.
+  /// Bootstrap in steps, for bindings that cannot call back: construct, then repeat
+  ///   all = all-gather(bootstrap_message()) ; done = bootstrap_receive(all)
+  /// until done (every rank gets the same answer in the same round).
   explicit Buffer(const BufferOptions& options);
-  std::vector<uint8_t> local_handle() const;
-  void connect(const std::vector<std::vector<uint8_t>>& all_handles);
+  std::vector<uint8_t> bootstrap_message() const;
+  bool bootstrap_receive(const std::vector<std::vector<uint8_t>>& all_messages);
   bool is_available() const;
 
   ~Buffer();
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
 
-  /// Frees everything (idempotent). Not collective, but peers must have stopped using the buffer.
-  void destroy();
+  /// Frees everything (idempotent). `collective` (every rank calls it, e.g. after a barrier) also
+  /// frees the NVSHMEM region, which needs all ranks; otherwise that region is left to the process'
+  /// end. Peers must have stopped using the buffer.
+  void destroy(bool collective = false);
 
   int rank() const;
   int num_ranks() const;
@@ -187,10 +223,16 @@ class Buffer {
   size_t num_nvl_bytes() const;
   size_t num_rdma_bytes() const;
   double timeout_s() const;
+  /// A process-unique id of this buffer (handles remember it).
+  uint64_t id() const;
   /// A non-blocking stream owned by the buffer, for callers that have none of their own.
   cudaStream_t comm_stream() const;
   /// This rank's NVLink buffer (device pointer, num_nvl_bytes() bytes). Scratch space between calls.
   void* local_nvl_buffer() const;
+  /// How this rank reaches `peer`.
+  PeerTransport peer_transport(int peer) const;
+  /// Whether this build has the NVSHMEM transport (FLASHEP_WITH_NVSHMEM).
+  static bool nvshmem_built();
 
   int num_channels(const Config& config) const;
 
@@ -201,14 +243,17 @@ class Buffer {
   void dispatch(const DispatchArgs& args, cudaStream_t stream);
   void combine(const CombineArgs& args, cudaStream_t stream);
 
-  /// Throws flashep::Error if a kernel of this buffer recorded a timeout or a device-side error.
+  /// Collective diagnostic: every rank sends `bytes_per_peer` bytes (a multiple of 16) of a pattern
+  /// to every peer through the transport chosen for it, with a signal, waits for the peers' (bounded)
+  /// and checks what arrived. Uses the NVLink rings (NVLink peers) and the RDMA region (NVSHMEM
+  /// peers) as scratch: no other operation may be in flight. Synchronizes.
+  std::vector<PeerCheck> check_transports(size_t bytes_per_peer);
+
+  /// Throws if a kernel of this buffer recorded an error (or the buffer is poisoned).
   void check() const;
 
  private:
   std::unique_ptr<BufferImpl> impl_;
 };
-
-/// Element size in bytes of a DType.
-inline int dtype_size(DType dtype) { return dtype == DType::kBFloat16 ? 2 : 1; }
 
 }  // namespace flashep

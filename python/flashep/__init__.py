@@ -3,8 +3,10 @@
     import flashep as deep_ep
     buffer = deep_ep.Buffer(group, num_nvl_bytes=...)
 
-Exports Buffer, Config, EventOverlap and topk_idx_t (= torch.int64), as deep_ep does, plus
-FlashepError (a RuntimeError subclass raised by the C++ core, e.g. on a timeout).
+Exports Buffer, Config, EventOverlap and topk_idx_t (= torch.int64), as deep_ep does, plus the
+errors: FlashepError (a RuntimeError) and one subclass per runtime kind (FlashepTimeoutError,
+FlashepPeerMismatchError, FlashepPeerFailedError, FlashepDeviceFaultError, FlashepPoisonedError,
+FlashepUnsupportedError, also a NotImplementedError). Invalid arguments raise ValueError/TypeError.
 
 `flashep._C` (the C++ core and CPU oracle), `flashep.Config` and `flashep.env` work without torch;
 Buffer, EventOverlap and topk_idx_t import torch on first access.
@@ -12,10 +14,21 @@ Buffer, EventOverlap and topk_idx_t import torch on first access.
 import importlib as _importlib
 
 from . import _C
-from ._C import Config, FlashepError
+from ._C import (
+    Config,
+    FlashepDeviceFaultError,
+    FlashepError,
+    FlashepPeerFailedError,
+    FlashepPeerMismatchError,
+    FlashepPoisonedError,
+    FlashepTimeoutError,
+    FlashepUnsupportedError,
+)
 
 __version__ = "0.1.0"
-__all__ = ["Buffer", "Config", "EventOverlap", "FlashepError", "topk_idx_t"]
+__all__ = ["Buffer", "Config", "EventOverlap", "FlashepError", "FlashepTimeoutError", "FlashepPeerMismatchError",
+           "FlashepPeerFailedError", "FlashepDeviceFaultError", "FlashepPoisonedError", "FlashepUnsupportedError",
+           "topk_idx_t"]
 
 # name -> submodule that defines it; these need torch, so they load on first access (PEP 562).
 _TORCH_EXPORTS = {"Buffer": "buffer", "EventOverlap": "utils", "topk_idx_t": "utils"}

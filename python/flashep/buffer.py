@@ -1,8 +1,15 @@
 """flashep.Buffer: DeepEP V1's `deep_ep.Buffer`, same names, defaults, shapes and semantics.
 
 Implemented now: one NVLink domain ("single node") high-throughput path, i.e. get_dispatch_layout,
-dispatch (BF16 or FP8 with scales, normal / worst-case / cached) and combine. Low-latency mode and
-multi-node raise NotImplementedError.
+dispatch (BF16 or FP8 with scales, normal / worst-case / cached) and combine. A buffer whose ranks
+span several NVLink domains can be created (it allocates its NVSHMEM region), and get_dispatch_layout
+works on it; its dispatch/combine and the low-latency mode raise NotImplementedError.
+
+Errors: bad arguments raise ValueError/TypeError here or from the C++ core, before anything runs;
+runtime failures raise a FlashepError subclass (FlashepTimeoutError, FlashepPeerMismatchError,
+FlashepPeerFailedError, FlashepDeviceFaultError, FlashepPoisonedError; FlashepUnsupportedError is a
+NotImplementedError too). After a runtime failure the Buffer is poisoned on every rank: destroy it
+and create a new one.
 
 Streams: every call runs its kernels on the Buffer's communication stream, which first waits on
 `previous_event` when given, else on the current stream. With `async_finish=True` the call returns
@@ -126,6 +133,10 @@ class _Launch:
         return EventOverlap(event, extra_tensors=tuple(kept + self.outputs))
 
 
+def _failure(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
+
+
 def _ptr(tensor: Optional[torch.Tensor]) -> int:
     return 0 if tensor is None else tensor.data_ptr()
 
@@ -173,35 +184,47 @@ class Buffer:
 
     @staticmethod
     def _resolve_nvl_domain_size(group_size: int) -> int:
+        """Ranks per NVLink domain: FLASHEP_NVL_DOMAIN_SIZE, else min(group size, 8). A size below the
+        group size makes the buffer multi-node (its operations come with the multi-node mode)."""
         requested = env.nvl_domain_size() or min(group_size, _DEFAULT_NVL_DOMAIN)
         if requested >= group_size:
             return group_size
         if group_size % requested != 0:
             raise ValueError(f"FLASHEP_NVL_DOMAIN_SIZE={requested} must divide the group size {group_size}")
-        raise NotImplementedError(
-            f"flashep: {group_size} ranks in NVLink domains of {requested} is multi-node, which is not "
-            "implemented yet (a later milestone); run one NVLink domain (FLASHEP_NVL_DOMAIN_SIZE unset "
-            "or >= the group size)")
+        return requested
+
+    def _all_gather(self, payload: Any) -> List[Any]:
+        gathered: List[Any] = [None] * self.group_size
+        dist.all_gather_object(gathered, payload, group=self.group)
+        return gathered
 
     def _create_runtime(self) -> "_C.Runtime":
-        """Collective: create the C++ runtime, all-gather the IPC handles, connect. A failure on any
-        rank is reported on every rank (no rank is left waiting in the exchange)."""
+        """Collective: create the C++ runtime and run its bootstrap rounds (each an all-gather of
+        every rank's message). A failure on any rank, in any round, is reported on every rank (no rank
+        is left waiting in an exchange)."""
         runtime, payload = None, None
         try:
             runtime = _C.Runtime(self.rank, self.group_size, self.nvl_domain_size, self.num_nvl_bytes,
-                                 self.num_rdma_bytes, self._device.index, env.timeout_s())
-            payload = runtime.local_handle()
+                                 self.num_rdma_bytes, self._device.index, env.timeout_s(),
+                                 env.debug_initial_counter())
+            payload = runtime.bootstrap_message()
         except Exception as error:  # reported to every rank below
-            payload = f"{type(error).__name__}: {error}"
-        gathered: List[Any] = [None] * self.group_size
-        dist.all_gather_object(gathered, payload, group=self.group)
-        failures = [f"rank {r}: {p}" for r, p in enumerate(gathered) if not isinstance(p, bytes)]
-        if failures:
-            if runtime is not None:
-                runtime.destroy()
-            raise RuntimeError("flashep: Buffer construction failed; " + "; ".join(failures))
-        runtime.connect(gathered)
-        return runtime
+            payload = error
+        while True:
+            gathered = self._all_gather(payload if isinstance(payload, bytes) else _failure(payload))
+            failures = [f"rank {r}: {p}" for r, p in enumerate(gathered) if not isinstance(p, bytes)]
+            if failures:
+                if runtime is not None:
+                    runtime.destroy()
+                if isinstance(payload, BaseException):
+                    raise payload
+                raise RuntimeError("flashep: Buffer construction failed on other ranks; " + "; ".join(failures))
+            try:
+                if runtime.bootstrap_receive(gathered):
+                    return runtime
+                payload = runtime.bootstrap_message()
+            except Exception as error:  # the next round tells the other ranks
+                payload = error
 
     # ---- configuration -----------------------------------------------------------------------------
 
@@ -271,7 +294,7 @@ class Buffer:
         torch.cuda.synchronize(self._device)
         if dist.is_initialized():
             dist.barrier(group=self.group)
-        self.runtime.destroy()
+        self.runtime.destroy(collective=True)
         self.runtime = None
 
     def __del__(self) -> None:
@@ -285,6 +308,12 @@ class Buffer:
         self.runtime = None
 
     # ---- argument checks (no C++ call launches anything here) --------------------------------------
+
+    def _require_single_node(self, op: str) -> None:
+        if self.nvl_domain_size < self.group_size:
+            raise NotImplementedError(
+                f"flashep: {op} across NVLink domains (multi-node mode: {self.group_size} ranks in domains of "
+                f"{self.nvl_domain_size}) is not implemented yet")
 
     def _config(self, config: Optional[Config], default: Callable[[int], Config]) -> Config:
         if config is None:
@@ -390,8 +419,8 @@ class Buffer:
         async_finish: bool = False,
         allocate_on_comm_stream: bool = False,
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, EventOverlap]:
-        """Routing -> (num_tokens_per_rank int32[R], None (one node), num_tokens_per_expert int32[E],
-        is_token_in_rank bool[n, R], event)."""
+        """Routing -> (num_tokens_per_rank int32[R], num_tokens_per_rdma_rank int32[nodes] or None on one
+        node, num_tokens_per_expert int32[E], is_token_in_rank bool[n, R], event)."""
         runtime = self._rt()
         num_topk = self._check_topk_idx(topk_idx)
         num_experts = self._check_num_experts(num_experts)
@@ -402,13 +431,15 @@ class Buffer:
         num_tokens_per_rank = launch.empty((self.group_size,), torch.int32)
         num_tokens_per_expert = launch.empty((num_experts,), torch.int32)
         is_token_in_rank = launch.empty((num_tokens, self.group_size), torch.bool)
+        num_nodes = self.group_size // self.nvl_domain_size
+        num_tokens_per_rdma_rank = launch.empty((num_nodes,), torch.int32) if num_nodes > 1 else None
         runtime.get_dispatch_layout(
             topk_idx=topk_idx.data_ptr(), num_tokens=num_tokens, num_topk=num_topk, num_experts=num_experts,
-            num_tokens_per_rank=num_tokens_per_rank.data_ptr(), num_tokens_per_rdma_rank=0,
+            num_tokens_per_rank=num_tokens_per_rank.data_ptr(), num_tokens_per_rdma_rank=_ptr(num_tokens_per_rdma_rank),
             num_tokens_per_expert=num_tokens_per_expert.data_ptr(), is_token_in_rank=is_token_in_rank.data_ptr(),
             stream=launch.stream)
         event = launch.finish(topk_idx)
-        return num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank, event
+        return num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, event
 
     # ---- dispatch ----------------------------------------------------------------------------------
 
@@ -434,6 +465,7 @@ class Buffer:
         (fp8, scales) when x is. With `handle` (cached mode): (recv_x, None, None, None, None, event).
         `num_tokens_per_rdma_rank` is unused on one node."""
         self._rt()
+        self._require_single_node("dispatch")
         config = self._config(config, Buffer.get_dispatch_config)
         payload = self._check_payload(x)
         self._check_buffer_size(config, payload.hidden_bytes)
@@ -480,7 +512,8 @@ class Buffer:
             num_topk = self._check_topk_idx(topk_idx, num_tokens)
             check_tensor("topk_weights", topk_weights, torch.float32, self._device, (num_tokens, num_topk))
             self._check_topk_values(topk_idx, num_experts)
-        expert_alignment = check_int("expert_alignment", expert_alignment, minimum=1)
+        expert_alignment = check_int("expert_alignment", expert_alignment, minimum=1,
+                                     maximum=_C.kMaxExpertAlignment)
         num_worst_tokens = check_int("num_worst_tokens", num_worst_tokens, minimum=0)
 
         launch = _Launch(self, previous_event, async_finish, allocate_on_comm_stream)
@@ -490,7 +523,8 @@ class Buffer:
         recv_channel_prefix_matrix = launch.empty((num_ranks, num_channels), torch.int32)
         runtime.notify_dispatch(
             num_tokens_per_rank=num_tokens_per_rank.data_ptr(), num_tokens_per_expert=num_tokens_per_expert.data_ptr(),
-            is_token_in_rank=is_token_in_rank.data_ptr(), num_tokens=num_tokens, num_experts=num_experts,
+            is_token_in_rank=is_token_in_rank.data_ptr(), topk_idx=_ptr(topk_idx), num_tokens=num_tokens,
+            num_experts=num_experts,
             expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens,
             rank_prefix_matrix=rank_prefix_matrix.data_ptr(), channel_prefix_matrix=channel_prefix_matrix.data_ptr(),
             recv_channel_prefix_matrix=recv_channel_prefix_matrix.data_ptr(), config=config, hidden=payload.hidden,
@@ -556,6 +590,7 @@ class Buffer:
         the rows of t on every rank that received it (float32 accumulation, no top-k weighting).
         Returns (combined_x bf16[n, H], combined_topk_weights float32[n, K] or None, event)."""
         runtime = self._rt()
+        self._require_single_node("combine")
         config = self._config(config, Buffer.get_combine_config)
         parts = self._check_handle(handle, config)
         num_tokens, num_recv = parts.is_token_in_rank.size(0), parts.recv_src_idx.size(0)
@@ -582,7 +617,7 @@ class Buffer:
             channel_prefix_matrix=parts.channel_prefix_matrix.data_ptr(),
             recv_channel_prefix_matrix=parts.recv_channel_prefix_matrix.data_ptr(),
             is_token_in_rank=parts.is_token_in_rank.data_ptr(), send_head=parts.send_head.data_ptr(),
-            num_tokens=num_tokens, combined_x=combined_x.data_ptr(),
+            num_tokens=num_tokens, num_channels=parts.channel_prefix_matrix.size(1), combined_x=combined_x.data_ptr(),
             combined_topk_weights=_ptr(combined_topk_weights), config=config, stream=launch.stream)
         event = launch.finish(x, topk_weights, bias0, bias1, parts)
         return combined_x, combined_topk_weights, event

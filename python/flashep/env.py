@@ -67,6 +67,14 @@ VARIABLES: Dict[str, EnvVar] = {
             "8-GPU host as two nodes (the multi-node path, a later milestone).",
         ),
         EnvVar(
+            "FLASHEP_DEBUG_INITIAL_COUNTER",
+            0,
+            _parse_non_negative_int,
+            "Testing: the value a Buffer's long-lived counters (barrier epoch, count sequence) start "
+            "from, e.g. 4294967280 to run calls across the point where 32-bit counters wrap. Same on "
+            "every rank.",
+        ),
+        EnvVar(
             "FLASHEP_CHECK_INPUTS",
             False,
             _parse_flag,
@@ -96,6 +104,13 @@ def timeout_s() -> float:
 
 def nvl_domain_size() -> int:
     return get("FLASHEP_NVL_DOMAIN_SIZE")
+
+
+def debug_initial_counter() -> int:
+    value = get("FLASHEP_DEBUG_INITIAL_COUNTER")
+    if value >= 2 ** 32:
+        raise ValueError(f"environment variable FLASHEP_DEBUG_INITIAL_COUNTER={value}: must be < 2**32")
+    return value
 
 
 def check_inputs() -> bool:

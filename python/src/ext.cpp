@@ -2,8 +2,9 @@
 //
 // What is bound:
 //   Config, DType, num_channels(), default_dispatch_config(), default_combine_config()
-//   Runtime            flashep::Buffer with its two-phase (handle exchange) constructor
-//   FlashepError       raised for every flashep::Error (a RuntimeError subclass)
+//   Runtime            flashep::Buffer with its stepwise bootstrap (bootstrap_message / _receive)
+//   errors             flashep::Error by kind: ValueError (invalid argument) or a FlashepError
+//                      (RuntimeError) subclass per runtime kind (bind_errors)
 //   oracle_*           the CPU oracle of src/oracle, over numpy arrays, for the tests
 //
 // torch does not appear here: device pointers are Python ints (uintptr_t, 0 = nullptr) and CUDA
@@ -24,6 +25,7 @@
 
 #include "flashep/buffer.hpp"
 #include "flashep/config.hpp"
+#include "core/layouts.hpp"
 #include "oracle/oracle.hpp"
 
 namespace nb = nanobind;
@@ -370,7 +372,7 @@ nb::list oracle_combine(int num_ranks, int hidden, int num_topk, nb::handle disp
 // ---- Runtime (flashep::Buffer) -------------------------------------------------------------------
 
 void runtime_init(Buffer* self, int rank, int num_ranks, int nvl_domain_size, size_t num_nvl_bytes,
-                  size_t num_rdma_bytes, int device, double timeout_s) {
+                  size_t num_rdma_bytes, int device, double timeout_s, uint32_t initial_counter) {
   flashep::BufferOptions options;
   options.rank = rank;
   options.num_ranks = num_ranks;
@@ -379,29 +381,52 @@ void runtime_init(Buffer* self, int rank, int num_ranks, int nvl_domain_size, si
   options.num_rdma_bytes = num_rdma_bytes;
   options.device = device;
   options.timeout_s = timeout_s;
+  options.initial_counter = initial_counter;
   nb::gil_scoped_release release;
   new (self) Buffer(options);
 }
 
-nb::bytes runtime_local_handle(const Buffer& self) {
-  const std::vector<uint8_t> handle = self.local_handle();
-  return nb::bytes(handle.data(), handle.size());
+nb::bytes runtime_bootstrap_message(const Buffer& self) {
+  const std::vector<uint8_t> message = self.bootstrap_message();
+  return nb::bytes(message.data(), message.size());
 }
 
-void runtime_connect(Buffer& self, const std::vector<nb::bytes>& handles) {
+bool runtime_bootstrap_receive(Buffer& self, const std::vector<nb::bytes>& messages) {
   std::vector<std::vector<uint8_t>> all;
-  all.reserve(handles.size());
-  for (const nb::bytes& h : handles) {
-    const auto* begin = static_cast<const uint8_t*>(h.data());
-    all.emplace_back(begin, begin + h.size());
+  all.reserve(messages.size());
+  for (const nb::bytes& m : messages) {
+    const auto* begin = static_cast<const uint8_t*>(m.data());
+    all.emplace_back(begin, begin + m.size());
   }
   nb::gil_scoped_release release;
-  self.connect(all);
+  return self.bootstrap_receive(all);
 }
 
 std::pair<int, std::vector<int>> runtime_wait_recv_counts(Buffer& self) {
   flashep::RecvCounts counts = self.wait_recv_counts();
   return {counts.num_recv_tokens, std::move(counts.num_recv_tokens_per_expert)};
+}
+
+/// The handle of a Python dispatch (tensor pointers and their sizes). Python's handle is DeepEP's
+/// tuple of tensors and carries no buffer id: the Python layer checks shapes and devices, and a
+/// handle it passes belongs to this buffer by construction.
+flashep::DispatchHandle make_handle(const Buffer& self, uintptr_t rank_prefix_matrix, uintptr_t channel_prefix_matrix,
+                                    uintptr_t recv_channel_prefix_matrix, uintptr_t recv_src_idx,
+                                    uintptr_t is_token_in_rank, uintptr_t send_head, int num_channels, int num_tokens,
+                                    int num_recv_tokens) {
+  flashep::DispatchHandle h;
+  h.rank_prefix_matrix = as_ptr<int>(rank_prefix_matrix);
+  h.channel_prefix_matrix = as_ptr<int>(channel_prefix_matrix);
+  h.recv_channel_prefix_matrix = as_ptr<int>(recv_channel_prefix_matrix);
+  h.recv_src_idx = as_ptr<int>(recv_src_idx);
+  h.is_token_in_rank = as_ptr<const bool>(is_token_in_rank);
+  h.send_head = as_ptr<int>(send_head);
+  h.num_ranks = self.nvl_domain_size();
+  h.num_channels = num_channels;
+  h.num_tokens = num_tokens;
+  h.num_recv_tokens = num_recv_tokens;
+  h.buffer_id = self.id();
+  return h;
 }
 
 void runtime_get_dispatch_layout(Buffer& self, uintptr_t topk_idx, int num_tokens, int num_topk, int num_experts,
@@ -420,25 +445,26 @@ void runtime_get_dispatch_layout(Buffer& self, uintptr_t topk_idx, int num_token
 }
 
 void runtime_notify_dispatch(Buffer& self, uintptr_t num_tokens_per_rank, uintptr_t num_tokens_per_expert,
-                             uintptr_t is_token_in_rank, int num_tokens, int num_experts, int expert_alignment,
-                             int num_worst_tokens, uintptr_t rank_prefix_matrix, uintptr_t channel_prefix_matrix,
-                             uintptr_t recv_channel_prefix_matrix, const Config& config, int hidden, DType dtype,
-                             int num_topk, uintptr_t stream) {
+                             uintptr_t is_token_in_rank, uintptr_t topk_idx, int num_tokens, int num_experts,
+                             int expert_alignment, int num_worst_tokens, uintptr_t rank_prefix_matrix,
+                             uintptr_t channel_prefix_matrix, uintptr_t recv_channel_prefix_matrix,
+                             const Config& config, int hidden, DType dtype, int num_topk, uintptr_t stream) {
+  flashep::DispatchHandle handle = make_handle(self, rank_prefix_matrix, channel_prefix_matrix,
+                                               recv_channel_prefix_matrix, 0, is_token_in_rank, 0,
+                                               self.num_channels(config), num_tokens, 0);
   flashep::NotifyDispatchArgs a;
   a.num_tokens_per_rank = as_ptr<const int>(num_tokens_per_rank);
   a.num_tokens_per_expert = as_ptr<const int>(num_tokens_per_expert);
-  a.is_token_in_rank = as_ptr<const bool>(is_token_in_rank);
+  a.topk_idx = as_ptr<const int64_t>(topk_idx);
   a.num_tokens = num_tokens;
   a.num_experts = num_experts;
   a.expert_alignment = expert_alignment;
   a.num_worst_tokens = num_worst_tokens;
-  a.rank_prefix_matrix = as_ptr<int>(rank_prefix_matrix);
-  a.channel_prefix_matrix = as_ptr<int>(channel_prefix_matrix);
-  a.recv_channel_prefix_matrix = as_ptr<int>(recv_channel_prefix_matrix);
-  a.config = config;
   a.hidden = hidden;
   a.dtype = dtype;
   a.num_topk = num_topk;
+  a.config = config;
+  a.handle = &handle;
   self.notify_dispatch(a, as_stream(stream));
 }
 
@@ -450,6 +476,9 @@ void runtime_dispatch(Buffer& self, uintptr_t x, DType dtype, int num_tokens, in
                       uintptr_t recv_x, uintptr_t recv_x_scales, uintptr_t recv_topk_idx,
                       uintptr_t recv_topk_weights, uintptr_t recv_src_idx, uintptr_t send_head,
                       const Config& config, uintptr_t stream) {
+  flashep::DispatchHandle handle =
+      make_handle(self, rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
+                  is_token_in_rank, send_head, self.num_channels(config), num_tokens, num_output_rows);
   flashep::DispatchArgs a;
   a.x = as_ptr<const void>(x);
   a.dtype = dtype;
@@ -462,19 +491,14 @@ void runtime_dispatch(Buffer& self, uintptr_t x, DType dtype, int num_tokens, in
   a.topk_weights = as_ptr<const float>(topk_weights);
   a.num_topk = num_topk;
   a.num_experts = num_experts;
-  a.is_token_in_rank = as_ptr<const bool>(is_token_in_rank);
-  a.rank_prefix_matrix = as_ptr<const int>(rank_prefix_matrix);
-  a.channel_prefix_matrix = as_ptr<const int>(channel_prefix_matrix);
-  a.recv_channel_prefix_matrix = as_ptr<const int>(recv_channel_prefix_matrix);
   a.num_output_rows = num_output_rows;
   a.worst_case_mode = worst_case_mode;
   a.cached = cached;
+  a.handle = &handle;
   a.recv_x = as_ptr<void>(recv_x);
   a.recv_x_scales = as_ptr<float>(recv_x_scales);
   a.recv_topk_idx = as_ptr<int64_t>(recv_topk_idx);
   a.recv_topk_weights = as_ptr<float>(recv_topk_weights);
-  a.recv_src_idx = as_ptr<int>(recv_src_idx);
-  a.send_head = as_ptr<int>(send_head);
   a.config = config;
   self.dispatch(a, as_stream(stream));
 }
@@ -482,26 +506,43 @@ void runtime_dispatch(Buffer& self, uintptr_t x, DType dtype, int num_tokens, in
 void runtime_combine(Buffer& self, uintptr_t x, int num_recv_tokens, int hidden, uintptr_t topk_weights,
                      int num_topk, uintptr_t bias0, uintptr_t bias1, uintptr_t rank_prefix_matrix,
                      uintptr_t channel_prefix_matrix, uintptr_t recv_channel_prefix_matrix,
-                     uintptr_t is_token_in_rank, uintptr_t send_head, int num_tokens, uintptr_t combined_x,
-                     uintptr_t combined_topk_weights, const Config& config, uintptr_t stream) {
+                     uintptr_t is_token_in_rank, uintptr_t send_head, int num_tokens, int num_channels,
+                     uintptr_t combined_x, uintptr_t combined_topk_weights, const Config& config, uintptr_t stream) {
+  const flashep::DispatchHandle handle =
+      make_handle(self, rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, 0, is_token_in_rank,
+                  send_head, num_channels, num_tokens, num_recv_tokens);
   flashep::CombineArgs a;
   a.x = as_ptr<const void>(x);
-  a.num_recv_tokens = num_recv_tokens;
   a.hidden = hidden;
   a.topk_weights = as_ptr<const float>(topk_weights);
   a.num_topk = num_topk;
   a.bias0 = as_ptr<const void>(bias0);
   a.bias1 = as_ptr<const void>(bias1);
-  a.rank_prefix_matrix = as_ptr<const int>(rank_prefix_matrix);
-  a.channel_prefix_matrix = as_ptr<const int>(channel_prefix_matrix);
-  a.recv_channel_prefix_matrix = as_ptr<const int>(recv_channel_prefix_matrix);
-  a.is_token_in_rank = as_ptr<const bool>(is_token_in_rank);
-  a.send_head = as_ptr<const int>(send_head);
-  a.num_tokens = num_tokens;
+  a.handle = &handle;
   a.combined_x = as_ptr<void>(combined_x);
   a.combined_topk_weights = as_ptr<float>(combined_topk_weights);
   a.config = config;
   self.combine(a, as_stream(stream));
+}
+
+const char* transport_name(flashep::PeerTransport t) {
+  switch (t) {
+    case flashep::PeerTransport::kSelf: return "self";
+    case flashep::PeerTransport::kNvlink: return "nvlink";
+    case flashep::PeerTransport::kNvshmem: return "nvshmem";
+  }
+  return "?";
+}
+
+nb::list runtime_check_transports(Buffer& self, size_t bytes_per_peer) {
+  std::vector<flashep::PeerCheck> checks;
+  {
+    nb::gil_scoped_release release;
+    checks = self.check_transports(bytes_per_peer);
+  }
+  nb::list out;
+  for (const auto& c : checks) out.append(nb::make_tuple(c.peer, transport_name(c.transport), c.mismatched_words));
+  return out;
 }
 
 // ---- module pieces -------------------------------------------------------------------------------
@@ -538,15 +579,19 @@ void bind_config(nb::module_& m) {
 
 void bind_runtime(nb::module_& m) {
   nb::class_<Buffer>(m, "Runtime",
-                     "flashep::Buffer: one rank's communication buffer. Construct it, all-gather every rank's "
-                     "local_handle(), then connect() with all of them in rank order. Pointers are ints "
+                     "flashep::Buffer: one rank's communication buffer. Construct it, then repeat "
+                     "done = bootstrap_receive(all-gather(bootstrap_message())) until done. Pointers are ints "
                      "(0 = null), streams are cudaStream_t values as ints.")
       .def("__init__", &runtime_init, "rank"_a, "num_ranks"_a, "nvl_domain_size"_a = 0, "num_nvl_bytes"_a = 0,
-           "num_rdma_bytes"_a = 0, "device"_a = -1, "timeout_s"_a = 0.0)
-      .def("local_handle", &runtime_local_handle, "This rank's handle (bytes) for the exchange before connect().")
-      .def("connect", &runtime_connect, "all_handles"_a, "Maps the peers; all_handles[r] is rank r's local_handle().")
+           "num_rdma_bytes"_a = 0, "device"_a = -1, "timeout_s"_a = 0.0, "initial_counter"_a = 0)
+      .def("bootstrap_message", &runtime_bootstrap_message,
+           "This rank's message (bytes) of the current bootstrap round, to be all-gathered.")
+      .def("bootstrap_receive", &runtime_bootstrap_receive, "messages"_a,
+           "Takes every rank's message of the round (rank order); True once connected.")
       .def("is_available", &Buffer::is_available)
-      .def("destroy", &Buffer::destroy, release_gil(), "Frees everything (idempotent).")
+      .def("destroy", &Buffer::destroy, "collective"_a = false, release_gil(),
+           "Frees everything (idempotent). collective=True (every rank destroys together) also frees the "
+           "NVSHMEM region.")
       .def_prop_ro("rank", &Buffer::rank)
       .def_prop_ro("num_ranks", &Buffer::num_ranks)
       .def_prop_ro("nvl_domain_size", &Buffer::nvl_domain_size)
@@ -554,18 +599,21 @@ void bind_runtime(nb::module_& m) {
       .def_prop_ro("num_nvl_bytes", &Buffer::num_nvl_bytes)
       .def_prop_ro("num_rdma_bytes", &Buffer::num_rdma_bytes)
       .def_prop_ro("timeout_s", &Buffer::timeout_s)
+      .def_prop_ro("id", &Buffer::id)
       .def_prop_ro("comm_stream", [](const Buffer& b) { return as_int(b.comm_stream()); },
                    "The buffer's own non-blocking stream (cudaStream_t as int).")
       .def_prop_ro("local_nvl_buffer", [](const Buffer& b) { return as_int(b.local_nvl_buffer()); },
                    "Device pointer (int) of this rank's NVLink buffer of num_nvl_bytes bytes.")
+      .def("peer_transport", [](const Buffer& b, int peer) { return transport_name(b.peer_transport(peer)); },
+           "peer"_a, "'self', 'nvlink' or 'nvshmem': how this rank reaches `peer`.")
       .def("num_channels", &Buffer::num_channels, "config"_a)
       .def("get_dispatch_layout", &runtime_get_dispatch_layout, nb::kw_only(), "topk_idx"_a = 0, "num_tokens"_a,
            "num_topk"_a, "num_experts"_a, "num_tokens_per_rank"_a = 0, "num_tokens_per_rdma_rank"_a = 0,
            "num_tokens_per_expert"_a = 0, "is_token_in_rank"_a = 0, "stream"_a, release_gil())
       .def("notify_dispatch", &runtime_notify_dispatch, nb::kw_only(), "num_tokens_per_rank"_a = 0,
-           "num_tokens_per_expert"_a = 0, "is_token_in_rank"_a = 0, "num_tokens"_a, "num_experts"_a,
-           "expert_alignment"_a = 1, "num_worst_tokens"_a = 0, "rank_prefix_matrix"_a = 0,
-           "channel_prefix_matrix"_a = 0, "recv_channel_prefix_matrix"_a = 0, "config"_a, "hidden"_a = 0,
+           "num_tokens_per_expert"_a = 0, "is_token_in_rank"_a = 0, "topk_idx"_a = 0, "num_tokens"_a,
+           "num_experts"_a, "expert_alignment"_a = 1, "num_worst_tokens"_a = 0, "rank_prefix_matrix"_a = 0,
+           "channel_prefix_matrix"_a = 0, "recv_channel_prefix_matrix"_a = 0, "config"_a, "hidden"_a,
            "dtype"_a = DType::kBFloat16, "num_topk"_a = 0, "stream"_a, release_gil())
       .def("wait_recv_counts", &runtime_wait_recv_counts, release_gil(),
            "Bounded host poll for the counts of the last notify_dispatch: (num_recv_tokens, "
@@ -581,9 +629,13 @@ void bind_runtime(nb::module_& m) {
       .def("combine", &runtime_combine, nb::kw_only(), "x"_a = 0, "num_recv_tokens"_a, "hidden"_a,
            "topk_weights"_a = 0, "num_topk"_a = 0, "bias0"_a = 0, "bias1"_a = 0, "rank_prefix_matrix"_a = 0,
            "channel_prefix_matrix"_a = 0, "recv_channel_prefix_matrix"_a = 0, "is_token_in_rank"_a = 0,
-           "send_head"_a = 0, "num_tokens"_a, "combined_x"_a = 0, "combined_topk_weights"_a = 0, "config"_a,
-           "stream"_a, release_gil())
-      .def("check", &Buffer::check, "Raises FlashepError if a kernel recorded a timeout or a device-side error.");
+           "send_head"_a = 0, "num_tokens"_a, "num_channels"_a, "combined_x"_a = 0, "combined_topk_weights"_a = 0,
+           "config"_a, "stream"_a, release_gil())
+      .def("check_transports", &runtime_check_transports, "bytes_per_peer"_a = 1 << 20,
+           "Collective: exchanges a pattern with every peer through its transport; returns a list of (peer, "
+           "transport, mismatched 32-bit words).")
+      .def("check", &Buffer::check, "Raises if a kernel recorded an error (or the buffer is poisoned).");
+  m.def("nvshmem_built", &Buffer::nvshmem_built, "Whether this build has the NVSHMEM transport.");
 }
 
 void bind_oracle(nb::module_& m) {
@@ -608,12 +660,59 @@ void bind_oracle(nb::module_& m) {
         "the length of dispatch_outputs[0]['num_recv_tokens_per_expert'] times num_ranks.");
 }
 
+/// Python exceptions of flashep::Error's kinds: ValueError for invalid arguments, a FlashepError
+/// (RuntimeError) subclass for every runtime kind; FlashepUnsupportedError is a NotImplementedError too.
+struct ErrorTypes {
+  PyObject* base = nullptr;
+  PyObject* by_kind[8] = {};
+};
+ErrorTypes& error_types() {
+  static ErrorTypes types;
+  return types;
+}
+
+void bind_errors(nb::module_& m) {
+  ErrorTypes& t = error_types();
+  t.base = PyErr_NewExceptionWithDoc("flashep._C.FlashepError",
+                                     "Every runtime error of flashep (a RuntimeError).", PyExc_RuntimeError, nullptr);
+  m.attr("FlashepError") = nb::handle(t.base);
+  auto sub = [&](flashep::ErrorKind kind, const char* name, const char* doc, PyObject* extra_base) {
+    PyObject* bases = extra_base ? PyTuple_Pack(2, t.base, extra_base) : PyTuple_Pack(1, t.base);
+    const std::string qualified = std::string("flashep._C.") + name;
+    PyObject* type = PyErr_NewExceptionWithDoc(qualified.c_str(), doc, bases, nullptr);
+    Py_DECREF(bases);
+    t.by_kind[static_cast<int>(kind)] = type;
+    m.attr(name) = nb::handle(type);
+  };
+  sub(flashep::ErrorKind::kTimeout, "FlashepTimeoutError", "A bounded wait (GPU or host) expired.", nullptr);
+  sub(flashep::ErrorKind::kPeerMismatch, "FlashepPeerMismatchError",
+      "The ranks disagree on a call or on the buffer.", nullptr);
+  sub(flashep::ErrorKind::kPeerFailed, "FlashepPeerFailedError",
+      "Another rank failed and aborted the buffer (its own error says why).", nullptr);
+  sub(flashep::ErrorKind::kDeviceFault, "FlashepDeviceFaultError",
+      "Bad input found on the GPU, or a CUDA error.", nullptr);
+  sub(flashep::ErrorKind::kPoisoned, "FlashepPoisonedError",
+      "The buffer failed earlier; destroy it and create a new one.", nullptr);
+  sub(flashep::ErrorKind::kUnsupported, "FlashepUnsupportedError",
+      "Not built in (e.g. NVSHMEM) or not implemented yet.", PyExc_NotImplementedError);
+  nb::register_exception_translator([](const std::exception_ptr& p, void*) {
+    try {
+      std::rethrow_exception(p);
+    } catch (const flashep::Error& e) {
+      const int kind = static_cast<int>(e.kind());
+      PyObject* type = e.kind() == flashep::ErrorKind::kInvalidArgument ? PyExc_ValueError
+                       : (kind > 0 && kind < 8 && error_types().by_kind[kind]) ? error_types().by_kind[kind]
+                                                                               : error_types().base;
+      PyErr_SetString(type, e.what());
+    }
+  });
+}
+
 }  // namespace
 
 NB_MODULE(_C, m) {
-  m.doc() = "flashep C++ core (torch-free): Config, Runtime (flashep::Buffer) and the CPU oracle.";
-  // flashep::Error -> flashep._C.FlashepError (a RuntimeError), message unchanged.
-  nb::exception<flashep::Error>(m, "FlashepError", PyExc_RuntimeError);
+  m.doc() = "flashep C++ core (torch-free): Config, Runtime (flashep::Buffer), errors and the CPU oracle.";
+  bind_errors(m);
   bind_config(m);
   bind_runtime(m);
   bind_oracle(m);
@@ -621,4 +720,5 @@ NB_MODULE(_C, m) {
   m.attr("kMaxTopk") = flashep::kMaxTopk;
   m.attr("kMaxLocalExperts") = flashep::kMaxLocalExperts;
   m.attr("kMaxChannels") = flashep::kMaxChannels;
+  m.attr("kMaxExpertAlignment") = flashep::kMaxExpertAlignment;
 }

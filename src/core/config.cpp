@@ -5,7 +5,8 @@
 #include <stdexcept>
 #include <string>
 
-#include "core/layout_math.hpp"
+#include "core/launch_policy.hpp"
+#include "core/layouts.hpp"
 
 namespace flashep {
 

@@ -1,20 +1,28 @@
-// CUDA error checking for host code: every failure becomes a flashep::Error naming the call.
+// Throwing flashep::Error from host code, and CUDA error checking: every CUDA failure becomes a
+// kDeviceFault error naming the call.
 #pragma once
 
 #include <cuda_runtime_api.h>
 
 #include <string>
 
-#include "flashep/buffer.hpp"
+#include "flashep/errors.hpp"
 
 namespace flashep {
 
-[[noreturn]] inline void throw_error(const std::string& message) { throw Error("flashep: " + message); }
+[[noreturn]] inline void throw_error(ErrorKind kind, const std::string& message) {
+  throw Error(kind, "flashep: " + message);
+}
+/// Bad input found on the host, before anything was enqueued.
+[[noreturn]] inline void throw_invalid(const std::string& message) { throw_error(ErrorKind::kInvalidArgument, message); }
+inline void require(bool condition, const std::string& message) {
+  if (!condition) throw_invalid(message);
+}
 
 inline void cuda_check(cudaError_t status, const char* call, const char* file, int line) {
   if (status != cudaSuccess)
-    throw Error(std::string("flashep: CUDA error '") + cudaGetErrorString(status) + "' in " + call + " at " + file +
-                ":" + std::to_string(line));
+    throw Error(ErrorKind::kDeviceFault, std::string("flashep: CUDA error '") + cudaGetErrorString(status) + "' in " +
+                                             call + " at " + file + ":" + std::to_string(line));
 }
 
 }  // namespace flashep

@@ -1,8 +1,11 @@
-// The record a kernel leaves in host-mapped memory when a wait times out or device-side input
-// validation fails. The host turns it into a flashep::Error naming rank, phase and what was awaited.
+// The record a kernel leaves in host-mapped memory when it fails (a wait past the timeout, bad input
+// found on the GPU, ranks that disagree) or stops because a peer aborted the buffer. The host turns
+// it into a flashep::Error naming the rank, the phase and what was awaited (describe(), kind_of()).
 #pragma once
 
 #include <string>
+
+#include "flashep/errors.hpp"
 
 namespace flashep {
 
@@ -17,20 +20,33 @@ enum class Phase : int {
   kCombineSendWaitSpace,    // combine sender waiting for ring space
   kCombineRecvWaitData,     // combine receiver waiting for expert outputs
   kCombineReleaseWait,      // combine receiver's coordinator waiting for its own workers
-  kDispatchInvalidExpert,   // dispatch saw an expert id outside [-1, E)
+  kDispatchInvalidExpert,   // notify_dispatch saw an expert id outside [-1, E) in topk_idx
   kSendWaitRowLoad,         // a bulk-copy sender waiting for its own row to land in shared memory
-  kCallMismatch,            // the ranks of a call disagree on it (CallInfo, layout_math.hpp)
+  kCallMismatch,            // the ranks of a call disagree on it (CallInfo, call_check.hpp)
   kCombineBadHandle,        // a combine handle points at rows of x that do not exist
+  kDispatchBadHandle,       // a dispatch handle points at output rows that do not exist
+  kNotifyBadRankCount,      // num_tokens_per_rank disagrees with is_token_in_rank
+  kNotifyBadExpertCount,    // num_tokens_per_expert disagrees with topk_idx
+  kKernelEntry,             // a kernel found the buffer aborted before it started
+  kTransportCheck,          // check_transports waiting for a peer's data
+  kHostRecvCounts,          // the host's poll for notify_dispatch's counts (host-side record)
 };
 
-/// Written by the first failing thread (flag set last, after the fields). Plain ints so the layout
-/// is the same on host and device.
+/// Why the record was written.
+enum class Cause : int {
+  kOwn = 0,        // this rank failed in `phase`
+  kPeerAbort = 1,  // this rank stopped in `phase` because rank `peer` aborted the buffer
+};
+
+/// Written by the first failing thread of a rank (flag set last, after the fields). Plain ints so
+/// the layout is the same on host and device.
 struct DeviceErrorRecord {
   volatile int flag;  // 0 = no error, 1 = error recorded
   int rank;
   int phase;          // Phase
-  int peer;           // rank waited for, or -1
-  int channel;        // channel, or -1
+  int cause;          // Cause
+  int peer;           // rank waited for (or the aborting rank), or -1
+  int channel;        // channel (a field index for kCallMismatch), or -1
   int expected;       // value awaited (a counter, an epoch, a count)
   int observed;       // value seen last
   int block;
@@ -48,68 +64,106 @@ inline const char* phase_name(Phase phase) {
     case Phase::kCombineSendWaitSpace: return "combine send (waiting for ring space)";
     case Phase::kCombineRecvWaitData: return "combine receive (waiting for expert outputs)";
     case Phase::kCombineReleaseWait: return "combine receive (waiting for local workers)";
-    case Phase::kDispatchInvalidExpert: return "dispatch (invalid expert id in topk_idx)";
+    case Phase::kDispatchInvalidExpert: return "notify_dispatch (invalid expert id in topk_idx)";
     case Phase::kSendWaitRowLoad: return "send (waiting for a row to load from local memory into a stage)";
     case Phase::kCallMismatch: return "barrier (the ranks disagree on the call)";
     case Phase::kCombineBadHandle: return "combine (the handle does not match x)";
+    case Phase::kDispatchBadHandle: return "dispatch (the handle does not match the output)";
+    case Phase::kNotifyBadRankCount: return "notify_dispatch (num_tokens_per_rank disagrees with is_token_in_rank)";
+    case Phase::kNotifyBadExpertCount: return "notify_dispatch (num_tokens_per_expert disagrees with topk_idx)";
+    case Phase::kKernelEntry: return "kernel entry";
+    case Phase::kTransportCheck: return "check_transports (waiting for a peer's data)";
+    case Phase::kHostRecvCounts: return "host wait for notify_dispatch's receive counts";
   }
   return "unknown";
 }
 
-inline bool phase_is_timeout(Phase phase) {
-  return phase != Phase::kLayoutInvalidExpert && phase != Phase::kDispatchTooManyTokens &&
-         phase != Phase::kDispatchInvalidExpert && phase != Phase::kCallMismatch && phase != Phase::kCombineBadHandle &&
-         phase != Phase::kNone;
+/// What kind of error a record is (flashep/errors.hpp).
+inline ErrorKind kind_of(const DeviceErrorRecord& r) {
+  if (static_cast<Cause>(r.cause) == Cause::kPeerAbort) return ErrorKind::kPeerFailed;
+  switch (static_cast<Phase>(r.phase)) {
+    case Phase::kLayoutInvalidExpert:
+    case Phase::kDispatchInvalidExpert:
+    case Phase::kDispatchTooManyTokens:
+    case Phase::kCombineBadHandle:
+    case Phase::kDispatchBadHandle:
+    case Phase::kNotifyBadRankCount:
+    case Phase::kNotifyBadExpertCount:
+      return ErrorKind::kDeviceFault;
+    case Phase::kCallMismatch:
+      return ErrorKind::kPeerMismatch;
+    default:
+      return ErrorKind::kTimeout;
+  }
 }
 
 inline std::string describe(const DeviceErrorRecord& r, double timeout_s) {
   const Phase phase = static_cast<Phase>(r.phase);
+  const std::string unusable = "; the buffer is unusable now and must be destroyed";
   std::string s = "flashep: rank " + std::to_string(r.rank) + ": ";
-  if (phase == Phase::kLayoutInvalidExpert || phase == Phase::kDispatchInvalidExpert) {
-    return s + phase_name(phase) + ": token " + std::to_string(r.expected) + " has expert id " +
-           std::to_string(r.observed) + " (num_experts " + std::to_string(r.peer) + ")";
+  if (static_cast<Cause>(r.cause) == Cause::kPeerAbort) {
+    return s + "stopped in " + phase_name(phase) + " because rank " + std::to_string(r.peer) +
+           " failed and aborted the buffer (its own error says why)" + unusable;
   }
-  if (phase == Phase::kCombineBadHandle) {
-    return s + phase_name(phase) + ": it sends rows up to " + std::to_string(r.observed) + " of x to rank " +
-           std::to_string(r.peer) + " on channel " + std::to_string(r.channel) + ", but x has " +
-           std::to_string(r.expected) + " rows (a handle of another dispatch, or modified). Nothing was read "
-           "out of bounds; the buffer is unusable now and must be destroyed";
-  }
-  if (phase == Phase::kDispatchTooManyTokens) {
-    return s + phase_name(phase) + ": " + std::to_string(r.observed) + " tokens arrived, num_worst_tokens is " +
-           std::to_string(r.expected);
-  }
-  if (phase == Phase::kCallMismatch) {
-    // channel: the CallInfo field (layout_math.hpp); expected: this rank's value; observed: the peer's.
-    static const char* const kFields[] = {"operation", "channel count (from config.num_sms)",
-                                          "ring depth (config.num_max_nvl_chunked_recv_tokens)", "hidden size",
-                                          "dtype", "top-k width", "num_experts"};
-    constexpr int kNumFields = sizeof(kFields) / sizeof(kFields[0]);
-    auto value = [&](int v) -> std::string {
-      switch (r.channel) {
-        case 0: return v == 1 ? "dispatch" : v == 2 ? "cached dispatch" : v == 3 ? "combine" : std::to_string(v);
-        case 4: return v == 1 ? "bf16" : v == 2 ? "fp8 e4m3" : std::to_string(v);
-        case 5: return std::to_string(v - 1);  // stored as top-k + 1
-        default: return std::to_string(v);
-      }
-    };
-    const char* field = (r.channel >= 0 && r.channel < kNumFields) ? kFields[r.channel] : "unknown field";
-    return s + "the ranks disagree on the call: " + field + " is " + value(r.expected) + " here and " +
-           value(r.observed) + " on rank " + std::to_string(r.peer) +
-           ". Every rank must make the same sequence of calls with the same config and shapes; the buffer "
-           "is unusable now and must be destroyed";
+  switch (phase) {
+    case Phase::kLayoutInvalidExpert:
+    case Phase::kDispatchInvalidExpert:
+      return s + phase_name(phase) + ": token " + std::to_string(r.expected) + " has expert id " +
+             std::to_string(r.observed) + " (num_experts " + std::to_string(r.peer) + "); nothing was written out of "
+             "bounds" + unusable;
+    case Phase::kCombineBadHandle:
+      return s + phase_name(phase) + ": it sends rows up to " + std::to_string(r.observed) + " of x to rank " +
+             std::to_string(r.peer) + " on channel " + std::to_string(r.channel) + ", but x has " +
+             std::to_string(r.expected) + " rows (a handle of another dispatch, or modified). Nothing was read "
+             "out of bounds" + unusable;
+    case Phase::kDispatchBadHandle:
+      return s + phase_name(phase) + ": rows from rank " + std::to_string(r.peer) + " on channel " +
+             std::to_string(r.channel) + " decode to [" + std::to_string(r.observed) + ", +" +
+             std::to_string(r.block) + ") but the output has " + std::to_string(r.expected) +
+             " rows (negative or decreasing prefix entries: a handle of another dispatch, or modified). Nothing "
+             "was written" + unusable;
+    case Phase::kNotifyBadRankCount:
+      return s + phase_name(phase) + ": num_tokens_per_rank[" + std::to_string(r.peer) + "] is " +
+             std::to_string(r.observed) + " but is_token_in_rank routes " + std::to_string(r.expected) +
+             " tokens to rank " + std::to_string(r.peer) + unusable;
+    case Phase::kNotifyBadExpertCount:
+      return s + phase_name(phase) + ": num_tokens_per_expert[" + std::to_string(r.channel) + "] is " +
+             std::to_string(r.observed) + " but topk_idx names expert " + std::to_string(r.channel) + " " +
+             std::to_string(r.expected) + " times" + unusable;
+    case Phase::kDispatchTooManyTokens:
+      return s + phase_name(phase) + ": " + std::to_string(r.observed) + " tokens arrived, num_worst_tokens is " +
+             std::to_string(r.expected) + unusable;
+    case Phase::kCallMismatch: {
+      // channel: the CallInfo field (call_check.hpp); expected: this rank's value; observed: the peer's.
+      static const char* const kFields[] = {"operation", "channel count (from config.num_sms)",
+                                            "ring depth (config.num_max_nvl_chunked_recv_tokens)", "hidden size",
+                                            "dtype", "top-k width", "num_experts"};
+      constexpr int kNumFields = sizeof(kFields) / sizeof(kFields[0]);
+      auto value = [&](int v) -> std::string {
+        switch (r.channel) {
+          case 0: return v == 1 ? "dispatch" : v == 2 ? "cached dispatch" : v == 3 ? "combine" : std::to_string(v);
+          case 4: return v == 1 ? "bf16" : v == 2 ? "fp8 e4m3" : std::to_string(v);
+          case 5: return std::to_string(v - 1);  // stored as top-k + 1
+          default: return std::to_string(v);
+        }
+      };
+      const char* field = (r.channel >= 0 && r.channel < kNumFields) ? kFields[r.channel] : "unknown field";
+      return s + "the ranks disagree on the call: " + field + " is " + value(r.expected) + " here and " +
+             value(r.observed) + " on rank " + std::to_string(r.peer) +
+             ". Every rank must make the same sequence of calls with the same config and shapes" + unusable;
+    }
+    case Phase::kSendWaitRowLoad:
+      return s + "timed out after " + std::to_string(timeout_s) + " s in " + phase_name(phase) + " on channel " +
+             std::to_string(r.channel) + " (item " + std::to_string(r.expected) + ", block " +
+             std::to_string(r.block) + "): a copy within this GPU did not complete" + unusable;
+    default:
+      break;
   }
   s += "timed out after " + std::to_string(timeout_s) + " s in " + phase_name(phase);
-  if (phase == Phase::kSendWaitRowLoad) {
-    return s + " on channel " + std::to_string(r.channel) + " (item " + std::to_string(r.expected) + ", block " +
-           std::to_string(r.block) + "): a copy within this GPU did not complete; the buffer is unusable now and "
-           "must be destroyed";
-  }
   if (r.peer >= 0) s += ", waiting for rank " + std::to_string(r.peer);
   if (r.channel >= 0) s += " on channel " + std::to_string(r.channel);
   s += " (awaited " + std::to_string(r.expected) + ", saw " + std::to_string(r.observed) + ", block " +
-       std::to_string(r.block) + "). A peer did not join the same operation, or died; the buffer is "
-       "unusable now and must be destroyed";
+       std::to_string(r.block) + "). A peer did not join the same operation, or died" + unusable;
   return s;
 }
 

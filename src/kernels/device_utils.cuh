@@ -1,12 +1,11 @@
-// Device-side building blocks shared by every kernel: memory-model-correct flag accesses, bounded
-// spin-waits, warp-wide row copies, and the error record.
+// Device-side building blocks shared by every kernel: memory-model-correct flag accesses and
+// warp-wide row copies. Bounded waits and the error record are in failure.cuh.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
-#include "core/device_error.hpp"
 
 namespace flashep::device {
 
@@ -28,6 +27,19 @@ __device__ __forceinline__ int ld_relaxed_sys(const int* ptr) {
 }
 __device__ __forceinline__ void st_relaxed_sys(int* ptr, int value) {
   asm volatile("st.relaxed.sys.global.b32 [%0], %1;" ::"l"(ptr), "r"(value) : "memory");
+}
+__device__ __forceinline__ uint64_t ld_acquire_sys_u64(const uint64_t* ptr) {
+  uint64_t value;
+  asm volatile("ld.acquire.sys.global.b64 %0, [%1];" : "=l"(value) : "l"(ptr) : "memory");
+  return value;
+}
+__device__ __forceinline__ uint64_t ld_relaxed_sys_u64(const uint64_t* ptr) {
+  uint64_t value;
+  asm volatile("ld.relaxed.sys.global.b64 %0, [%1];" : "=l"(value) : "l"(ptr) : "memory");
+  return value;
+}
+__device__ __forceinline__ void st_release_sys_u64(uint64_t* ptr, uint64_t value) {
+  asm volatile("st.release.sys.global.b64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
 }
 
 __device__ __forceinline__ uint64_t global_timer_ns() {
@@ -70,57 +82,6 @@ __device__ __forceinline__ void warp_copy(int4* __restrict__ dst, const int4* __
     for (int u = 0; u < kUnroll; ++u) {
       const int i = base + u * kWarpSize;
       if (i < num_int4) st_na(dst + i, v[u]);
-    }
-  }
-}
-
-// ---- bounded waits and the error record ----------------------------------------------------------
-/// Everything a waiting thread needs to bound its wait and to report a timeout.
-struct WaitContext {
-  DeviceErrorRecord* error;  // host-mapped
-  int* abort_flag;           // device memory of this rank: set once any thread of this rank failed
-  uint64_t timeout_ns;
-  int rank;
-};
-
-__device__ __forceinline__ void record_error(const WaitContext& ctx, Phase phase, int peer, int channel, int expected,
-                                             int observed) {
-  // First failure wins: claim the record through the local abort flag, fill it, then publish.
-  if (atomicCAS(ctx.abort_flag, 0, 1) == 0) {
-    DeviceErrorRecord* r = ctx.error;
-    r->rank = ctx.rank;
-    r->phase = static_cast<int>(phase);
-    r->peer = peer;
-    r->channel = channel;
-    r->expected = expected;
-    r->observed = observed;
-    r->block = static_cast<int>(blockIdx.x);
-    __threadfence_system();
-    r->flag = 1;
-    __threadfence_system();
-  }
-}
-
-__device__ __forceinline__ bool aborted(const WaitContext& ctx) {
-  return *reinterpret_cast<volatile int*>(ctx.abort_flag) != 0;
-}
-
-/// Spins until `*counter >= target` (acquire). Returns the value seen, or a negative number when
-/// the wait timed out or another thread of this rank already failed (then the caller bails out).
-__device__ __forceinline__ int wait_at_least(const WaitContext& ctx, const int* counter, int target, Phase phase,
-                                             int peer, int channel) {
-  int value = ld_acquire_sys(counter);
-  if (value >= target) return value;
-  const uint64_t start = global_timer_ns();
-  for (uint32_t spins = 1;; ++spins) {
-    value = ld_acquire_sys(counter);
-    if (value >= target) return value;
-    if ((spins & 255) == 0) {
-      if (aborted(ctx)) return -1;
-      if (global_timer_ns() - start > ctx.timeout_ns) {
-        record_error(ctx, phase, peer, channel, target, value);
-        return -1;
-      }
     }
   }
 }

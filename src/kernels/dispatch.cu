@@ -10,6 +10,8 @@
 //              output rows with plain 16-byte loads and stores (local memory). Top-k ids become
 //              local expert ids here; weights of other ranks' experts become 0.
 // Output rows are ordered by source rank, then channel, then token (no sort), as the handle says.
+#include "core/handle.hpp"
+#include "core/launch_policy.hpp"
 #include "kernels/profile.cuh"
 #include "kernels/ring_sender.cuh"
 
@@ -23,6 +25,18 @@ struct TokenBatch {
   uint32_t my_mask = 0;  // lane i: ranks token base+i goes to (bit r)
 };
 
+/// FP8 scales of a token-contiguous (column-major) layout, staged per batch of 32 tokens: lane i
+/// loads column j of token base+i, so every load of the warp is one contiguous 128-byte line
+/// (a per-token gather would touch one line per column). Two buffers: the batch being loaded from
+/// and the next one, prefetched.
+struct ScaleStaging {
+  float* floats = nullptr;  // [2][kMaxScaleColumns][32]
+  int staged_base[2] = {-1, -1};
+
+  __device__ int buffer_of(int base, int range_begin) const { return ((base - range_begin) / 32) & 1; }
+  __device__ float* column(int buffer, int j) const { return floats + (buffer * kMaxScaleColumns + j) * 32; }
+};
+
 /// Sender policy of run_ring_sender: the tokens of one channel that go anywhere.
 struct DispatchSendPolicy {
   const DispatchParams& p;
@@ -30,14 +44,34 @@ struct DispatchSendPolicy {
   int lane;
   TokenBatch load_batch, send_batch;
   int load_token = -1;  // the token next_load moved to
+  ScaleStaging staging;
 
   __device__ uint32_t routing_of(int t) const {
     uint32_t mask = 0;
     if (t < range.end) {
-      const bool* row = p.is_token_in_rank + int64_t(t) * p.comm.num_ranks;
-      for (int r = 0; r < p.comm.num_ranks; ++r) mask |= row[r] ? (1u << r) : 0u;
+      const bool* row = p.is_token_in_rank + int64_t(t) * p.comm.nvl_size;
+      for (int r = 0; r < p.comm.nvl_size; ++r) mask |= row[r] ? (1u << r) : 0u;
     }
     return mask;
+  }
+  /// Issues the staging loads (cp.async) of the batch at `base` into its buffer.
+  __device__ void stage_scales(int base) {
+    const int buffer = staging.buffer_of(base, range.begin);
+    const int t = base + lane;
+    if (t < range.end)
+      for (int j = 0; j < p.slot.num_scales; ++j)
+        device::async_copy_small<4>(staging.column(buffer, j) + lane,
+                                    p.x_scales + int64_t(t) * p.scale_token_stride + j * p.scale_hidden_stride);
+    staging.staged_base[buffer] = base;
+  }
+  /// The batch at load_batch.base is the one loads take from now: its scales must have landed
+  /// (loaded now if they were not prefetched), and the next batch's are prefetched.
+  __device__ void enter_load_batch() {
+    const int base = load_batch.base;
+    if (staging.staged_base[staging.buffer_of(base, range.begin)] != base) stage_scales(base);
+    device::async_copy_wait_all();
+    __syncwarp();
+    if (base + 32 < range.end) stage_scales(base + 32);
   }
   /// Moves `batch` to the next batch with a routed token; false past the channel's end.
   __device__ bool refill(TokenBatch& batch) const {
@@ -50,7 +84,9 @@ struct DispatchSendPolicy {
     return true;
   }
   __device__ bool next_load() {
+    const int before = load_batch.base;
     if (!refill(load_batch)) return false;
+    if (p.staged_scales && load_batch.base != before) enter_load_batch();
     load_token = load_batch.base + __ffs(load_batch.pending) - 1;
     load_batch.pending &= load_batch.pending - 1;
     return true;
@@ -61,8 +97,13 @@ struct DispatchSendPolicy {
   __device__ void load_metadata(char* stage) const {
     const int64_t t = load_token;
     float* scales = reinterpret_cast<float*>(stage + p.slot.scale_offset);
-    for (int j = lane; j < p.slot.num_scales; j += 32)
-      device::async_copy_small<4>(scales + j, p.x_scales + t * p.scale_token_stride + j * p.scale_hidden_stride);
+    if (p.staged_scales) {
+      const int buffer = staging.buffer_of(load_batch.base, range.begin);
+      for (int j = lane; j < p.slot.num_scales; j += 32) scales[j] = staging.column(buffer, j)[t - load_batch.base];
+    } else {
+      for (int j = lane; j < p.slot.num_scales; j += 32)
+        device::async_copy_small<4>(scales + j, p.x_scales + t * p.scale_token_stride + j * p.scale_hidden_stride);
+    }
     if (lane < p.num_topk) {
       device::async_copy_small<8>(stage + p.slot.topk_idx_offset + lane * 8, p.topk_idx + t * p.num_topk + lane);
       device::async_copy_small<4>(stage + p.slot.topk_weights_offset + lane * 4, p.topk_weights + t * p.num_topk + lane);
@@ -72,8 +113,13 @@ struct DispatchSendPolicy {
   __device__ uint32_t next_send(int my_tail) {
     // Entering a batch records where each of its tokens lands (the handle's send_head), unrouted
     // ones included: combine needs, per token, the slots sent before it. my_tail is exact here:
-    // every earlier token went out, and a batch with no routed token moves no tail.
-    while (send_batch.pending == 0) enter_next_send_batch(my_tail);
+    // every earlier token went out, and a batch with no routed token moves no tail. Bounded by the
+    // channel's end: should the routing read here differ from what next_load read (the caller
+    // changed is_token_in_rank during the call), the item goes nowhere instead of looping on.
+    while (send_batch.pending == 0) {
+      if (send_batch.base + 32 >= range.end) return 0u;
+      enter_next_send_batch(my_tail);
+    }
     const int j = __ffs(send_batch.pending) - 1;
     send_batch.pending &= send_batch.pending - 1;
     return __shfl_sync(0xffffffffu, send_batch.my_mask, j);
@@ -89,7 +135,7 @@ struct DispatchSendPolicy {
     while (send_batch.base + 32 < range.end) enter_next_send_batch(my_tail);
   }
   __device__ void write_send_heads(int my_tail) const {
-    const int R = p.comm.num_ranks;
+    const int R = p.comm.nvl_size;
     const int t = send_batch.base + lane;
     for (int r = 0; r < R; ++r) {
       const bool routed = (send_batch.my_mask >> r) & 1u;
@@ -100,20 +146,21 @@ struct DispatchSendPolicy {
   }
 };
 
-__device__ void dispatch_send(const DispatchParams& p, const WarpStages& w, int channel, int lane) {
-  const CommContext& comm = p.comm;
-  const int R = comm.num_ranks;
+__device__ void dispatch_send(const DispatchParams& p, const WarpStages& w, float* staging, int channel, int lane) {
+  const DeviceComm& comm = p.comm;
+  const int R = comm.nvl_size;
   DispatchSendPolicy policy{p, channel_token_range(p.num_tokens, p.num_channels, channel), lane};
   policy.load_batch.base = policy.send_batch.base = policy.range.begin - 32;
+  policy.staging.floats = staging;
   // Diagnostics: debug_skip & 4 aims every slot at our own buffer, & 2 stores only the metadata.
-  const RingSendTarget target = ring_send_target(comm, channel, p.ring_depth, p.slot.slot_bytes, lane,
-                                                 (p.debug_skip & 4) != 0);
-  const int store_offset = (p.debug_skip & 2) ? p.slot.scale_offset : 0;
+  const int skip = device::kDiagnostics ? p.debug_skip : 0;
+  const RingSendTarget target = ring_send_target(comm, channel, p.ring_depth, p.slot.slot_bytes, lane, (skip & 4) != 0);
+  const int store_offset = (skip & 2) ? p.slot.scale_offset : 0;
   const RingSendConfig cfg{R, p.ring_depth, p.chunk_tokens, p.slot.row_bytes, store_offset, p.publish_lag,
-                           Phase::kDispatchSendWaitSpace, channel};
+                           Phase::kDispatchSendWaitSpace, channel, comm.node * comm.nvl_size};
   RingSendLane state;
   device::PhaseClock clock(comm.profile, blockDim.x / 32, lane);
-  if (run_ring_sender(policy, w, target, cfg, wait_context(comm), state, clock, lane)) policy.finish(state.tail);
+  if (run_ring_sender(policy, w, target, cfg, comm, state, clock, lane)) policy.finish(state.tail);
 }
 
 /// Threads of a dispatch block for domains of up to kMaxRanks ranks (its launch bound).
@@ -132,34 +179,49 @@ inline constexpr int kRecvCopyUnroll = kMaxRanks <= 2 ? 32 : kMaxRanks <= 4 ? 20
 /// releasing the slots after each batch.
 template <int kMaxRanks>
 __device__ void dispatch_recv(const DispatchParams& p, int src, int channel, int lane) {
-  const CommContext& comm = p.comm;
-  const int R = comm.num_ranks, C = p.num_channels;
-  const int* channel_prefix = p.recv_channel_prefix_matrix + src * C;
-  const int channel_begin = channel > 0 ? channel_prefix[channel - 1] : 0;
-  const int count = channel_prefix[channel] - channel_begin;
-  if (count == 0) return;
-  const int out_begin = (src > 0 ? p.rank_prefix_matrix[(src - 1) * R + comm.rank] : 0) + channel_begin;
-  const device::WaitContext ctx = wait_context(comm);
-  if (out_begin + count > p.num_output_rows) {
-    if (lane == 0)
-      device::record_error(ctx, Phase::kDispatchTooManyTokens, src, channel, p.num_output_rows, out_begin + count);
+  const DeviceComm& comm = p.comm;
+  const IntranodeLayout& layout = comm.nvl.intranode;
+  const int R = comm.nvl_size, C = p.num_channels;
+  const RowRange rows =
+      received_rows(p.rank_prefix_matrix, p.recv_channel_prefix_matrix, R, C, comm.nvl_rank, src, channel);
+  const int src_rank = comm.node * R + src;
+  // Every row written below lies inside the output: a handle with negative or decreasing prefix
+  // entries, or more tokens than num_worst_tokens, is an error before anything is written.
+  if (!rows_inside(rows, p.num_output_rows)) {
+    if (lane == 0) {
+      const bool too_many = !p.cached && rows.begin >= 0 && rows.count >= 0;
+      if (too_many)
+        device::fail(comm, Phase::kDispatchTooManyTokens, src_rank, channel, p.num_output_rows,
+                     static_cast<int>(rows.begin + rows.count));
+      else
+        device::fail(comm, Phase::kDispatchBadHandle, src_rank, channel, p.num_output_rows,
+                     static_cast<int>(rows.begin), static_cast<int>(rows.count));
+    }
     return;
   }
+  const int count = static_cast<int>(rows.count);
+  if (count == 0) return;
+  const int64_t out_begin = rows.begin;
   const int slot_bytes = p.slot.slot_bytes;
-  const char* ring = at(comm.local_buffer, comm.layout.ring(channel, src, p.ring_depth, slot_bytes));
-  int* local_tail = int_at(comm.local_buffer, comm.layout.tail(channel, src));
-  int* remote_head = int_at(comm.peer_buffers[src], comm.layout.head(channel, comm.rank));
+  const char* ring = at(comm.local(), layout.ring(channel, src, p.ring_depth, slot_bytes));
+  int* local_tail = int_at(comm.local(), layout.tail(channel, src));
+  int* remote_head = int_at(comm.nvl_base[src], layout.head(channel, comm.nvl_rank));
   const int row_int4 = p.slot.row_bytes / 16;
   const int num_local_experts = p.num_topk > 0 ? p.num_experts / R : 0;
+  const bool copy_rows = !device::kDiagnostics || !(p.debug_skip & 1);
   device::PhaseClock clock(comm.profile, blockDim.x / 32, lane);
 
   for (int consumed = 0; consumed < count;) {
     int available = 0;
+    int ok = 1;
     if (lane == 0)
-      available = device::wait_at_least(ctx, local_tail, consumed + 1, Phase::kDispatchRecvWaitData, src, channel);
-    available = __shfl_sync(0xffffffffu, available, 0);
-    if (available < 0) return;
-    available = min(available, count);
+      ok = device::wait_reached(comm, local_tail, consumed + 1, Phase::kDispatchRecvWaitData, src_rank, channel,
+                                &available);
+    if (!__shfl_sync(0xffffffffu, ok, 0)) return;
+    available = min(__shfl_sync(0xffffffffu, available, 0), count);
+    // Lane 0's acquire orders the slots' contents before its later reads; __syncwarp extends that
+    // order to the other lanes (a shuffle alone carries no memory ordering).
+    __syncwarp();
     clock.mark(0);  // waiting for the tail
     for (int i = consumed; i < available; ++i) {
       const char* slot = ring + int64_t(i % p.ring_depth) * slot_bytes;
@@ -176,7 +238,7 @@ __device__ void dispatch_recv(const DispatchParams& p, int src, int channel, int
         weight = __ldcg(reinterpret_cast<const float*>(slot + p.slot.topk_weights_offset) + lane);
       }
       const int src_idx = (!p.cached && lane == 0) ? __ldcg(reinterpret_cast<const int*>(slot + p.slot.src_idx_offset)) : 0;
-      if (!(p.debug_skip & 1))
+      if (copy_rows)
         device::warp_copy<kRecvCopyUnroll<kMaxRanks>, true>(
             reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + row * p.slot.row_bytes),
             reinterpret_cast<const int4*>(slot), row_int4, lane);
@@ -185,8 +247,9 @@ __device__ void dispatch_recv(const DispatchParams& p, int src, int channel, int
       if (lane + 32 < p.slot.num_scales) out_scales[lane + 32] = scale1;
       for (int j = lane + 64; j < p.slot.num_scales; j += 32) out_scales[j] = __ldcg(slot_scales + j);
       if (lane < p.num_topk) {
-        // Senders ship global expert ids; experts of other ranks read -1 here, with weight 0.
-        const int local = local_expert_index(expert, comm.rank, num_local_experts);
+        // Senders ship global expert ids (checked in [-1, E) by notify_dispatch); experts of other
+        // ranks read -1 here, with weight 0.
+        const int local = local_expert_index(expert, comm.nvl_rank, num_local_experts);
         p.recv_topk_idx[row * p.num_topk + lane] = local;
         p.recv_topk_weights[row * p.num_topk + lane] = local >= 0 ? weight : 0.0f;
       }
@@ -207,18 +270,20 @@ __device__ void dispatch_recv(const DispatchParams& p, int src, int channel, int
 template <int kMaxRanks>
 __global__ void __launch_bounds__(kDispatchBlockThreads<kMaxRanks>, 1) dispatch_kernel(DispatchParams p) {
   extern __shared__ __align__(128) char smem[];
-  const int G = p.channels_per_block, S = p.stages, R = p.comm.num_ranks;
+  if (device::aborted_at_entry(p.comm)) return;
+  const int G = p.channels_per_block, S = p.stages, R = p.comm.nvl_size;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (warp < G) {  // senders 0..G-1, then G * R receivers
     const int slot_bytes = p.slot.slot_bytes;
     uint64_t* barriers = reinterpret_cast<uint64_t*>(smem + int64_t(G) * S * slot_bytes);
     int* history = reinterpret_cast<int*>(barriers + G * S);
+    float* staging = reinterpret_cast<float*>(history + G * kTailHistory * 32);
     WarpStages w{smem + int64_t(warp) * S * slot_bytes, barriers + warp * S, history + warp * kTailHistory * 32, S,
                  slot_bytes};
     if (lane < S) device::mbarrier_init(w.barriers + lane, kStageArrivals);
     device::fence_mbarrier_init();
     __syncwarp();
-    dispatch_send(p, w, blockIdx.x * G + warp, lane);
+    dispatch_send(p, w, p.staged_scales ? staging + warp * kScaleStagingFloats : nullptr, blockIdx.x * G + warp, lane);
   } else {
     const int role = warp - G;
     dispatch_recv<kMaxRanks>(p, role % R, blockIdx.x * G + role / R, lane);
@@ -228,15 +293,15 @@ __global__ void __launch_bounds__(kDispatchBlockThreads<kMaxRanks>, 1) dispatch_
 }  // namespace
 
 cudaError_t launch_dispatch(const DispatchParams& p, int num_sms, cudaStream_t stream) {
-  const int R = p.comm.num_ranks;
-  const int smem = dispatch_smem_bytes(p.channels_per_block, p.stages, p.slot.slot_bytes);
+  const int R = p.comm.nvl_size;
+  const int smem = dispatch_smem_bytes(p.channels_per_block, p.stages, p.slot.slot_bytes, p.staged_scales);
   auto launch = [&](auto kernel) {
     cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (status != cudaSuccess) return status;
     kernel<<<num_sms, dispatch_block_threads(p.channels_per_block, R), smem, stream>>>(p);
     return cudaGetLastError();
   };
-  // The instantiation for the domain size (a debug knob may pick a larger one).
+  // The instantiation for the domain size (a test knob may pick a larger one).
   const int kernel_ranks = kernel_instance(R, p.kernel_ranks, dispatch_block_threads(p.channels_per_block, R),
                                            [](int k) { return dispatch_launch_bound(k); });
   if (kernel_ranks <= 2) return launch(dispatch_kernel<2>);

@@ -1,7 +1,7 @@
 // get_dispatch_layout: routing (topk_idx) -> per-rank, per-node and per-expert counts and the
 // token-to-rank membership matrix. One thread per token; counts in shared memory, then one global
 // atomic per block and counter (integer counts, so the result is deterministic).
-#include "kernels/device_utils.cuh"
+#include "kernels/failure.cuh"
 #include "kernels/launch.hpp"
 
 namespace flashep::kernels {
@@ -11,31 +11,28 @@ constexpr int kLayoutThreads = 256;
 
 __global__ void __launch_bounds__(kLayoutThreads) get_dispatch_layout_kernel(LayoutParams p) {
   extern __shared__ int shared_counts[];  // [E] experts, [R] ranks, [nodes] nodes
-  const int num_nodes = p.num_ranks / p.nvl_domain_size;
+  const int num_ranks = p.comm.num_ranks, nvl_size = p.comm.nvl_size;
+  const int num_nodes = num_ranks / nvl_size;
   int* expert_counts = shared_counts;
   int* rank_counts = expert_counts + p.num_experts;
-  int* node_counts = rank_counts + p.num_ranks;
-  for (int i = threadIdx.x; i < p.num_experts + p.num_ranks + num_nodes; i += blockDim.x) shared_counts[i] = 0;
+  int* node_counts = rank_counts + num_ranks;
+  for (int i = threadIdx.x; i < p.num_experts + num_ranks + num_nodes; i += blockDim.x) shared_counts[i] = 0;
   __syncthreads();
 
-  const int num_local_experts = p.num_experts / p.num_ranks;
+  const int num_local_experts = p.num_experts / num_ranks;
   const int token = blockIdx.x * blockDim.x + threadIdx.x;
   if (token < p.num_tokens) {
     const int64_t* idx = p.topk_idx + int64_t(token) * p.num_topk;
-    bool* in_rank = p.is_token_in_rank + int64_t(token) * p.num_ranks;
-    for (int r = 0; r < p.num_ranks; ++r) in_rank[r] = false;
+    bool* in_rank = p.is_token_in_rank + int64_t(token) * num_ranks;
+    for (int r = 0; r < num_ranks; ++r) in_rank[r] = false;
     for (int k = 0; k < p.num_topk; ++k) {
       const int64_t expert = idx[k];
       if (expert < 0) {
-        if (expert != -1) {
-          device::WaitContext ctx{p.error, p.abort_flag, 0, p.rank};
-          device::record_error(ctx, Phase::kLayoutInvalidExpert, p.num_experts, -1, token, int(expert));
-        }
+        if (expert != -1) device::fail(p.comm, Phase::kLayoutInvalidExpert, p.num_experts, -1, token, int(expert));
         continue;
       }
       if (expert >= p.num_experts) {
-        device::WaitContext ctx{p.error, p.abort_flag, 0, p.rank};
-        device::record_error(ctx, Phase::kLayoutInvalidExpert, p.num_experts, -1, token, int(expert));
+        device::fail(p.comm, Phase::kLayoutInvalidExpert, p.num_experts, -1, token, int(expert));
         continue;
       }
       atomicAdd(&expert_counts[expert], 1);
@@ -47,19 +44,19 @@ __global__ void __launch_bounds__(kLayoutThreads) get_dispatch_layout_kernel(Lay
         if (other < 0 || other >= p.num_experts) continue;
         const int other_rank = int(other / num_local_experts);
         rank_seen |= other_rank == rank;
-        node_seen |= other_rank / p.nvl_domain_size == rank / p.nvl_domain_size;
+        node_seen |= other_rank / nvl_size == rank / nvl_size;
       }
       if (!rank_seen) {
         in_rank[rank] = true;
         atomicAdd(&rank_counts[rank], 1);
       }
-      if (!node_seen) atomicAdd(&node_counts[rank / p.nvl_domain_size], 1);
+      if (!node_seen) atomicAdd(&node_counts[rank / nvl_size], 1);
     }
   }
   __syncthreads();
   for (int i = threadIdx.x; i < p.num_experts; i += blockDim.x)
     if (expert_counts[i]) atomicAdd(&p.num_tokens_per_expert[i], expert_counts[i]);
-  for (int i = threadIdx.x; i < p.num_ranks; i += blockDim.x)
+  for (int i = threadIdx.x; i < num_ranks; i += blockDim.x)
     if (rank_counts[i]) atomicAdd(&p.num_tokens_per_rank[i], rank_counts[i]);
   if (p.num_tokens_per_rdma_rank != nullptr)
     for (int i = threadIdx.x; i < num_nodes; i += blockDim.x)
@@ -69,14 +66,15 @@ __global__ void __launch_bounds__(kLayoutThreads) get_dispatch_layout_kernel(Lay
 }  // namespace
 
 cudaError_t launch_get_dispatch_layout(const LayoutParams& p, cudaStream_t stream) {
-  const int num_nodes = p.num_ranks / p.nvl_domain_size;
+  const int num_ranks = p.comm.num_ranks;
+  const int num_nodes = num_ranks / p.comm.nvl_size;
   // The outputs are accumulated with atomics: clear them first (memsets, not kernels).
-  cudaError_t err = cudaMemsetAsync(p.num_tokens_per_rank, 0, sizeof(int) * p.num_ranks, stream);
+  cudaError_t err = cudaMemsetAsync(p.num_tokens_per_rank, 0, sizeof(int) * num_ranks, stream);
   if (err == cudaSuccess) err = cudaMemsetAsync(p.num_tokens_per_expert, 0, sizeof(int) * p.num_experts, stream);
   if (err == cudaSuccess && p.num_tokens_per_rdma_rank != nullptr)
     err = cudaMemsetAsync(p.num_tokens_per_rdma_rank, 0, sizeof(int) * num_nodes, stream);
   if (err != cudaSuccess) return err;
-  const size_t smem = sizeof(int) * (p.num_experts + p.num_ranks + num_nodes);
+  const size_t smem = sizeof(int) * (p.num_experts + num_ranks + num_nodes);
   if (smem > 48 * 1024) {
     err = cudaFuncSetAttribute(get_dispatch_layout_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
     if (err != cudaSuccess) return err;

@@ -1,5 +1,7 @@
-// The sending side of the NVLink rings, shared by dispatch and combine: one warp feeds one channel's
-// rings at every peer with bulk copies.
+// The sending side of the NVLink rings for dispatch: one warp feeds one channel's rings at every
+// peer with bulk copies. (Combine sends with plain-copy warps, one per (channel, destination):
+// combine receivers free slots in token order, so one warp serving every peer could be blocked
+// behind one full ring while the ranks wait on each other; see docs/design.md.)
 //
 // Items (a token of dispatch, an expert-output row of combine) flow through a pipeline of `stages`
 // shared-memory slots:
@@ -25,7 +27,7 @@ namespace flashep::kernels {
 /// Tail history entries per sender warp: kBulkTailHistory (> the publish lag).
 inline constexpr int kTailHistory = kBulkTailHistory;
 
-/// Shared memory of one pipelined warp (sender or receiver).
+/// Shared memory of one pipelined sender warp.
 struct WarpStages {
   char* stages;        // `count` slots of `slot_bytes`
   uint64_t* barriers;  // `count` mbarriers, one per stage
@@ -48,16 +50,17 @@ struct RingSendTarget {
   const int* local_head; // the ring's head, written into our memory by the destination
 };
 
-/// Lane d < num_ranks: ring (channel, our rank) at destination d. Diagnostics may aim the slots at
+/// Lane d < nvl_size: ring (channel, our rank) at destination d. Diagnostics may aim the slots at
 /// our own buffer (`into_own_buffer`); tails and heads stay the real ones.
-__device__ __forceinline__ RingSendTarget ring_send_target(const CommContext& comm, int channel, int ring_depth,
+__device__ __forceinline__ RingSendTarget ring_send_target(const DeviceComm& comm, int channel, int ring_depth,
                                                            int slot_bytes, int lane, bool into_own_buffer = false) {
   RingSendTarget target{};
-  if (lane < comm.num_ranks) {
-    void* slots = into_own_buffer ? comm.local_buffer : comm.peer_buffers[lane];
-    target.ring = at(slots, comm.layout.ring(channel, comm.rank, ring_depth, slot_bytes));
-    target.remote_tail = int_at(comm.peer_buffers[lane], comm.layout.tail(channel, comm.rank));
-    target.local_head = int_at(comm.local_buffer, comm.layout.head(channel, lane));
+  const IntranodeLayout& layout = comm.nvl.intranode;
+  if (lane < comm.nvl_size) {
+    void* slots = into_own_buffer ? comm.local() : comm.nvl_base[lane];
+    target.ring = at(slots, layout.ring(channel, comm.nvl_rank, ring_depth, slot_bytes));
+    target.remote_tail = int_at(comm.nvl_base[lane], layout.tail(channel, comm.nvl_rank));
+    target.local_head = int_at(comm.local(), layout.head(channel, lane));
   }
   return target;
 }
@@ -77,7 +80,7 @@ __device__ __forceinline__ void publish_tail(const RingSendTarget& target, RingS
 
 /// Waits (this lane only) until the ring has room for one more slot. Returns false on timeout or
 /// abort (the error is recorded).
-__device__ __forceinline__ bool wait_ring_space(const device::WaitContext& ctx, const RingSendTarget& target,
+__device__ __forceinline__ bool wait_ring_space(const DeviceComm& comm, const RingSendTarget& target,
                                                 RingSendLane& s, int ring_depth, Phase phase, int dst, int channel) {
   if (s.tail - s.head < ring_depth) return true;
   // The receiver's reads of the freed slots (generic proxy) come before our bulk stores into them
@@ -88,8 +91,8 @@ __device__ __forceinline__ bool wait_ring_space(const device::WaitContext& ctx, 
   // Publish everything first: the receiver may be waiting for exactly these slots.
   device::bulk_wait_written(0);
   if (s.published != s.tail) publish_tail(target, s, s.tail);
-  const int seen = device::wait_at_least(ctx, target.local_head, s.tail - ring_depth + 1, phase, dst, channel);
-  if (seen < 0) return false;
+  int seen = 0;
+  if (!device::wait_reached(comm, target.local_head, s.tail - ring_depth + 1, phase, dst, channel, &seen)) return false;
   device::fence_proxy_async_global();
   s.head = seen;
   return true;
@@ -104,6 +107,7 @@ struct RingSendConfig {
   int publish_lag;       // items a lane's stores may be in flight before their tail is published (< kTailHistory)
   Phase space_phase;
   int channel;
+  int first_dst_rank;  // global rank of destination 0 (error records name global ranks)
 };
 
 /// mbarrier arrivals per stage and item: lane 0's arrive.expect_tx (the row) + one per lane (its
@@ -119,7 +123,7 @@ inline constexpr int kStageArrivals = 1 + device::kWarpSize;
 /// Returns false when a wait failed (error recorded); true when every tail was published.
 template <typename Policy>
 __device__ bool run_ring_sender(Policy& policy, const WarpStages& w, const RingSendTarget& target,
-                                const RingSendConfig& cfg, const device::WaitContext& ctx, RingSendLane& s,
+                                const RingSendConfig& cfg, const DeviceComm& comm, RingSendLane& s,
                                 device::PhaseClock& clock, int lane) {
   const int S = w.count, L = load_lookahead(S);
   const int store_bytes = w.slot_bytes - cfg.store_offset;
@@ -155,17 +159,17 @@ __device__ bool run_ring_sender(Policy& policy, const WarpStages& w, const RingS
     const int stage = sent % S;
     const uint32_t dst_mask = policy.next_send(s.tail);
     char* slot_image = w.stage(stage);
-    if (!device::mbarrier_wait(w.barriers + stage, (sent / S) & 1, ctx.timeout_ns)) ok = false;
+    if (!device::mbarrier_wait(w.barriers + stage, (sent / S) & 1, comm.timeout_ns)) ok = false;
     const uint32_t load_failed = __ballot_sync(0xffffffffu, !ok);
     if (load_failed != 0 && lane == __ffs(load_failed) - 1)
-      device::record_error(ctx, Phase::kSendWaitRowLoad, -1, cfg.channel, sent, -1);
+      device::fail(comm, Phase::kSendWaitRowLoad, -1, cfg.channel, sent, -1);
     device::fence_proxy_async_shared();
     __syncwarp();
     clock.mark(1);  // waiting for the row
 
     // 3. One bulk store per destination, from the destination's lane.
     if (ok && lane < cfg.num_dsts && ((dst_mask >> lane) & 1u)) {
-      if (wait_ring_space(ctx, target, s, cfg.ring_depth, cfg.space_phase, lane, cfg.channel)) {
+      if (wait_ring_space(comm, target, s, cfg.ring_depth, cfg.space_phase, cfg.first_dst_rank + lane, cfg.channel)) {
         device::bulk_store(target.ring + int64_t(s.tail % cfg.ring_depth) * w.slot_bytes + cfg.store_offset,
                            slot_image + cfg.store_offset, store_bytes);
         ++s.tail;
@@ -183,8 +187,8 @@ __device__ bool run_ring_sender(Policy& policy, const WarpStages& w, const RingS
       const uint64_t drain_start = device::global_timer_ns();
       for (int item = sent - 1; item < loaded; ++item) {
         const uint64_t spent = device::global_timer_ns() - drain_start;
-        if (spent >= ctx.timeout_ns) break;
-        device::mbarrier_wait(w.barriers + item % S, (item / S) & 1, ctx.timeout_ns - spent);
+        if (spent >= comm.timeout_ns) break;
+        device::mbarrier_wait(w.barriers + item % S, (item / S) & 1, comm.timeout_ns - spent);
       }
       device::bulk_wait_written(0);
       return false;

@@ -12,7 +12,8 @@ clear pytest failure.
         results = dh.run_world(_worker, world_size, args=(arg,))
 
 What run_world() does:
-  * skips (pytest.skip, with the reason) when torch is not importable or there are fewer than R GPUs;
+  * skips (pytest.skip, with the reason) when torch is not importable or there are fewer than R GPUs,
+    unless FLASHEP_TEST_EXPECT_GPUS says this machine must run it (then it fails; see below);
   * starts R 'spawn' processes; each sets NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
     NVSHMEM_DISABLE_NVLS=1 (and `env`) before anything touches CUDA, calls torch.cuda.set_device(rank),
     dist.init_process_group('nccl', tcp://127.0.0.1:<free port>, device_id=cuda:rank), runs
@@ -30,6 +31,11 @@ on a machine without either.
 Environment knobs (read by the tests through the helpers below):
   FLASHEP_TEST_QUICK=1       smaller case grids (quick_mode())
   FLASHEP_TEST_TIMEOUT_S=N   overrides every run_world timeout (e.g. under compute-sanitizer)
+  FLASHEP_TEST_EXPECT_GPUS=N strict mode, for GPU machines (scripts/gpu_check.sh sets it): this machine
+                             has N GPUs, so a test needing <= N GPUs that would skip because torch
+                             does not import, CUDA is unusable or fewer GPUs are visible FAILS instead
+                             (pytest.fail, naming what is missing); tests needing more than N GPUs
+                             still skip. Unset or empty: skip as usual (CPU machines, CI).
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ import socket
 import sys
 import time
 import traceback
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence
 
 #: NVLink multicast must stay off on the GPU machines (see docs/gpu-machine.md).
 NVLS_ENV: Dict[str, str] = {
@@ -79,21 +85,51 @@ def _timeout(default: float) -> float:
 # ---- skipping ------------------------------------------------------------------------------------
 
 
+def expected_gpus() -> Optional[int]:
+    """N of FLASHEP_TEST_EXPECT_GPUS=N (strict mode), or None when unset/empty.
+
+    A value that is not an integer >= 0 raises ValueError: a typo must not silently turn strict mode
+    off."""
+    text = os.environ.get("FLASHEP_TEST_EXPECT_GPUS", "").strip()
+    if not text:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"FLASHEP_TEST_EXPECT_GPUS={text!r}: expected a GPU count (an integer >= 0)")
+    return value
+
+
 def gpu_count_or_skip(world_size: int) -> int:
-    """Skips the calling test (with the reason) unless torch imports and >= world_size GPUs exist."""
+    """Skips the calling test (with the reason) unless torch imports and >= world_size GPUs exist.
+
+    In strict mode (FLASHEP_TEST_EXPECT_GPUS=N with world_size <= N) it fails instead: on a machine
+    that should have N GPUs, a missing torch or GPU is a broken machine, not a reason to skip."""
     import pytest
+
+    expect = expected_gpus()
+    strict = expect is not None and world_size <= expect
+
+    def not_here(reason: str) -> NoReturn:
+        if strict:
+            pytest.fail(f"FLASHEP_TEST_EXPECT_GPUS={expect} but {reason}; this test needs {world_size} GPUs "
+                        f"and must run on this machine", pytrace=False)
+        pytest.skip(reason)
 
     try:
         import torch
     except Exception as error:  # ImportError, or a broken install
-        pytest.skip(f"torch is not importable ({type(error).__name__}: {error}); "
-                    f"this test needs torch and {world_size} GPUs")
+        not_here(f"torch is not importable ({type(error).__name__}: {error}); "
+                 f"this test needs torch and {world_size} GPUs")
     try:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     except Exception as error:
-        pytest.skip(f"torch.cuda is not usable ({type(error).__name__}: {error}); needs {world_size} GPUs")
+        not_here(f"torch.cuda is not usable ({type(error).__name__}: {error}); needs {world_size} GPUs")
     if count < world_size:
-        pytest.skip(f"needs {world_size} GPUs, torch.cuda.device_count() = {count}")
+        not_here(f"needs {world_size} GPUs, torch.cuda.device_count() = {count}"
+                 + ("" if torch.version.cuda else f" (torch {torch.__version__} is built without CUDA)"))
     return count
 
 
@@ -185,7 +221,8 @@ def run_world(fn: Callable, world_size: int, args: Sequence[Any] = (), env: Opti
     """Runs fn(rank, world_size, *args) on `world_size` GPU processes; returns the results by rank.
 
     Fails the calling pytest test (pytest.fail, with every rank's traceback or state) on any error,
-    hang or abnormal exit; skips it when torch or enough GPUs are missing. `fn` must be a
+    hang or abnormal exit; skips it when torch or enough GPUs are missing (fails it instead in strict
+    mode: FLASHEP_TEST_EXPECT_GPUS, see gpu_count_or_skip). `fn` must be a
     module-level function (pickled by reference for the 'spawn' start method)."""
     import multiprocessing
     import pytest

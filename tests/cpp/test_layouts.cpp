@@ -1,11 +1,16 @@
 // CPU tests of the arithmetic the kernels share with the host: channel ranges, ring-slot and
-// buffer layouts, send_head encoding, configs and size hints.
+// buffer layouts (NVLink allocation, control block, RDMA region), send_head encoding, wrap-safe
+// counters, launch policy, configs and size hints, the call check and the error messages.
 #include <set>
 #include <stdexcept>
 
 #include "check.hpp"
 #include "core/device_error.hpp"
-#include "core/layout_math.hpp"
+#include "core/call_check.hpp"
+#include "core/counters.hpp"
+#include "core/handle.hpp"
+#include "core/launch_policy.hpp"
+#include "core/layouts.hpp"
 #include "flashep/buffer.hpp"
 #include "flashep/config.hpp"
 
@@ -56,29 +61,66 @@ static void test_slot_layouts() {
 static void test_buffer_layout() {
   for (int R : {1, 2, 4, 8, 16}) {
     const int64_t capacity = 1 << 20;
-    const NvlBufferLayout l = make_nvl_layout(R, capacity);
-    // The control header lives after the user-visible ring region, in 128-byte aligned blocks.
-    CHECK(l.barrier_signal_offset >= capacity);
-    CHECK(l.barrier_epoch_offset >= l.barrier_signal_offset + 4 * kMaxNvlRanks);
+    const NvlAllocationLayout a = make_nvl_allocation(R, capacity);
+    const IntranodeLayout& l = a.intranode;
+    const ControlLayout& c = a.control;
+    // The intranode counters live after the user-visible ring region, in 128-byte aligned blocks.
+    CHECK(l.notify_offset >= capacity);
     CHECK(l.notify_offset % 128 == 0 && l.tail_offset % 128 == 0 && l.head_offset % 128 == 0);
-    // Call infos: after the epoch, both parities of every rank before the notify slots.
-    CHECK(l.call_info(0, 0) >= l.barrier_epoch_offset + 4);
-    CHECK(l.call_info(1, 0) >= l.call_info(0, kMaxNvlRanks - 1) + kCallInfoInts * 4);
-    CHECK(l.call_info(3, kMaxNvlRanks - 1) == l.call_info(1, kMaxNvlRanks - 1));
-    CHECK(l.call_info(1, kMaxNvlRanks - 1) + kCallInfoInts * 4 <= l.notify_offset);
     CHECK(l.notify_slot(R - 1) + l.notify_slot_ints * 4 <= l.tail_offset);
     CHECK(l.tail(kMaxChannels - 1, R - 1) + 4 <= l.head_offset);
-    CHECK(l.head(kMaxChannels - 1, R - 1) + 4 <= l.allocation_bytes);
-    CHECK_EQ(l.allocation_bytes % 128, 0);
+    CHECK(l.head(kMaxChannels - 1, R - 1) + 4 <= l.end);
+    // The control block (every mode's) follows, its words disjoint and in order.
+    CHECK(c.base >= l.end && c.base % 128 == 0);
+    CHECK(c.abort_word() == c.base && c.error_claim() == c.base + 4 && c.barrier_epoch() == c.base + 8);
+    CHECK(c.barrier_signal(0) >= c.barrier_epoch() + 4);
+    CHECK(c.barrier_signal(kMaxNvlRanks - 1) + 4 <= c.call_info(0, 0));
+    // Call infos: both parities of every rank; parity wraps with the epoch, also across 2^32.
+    CHECK(c.call_info(1, 0) >= c.call_info(0, kMaxNvlRanks - 1) + kCallInfoInts * 4);
+    CHECK(c.call_info(3, kMaxNvlRanks - 1) == c.call_info(1, kMaxNvlRanks - 1));
+    CHECK(c.call_info(0xFFFFFFFFu, 2) == c.call_info(1, 2) && c.call_info(0u, 2) != c.call_info(0xFFFFFFFFu, 2));
+    CHECK(c.call_info(1, kMaxNvlRanks - 1) + kCallInfoInts * 4 <= c.check_signal(0));
+    CHECK(c.check_signal(0) % 8 == 0 && c.check_signal(kMaxNvlRanks - 1) + 8 <= c.end());
+    CHECK(a.bytes >= c.end() && a.bytes % 128 == 0);
     // Rings tile the region without overlap.
     const int C = 24, depth = 8, slot = 14352;
     std::set<int64_t> starts;
-    for (int c = 0; c < C; ++c)
-      for (int s = 0; s < R; ++s) starts.insert(l.ring(c, s, depth, slot));
+    for (int ch = 0; ch < C; ++ch)
+      for (int s = 0; s < R; ++s) starts.insert(l.ring(ch, s, depth, slot));
     CHECK_EQ(int(starts.size()), C * R);
     CHECK_EQ(*starts.rbegin() + int64_t(depth) * slot, int64_t(C) * R * depth * slot);
     CHECK(ring_region_bytes(R, C, depth, slot) >= int64_t(C) * R * depth * slot);
   }
+  // The RDMA region: data first, then the header peers of other domains write through NVSHMEM.
+  for (int64_t bytes : {int64_t(0), int64_t(1), int64_t(1) << 30}) {
+    const RdmaLayout r = make_rdma_layout(bytes);
+    CHECK(r.header_offset >= bytes && r.header_offset % 128 == 0);
+    CHECK(r.abort_word() == r.header_offset && r.check_signal(0) >= r.abort_word() + 8);
+    CHECK(r.check_signal(0) % 8 == 0 && r.check_signal(kMaxRanks - 1) + 8 <= r.bytes());
+  }
+}
+
+static void test_wrap_safe_counters() {
+  // Reached / not reached across the signed (2^31) and unsigned (2^32) wrap points.
+  for (uint32_t base : {0u, 5u, 0x7FFFFFF0u, 0x7FFFFFFFu, 0xFFFFFFF0u, 0xFFFFFFFFu}) {
+    for (uint32_t step : {0u, 1u, 2u, 100u, 0x10000u}) {
+      const uint32_t later = base + step;
+      CHECK(seq_reached(later, base));
+      CHECK_EQ(seq_distance(later, base), int32_t(step));
+      if (step > 0) CHECK(!seq_reached(base, later));
+    }
+  }
+  // What the old signed `>=` got wrong: epoch 0x80000000 awaited, a peer still at 0x7FFFFFFF.
+  CHECK(!seq_reached(0x7FFFFFFFu, 0x80000000u));
+  CHECK(seq_reached(0x80000000u, 0x7FFFFFFFu));
+  CHECK(seq_reached64(1ull << 63, (1ull << 63) - 1) && !seq_reached64((1ull << 63) - 1, 1ull << 63));
+  CHECK(seq_reached64(0, ~0ull));
+  // Expert counts rounded up in 64 bits: no overflow at the largest alignment.
+  CHECK_EQ(aligned_count(0, 128), int64_t(0));
+  CHECK_EQ(aligned_count(1, 128), int64_t(128));
+  CHECK_EQ(aligned_count(INT32_MAX, kMaxExpertAlignment), (int64_t(INT32_MAX) / kMaxExpertAlignment + 1) * kMaxExpertAlignment);
+  CHECK(aligned_count(INT32_MAX, INT32_MAX) == INT32_MAX);
+  CHECK(aligned_count(INT32_MAX - 5, INT32_MAX) == INT32_MAX);
 }
 
 static void test_call_info_mismatch() {
@@ -124,13 +166,11 @@ static void test_kernel_instances() {
       const int d = kernel_instance(R, requested, dispatch_block_threads(G, R), dispatch_launch_bound);
       CHECK(d >= R && d >= kernel_instance_for(R));
       CHECK(dispatch_block_threads(G, R) <= dispatch_launch_bound(d));
-      for (bool bulk : {false, true}) {
-        const int threads = combine_block_threads(G, R, bulk);
-        const int c = kernel_instance(R, requested, threads, [bulk](int k) { return combine_launch_bound(k, bulk); });
-        CHECK(c >= R);
-        CHECK(threads <= combine_launch_bound(c, bulk));
-        CHECK(threads <= 1024);
-      }
+      const int threads = combine_block_threads(G, R);
+      const int c = kernel_instance(R, requested, threads, combine_launch_bound);
+      CHECK(c >= R);
+      CHECK(threads <= combine_launch_bound(c));
+      CHECK(threads <= 1024);
     }
   }
   // The case a review caught: 16-rank kernels on 8 ranks fall back to the 8-rank ones.
@@ -152,27 +192,27 @@ static void test_send_head_encoding() {
 }
 
 static void test_bulk_stages() {
-  // Every supported row fits at least one stage per pipelined warp, and blocks stay within the
-  // 227 KB of shared memory H100/H200 allow.
+  // Every supported row fits at least one stage per dispatch sender, with or without the staging of
+  // column-major scales, and blocks stay within the 227 KB of shared memory H100/H200 allow.
   constexpr int kMaxBlockSmem = 227 * 1024;
   for (int hidden : {128, 2048, 4096, 7168, 8192, 16384}) {
     for (int topk : {0, 1, 8, kMaxTopk}) {
       for (bool fp8 : {false, true}) {
         const DispatchSlotLayout d = make_dispatch_slot(hidden, fp8 ? 1 : 2, fp8, topk);
-        const int ds = dispatch_stages(kMaxChannelsPerBlock, d.slot_bytes);
-        CHECK(ds >= 1 && ds <= kMaxBulkStages);
-        CHECK(dispatch_smem_bytes(kMaxChannelsPerBlock, ds, d.slot_bytes) <= kMaxBlockSmem);
+        for (bool staged : {false, true}) {
+          if (staged && (!fp8 || d.num_scales > kMaxScaleColumns)) continue;
+          const int ds = dispatch_stages(kMaxChannelsPerBlock, d.slot_bytes, staged);
+          CHECK(ds >= 1 && ds <= kMaxBulkStages);
+          CHECK(dispatch_smem_bytes(kMaxChannelsPerBlock, ds, d.slot_bytes, staged) <= kMaxBlockSmem);
+        }
       }
-      const CombineSlotLayout c = make_combine_slot(hidden, topk);
-      const int cs = combine_stages(kMaxChannelsPerBlock, c.slot_bytes);
-      CHECK(cs >= 1 && cs <= kMaxBulkStages);
-      CHECK(combine_smem_bytes(kMaxChannelsPerBlock, cs, c.slot_bytes) <= kMaxBlockSmem);
     }
   }
-  // The DeepEP workload: 7 BF16 stages, 8 FP8 stages per dispatch sender; 7 combine stages.
+  // The DeepEP workload: 7 BF16 stages, 8 FP8 stages per dispatch sender, also with staged scales.
   CHECK_EQ(dispatch_stages(2, make_dispatch_slot(7168, 2, false, 8).slot_bytes), 7);
   CHECK_EQ(dispatch_stages(2, make_dispatch_slot(7168, 1, true, 8).slot_bytes), 8);
-  CHECK_EQ(combine_stages(2, make_combine_slot(7168, 8).slot_bytes), 7);
+  CHECK_EQ(dispatch_stages(2, make_dispatch_slot(7168, 1, true, 8).slot_bytes, true), 8);
+  CHECK(make_dispatch_slot(8192, 1, true, 8).num_scales <= kMaxScaleColumns);
   // Stages never exceed the cap for tiny rows.
   CHECK_EQ(bulk_stages(4, 128), kMaxBulkStages);
 }
@@ -186,8 +226,7 @@ static void test_config() {
   CHECK_EQ(channels_per_block(16), 1);
   CHECK(dispatch_block_threads(channels_per_block(16), 16) <= 1024);
   CHECK(dispatch_block_threads(channels_per_block(8), 8) <= 1024);
-  for (int R : {2, 4, 8, 16})
-    for (bool bulk : {false, true}) CHECK(combine_block_threads(channels_per_block(R), R, bulk) <= 1024);
+  for (int R : {2, 4, 8, 16}) CHECK(combine_block_threads(channels_per_block(R), R) <= 1024);
   CHECK_EQ(num_channels(24, 8), 48);
   CHECK_EQ(num_channels(24, 2), 48);
   for (int R : {2, 4, 8}) {
@@ -262,17 +301,59 @@ static void test_error_messages() {
   const std::string handle_message = describe(r, 10.0);
   CHECK(handle_message.find("rows up to 412 of x to rank 1 on channel 2, but x has 100 rows") != std::string::npos);
   CHECK(handle_message.find("timed out") == std::string::npos);
+  CHECK(kind_of(r) == ErrorKind::kDeviceFault);
+  // A cached dispatch handle with negative or decreasing prefix entries.
+  r.phase = static_cast<int>(Phase::kDispatchBadHandle);
+  r.expected = 100;
+  r.observed = -7;
+  r.block = 3;
+  const std::string dispatch_handle_message = describe(r, 10.0);
+  CHECK(dispatch_handle_message.find("decode to [-7, +3) but the output has 100 rows") != std::string::npos);
+  CHECK(dispatch_handle_message.find("Nothing was written") != std::string::npos);
+  // Counts that disagree with the routing name the rank/expert and both counts.
+  r.phase = static_cast<int>(Phase::kNotifyBadRankCount);
+  r.peer = 1;
+  r.expected = 40;
+  r.observed = 41;
+  CHECK(describe(r, 10.0).find("num_tokens_per_rank[1] is 41 but is_token_in_rank routes 40 tokens to rank 1") !=
+        std::string::npos);
+  CHECK(kind_of(r) == ErrorKind::kDeviceFault);
+  r.phase = static_cast<int>(Phase::kNotifyBadExpertCount);
+  r.channel = 17;
+  r.expected = 5;
+  r.observed = 4;
+  CHECK(describe(r, 10.0).find("num_tokens_per_expert[17] is 4 but topk_idx names expert 17 5 times") !=
+        std::string::npos);
+  r.phase = static_cast<int>(Phase::kDispatchInvalidExpert);
+  r.peer = 64;
+  r.expected = 9;
+  r.observed = 64;
+  CHECK(describe(r, 10.0).find("token 9 has expert id 64 (num_experts 64)") != std::string::npos);
+  // A rank that stopped because a peer aborted names the peer and points at its error.
+  r.phase = static_cast<int>(Phase::kDispatchRecvWaitData);
+  r.cause = static_cast<int>(Cause::kPeerAbort);
+  r.peer = 0;
+  const std::string abort_message = describe(r, 10.0);
+  CHECK(abort_message.find("rank 3: stopped in dispatch receive") != std::string::npos);
+  CHECK(abort_message.find("because rank 0 failed") != std::string::npos);
+  CHECK(kind_of(r) == ErrorKind::kPeerFailed);
+  r.cause = static_cast<int>(Cause::kOwn);
+  CHECK(kind_of(r) == ErrorKind::kTimeout);
+  r.phase = static_cast<int>(Phase::kCallMismatch);
+  CHECK(kind_of(r) == ErrorKind::kPeerMismatch);
+  CHECK(std::string(error_kind_name(ErrorKind::kPoisoned)) == "poisoned");
 }
 
 int main() {
   test_channel_ranges();
   test_slot_layouts();
   test_buffer_layout();
+  test_wrap_safe_counters();
   test_send_head_encoding();
   test_call_info_mismatch();
   test_kernel_instances();
   test_bulk_stages();
   test_config();
   test_error_messages();
-  return check::summary("test_layout_math");
+  return check::summary("test_layouts");
 }

@@ -1,0 +1,21 @@
+// Host+device function markers and the integer helpers every layout uses. The arithmetic of
+// routing, offsets and buffer sizes is written once, as FLASHEP_HD functions, so that the CPU tests
+// exercise exactly what the kernels compute.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define FLASHEP_HD __host__ __device__ __forceinline__
+#else
+#define FLASHEP_HD inline
+#endif
+
+namespace flashep {
+
+FLASHEP_HD constexpr int64_t align_up(int64_t value, int64_t alignment) {
+  return (value + alignment - 1) / alignment * alignment;
+}
+FLASHEP_HD constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+}  // namespace flashep

@@ -1,0 +1,123 @@
+// Failure containment on the GPU: the error record, the abort word, and bounded waits that give up
+// as soon as any rank has failed.
+//
+// A rank that fails (a wait past the timeout, bad input found on the GPU, ranks that disagree)
+// claims its error record (the first failing thread of the rank wins), then writes the abort word
+// of every rank of its NVLink domain (and its own). Every wait reads the abort word next to the
+// counter it waits on, on its first check too, so a wait on any rank gives up within one spin
+// round of the abort landing: it records that a peer aborted (naming it) and returns false, and
+// its kernel stops writing to peers. Kernels also check the word at entry, so work enqueued after
+// the failure does nothing. Peers in other NVLink domains learn of the abort from the host, which
+// posts it through NVSHMEM (BufferImpl::propagate_abort), or from the multi-node kernels.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "core/counters.hpp"
+#include "core/device_comm.hpp"
+#include "kernels/device_utils.cuh"
+
+namespace flashep::device {
+
+__device__ __forceinline__ int* local_word(const DeviceComm& c, int64_t offset) {
+  return reinterpret_cast<int*>(c.local() + offset);
+}
+
+/// 0, or 1 + the rank that aborted the buffer. Our NVLink control word is written by our domain's
+/// ranks; the RDMA header's word (when the buffer has an NVSHMEM region) by other domains'.
+__device__ __forceinline__ int abort_value(const DeviceComm& c) {
+  int value = ld_relaxed_sys(local_word(c, c.nvl.control.abort_word()));
+  if (value == 0 && c.sym_base != nullptr)
+    value = static_cast<int>(ld_relaxed_sys_u64(reinterpret_cast<const uint64_t*>(c.sym_base + c.rdma.abort_word())));
+  return value;
+}
+
+/// Writes the abort word of every rank of our NVLink domain (ours included).
+__device__ __forceinline__ void raise_abort_nvlink(const DeviceComm& c) {
+  for (int p = 0; p < c.nvl_size; ++p)
+    st_relaxed_sys(reinterpret_cast<int*>(c.nvl_base[p] + c.nvl.control.abort_word()), c.rank + 1);
+  __threadfence_system();
+}
+
+/// Records a failure (first one of this rank wins) and, for this rank's own failures, aborts the
+/// buffer on the peers.
+__device__ __forceinline__ void record_error(const DeviceComm& c, Phase phase, Cause cause, int peer, int channel,
+                                             int expected, int observed, int block = -1) {
+  if (atomicCAS(local_word(c, c.nvl.control.error_claim()), 0, 1) == 0) {
+    DeviceErrorRecord* r = c.error;
+    r->rank = c.rank;
+    r->phase = static_cast<int>(phase);
+    r->cause = static_cast<int>(cause);
+    r->peer = peer;
+    r->channel = channel;
+    r->expected = expected;
+    r->observed = observed;
+    r->block = block >= 0 ? block : static_cast<int>(blockIdx.x);
+    __threadfence_system();
+    r->flag = 1;
+    __threadfence_system();
+  }
+  if (cause == Cause::kOwn) raise_abort_nvlink(c);
+}
+
+/// This rank's own failure.
+__device__ __forceinline__ void fail(const DeviceComm& c, Phase phase, int peer, int channel, int expected,
+                                     int observed, int block = -1) {
+  record_error(c, phase, Cause::kOwn, peer, channel, expected, observed, block);
+}
+
+/// If the buffer is aborted: records (once) that this rank stopped in `phase` because of the
+/// aborting rank, and returns true.
+__device__ __forceinline__ bool stop_if_aborted(const DeviceComm& c, int abort, Phase phase) {
+  if (abort == 0) return false;
+  // Our own abort: this rank's error is recorded already (the claim is taken before the word is set).
+  if (abort - 1 != c.rank) record_error(c, phase, Cause::kPeerAbort, abort - 1, -1, 0, 0);
+  return true;
+}
+__device__ __forceinline__ bool aborted(const DeviceComm& c) { return abort_value(c) != 0; }
+
+/// Block-uniform check at kernel entry: true (every thread) when the buffer is aborted already; the
+/// kernel must then return without touching peers.
+__device__ __forceinline__ bool aborted_at_entry(const DeviceComm& c) {
+  __shared__ int abort;
+  if (threadIdx.x == 0) abort = abort_value(c);
+  __syncthreads();
+  const int seen = abort;
+  if (seen != 0 && threadIdx.x == 0) stop_if_aborted(c, seen, Phase::kKernelEntry);
+  return seen != 0;
+}
+
+/// Spins until the counter at `counter` has reached `target` (wrap-safe, acquire). Bounded by the
+/// timeout; gives up at once when the buffer is aborted (checked before the first read of the
+/// counter too, and every 256 spins). Returns false when it gave up (the reason is recorded);
+/// `*seen` gets the last value read.
+__device__ __forceinline__ bool wait_reached(const DeviceComm& c, const int* counter, int target, Phase phase,
+                                             int peer, int channel, int* seen = nullptr) {
+  // The abort word first (relaxed) so its load is in flight together with the acquire.
+  int abort = abort_value(c);
+  int value = ld_acquire_sys(counter);
+  if (stop_if_aborted(c, abort, phase)) return false;
+  if (seq_reached(static_cast<uint32_t>(value), static_cast<uint32_t>(target))) {
+    if (seen != nullptr) *seen = value;
+    return true;
+  }
+  const uint64_t start = global_timer_ns();
+  for (uint32_t spins = 1;; ++spins) {
+    value = ld_acquire_sys(counter);
+    if (seq_reached(static_cast<uint32_t>(value), static_cast<uint32_t>(target))) {
+      if (seen != nullptr) *seen = value;
+      return true;
+    }
+    if ((spins & 255) == 0) {
+      if (stop_if_aborted(c, abort_value(c), phase)) return false;
+      if (global_timer_ns() - start > c.timeout_ns) {
+        fail(c, phase, peer, channel, target, value);
+        return false;
+      }
+    }
+  }
+}
+
+}  // namespace flashep::device
