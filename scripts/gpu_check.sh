@@ -22,7 +22,8 @@
 #   3b. kernels16 the intranode tests again (quick grid) on the kernels built for 8- and 16-rank
 #                domains (FLASHEP_DEBUG_KERNEL_RANKS), so fewer GPUs test that code too (+ skip check)
 #   4. bench     python3 -m flashep.bench [--out $OUT/bench.md]
-#   5. sanitize  (--sanitize) compute-sanitizer memcheck on the 2-rank intranode test, quick grid;
+#   5. sanitize  (--sanitize) compute-sanitizer memcheck on the 2-rank intranode test, quick grid,
+#                and on the foundation's bad-input and transport tests (test_foundation.py);
 #                CUDA API return codes are not reported (NCCL probes kernel images at init)
 #                (bounded by SANITIZE_TIMEOUT_S, default 600) (+ skip check)
 # Flags: --gpus N     the number of GPUs this machine must have and the tests must use (N >= 1;
@@ -194,6 +195,13 @@ else
   skip_step install "--no-install (using the installed package)"
 fi
 
+# The NVSHMEM wheel is there (the GPU machines have it): the build found it (FLASHEP_WITH_NVSHMEM=AUTO),
+# so the NVSHMEM tests must run, not skip.
+if "$PY" -c "import nvidia.nvshmem" 2>/dev/null; then
+  export FLASHEP_TEST_EXPECT_NVSHMEM=1
+  echo "NVSHMEM wheel found: FLASHEP_TEST_EXPECT_NVSHMEM=1 (the NVSHMEM transport test must run)"
+fi
+
 # ---- 2. C++ tests and examples
 if [[ $RUN_TESTS -eq 1 && $RUN_CPP -eq 1 ]]; then
   cpp_tests() {
@@ -257,6 +265,15 @@ if [[ $SANITIZE -eq 1 && $RUN_TESTS -eq 1 && $INSTALL_OK -eq 1 ]]; then
       timeout "${SANITIZE_TIMEOUT_S:-600}" "$SANITIZER" --tool memcheck --target-processes all --report-api-errors no --error-exitcode 99 \
       "$PY" -m pytest -x -v -s -rfEs -p no:cacheprovider --junitxml "$xml" tests/python/test_intranode.py -k R2 || rc=$?
     skips_ok "$xml" || { [[ $rc -ne 0 ]] || rc=1; }
+    # The GPU's own input checks (bad counts, expert ids, handles) and the abort paths: nothing is
+    # read or written out of bounds on the way to the error. Peers raise later under the sanitizer.
+    local xml2="$XMLDIR/pytest-sanitize-foundation.xml"
+    rm -f "$xml2"
+    COLUMNS="${COLUMNS:-160}" FLASHEP_TEST_PEER_RAISE_S=60 FLASHEP_TEST_TIMEOUT_S=3000 \
+      timeout "${SANITIZE_TIMEOUT_S:-600}" "$SANITIZER" --tool memcheck --target-processes all --report-api-errors no --error-exitcode 99 \
+      "$PY" -m pytest -x -v -s -rfEs -p no:cacheprovider --junitxml "$xml2" tests/python/test_foundation.py \
+      -k "containment or bad_input or nvlink" || rc=$?
+    skips_ok "$xml2" || { [[ $rc -ne 0 ]] || rc=1; }
     return "$rc"
   }
   run_step sanitize sanitize || true

@@ -136,15 +136,18 @@ def _make_inputs(torch, shape: Shape, rank: int, dev):
     n, H, K, E = shape.tokens, shape.hidden, shape.topk, shape.experts
     x = torch.randn((n, H), generator=gen, dtype=torch.float32, device=dev)
     x_bf16 = x.to(torch.bfloat16)
-    # FP8 e4m3 with one float32 scale per 128 channels (amax / 448), scales column-major as usual.
+    # FP8 e4m3 with one float32 scale per 128 channels (amax / 448). Scales column-major
+    # (scales.T.contiguous().T), as DeepGEMM wants them and DeepEP's users pass them; the row-major
+    # copy of the same values is timed too.
     blocks = x.view(n, H // 128, 128)
     scale = blocks.abs().amax(dim=-1).clamp(min=1e-4) / 448.0
     x_fp8 = (blocks / scale.unsqueeze(-1)).to(torch.float8_e4m3fn).view(n, H)
     scales = scale.t().contiguous().t()
+    scales_row_major = scale.contiguous()
     scores = torch.rand((n, E), generator=gen, dtype=torch.float32, device=dev)
     topk_idx = scores.topk(K, dim=1).indices.to(torch.int64).contiguous()  # K distinct experts, uniform
     topk_weights = torch.rand((n, K), generator=gen, dtype=torch.float32, device=dev)
-    return x_bf16, (x_fp8, scales), topk_idx, topk_weights
+    return x_bf16, (x_fp8, scales), (x_fp8, scales_row_major), topk_idx, topk_weights
 
 
 def _nccl_baseline(torch, dist, recv_bytes_all: List[int], rank: int, R: int, dev, warmup: int, iters: int):
@@ -190,10 +193,10 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
               f"combine chunks (send {c_send}, recv {c_recv}); warmup {args.warmup}, iters {args.iters}",
               flush=True)
 
-    records = []  # (shape, op, dtype, timing, sms, chunks, time_us, bytes, nccl_us, nccl_bytes) of this rank
+    records = []  # (shape, op, dtype, scales, timing, sms, chunks, time_us, bytes, nccl_us, nccl_bytes) of this rank
     for shape in shapes:
         H = shape.hidden
-        x_bf16, x_fp8, topk_idx, topk_weights = _make_inputs(torch, shape, rank, dev)
+        x_bf16, x_fp8, x_fp8_rows, topk_idx, topk_weights = _make_inputs(torch, shape, rank, dev)
         ntpr, _, ntpe, itir, _ = buffer.get_dispatch_layout(topk_idx, shape.experts)
         layout = dict(num_tokens_per_rank=ntpr, is_token_in_rank=itir, num_tokens_per_expert=ntpe,
                       topk_idx=topk_idx, topk_weights=topk_weights)
@@ -217,6 +220,8 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
                                          args.warmup, args.iters)
             t_cached_fp8_s, _ = _time_stream(torch, dist, lambda: buffer.dispatch(x_fp8, handle=handle, config=cfg_d),
                                              args.warmup, args.iters)
+            t_cached_fp8_rows_s, _ = _time_stream(
+                torch, dist, lambda: buffer.dispatch(x_fp8_rows, handle=handle, config=cfg_d), args.warmup, args.iters)
             combine_fn = lambda: buffer.combine(recv_x, handle, topk_weights=recv_w, config=cfg_c)  # noqa: E731
             t_comb, _ = _time_call(torch, dist, combine_fn, args.warmup, args.iters)
             t_comb_s, _ = _time_stream(torch, dist, combine_fn, args.warmup, args.iters)
@@ -229,21 +234,23 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
                     nccl[key] = _nccl_baseline(torch, dist, everyone, rank, R, dev, args.warmup, args.iters)
             chunks = f"{d_chunks[0]}:{d_chunks[1]}"
             c_chunks_s = f"{c_chunks[0]}:{c_chunks[1]}"
-            for op, dtype, timing, ch, t_us, nbytes in (
-                    ("dispatch", "fp8", "call", chunks, t_fp8, fp8_bytes),
-                    ("dispatch", "bf16", "call", chunks, t_bf16, bf16_bytes),
-                    ("dispatch (cached)", "bf16", "call", chunks, t_cached, bf16_bytes),
-                    ("combine", "bf16", "call", c_chunks_s, t_comb, bf16_bytes),
-                    ("dispatch (cached)", "fp8", "stream", chunks, t_cached_fp8_s, fp8_bytes),
-                    ("dispatch (cached)", "bf16", "stream", chunks, t_cached_s, bf16_bytes),
-                    ("combine", "bf16", "stream", c_chunks_s, t_comb_s, bf16_bytes)):
-                records.append((shape.name, op, dtype, timing, sms, ch, t_us, nbytes) + nccl[dtype][timing])
+            for op, dtype, scales, timing, ch, t_us, nbytes in (
+                    ("dispatch", "fp8", "col-major", "call", chunks, t_fp8, fp8_bytes),
+                    ("dispatch", "bf16", "-", "call", chunks, t_bf16, bf16_bytes),
+                    ("dispatch (cached)", "bf16", "-", "call", chunks, t_cached, bf16_bytes),
+                    ("combine", "bf16", "-", "call", c_chunks_s, t_comb, bf16_bytes),
+                    ("dispatch (cached)", "fp8", "col-major", "stream", chunks, t_cached_fp8_s, fp8_bytes),
+                    ("dispatch (cached)", "fp8", "row-major", "stream", chunks, t_cached_fp8_rows_s, fp8_bytes),
+                    ("dispatch (cached)", "bf16", "-", "stream", chunks, t_cached_s, bf16_bytes),
+                    ("combine", "bf16", "-", "stream", c_chunks_s, t_comb_s, bf16_bytes)):
+                records.append((shape.name, op, dtype, scales, timing, sms, ch, t_us, nbytes) + nccl[dtype][timing])
             if rank == 0:
                 print(f"  {shape.name} SMs {sms:3d} chunks {chunks}: dispatch fp8 {t_fp8:8.1f} us "
                       f"{_gbps(fp8_bytes, t_fp8):6.1f} GB/s, bf16 {t_bf16:8.1f} us {_gbps(bf16_bytes, t_bf16):6.1f} GB/s, "
                       f"cached bf16 {t_cached:8.1f} us {_gbps(bf16_bytes, t_cached):6.1f} GB/s, combine "
                       f"{t_comb:8.1f} us {_gbps(bf16_bytes, t_comb):6.1f} GB/s; back to back: cached fp8 "
-                      f"{_gbps(fp8_bytes, t_cached_fp8_s):6.1f}, cached bf16 {_gbps(bf16_bytes, t_cached_s):6.1f}, "
+                      f"{_gbps(fp8_bytes, t_cached_fp8_s):6.1f} (row-major scales "
+                      f"{_gbps(fp8_bytes, t_cached_fp8_rows_s):6.1f}), cached bf16 {_gbps(bf16_bytes, t_cached_s):6.1f}, "
                       f"combine {_gbps(bf16_bytes, t_comb_s):6.1f} GB/s", flush=True)
             del recv_x, recv_w, handle
 
@@ -265,7 +272,7 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
 
 
 def _table(gathered, R: int, device_name: str, shapes: List[Shape]) -> str:
-    header = ["shape", "op", "dtype", "timing", "SMs", "chunks (send:recv)", "time_us", "GB/s (rank 0)",
+    header = ["shape", "op", "dtype", "scales", "timing", "SMs", "chunks (send:recv)", "time_us", "GB/s (rank 0)",
               "GB/s (mean)", "nccl_us", "nccl_GB/s"]
     lines = [f"# flashep.bench: {R} x {device_name}",
              "",
@@ -279,9 +286,10 @@ def _table(gathered, R: int, device_name: str, shapes: List[Shape]) -> str:
              "| " + " | ".join(header) + " |",
              "|" + "|".join("---" for _ in header) + "|"]
     for i, rec in enumerate(gathered[0]):
-        name, op, dtype, timing, sms, chunks, t_us, nbytes, nccl_us, nccl_bytes = rec
-        per_rank = [_gbps(g[i][7], g[i][6]) for g in gathered]
-        lines.append(f"| {name} | {op} | {dtype} | {timing} | {sms} | {chunks} | {t_us:.1f} | {_gbps(nbytes, t_us):.1f} | "
+        name, op, dtype, scales, timing, sms, chunks, t_us, nbytes, nccl_us, nccl_bytes = rec
+        per_rank = [_gbps(g[i][8], g[i][7]) for g in gathered]
+        lines.append(f"| {name} | {op} | {dtype} | {scales} | {timing} | {sms} | {chunks} | {t_us:.1f} | "
+                     f"{_gbps(nbytes, t_us):.1f} | "
                      f"{statistics.mean(per_rank):.1f} | {nccl_us:.1f} | {_gbps(nccl_bytes, nccl_us):.1f} |")
     if R == 8 and any(s == DEEPEP_SHAPE for s in shapes):
         lines += ["", "Reference (docs/gpu-machine.md), DeepEP V1 on 8 x H200, 24 SMs, the 4096x7168 top8/256 "

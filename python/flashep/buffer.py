@@ -283,6 +283,15 @@ class Buffer:
                              f"remain after offset {offset}")
         return tensor[: size.numel()].view(size)
 
+    def check_transports(self, bytes_per_peer: int = 1 << 20) -> List[Tuple[int, str, int]]:
+        """flashep extension (collective): every rank sends `bytes_per_peer` bytes of a pattern to
+        every peer through the transport chosen for it ('nvlink': CUDA IPC stores; 'nvshmem': NVSHMEM
+        puts and signals), waits for the peers' (bounded) and checks what arrived. Returns (peer,
+        transport, mismatched 32-bit words) per peer. No other operation may be in flight."""
+        bytes_per_peer = check_int("bytes_per_peer", bytes_per_peer, minimum=16)
+        torch.cuda.synchronize(self._device)
+        return [tuple(item) for item in self._rt().check_transports(bytes_per_peer)]
+
     def destroy(self) -> None:
         """Frees the buffer (Buffer(..., explicitly_destroy=True) only). Collective: every rank calls
         it; it waits for this device and for the other ranks first. Idempotent."""

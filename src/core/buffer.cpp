@@ -4,8 +4,10 @@
 #include "flashep/buffer.hpp"
 
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <thread>
 
 #include "core/buffer_impl.hpp"
 #include "core/cuda_check.hpp"
@@ -215,15 +217,35 @@ void BufferImpl::check() const {
   if (poisoned_)
     throw_error(ErrorKind::kPoisoned, "rank " + str(options_.rank) + ": this buffer is unusable after an earlier "
                                           "error; destroy it and create a new one. The first error: " + first_error_);
-  if (error_ == nullptr || destroyed_ || error_->flag == 0) return;
-  DeviceErrorRecord copy;
-  std::memcpy(&copy, const_cast<const DeviceErrorRecord*>(error_), sizeof(copy));  // volatile read done
+  if (error_ == nullptr || destroyed_ || error_->seq == 0) return;
+  DeviceErrorRecord copy = read_error_record();
+  // This rank's own failure may still replace a record of a peer's abort (a disagreement found on
+  // both sides): give the kernel a moment to do so, so the error names the real cause.
+  if (static_cast<Cause>(copy.cause) == Cause::kPeerAbort) {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(20);
+    while (error_->seq == copy.seq && std::chrono::steady_clock::now() < until) std::this_thread::yield();
+    copy = read_error_record();
+  }
   poisoned_ = true;
   first_error_kind_ = kind_of(copy);
   first_error_ = describe(copy, timeout_s_);
   // The kernel aborted our NVLink domain itself; peers of other domains learn it from here.
   if (static_cast<Cause>(copy.cause) == Cause::kOwn) propagate_abort(false);
   throw Error(first_error_kind_, first_error_);
+}
+
+DeviceErrorRecord BufferImpl::read_error_record() const {
+  // A sequence lock: retry while the GPU writes (odd) or wrote again during the copy.
+  DeviceErrorRecord copy{};
+  for (int attempt = 0; attempt < 1 << 20; ++attempt) {
+    const int before = error_->seq;
+    if (before & 1) continue;
+    std::atomic_thread_fence(std::memory_order_acquire);
+    std::memcpy(&copy, const_cast<const DeviceErrorRecord*>(error_), sizeof(copy));
+    std::atomic_thread_fence(std::memory_order_acquire);
+    if (error_->seq == before) break;
+  }
+  return copy;
 }
 
 void BufferImpl::require_usable(const char* op) const {
@@ -295,7 +317,7 @@ std::vector<PeerCheck> BufferImpl::check_transports(size_t bytes_per_peer) {
   require(bytes_per_peer > 0 && bytes_per_peer % 16 == 0,
           "check_transports: bytes_per_peer must be a positive multiple of 16, got " + str(bytes_per_peer));
   const int64_t needed = 2 * int64_t(R) * static_cast<int64_t>(bytes_per_peer);
-  require(needed <= nvl_layout_.intranode.ring_capacity,
+  require(nvl_domain_size_ == 1 || needed <= nvl_layout_.intranode.ring_capacity,
           "check_transports: needs num_nvl_bytes >= 2 * num_ranks * bytes_per_peer = " +
               str(needed));
   if (sym_)

@@ -34,6 +34,7 @@ class BufferImpl {
   /// Throws the first recorded error (device record or host failure), then kPoisoned on every
   /// later call.
   void check() const;
+  DeviceErrorRecord read_error_record() const;
   /// Destroyed, not connected, or poisoned: throws. Then check().
   void require_usable(const char* op) const;
   /// A failure found on the host (a poll past the timeout): poisons the buffer and aborts it on

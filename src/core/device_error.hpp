@@ -38,10 +38,13 @@ enum class Cause : int {
   kPeerAbort = 1,  // this rank stopped in `phase` because rank `peer` aborted the buffer
 };
 
-/// Written by the first failing thread of a rank (flag set last, after the fields). Plain ints so
-/// the layout is the same on host and device.
+/// Written by the first failing thread of a rank; this rank's own failure may replace a record of
+/// a peer's abort (a rank that finds a disagreement itself reports it, even when the peer's abort
+/// landed first). `seq` is a sequence lock: odd while the fields are written, even and > 0 once a
+/// record is complete, so the host never reads a torn record. Plain ints so the layout is the same
+/// on host and device.
 struct DeviceErrorRecord {
-  volatile int flag;  // 0 = no error, 1 = error recorded
+  volatile int seq;   // 0 = no error; odd = being written; even > 0 = complete
   int rank;
   int phase;          // Phase
   int cause;          // Cause

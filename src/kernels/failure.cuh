@@ -41,12 +41,34 @@ __device__ __forceinline__ void raise_abort_nvlink(const DeviceComm& c) {
   __threadfence_system();
 }
 
-/// Records a failure (first one of this rank wins) and, for this rank's own failures, aborts the
-/// buffer on the peers.
+/// States of a rank's error claim (the control block's error_claim word).
+inline constexpr int kClaimFree = 0;
+inline constexpr int kClaimWritingPeer = 1;  // a peer-abort record is being written
+inline constexpr int kClaimPeer = 2;         // a peer-abort record is complete (an own failure may replace it)
+inline constexpr int kClaimOwn = 3;          // this rank's own failure is recorded (final)
+
+/// Records a failure and, for this rank's own failures, aborts the buffer on the peers. The first
+/// record wins, except that this rank's own failure replaces a record of a peer's abort.
 __device__ __forceinline__ void record_error(const DeviceComm& c, Phase phase, Cause cause, int peer, int channel,
                                              int expected, int observed, int block = -1) {
-  if (atomicCAS(local_word(c, c.nvl.control.error_claim()), 0, 1) == 0) {
+  int* claim = local_word(c, c.nvl.control.error_claim());
+  bool write = false;
+  if (cause == Cause::kPeerAbort) {
+    write = atomicCAS(claim, kClaimFree, kClaimWritingPeer) == kClaimFree;
+  } else {
+    // Bounded: a peer-abort record is a handful of stores away from complete.
+    for (int attempt = 0; attempt < 1 << 20 && !write; ++attempt) {
+      const int previous = atomicCAS(claim, kClaimFree, kClaimOwn);
+      if (previous == kClaimFree) write = true;
+      else if (previous == kClaimPeer) write = atomicCAS(claim, kClaimPeer, kClaimOwn) == kClaimPeer;
+      else if (previous == kClaimOwn) break;
+    }
+  }
+  if (write) {
     DeviceErrorRecord* r = c.error;
+    const int seq = r->seq;
+    r->seq = seq + 1;  // odd: being written
+    __threadfence_system();
     r->rank = c.rank;
     r->phase = static_cast<int>(phase);
     r->cause = static_cast<int>(cause);
@@ -56,8 +78,9 @@ __device__ __forceinline__ void record_error(const DeviceComm& c, Phase phase, C
     r->observed = observed;
     r->block = block >= 0 ? block : static_cast<int>(blockIdx.x);
     __threadfence_system();
-    r->flag = 1;
+    r->seq = seq + 2;  // even: complete
     __threadfence_system();
+    if (cause == Cause::kPeerAbort) atomicExch(claim, kClaimPeer);
   }
   if (cause == Cause::kOwn) raise_abort_nvlink(c);
 }

@@ -11,6 +11,8 @@ constexpr int kLayoutThreads = 256;
 
 __global__ void __launch_bounds__(kLayoutThreads) get_dispatch_layout_kernel(LayoutParams p) {
   extern __shared__ int shared_counts[];  // [E] experts, [R] ranks, [nodes] nodes
+  // Nothing here touches a peer, but a buffer aborted by a peer is recorded at every call.
+  if (device::aborted_at_entry(p.comm)) return;
   const int num_ranks = p.comm.num_ranks, nvl_size = p.comm.nvl_size;
   const int num_nodes = num_ranks / nvl_size;
   int* expert_counts = shared_counts;

@@ -37,9 +37,13 @@ __device__ bool barrier_across_ranks(const DeviceComm& comm, Phase phase, const 
     device::st_release_sys(int_at(comm.nvl_base[peer], control.barrier_signal(comm.nvl_rank)), static_cast<int>(epoch));
     const int* my_signal = int_at(comm.local(), control.barrier_signal(peer));
     const int peer_rank = comm.node * comm.nvl_size + peer;
-    if (!device::wait_reached(comm, my_signal, static_cast<int>(epoch), phase, peer_rank, -1)) {
-      failed = 1;
-    } else if (info != nullptr) {
+    const bool arrived = device::wait_reached(comm, my_signal, static_cast<int>(epoch), phase, peer_rank, -1);
+    if (!arrived) failed = 1;
+    // A peer that found the disagreement first may have aborted before this rank compared: when the
+    // peer's signal (and so its info) is here, compare anyway, so that every rank names the
+    // disagreement rather than only the abort.
+    if (info != nullptr &&
+        (arrived || seq_reached(static_cast<uint32_t>(device::ld_acquire_sys(my_signal)), epoch))) {
       const int* theirs_at = int_at(comm.local(), control.call_info(epoch, peer));
       int theirs[kCallInfoInts];
       for (int i = 0; i < kCallInfoInts; ++i) theirs[i] = device::ld_relaxed_sys(theirs_at + i);

@@ -250,7 +250,7 @@ static void test_config() {
 
 static void test_error_messages() {
   DeviceErrorRecord r{};
-  r.flag = 1;
+  r.seq = 2;
   r.rank = 3;
   r.phase = static_cast<int>(Phase::kNotifyBarrier);
   r.peer = 5;

@@ -225,8 +225,15 @@ def _mismatch_worker(rank, R):
     elapsed = time.monotonic() - start
     dh.log_all(rank, f"combine with a handle past x: {type(error).__name__ if error else 'no error'} after "
                      f"{elapsed:.1f} s: {error}")
+    # Every rank's handle is bad, but the first rank to find it aborts the buffer: a rank whose
+    # combine kernel starts after that stops at its entry and reports the peer's failure instead.
     assert isinstance(error, RuntimeError), f"combine with a bad handle: expected a RuntimeError, got {error!r}"
-    assert "handle does not match x" in str(error), f"combine with a bad handle: unexpected error: {error}"
+    found_here = "handle does not match x" in str(error)
+    assert found_here or isinstance(error, deep_ep.FlashepPeerFailedError), \
+        f"combine with a bad handle: unexpected error: {error}"
+    found = [None] * R
+    dist.all_gather_object(found, found_here)
+    assert any(found), f"combine with a bad handle: no rank reported the handle itself: {found}"
     assert elapsed < MISMATCH_RAISE_WITHIN_S, f"combine with a bad handle: the error came after {elapsed:.1f} s"
     outcomes.append(f"combine with a handle past x: {elapsed:.2f} s")
     dist.barrier()
