@@ -6,43 +6,84 @@
 # Last, a self-check: the CPU tests run against a staged copy of the package whose _C*.so is garbage
 # (and one without it) and must fail; if they pass there, they prove nothing, and this script fails.
 # Extra arguments go to the main pytest run.
+#
+# Both builds: with NVSHMEM (FLASHEP_WITH_NVSHMEM=ON; the wheel nvidia-nvshmem-cu13==3.4.5 is
+# installed if missing) in $BUILD_DIR, and without it (OFF) in $BUILD_DIR-no-nvshmem; each gets the
+# whole suite and must report the build it is. FLASHEP_TEST_NVSHMEM="ON" or "OFF" runs one of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${BUILD_DIR:-build}
 PYTHON=${PYTHON:-python3}
+read -r -a NVSHMEM_MODES <<< "${FLASHEP_TEST_NVSHMEM:-ON OFF}"
 
 # Build-time Python packages (PyPI); present already on the GPU machines.
 if ! "$PYTHON" -c "import nanobind, numpy, pytest" 2>/dev/null; then
   "$PYTHON" -m pip install -q nanobind numpy pytest
 fi
+for mode in "${NVSHMEM_MODES[@]}"; do
+  if [[ $mode == ON ]] && ! "$PYTHON" -c "import nvidia.nvshmem" 2>/dev/null; then
+    "$PYTHON" -m pip install -q nvidia-nvshmem-cu13==3.4.5
+  fi
+done
 
-cmake -S . -B "$BUILD_DIR" -G Ninja -DFLASHEP_BUILD_PYTHON=ON -DFLASHEP_BUILD_TESTS=ON -DFLASHEP_BUILD_EXAMPLES=ON \
-  -DPython_EXECUTABLE="$(command -v "$PYTHON")"
-cmake --build "$BUILD_DIR" --parallel "${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
+rc=0
+# run_suite BUILD_DIR ON|OFF: build, C++ tests, example, Python tests, skip check. Sets rc; leaves
+# the staged package in $STAGE.
+run_suite() {
+  local build="$1" mode="$2" want
+  echo "==== build $build (FLASHEP_WITH_NVSHMEM=$mode)"
+  cmake -S . -B "$build" -G Ninja -DFLASHEP_BUILD_PYTHON=ON -DFLASHEP_BUILD_TESTS=ON -DFLASHEP_BUILD_EXAMPLES=ON \
+    -DFLASHEP_WITH_NVSHMEM="$mode" -DPython_EXECUTABLE="$(command -v "$PYTHON")"
+  cmake --build "$build" --parallel "${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}"
 
-echo "== C++ tests"
-(cd "$BUILD_DIR" && ctest --output-on-failure)
-echo "== C++ example (skips itself without GPUs)"
-"$BUILD_DIR/examples/flashep_example"
+  echo "== C++ tests ($mode)"
+  (cd "$build" && ctest --output-on-failure)
+  echo "== C++ example (skips itself without GPUs)"
+  "$build/examples/flashep_example"
 
-# Stage the package (Python sources + the built extension) for the Python tests.
-STAGE="$BUILD_DIR/pkg/flashep"
-rm -rf "$STAGE" && mkdir -p "$STAGE"
-cp python/flashep/*.py "$STAGE/"
-cp "$BUILD_DIR"/_C*.so "$STAGE/"
-JUNIT="$BUILD_DIR/pytest.xml"
-rm -f "$JUNIT"  # a stale xml must not stand in for a run that wrote none
-echo "== Python tests"
-set +e
-PYTHONPATH="$BUILD_DIR/pkg${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m pytest -q -rs --junitxml "$JUNIT" tests/python "$@"
-rc=$?
-set -e
-# pytest exits 5 when it collected nothing; that is a failure of this script's purpose too.
-echo "== no CPU test may skip (test_cpu.py has nothing to wait for: a skip there tested nothing)"
-if ! "$PYTHON" scripts/check_skips.py --forbid-skips-in test_cpu "$JUNIT"; then
-  echo "FAILED: tests in test_cpu.py skipped (see above)" >&2
-  [[ $rc -ne 0 ]] || rc=1
-fi
+  # Stage the package (Python sources + the built extension) for the Python tests.
+  STAGE="$build/pkg/flashep"
+  rm -rf "$STAGE" && mkdir -p "$STAGE"
+  cp python/flashep/*.py "$STAGE/"
+  cp "$build"/_C*.so "$STAGE/"
+  echo "== the extension is the build it claims (nvshmem_built() for FLASHEP_WITH_NVSHMEM=$mode)"
+  want=$([[ $mode == ON ]] && echo True || echo False)
+  PYTHONPATH="$build/pkg" "$PYTHON" -c "
+import importlib.util, glob, sys
+path = glob.glob('$STAGE/_C*.so')[0]
+spec = importlib.util.spec_from_file_location('flashep._C', path)
+m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+got = m.nvshmem_built()
+print('nvshmem_built() =', got)
+sys.exit(0 if str(got) == '$want' else 'expected $want')"
+
+  local junit="$build/pytest.xml" prc
+  rm -f "$junit"  # a stale xml must not stand in for a run that wrote none
+  echo "== Python tests ($mode)"
+  set +e
+  PYTHONPATH="$build/pkg${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m pytest -q -rs --junitxml "$junit" tests/python "${PYTEST_ARGS[@]}"
+  prc=$?
+  set -e
+  # pytest exits 5 when it collected nothing; that is a failure of this script's purpose too.
+  echo "== no CPU test may skip (test_cpu.py has nothing to wait for: a skip there tested nothing)"
+  if ! "$PYTHON" scripts/check_skips.py --forbid-skips-in test_cpu "$junit"; then
+    echo "FAILED: tests in test_cpu.py skipped (see above)" >&2
+    [[ $prc -ne 0 ]] || prc=1
+  fi
+  if [[ $prc -ne 0 ]]; then
+    echo "FAILED: Python tests of the $mode build (exit $prc)" >&2
+    rc=$prc
+  fi
+}
+
+PYTEST_ARGS=("$@")
+for mode in "${NVSHMEM_MODES[@]}"; do
+  case "$mode" in
+    ON) run_suite "$BUILD_DIR" ON ;;
+    OFF) run_suite "$BUILD_DIR${NVSHMEM_MODES[1]:+-no-nvshmem}" OFF ;;
+    *) echo "FLASHEP_TEST_NVSHMEM: '$mode' is neither ON nor OFF" >&2; exit 2 ;;
+  esac
+done
 
 # ---- self-check: the CPU tests must FAIL on a broken extension. Once they skipped instead, and CI
 # passed on a garbage _C.so ("36 skipped", exit 0). Each case stages the package's Python sources
@@ -51,7 +92,7 @@ fi
 # Exit 0 means the tests cannot catch a broken build; any other code means pytest itself did not
 # run, so the check proved nothing either.
 echo "== self-check: a broken extension must fail the tests"
-SELF="$BUILD_DIR/selfcheck"
+SELF="$BUILD_DIR-selfcheck"
 selfcheck_failed=0
 for case in garbage missing; do
   pkg="$SELF/$case/flashep"
