@@ -74,6 +74,9 @@ __device__ void combine_send(const CombineParams& p, int dst, int channel, int l
   const int row_int4 = p.slot.row_bytes / 16;
 
   int published = 0, head = 0;
+  // The abort word, read by lane 0 at each publication and looked at the next one: a sender whose
+  // ring has space never waits, and must still stop writing to the peer soon after an abort.
+  int abort_seen = 0;
   for (int tail = 0; tail < count;) {
     if (tail - head >= p.ring_depth) {
       int ok = 1;
@@ -96,7 +99,12 @@ __device__ void combine_send(const CombineParams& p, int dst, int channel, int l
     ++tail;
     if (tail - published >= p.chunk_tokens || tail == count || tail - head >= p.ring_depth) {
       __syncwarp();
-      if (lane == 0) device::st_release_sys(remote_tail, tail);
+      if (lane == 0) {
+        if (abort_seen == 0) device::st_release_sys(remote_tail, tail);
+        else device::stop_if_aborted(comm, abort_seen, Phase::kCombineSendWaitSpace);
+      }
+      if (__shfl_sync(0xffffffffu, abort_seen, 0) != 0) return;
+      if (lane == 0) abort_seen = device::abort_value(comm);
       published = tail;
     }
   }
@@ -155,6 +163,8 @@ __device__ void combine_recv(const CombineParams& p, int channel, int worker, vo
     if (lane == 0) positions[worker] = t;
     __syncwarp();
     const int head_slot = lane < R ? p.send_head[int64_t(t) * R + lane] : -1;
+    // The abort word on the fast path too: loaded before the tails, looked at once they are in.
+    const int abort_before = lane == 0 ? device::abort_value(comm) : 0;
     // Wait until every ring holding a row of t has it; the coordinator keeps releasing meanwhile.
     const uint64_t start = device::global_timer_ns();
     for (uint32_t spins = 0;; ++spins) {
@@ -177,6 +187,10 @@ __device__ void combine_recv(const CombineParams& p, int channel, int worker, vo
           return;
         }
       }
+    }
+    if (__shfl_sync(0xffffffffu, abort_before, 0) != 0) {
+      if (lane == 0) device::stop_if_aborted(comm, abort_before, Phase::kCombineRecvWaitData);
+      return;
     }
     // Each lane acquired its own rank's tail; every lane reads every rank's row below.
     __syncwarp();
