@@ -58,7 +58,7 @@ class BufferImpl {
   void require_intranode(const char* op) const;
   void validate_config(const Config& config, const char* op) const;
   void require_ring_space(const Config& config, int slot_bytes, const char* op) const;
-  void check_handle(const DispatchHandle& h, const Config& config, const char* op, bool needs_recv) const;
+  void check_handle(const DispatchHandle& h, const Config& config, const char* op, bool needs_send_head) const;
 
   // ---- diagnostics builds: FLASHEP_DEBUG_PROFILE ----------------------------------------------------
   unsigned long long* profile_begin(int num_blocks, cudaStream_t stream);

@@ -61,7 +61,8 @@ void BufferImpl::require_ring_space(const Config& config, int slot_bytes, const 
               "); use Config.get_nvl_buffer_size_hint()");
 }
 
-void BufferImpl::check_handle(const DispatchHandle& h, const Config& config, const char* op, bool needs_recv) const {
+void BufferImpl::check_handle(const DispatchHandle& h, const Config& config, const char* op,
+                              bool needs_send_head) const {
   const std::string where = std::string(op) + ": the handle ";
   require(h.buffer_id == id_, where + "was made by another Buffer (id " + str(static_cast<int64_t>(h.buffer_id)) +
                                   ", this one " + str(static_cast<int64_t>(id_)) + ")");
@@ -73,8 +74,8 @@ void BufferImpl::check_handle(const DispatchHandle& h, const Config& config, con
   require(h.num_tokens >= 0 && h.num_recv_tokens >= 0, where + "has negative sizes");
   require(h.rank_prefix_matrix && h.channel_prefix_matrix && h.recv_channel_prefix_matrix,
           where + "has null prefix matrices");
-  require(h.num_tokens == 0 || (h.is_token_in_rank && h.send_head), where + "has a null is_token_in_rank/send_head");
-  require(!needs_recv || h.num_recv_tokens == 0 || h.recv_src_idx, where + "has a null recv_src_idx");
+  require(h.num_tokens == 0 || h.is_token_in_rank, where + "has a null is_token_in_rank");
+  require(!needs_send_head || h.num_tokens == 0 || h.send_head, where + "has a null send_head");
 }
 
 // ---- get_dispatch_layout ---------------------------------------------------------------------------
@@ -353,7 +354,7 @@ void BufferImpl::combine(const CombineArgs& a, cudaStream_t stream) {
   const int C = num_channels(a.config.num_sms, R);
   require(a.handle != nullptr, "combine: handle is null");
   const DispatchHandle& h = *a.handle;
-  check_handle(h, a.config, "combine", false);
+  check_handle(h, a.config, "combine", true);
   const int num_tokens = h.num_tokens, num_recv_tokens = h.num_recv_tokens;
   require(a.hidden > 0 && a.hidden % 8 == 0, "combine: hidden must be a positive multiple of 8");
   require(a.num_topk >= 0 && a.num_topk <= kMaxTopk, "combine: num_topk must be in [0, " + str(kMaxTopk) + "]");
