@@ -285,7 +285,7 @@ __device__ void combine_recv(const CombineParams& p, int channel, int worker, vo
 }
 
 template <int kMaxRanks>
-__global__ void __launch_bounds__(combine_launch_bound(kMaxRanks), 1) combine_kernel(CombineParams p) {
+__global__ void __launch_bounds__(combine_launch_bound(kMaxRanks), 1) combine_kernel(const __grid_constant__ CombineParams p) {
   __shared__ int positions[kMaxChannelsPerBlock * kCombineWorkers];
   if (device::aborted_at_entry(p.comm)) return;
   const int G = p.channels_per_block, R = p.comm.nvl_size;

@@ -31,10 +31,15 @@ struct TokenBatch {
 /// and the next one, prefetched.
 struct ScaleStaging {
   float* floats = nullptr;  // [2][kMaxScaleColumns][32]
-  int staged_base[2] = {-1, -1};
+  int staged_base0 = -1, staged_base1 = -1;  // the batch each buffer holds (scalars: no local array)
 
   __device__ int buffer_of(int base, int range_begin) const { return ((base - range_begin) / 32) & 1; }
   __device__ float* column(int buffer, int j) const { return floats + (buffer * kMaxScaleColumns + j) * 32; }
+  __device__ int staged(int buffer) const { return buffer == 0 ? staged_base0 : staged_base1; }
+  __device__ void set_staged(int buffer, int base) {
+    if (buffer == 0) staged_base0 = base;
+    else staged_base1 = base;
+  }
 };
 
 /// Sender policy of run_ring_sender: the tokens of one channel that go anywhere.
@@ -62,13 +67,13 @@ struct DispatchSendPolicy {
       for (int j = 0; j < p.slot.num_scales; ++j)
         device::async_copy_small<4>(staging.column(buffer, j) + lane,
                                     p.x_scales + int64_t(t) * p.scale_token_stride + j * p.scale_hidden_stride);
-    staging.staged_base[buffer] = base;
+    staging.set_staged(buffer, base);
   }
   /// The batch at load_batch.base is the one loads take from now: its scales must have landed
   /// (loaded now if they were not prefetched), and the next batch's are prefetched.
   __device__ void enter_load_batch() {
     const int base = load_batch.base;
-    if (staging.staged_base[staging.buffer_of(base, range.begin)] != base) stage_scales(base);
+    if (staging.staged(staging.buffer_of(base, range.begin)) != base) stage_scales(base);
     device::async_copy_wait_all();
     __syncwarp();
     if (base + 32 < range.end) stage_scales(base + 32);
@@ -268,7 +273,7 @@ __device__ void dispatch_recv(const DispatchParams& p, int src, int channel, int
 }
 
 template <int kMaxRanks>
-__global__ void __launch_bounds__(kDispatchBlockThreads<kMaxRanks>, 1) dispatch_kernel(DispatchParams p) {
+__global__ void __launch_bounds__(kDispatchBlockThreads<kMaxRanks>, 1) dispatch_kernel(const __grid_constant__ DispatchParams p) {
   extern __shared__ __align__(128) char smem[];
   if (device::aborted_at_entry(p.comm)) return;
   const int G = p.channels_per_block, S = p.stages, R = p.comm.nvl_size;

@@ -9,7 +9,7 @@ namespace {
 
 constexpr int kLayoutThreads = 256;
 
-__global__ void __launch_bounds__(kLayoutThreads) get_dispatch_layout_kernel(LayoutParams p) {
+__global__ void __launch_bounds__(kLayoutThreads) get_dispatch_layout_kernel(const __grid_constant__ LayoutParams p) {
   extern __shared__ int shared_counts[];  // [E] experts, [R] ranks, [nodes] nodes
   // Nothing here touches a peer, but a buffer aborted by a peer is recorded at every call.
   if (device::aborted_at_entry(p.comm)) return;

@@ -63,7 +63,7 @@ __device__ void reset_heads(const DeviceComm& comm, int num_channels) {
   for (int i = threadIdx.x; i < num_channels * comm.nvl_size; i += blockDim.x) heads[i] = 0;
 }
 
-__global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(NotifyDispatchParams p) {
+__global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(const __grid_constant__ NotifyDispatchParams p) {
   const DeviceComm& comm = p.comm;
   if (device::aborted_at_entry(comm)) return;
   const IntranodeLayout& layout = comm.nvl.intranode;
@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(Noti
   }
 }
 
-__global__ void __launch_bounds__(kNotifyThreads, 1) notify_barrier_kernel(BarrierParams p) {
+__global__ void __launch_bounds__(kNotifyThreads, 1) notify_barrier_kernel(const __grid_constant__ BarrierParams p) {
   if (device::aborted_at_entry(p.comm)) return;
   if (!barrier_across_ranks(p.comm, Phase::kNotifyCombineBarrier, &p.call)) return;
   reset_heads(p.comm, p.num_channels);

@@ -25,7 +25,7 @@ __device__ __forceinline__ char* region_of(const DeviceComm& c, int peer) {
   return c.is_nvl_peer(peer) ? c.local() : c.sym_base;
 }
 
-__global__ void __launch_bounds__(kCheckThreads, 1) transport_check_kernel(TransportCheckParams p) {
+__global__ void __launch_bounds__(kCheckThreads, 1) transport_check_kernel(const __grid_constant__ TransportCheckParams p) {
   const DeviceComm& c = p.comm;
   if (device::aborted_at_entry(c)) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, num_warps = blockDim.x / 32;
