@@ -279,12 +279,9 @@ void BufferImpl::dispatch(const DispatchArgs& a, cudaStream_t stream) {
             "dispatch: handle.recv_src_idx/send_head are null");
     h.num_recv_tokens = a.num_output_rows;
   }
-  // Column-major (token-contiguous) scales are staged per batch of 32 tokens (dispatch.cu).
   const DispatchSlotLayout slot = make_dispatch_slot(a.hidden, elem, fp8, a.num_topk);
-  const bool staged_scales = fp8 && a.scale_token_stride == 1 && a.scale_hidden_stride != 1 &&
-                             slot.num_scales <= kMaxScaleColumns && a.num_tokens > 1;
   const int G = block_channel_count(R);
-  const int stages = dispatch_stages(G, slot.slot_bytes, staged_scales);
+  const int stages = dispatch_stages(G, slot.slot_bytes);
   require(stages >= 1, "dispatch: rows of " + str(slot.slot_bytes) + " bytes do not fit the kernel's shared memory "
                        "(hidden " + str(a.hidden) + " too large)");
   require_ring_space(a.config, slot.slot_bytes, "dispatch");
@@ -311,7 +308,6 @@ void BufferImpl::dispatch(const DispatchArgs& a, cudaStream_t stream) {
   p.x_scales = a.x_scales;
   p.scale_token_stride = a.scale_token_stride;
   p.scale_hidden_stride = a.scale_hidden_stride;
-  p.staged_scales = staged_scales;
   p.topk_idx = a.topk_idx;
   p.topk_weights = a.topk_weights;
   p.is_token_in_rank = h.is_token_in_rank;

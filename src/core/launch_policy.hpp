@@ -23,30 +23,17 @@ inline constexpr int kMaxBulkStages = 8;
 inline constexpr int kBulkStageBudgetBytes = 200 * 1024;
 /// Ring tails a sender warp remembers to publish them late (ring_sender.cuh), per lane.
 inline constexpr int kBulkTailHistory = 16;
-/// FP8 scales of column-major (token-contiguous) layouts are staged per batch of 32 tokens: one
-/// coalesced load per scale column instead of one 4-byte load per (token, column). Floats per
-/// sender warp: two batches (the one being sent and the next), kMaxScaleColumns columns each.
-inline constexpr int kMaxScaleColumns = 64;  // hidden <= 8192
-inline constexpr int kScaleStagingFloats = 2 * kMaxScaleColumns * 32;
-
 /// Stages per pipelined warp when `pipelined_warps` warps of a block split `budget` bytes; 0 when
 /// a single slot does not fit.
 FLASHEP_HD int bulk_stages(int pipelined_warps, int slot_bytes, int budget = kBulkStageBudgetBytes) {
   const int fit = budget / (pipelined_warps * slot_bytes);
   return fit < kMaxBulkStages ? fit : kMaxBulkStages;
 }
-/// Shared memory of a dispatch sender warp's scale staging (0 unless scales are staged).
-FLASHEP_HD int dispatch_staging_bytes(bool staged_scales) { return staged_scales ? kScaleStagingFloats * 4 : 0; }
-FLASHEP_HD int dispatch_stages(int channels_in_block, int slot_bytes, bool staged_scales = false) {
-  return bulk_stages(channels_in_block, slot_bytes,
-                     kBulkStageBudgetBytes - channels_in_block * dispatch_staging_bytes(staged_scales));
-}
+FLASHEP_HD int dispatch_stages(int channels_in_block, int slot_bytes) { return bulk_stages(channels_in_block, slot_bytes); }
 /// Dynamic shared memory of a dispatch block: the sender warp of each channel is pipelined
-/// (`stages` slots, one mbarrier per stage, a tail history, the scale staging); receivers copy
-/// without shared memory.
-FLASHEP_HD int dispatch_smem_bytes(int channels_in_block, int stages, int slot_bytes, bool staged_scales = false) {
-  return channels_in_block * stages * (slot_bytes + 8) + channels_in_block * kBulkTailHistory * 32 * 4 +
-         channels_in_block * dispatch_staging_bytes(staged_scales);
+/// (`stages` slots, one mbarrier per stage, a tail history); receivers copy without shared memory.
+FLASHEP_HD int dispatch_smem_bytes(int channels_in_block, int stages, int slot_bytes) {
+  return channels_in_block * stages * (slot_bytes + 8) + channels_in_block * kBulkTailHistory * 32 * 4;
 }
 /// Threads of a dispatch block: per channel one sender warp and one receiver warp per source.
 FLASHEP_HD constexpr int dispatch_block_threads(int channels_in_block, int num_nvl_ranks) {

@@ -25,23 +25,6 @@ struct TokenBatch {
   uint32_t my_mask = 0;  // lane i: ranks token base+i goes to (bit r)
 };
 
-/// FP8 scales of a token-contiguous (column-major) layout, staged per batch of 32 tokens: lane i
-/// loads column j of token base+i, so every load of the warp is one contiguous 128-byte line
-/// (a per-token gather would touch one line per column). Two buffers: the batch being loaded from
-/// and the next one, prefetched.
-struct ScaleStaging {
-  float* floats = nullptr;  // [2][kMaxScaleColumns][32]
-  int staged_base0 = -1, staged_base1 = -1;  // the batch each buffer holds (scalars: no local array)
-
-  __device__ int buffer_of(int base, int range_begin) const { return ((base - range_begin) / 32) & 1; }
-  __device__ float* column(int buffer, int j) const { return floats + (buffer * kMaxScaleColumns + j) * 32; }
-  __device__ int staged(int buffer) const { return buffer == 0 ? staged_base0 : staged_base1; }
-  __device__ void set_staged(int buffer, int base) {
-    if (buffer == 0) staged_base0 = base;
-    else staged_base1 = base;
-  }
-};
-
 /// Sender policy of run_ring_sender: the tokens of one channel that go anywhere.
 struct DispatchSendPolicy {
   const DispatchParams& p;
@@ -49,7 +32,6 @@ struct DispatchSendPolicy {
   int lane;
   TokenBatch load_batch, send_batch;
   int load_token = -1;  // the token next_load moved to
-  ScaleStaging staging;
 
   __device__ uint32_t routing_of(int t) const {
     uint32_t mask = 0;
@@ -58,25 +40,6 @@ struct DispatchSendPolicy {
       for (int r = 0; r < p.comm.nvl_size; ++r) mask |= row[r] ? (1u << r) : 0u;
     }
     return mask;
-  }
-  /// Issues the staging loads (cp.async) of the batch at `base` into its buffer.
-  __device__ void stage_scales(int base) {
-    const int buffer = staging.buffer_of(base, range.begin);
-    const int t = base + lane;
-    if (t < range.end)
-      for (int j = 0; j < p.slot.num_scales; ++j)
-        device::async_copy_small<4>(staging.column(buffer, j) + lane,
-                                    p.x_scales + int64_t(t) * p.scale_token_stride + j * p.scale_hidden_stride);
-    staging.set_staged(buffer, base);
-  }
-  /// The batch at load_batch.base is the one loads take from now: its scales must have landed
-  /// (loaded now if they were not prefetched), and the next batch's are prefetched.
-  __device__ void enter_load_batch() {
-    const int base = load_batch.base;
-    if (staging.staged(staging.buffer_of(base, range.begin)) != base) stage_scales(base);
-    device::async_copy_wait_all();
-    __syncwarp();
-    if (base + 32 < range.end) stage_scales(base + 32);
   }
   /// Moves `batch` to the next batch with a routed token; false past the channel's end.
   __device__ bool refill(TokenBatch& batch) const {
@@ -89,9 +52,7 @@ struct DispatchSendPolicy {
     return true;
   }
   __device__ bool next_load() {
-    const int before = load_batch.base;
     if (!refill(load_batch)) return false;
-    if (p.staged_scales && load_batch.base != before) enter_load_batch();
     load_token = load_batch.base + __ffs(load_batch.pending) - 1;
     load_batch.pending &= load_batch.pending - 1;
     return true;
@@ -101,14 +62,13 @@ struct DispatchSendPolicy {
   }
   __device__ void load_metadata(char* stage) const {
     const int64_t t = load_token;
+    // Scales of any strides, one 4-byte cp.async per scale. Column-major scales (token-contiguous,
+    // what DeepGEMM wants) gather from a different line per scale; measured on 2 x H200 this costs
+    // nothing against row-major (the loads run ahead with the row's bulk load), while staging a
+    // 32-token batch's scales with coalesced loads was 3% slower (docs/performance.md).
     float* scales = reinterpret_cast<float*>(stage + p.slot.scale_offset);
-    if (p.staged_scales) {
-      const int buffer = staging.buffer_of(load_batch.base, range.begin);
-      for (int j = lane; j < p.slot.num_scales; j += 32) scales[j] = staging.column(buffer, j)[t - load_batch.base];
-    } else {
-      for (int j = lane; j < p.slot.num_scales; j += 32)
-        device::async_copy_small<4>(scales + j, p.x_scales + t * p.scale_token_stride + j * p.scale_hidden_stride);
-    }
+    for (int j = lane; j < p.slot.num_scales; j += 32)
+      device::async_copy_small<4>(scales + j, p.x_scales + t * p.scale_token_stride + j * p.scale_hidden_stride);
     if (lane < p.num_topk) {
       device::async_copy_small<8>(stage + p.slot.topk_idx_offset + lane * 8, p.topk_idx + t * p.num_topk + lane);
       device::async_copy_small<4>(stage + p.slot.topk_weights_offset + lane * 4, p.topk_weights + t * p.num_topk + lane);
@@ -151,12 +111,11 @@ struct DispatchSendPolicy {
   }
 };
 
-__device__ void dispatch_send(const DispatchParams& p, const WarpStages& w, float* staging, int channel, int lane) {
+__device__ void dispatch_send(const DispatchParams& p, const WarpStages& w, int channel, int lane) {
   const DeviceComm& comm = p.comm;
   const int R = comm.nvl_size;
   DispatchSendPolicy policy{p, channel_token_range(p.num_tokens, p.num_channels, channel), lane};
   policy.load_batch.base = policy.send_batch.base = policy.range.begin - 32;
-  policy.staging.floats = staging;
   // Diagnostics: debug_skip & 4 aims every slot at our own buffer, & 2 stores only the metadata.
   const int skip = device::kDiagnostics ? p.debug_skip : 0;
   const RingSendTarget target = ring_send_target(comm, channel, p.ring_depth, p.slot.slot_bytes, lane, (skip & 4) != 0);
@@ -282,13 +241,12 @@ __global__ void __launch_bounds__(kDispatchBlockThreads<kMaxRanks>, 1) dispatch_
     const int slot_bytes = p.slot.slot_bytes;
     uint64_t* barriers = reinterpret_cast<uint64_t*>(smem + int64_t(G) * S * slot_bytes);
     int* history = reinterpret_cast<int*>(barriers + G * S);
-    float* staging = reinterpret_cast<float*>(history + G * kTailHistory * 32);
     WarpStages w{smem + int64_t(warp) * S * slot_bytes, barriers + warp * S, history + warp * kTailHistory * 32, S,
                  slot_bytes};
     if (lane < S) device::mbarrier_init(w.barriers + lane, kStageArrivals);
     device::fence_mbarrier_init();
     __syncwarp();
-    dispatch_send(p, w, p.staged_scales ? staging + warp * kScaleStagingFloats : nullptr, blockIdx.x * G + warp, lane);
+    dispatch_send(p, w, blockIdx.x * G + warp, lane);
   } else {
     const int role = warp - G;
     dispatch_recv<kMaxRanks>(p, role % R, blockIdx.x * G + role / R, lane);
@@ -299,7 +257,7 @@ __global__ void __launch_bounds__(kDispatchBlockThreads<kMaxRanks>, 1) dispatch_
 
 cudaError_t launch_dispatch(const DispatchParams& p, int num_sms, cudaStream_t stream) {
   const int R = p.comm.nvl_size;
-  const int smem = dispatch_smem_bytes(p.channels_per_block, p.stages, p.slot.slot_bytes, p.staged_scales);
+  const int smem = dispatch_smem_bytes(p.channels_per_block, p.stages, p.slot.slot_bytes);
   auto launch = [&](auto kernel) {
     cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (status != cudaSuccess) return status;

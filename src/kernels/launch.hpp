@@ -63,7 +63,6 @@ struct DispatchParams {
   const void* x;
   const float* x_scales;
   int64_t scale_token_stride, scale_hidden_stride;
-  bool staged_scales;  // scales loaded per batch of 32 tokens (token-contiguous layouts)
   const int64_t* topk_idx;
   const float* topk_weights;
   const bool* is_token_in_rank;
@@ -72,7 +71,7 @@ struct DispatchParams {
   int num_tokens, num_topk, num_experts, num_channels, ring_depth, chunk_tokens, num_output_rows;
   DispatchSlotLayout slot;
   int channels_per_block;  // block_channel_count(R)
-  int stages;              // dispatch_stages(channels_per_block, slot.slot_bytes, staged_scales) >= 1
+  int stages;              // dispatch_stages(channels_per_block, slot.slot_bytes) >= 1
   int publish_lag;         // in [0, kBulkTailHistory - 1] (ring_sender.cuh)
   bool cached;
   int debug_skip;    // FLASHEP_DEBUG_DISPATCH_SKIP (diagnostics builds only; results are wrong)

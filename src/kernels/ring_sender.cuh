@@ -130,10 +130,6 @@ __device__ bool run_ring_sender(Policy& policy, const WarpStages& w, const RingS
   int loaded = 0, sent = 0;
   bool more = true;
   bool ok = true;
-  // The abort word, read by lane 0 once per item and looked at one item later (its latency hides
-  // behind the item's stores): a sender whose rings have space never waits, and must still stop
-  // writing to peers soon after any rank aborted.
-  int abort_seen = 0;
   while (true) {
     // 1. Loads (row and metadata, completing on the stage's mbarrier), up to L items ahead.
     while (more && loaded <= sent + L) {
@@ -171,12 +167,6 @@ __device__ bool run_ring_sender(Policy& policy, const WarpStages& w, const RingS
     __syncwarp();
     clock.mark(1);  // waiting for the row
 
-    const int abort = __shfl_sync(0xffffffffu, abort_seen, 0);
-    if (abort != 0) {
-      if (lane == 0) device::stop_if_aborted(comm, abort, cfg.space_phase);
-      ok = false;
-    }
-    if (lane == 0) abort_seen = device::abort_value(comm);
 
     // 3. One bulk store per destination, from the destination's lane.
     if (ok && lane < cfg.num_dsts && ((dst_mask >> lane) & 1u)) {

@@ -192,27 +192,22 @@ static void test_send_head_encoding() {
 }
 
 static void test_bulk_stages() {
-  // Every supported row fits at least one stage per dispatch sender, with or without the staging of
-  // column-major scales, and blocks stay within the 227 KB of shared memory H100/H200 allow.
+  // Every supported row fits at least one stage per dispatch sender, and blocks stay within the
+  // 227 KB of shared memory H100/H200 allow.
   constexpr int kMaxBlockSmem = 227 * 1024;
   for (int hidden : {128, 2048, 4096, 7168, 8192, 16384}) {
     for (int topk : {0, 1, 8, kMaxTopk}) {
       for (bool fp8 : {false, true}) {
         const DispatchSlotLayout d = make_dispatch_slot(hidden, fp8 ? 1 : 2, fp8, topk);
-        for (bool staged : {false, true}) {
-          if (staged && (!fp8 || d.num_scales > kMaxScaleColumns)) continue;
-          const int ds = dispatch_stages(kMaxChannelsPerBlock, d.slot_bytes, staged);
-          CHECK(ds >= 1 && ds <= kMaxBulkStages);
-          CHECK(dispatch_smem_bytes(kMaxChannelsPerBlock, ds, d.slot_bytes, staged) <= kMaxBlockSmem);
-        }
+        const int ds = dispatch_stages(kMaxChannelsPerBlock, d.slot_bytes);
+        CHECK(ds >= 1 && ds <= kMaxBulkStages);
+        CHECK(dispatch_smem_bytes(kMaxChannelsPerBlock, ds, d.slot_bytes) <= kMaxBlockSmem);
       }
     }
   }
-  // The DeepEP workload: 7 BF16 stages, 8 FP8 stages per dispatch sender, also with staged scales.
+  // The DeepEP workload: 7 BF16 stages, 8 FP8 stages per dispatch sender.
   CHECK_EQ(dispatch_stages(2, make_dispatch_slot(7168, 2, false, 8).slot_bytes), 7);
   CHECK_EQ(dispatch_stages(2, make_dispatch_slot(7168, 1, true, 8).slot_bytes), 8);
-  CHECK_EQ(dispatch_stages(2, make_dispatch_slot(7168, 1, true, 8).slot_bytes, true), 8);
-  CHECK(make_dispatch_slot(8192, 1, true, 8).num_scales <= kMaxScaleColumns);
   // Stages never exceed the cap for tiny rows.
   CHECK_EQ(bulk_stages(4, 128), kMaxBulkStages);
 }
