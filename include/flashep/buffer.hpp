@@ -59,8 +59,8 @@ using AllGatherFn = std::function<void(const void* mine, size_t bytes, void* all
 struct BufferOptions {
   int rank = 0;
   int num_ranks = 1;
-  /// Ranks per NVLink domain ("node"); 0 means min(num_ranks, 8). One host can run as several
-  /// nodes (e.g. 2 GPUs as 2 nodes of 1). The intranode kernels need num_ranks == nvl_domain_size;
+  /// Ranks per NVLink domain ("node"); 0 means FLASHEP_NVL_DOMAIN_SIZE, else min(num_ranks, 8). One
+  /// host can run as several nodes (e.g. 2 GPUs as 2 nodes of 1). The intranode kernels need num_ranks == nvl_domain_size;
   /// the multi-node kernels are a later milestone.
   int nvl_domain_size = 0;
   /// Bytes of the intranode rings (Config::get_nvl_buffer_size_hint).
@@ -190,7 +190,9 @@ enum class PeerTransport : int {
 struct PeerCheck {
   int peer = 0;
   PeerTransport transport = PeerTransport::kSelf;
-  int64_t mismatched_words = 0;  ///< 32-bit words that arrived wrong (0 = the exchange worked)
+  /// 32-bit words that arrived wrong: 0 = the exchange worked; -1 = not checked (a peer of another
+  /// NVLink domain while the buffer has no NVSHMEM region, num_rdma_bytes 0).
+  int64_t mismatched_words = 0;
 };
 
 class BufferImpl;

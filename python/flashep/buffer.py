@@ -32,6 +32,7 @@ from . import _C, env
 from .utils import (
     DeviceMemory,
     EventOverlap,
+    check_aligned,
     check_int,
     check_tensor,
     check_topk_values,
@@ -210,7 +211,13 @@ class Buffer:
             payload = runtime.bootstrap_message()
         except Exception as error:  # reported to every rank below
             payload = error
+        done = False
         while True:
+            # Each round gathers every rank's message, or its failure; after the last round one more
+            # gather tells every rank that all of them are through (a rank that failed in the last
+            # step must not leave the others believing the buffer works).
+            if done and isinstance(payload, bytes):
+                payload = b"connected"
             gathered = self._all_gather(payload if isinstance(payload, bytes) else _failure(payload))
             failures = [f"rank {r}: {p}" for r, p in enumerate(gathered) if not isinstance(p, bytes)]
             if failures:
@@ -219,11 +226,13 @@ class Buffer:
                 if isinstance(payload, BaseException):
                     raise payload
                 raise RuntimeError("flashep: Buffer construction failed on other ranks; " + "; ".join(failures))
+            if done:
+                return runtime
             try:
-                if runtime.bootstrap_receive(gathered):
-                    return runtime
-                payload = runtime.bootstrap_message()
-            except Exception as error:  # the next round tells the other ranks
+                done = runtime.bootstrap_receive(gathered)
+                if not done:
+                    payload = runtime.bootstrap_message()
+            except Exception as error:  # the next gather tells the other ranks
                 payload = error
 
     # ---- configuration -----------------------------------------------------------------------------
@@ -373,10 +382,13 @@ class Buffer:
                 raise ValueError(f"FP8 x needs a hidden size that is a multiple of 128, got {data.size(1)}")
             scales = check_tensor("x[1] (scales)", x[1], torch.float32, self._device,
                                   (data.size(0), data.size(1) // 128), contiguous=False)
+            check_aligned("x[0]", data)
+            check_aligned("x[1] (scales)", scales, 4)
             return _Payload(data, scales)
         data = check_tensor("x", x, torch.bfloat16, self._device, (None, None))
         if data.size(1) == 0 or data.size(1) * data.element_size() % 16 != 0:
             raise ValueError(f"x rows must be a multiple of 16 bytes, got hidden={data.size(1)}")
+        check_aligned("x", data)
         return _Payload(data, None)
 
     def _check_handle(self, handle: Any, config: Config, num_tokens: Optional[int] = None) -> _Handle:
@@ -607,6 +619,7 @@ class Buffer:
         hidden = x.size(1)
         if hidden == 0 or hidden * x.element_size() % 16 != 0:
             raise ValueError(f"x rows must be a multiple of 16 bytes, got hidden={hidden}")
+        check_aligned("x", x)
         num_topk = 0
         if topk_weights is not None:
             check_tensor("topk_weights", topk_weights, torch.float32, self._device, (num_recv, None))
@@ -614,6 +627,8 @@ class Buffer:
             if not 1 <= num_topk <= _MAX_TOPK:
                 raise ValueError(f"topk_weights has {num_topk} columns; top-k must be in [1, {_MAX_TOPK}]")
         bias0, bias1 = self._check_bias(bias, num_tokens, hidden)
+        check_aligned("bias[0]", bias0)
+        check_aligned("bias[1]", bias1)
         self._check_buffer_size(config, hidden * 2)
 
         launch = _Launch(self, previous_event, async_finish, allocate_on_comm_stream)

@@ -113,6 +113,13 @@ def check_tensor(
     return tensor
 
 
+def check_aligned(name: str, tensor: Optional[torch.Tensor], alignment: int = 16) -> None:
+    """The kernels move rows with 16-byte accesses: a view with an odd storage offset would fault."""
+    if tensor is not None and tensor.numel() > 0 and tensor.data_ptr() % alignment != 0:
+        raise ValueError(f"{name} must start at a {alignment}-byte aligned address (a view with an odd "
+                         "storage offset?); pass a fresh tensor or .clone() it")
+
+
 def check_topk_values(name: str, topk_idx: torch.Tensor, num_experts: int) -> None:
     """Host check (one device-to-host sync) that every index is in [-1, num_experts)."""
     if topk_idx.numel() == 0:

@@ -59,7 +59,9 @@ BufferImpl::BufferImpl(const BufferOptions& options) : options_(options), env_(e
           "num_ranks must be in [1, " + str(kMaxRanks) + "], got " + str(options.num_ranks));
   require(options.rank >= 0 && options.rank < options.num_ranks,
           "rank " + str(options.rank) + " out of [0, " + str(options.num_ranks) + ")");
-  nvl_domain_size_ = options.nvl_domain_size > 0 ? options.nvl_domain_size : std::min(options.num_ranks, 8);
+  nvl_domain_size_ = options.nvl_domain_size > 0 ? options.nvl_domain_size
+                    : env_.nvl_domain_size > 0 ? std::min(env_.nvl_domain_size, options.num_ranks)
+                                               : std::min(options.num_ranks, 8);
   require(nvl_domain_size_ <= kMaxNvlRanks, "nvl_domain_size " + str(nvl_domain_size_) + " exceeds " + str(kMaxNvlRanks));
   require(nvl_domain_size_ <= options.num_ranks && options.num_ranks % nvl_domain_size_ == 0,
           "nvl_domain_size (" + str(nvl_domain_size_) + ") must divide num_ranks (" + str(options.num_ranks) + ")");
@@ -129,8 +131,19 @@ BufferImpl::BufferImpl(const BufferOptions& options) : options_(options), env_(e
 
 BufferImpl::~BufferImpl() { destroy(false); }
 
+// The bootstrap rounds. Round 0: every rank's BufferRecord, CUDA IPC record and (with an NVSHMEM
+// region) NVSHMEM message; the records are checked and the NVLink peers mapped. Round 1 (NVSHMEM
+// only): NVSHMEM's initialization and allocation, which are collective and block until every rank
+// joins. Between the two the callers (Python, Buffer(options, all_gather)) learn whether every rank
+// got through round 0, so that a rank that failed there never leaves the others inside NVSHMEM.
 std::vector<uint8_t> BufferImpl::bootstrap_message() const {
   require(!destroyed_ && !available_, "bootstrap: the buffer is destroyed or connected already");
+  std::vector<uint8_t> out;
+  if (bootstrap_round_ == 1) {  // NVSHMEM's round: nothing to say, everything came in round 0
+    const uint32_t marker = kBufferMagic;
+    append(out, &marker, sizeof(marker));
+    return out;
+  }
   BufferRecord record{kBufferMagic,
                       options_.rank,
                       options_.num_ranks,
@@ -139,7 +152,6 @@ std::vector<uint8_t> BufferImpl::bootstrap_message() const {
                       options_.num_rdma_bytes,
                       options_.initial_counter,
                       wants_symmetric_ ? 1 : 0};
-  std::vector<uint8_t> out;
   append(out, &record, sizeof(record));
   const std::vector<uint8_t> nvl = nvl_->bootstrap_message();
   append(out, nvl.data(), nvl.size());
@@ -154,8 +166,13 @@ bool BufferImpl::bootstrap_receive(const std::vector<std::vector<uint8_t>>& all)
   require(!destroyed_ && !available_, "bootstrap: the buffer is destroyed or connected already");
   require(static_cast<int>(all.size()) == options_.num_ranks,
           "bootstrap: expected " + str(options_.num_ranks) + " messages, got " + str(all.size()));
-  // Every rank must describe the same buffer: checked before any collective step (NVSHMEM's
-  // initialization blocks until every rank joins), so a disagreement fails on every rank alike.
+  if (bootstrap_round_ == 1) {
+    available_ = sym_->bootstrap_receive(pending_symmetric_);
+    pending_symmetric_.clear();
+    return available_;
+  }
+  // Every rank must describe the same buffer: checked before any collective step, on messages
+  // every rank sees alike, so a disagreement fails on every rank alike.
   const auto records = slice(all, 0, sizeof(BufferRecord));
   const BufferRecord* mine = nullptr;
   for (int r = 0; r < options_.num_ranks; ++r) {
@@ -181,11 +198,15 @@ bool BufferImpl::bootstrap_receive(const std::vector<std::vector<uint8_t>>& all)
   }
   size_t offset = sizeof(BufferRecord);
   const size_t nvl_bytes = nvl_->bootstrap_message().size();
-  bool done = nvl_->bootstrap_receive(slice(all, offset, nvl_bytes));
+  nvl_->bootstrap_receive(slice(all, offset, nvl_bytes));
   offset += nvl_bytes;
-  if (sym_) done = sym_->bootstrap_receive(slice(all, offset, sym_->bootstrap_message().size())) && done;
-  available_ = done;
-  return done;
+  if (!sym_) {
+    available_ = true;
+    return true;
+  }
+  pending_symmetric_ = slice(all, offset, sym_->bootstrap_message().size());
+  bootstrap_round_ = 1;
+  return false;
 }
 
 void BufferImpl::destroy(bool collective) {
@@ -282,10 +303,12 @@ void BufferImpl::propagate_abort(bool nvlink_peers) const {
   // Not waited for: a wedged device must not hang the host here.
 }
 
-void BufferImpl::launch_check(cudaError_t status, const char* what) const {
+void BufferImpl::launch_check(cudaError_t status, const char* what) {
+  // A call may fail here after its first collective kernel is enqueued: poison and abort, so the
+  // peers stop at once instead of waiting for this rank until the timeout.
   if (status != cudaSuccess)
-    throw Error(ErrorKind::kDeviceFault,
-                std::string("flashep: launching ") + what + ": " + cudaGetErrorString(status));
+    fail_on_host(ErrorKind::kDeviceFault, "flashep: rank " + str(options_.rank) + ": launching " + what + ": " +
+                                              cudaGetErrorString(status));
 }
 
 DeviceComm BufferImpl::device_comm() const {
@@ -345,7 +368,9 @@ std::vector<PeerCheck> BufferImpl::check_transports(size_t bytes_per_peer) {
   for (int peer = 0; peer < R; ++peer) {
     result[peer].peer = peer;
     result[peer].transport = peer_transport(peer);
-    result[peer].mismatched_words = host[peer];
+    // A peer of another NVLink domain without an NVSHMEM region (num_rdma_bytes 0) was not checked.
+    const bool checked = peer / nvl_domain_size_ == node_ || sym_ != nullptr;
+    result[peer].mismatched_words = checked ? host[peer] : -1;
   }
   return result;
 }
@@ -355,14 +380,49 @@ std::vector<PeerCheck> BufferImpl::check_transports(size_t bytes_per_peer) {
 Buffer::Buffer(const BufferOptions& options) : impl_(std::make_unique<BufferImpl>(options)) {}
 
 Buffer::Buffer(const BufferOptions& options, const AllGatherFn& all_gather) : Buffer(options) {
+  // Every round: the messages, then every rank's outcome, so that a rank that failed (its own
+  // error is rethrown) never leaves the others waiting in a later round or inside NVSHMEM.
+  const int R = options.num_ranks;
+  auto agree = [&](std::exception_ptr failure) {
+    const uint8_t mine = failure ? 0 : 1;
+    std::vector<uint8_t> everyone(R);
+    all_gather(&mine, 1, everyone.data());
+    if (failure) std::rethrow_exception(failure);
+    for (int r = 0; r < R; ++r)
+      if (everyone[r] == 0)
+        throw_error(ErrorKind::kPeerFailed, "rank " + str(options.rank) + ": the bootstrap failed on rank " + str(r) +
+                                                " (its own error says why)");
+  };
   for (bool done = false; !done;) {
-    const std::vector<uint8_t> mine = bootstrap_message();
-    std::vector<uint8_t> all(mine.size() * options.num_ranks);
+    std::exception_ptr failure;
+    std::vector<uint8_t> mine;
+    try {
+      mine = bootstrap_message();
+    } catch (...) {
+      failure = std::current_exception();
+    }
+    // Messages are the same size on every rank of a round when the ranks agree on the buffer (the
+    // records say so); the sizes are gathered first so that a disagreement cannot overrun `all`.
+    const uint64_t size = mine.size();
+    std::vector<uint64_t> sizes(R);
+    all_gather(&size, sizeof(size), sizes.data());
+    for (int r = 0; r < R && !failure; ++r)
+      if (sizes[r] != size)
+        failure = std::make_exception_ptr(Error(ErrorKind::kPeerMismatch,
+                                                "flashep: bootstrap: rank " + str(r) + "'s message has " +
+                                                    str(sizes[r]) + " bytes, this rank's " + str(size) +
+                                                    " (different arguments or flashep builds)"));
+    agree(failure);
+    std::vector<uint8_t> all(mine.size() * R);
     all_gather(mine.data(), mine.size(), all.data());
-    std::vector<std::vector<uint8_t>> per_rank(options.num_ranks);
-    for (int r = 0; r < options.num_ranks; ++r)
-      per_rank[r].assign(all.begin() + r * mine.size(), all.begin() + (r + 1) * mine.size());
-    done = bootstrap_receive(per_rank);
+    std::vector<std::vector<uint8_t>> per_rank(R);
+    for (int r = 0; r < R; ++r) per_rank[r].assign(all.begin() + r * mine.size(), all.begin() + (r + 1) * mine.size());
+    try {
+      done = bootstrap_receive(per_rank);
+    } catch (...) {
+      failure = std::current_exception();
+    }
+    agree(failure);
   }
 }
 

@@ -43,7 +43,7 @@ class BufferImpl {
   /// Writes the abort word of every peer (and ours) from the host: NVLink peers by copies into
   /// their mapped allocation, peers of other NVLink domains through NVSHMEM. Best effort, async.
   void propagate_abort(bool nvlink_peers) const;
-  void launch_check(cudaError_t status, const char* what) const;
+  void launch_check(cudaError_t status, const char* what);
 
   DeviceComm device_comm() const;
   PeerTransport peer_transport(int peer) const;
@@ -54,6 +54,7 @@ class BufferImpl {
   void notify_dispatch(const NotifyDispatchArgs& a, cudaStream_t stream);
   RecvCounts wait_recv_counts();
   void dispatch(const DispatchArgs& a, cudaStream_t stream);
+  void checked_dispatch(const DispatchArgs& a, cudaStream_t stream);
   void combine(const CombineArgs& a, cudaStream_t stream);
   void require_intranode(const char* op) const;
   void validate_config(const Config& config, const char* op) const;
@@ -78,6 +79,8 @@ class BufferImpl {
   NvlAllocationLayout nvl_layout_{};
   RdmaLayout rdma_layout_{};
   bool wants_symmetric_ = false;
+  int bootstrap_round_ = 0;
+  std::vector<std::vector<uint8_t>> pending_symmetric_;  // round 0's NVSHMEM messages, for round 1
   std::unique_ptr<transport::NvlinkDomain> nvl_;
   std::unique_ptr<transport::SymmetricDomain> sym_;
   volatile kernels::MappedRecvCounts* mapped_counts_ = nullptr;
@@ -103,6 +106,8 @@ class BufferImpl {
     const bool* is_token_in_rank = nullptr;
     const int64_t* topk_idx = nullptr;
     const int* rank_prefix_matrix = nullptr;
+    const int* channel_prefix_matrix = nullptr;
+    const int* recv_channel_prefix_matrix = nullptr;
   } notified_;
   uint32_t notify_seq_ = 0;
   int num_local_experts_pending_ = 0;

@@ -21,6 +21,9 @@ inline int int_or(const char* name, int fallback) {
 struct EnvSettings {
   /// FLASHEP_TIMEOUT_S (default 100): bound of every GPU spin-wait and host poll, seconds.
   double timeout_s = 100.0;
+  /// FLASHEP_NVL_DOMAIN_SIZE (default 0 = min(num_ranks, 8)): ranks per NVLink domain, when the
+  /// caller passes none (BufferOptions::nvl_domain_size 0).
+  int nvl_domain_size = 0;
   /// FLASHEP_PUBLISH_LAG (default 4, 0..15): items a bulk-copy ring sender lets its stores stay in
   /// flight before it waits for them and publishes the ring tail (src/kernels/ring_sender.cuh).
   int publish_lag = 4;
@@ -42,6 +45,7 @@ inline EnvSettings read() {
     const double parsed = std::atof(value);
     if (parsed > 0) s.timeout_s = parsed;
   }
+  s.nvl_domain_size = std::max(0, int_or("FLASHEP_NVL_DOMAIN_SIZE", 0));
   s.publish_lag = std::clamp(int_or("FLASHEP_PUBLISH_LAG", 4), 0, 15);
   s.kernel_ranks = std::max(0, int_or("FLASHEP_DEBUG_KERNEL_RANKS", 0));
   s.dispatch_skip = std::max(0, int_or("FLASHEP_DEBUG_DISPATCH_SKIP", 0));

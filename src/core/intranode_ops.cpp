@@ -173,7 +173,15 @@ void BufferImpl::notify_dispatch(const NotifyDispatchArgs& a, cudaStream_t strea
   h.num_channels = C;
   h.num_tokens = a.num_tokens;
   h.buffer_id = id_;
-  notified_ = Notified{true, C, p.call, a.num_tokens, h.is_token_in_rank, p.topk_idx, h.rank_prefix_matrix};
+  notified_ = Notified{true,
+                       C,
+                       p.call,
+                       a.num_tokens,
+                       h.is_token_in_rank,
+                       p.topk_idx,
+                       h.rank_prefix_matrix,
+                       h.channel_prefix_matrix,
+                       h.recv_channel_prefix_matrix};
   awaiting_counts_ = a.num_worst_tokens == 0;
 }
 
@@ -182,8 +190,9 @@ RecvCounts BufferImpl::wait_recv_counts() {
   require(awaiting_counts_, "wait_recv_counts: no notify_dispatch (outside worst-case mode) is pending");
   awaiting_counts_ = false;
   using clock = std::chrono::steady_clock;
-  // The GPU bounds its own waits by timeout_s and then records why; give it a margin to do so.
-  const auto deadline = clock::now() + std::chrono::duration<double>(timeout_s_ + 5.0);
+  // The GPU bounds its own waits by timeout_s and then records why; give it a margin to do so (the
+  // notify kernel may queue behind an earlier kernel that waits up to timeout_s itself).
+  const auto deadline = clock::now() + std::chrono::duration<double>(2 * timeout_s_ + 5.0);
   for (uint64_t polls = 0;; ++polls) {
     if (mapped_counts_->seq == notify_seq_) break;
     check();
@@ -213,6 +222,18 @@ RecvCounts BufferImpl::wait_recv_counts() {
 // ---- dispatch --------------------------------------------------------------------------------------
 
 void BufferImpl::dispatch(const DispatchArgs& a, cudaStream_t stream) {
+  const bool after_notify = !a.cached && notified_.pending;
+  try {
+    checked_dispatch(a, stream);
+  } catch (const Error& e) {
+    // The peers ran notify_dispatch with this rank and now wait for its rows: a dispatch that
+    // cannot follow its notify aborts them, rather than leaving them to the timeout.
+    if (after_notify && e.kind() == ErrorKind::kInvalidArgument) fail_on_host(e.kind(), e.what());
+    throw;
+  }
+}
+
+void BufferImpl::checked_dispatch(const DispatchArgs& a, cudaStream_t stream) {
   require_intranode("dispatch");
   validate_config(a.config, "dispatch");
   const int R = nvl_domain_size_;
@@ -271,8 +292,13 @@ void BufferImpl::dispatch(const DispatchArgs& a, cudaStream_t stream) {
                 " differ from what notify_dispatch announced (hidden " + str(notified_.call.hidden) + ", top-k " +
                 str(notified_.call.num_topk - 1) + ")");
     require(notified_.num_tokens == a.num_tokens && notified_.is_token_in_rank == h.is_token_in_rank &&
-                notified_.rank_prefix_matrix == h.rank_prefix_matrix,
+                notified_.rank_prefix_matrix == h.rank_prefix_matrix &&
+                notified_.channel_prefix_matrix == h.channel_prefix_matrix &&
+                notified_.recv_channel_prefix_matrix == h.recv_channel_prefix_matrix,
             "dispatch: num_tokens or the handle differ from what notify_dispatch was given");
+    require(!has_topk || a.num_experts == notified_.call.num_experts,
+            "dispatch: num_experts " + str(a.num_experts) + " differs from notify_dispatch's " +
+                str(notified_.call.num_experts));
     require(!has_topk || !has_input || notified_.topk_idx == a.topk_idx,
             "dispatch: topk_idx differs from the one notify_dispatch checked");
     require((!has_output || h.recv_src_idx) && (!has_input || h.send_head),
@@ -296,11 +322,14 @@ void BufferImpl::dispatch(const DispatchArgs& a, cudaStream_t stream) {
   if (a.worst_case_mode && a.num_output_rows > 0) {
     // Rows past the real count must read as "no expert" (and a -1 source).
     if (a.recv_topk_idx)
-      FLASHEP_CUDA_CHECK(cudaMemsetAsync(a.recv_topk_idx, 0xff, sizeof(int64_t) * a.num_output_rows * a.num_topk, stream));
+      launch_check(cudaMemsetAsync(a.recv_topk_idx, 0xff, sizeof(int64_t) * a.num_output_rows * a.num_topk, stream),
+                   "a memset of recv_topk_idx");
     if (a.recv_topk_weights)
-      FLASHEP_CUDA_CHECK(cudaMemsetAsync(a.recv_topk_weights, 0, sizeof(float) * a.num_output_rows * a.num_topk, stream));
+      launch_check(cudaMemsetAsync(a.recv_topk_weights, 0, sizeof(float) * a.num_output_rows * a.num_topk, stream),
+                   "a memset of recv_topk_weights");
     if (h.recv_src_idx && !a.cached)
-      FLASHEP_CUDA_CHECK(cudaMemsetAsync(h.recv_src_idx, 0xff, sizeof(int) * a.num_output_rows, stream));
+      launch_check(cudaMemsetAsync(h.recv_src_idx, 0xff, sizeof(int) * a.num_output_rows, stream),
+                   "a memset of recv_src_idx");
   }
   kernels::DispatchParams p{};
   p.comm = device_comm();

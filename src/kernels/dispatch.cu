@@ -182,7 +182,16 @@ __device__ void dispatch_recv(const DispatchParams& p, int src, int channel, int
       ok = device::wait_reached(comm, local_tail, consumed + 1, Phase::kDispatchRecvWaitData, src_rank, channel,
                                 &available);
     if (!__shfl_sync(0xffffffffu, ok, 0)) return;
-    available = min(__shfl_sync(0xffffffffu, available, 0), count);
+    available = __shfl_sync(0xffffffffu, available, 0);
+    if (available > count) {
+      // The sender sends more rows than this rank's handle expects: the ranks run a cached dispatch
+      // with handles of different dispatches. Copying on would leave the ring's tail stale for the
+      // next operation; stop with an error instead.
+      if (lane == 0)
+        device::fail(comm, Phase::kDispatchBadHandle, src_rank, channel, static_cast<int>(rows.begin + count),
+                     static_cast<int>(rows.begin), available);
+      return;
+    }
     // Lane 0's acquire orders the slots' contents before its later reads; __syncwarp extends that
     // order to the other lanes (a shuffle alone carries no memory ordering).
     __syncwarp();

@@ -101,8 +101,9 @@ __global__ void __launch_bounds__(kNotifyThreads, 1) notify_dispatch_kernel(cons
     for (int64_t i = threadIdx.x; i < pairs; i += blockDim.x) {
       const int64_t expert = p.topk_idx[i];
       if (expert < -1 || expert >= p.num_experts) {
-        device::fail(comm, Phase::kDispatchInvalidExpert, p.num_experts, -1, static_cast<int>(i / p.num_topk),
-                     static_cast<int>(expert));
+        if (!bad_input)  // one record and one abort are enough (racy, but only the count of them varies)
+          device::fail(comm, Phase::kDispatchInvalidExpert, p.num_experts, -1, static_cast<int>(i / p.num_topk),
+                       static_cast<int>(expert));
         bad_input = 1;
       } else if (expert >= 0) {
         atomicAdd(&expert_counts[expert], 1);
