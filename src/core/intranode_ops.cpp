@@ -23,8 +23,9 @@ void require_aligned(const void* ptr, int alignment, const char* op, const char*
               "-byte aligned (a tensor view with an odd storage offset?)");
 }
 
-/// Shared memory a block may use on Hopper (227 KB).
-constexpr int kMaxBlockSmem = 227 * 1024;
+/// Dynamic shared memory a block may use on Hopper: 227 KB, less 1 KB for the kernels' static
+/// shared variables (a few ints each).
+constexpr int kMaxBlockSmem = 226 * 1024;
 
 }  // namespace
 
