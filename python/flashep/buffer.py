@@ -164,6 +164,7 @@ class Buffer:
         use_fabric: bool = False,
         explicitly_destroy: bool = False,
         enable_shrink: bool = False,
+        nvl_domain_size: Optional[int] = None,
     ) -> None:
         self.runtime: Optional[_C.Runtime] = None
         self.explicitly_destroy = bool(explicitly_destroy)
@@ -177,21 +178,26 @@ class Buffer:
         self.group_size = dist.get_world_size(self.group)
         self.num_nvl_bytes = check_int("num_nvl_bytes", num_nvl_bytes, minimum=0)
         self.num_rdma_bytes = check_int("num_rdma_bytes", num_rdma_bytes, minimum=0)  # unused on one node
-        self.nvl_domain_size = self._resolve_nvl_domain_size(self.group_size)
+        # flashep extension (after DeepEP's arguments): ranks per NVLink domain, e.g. 1 to run two
+        # GPUs of one host as two "nodes"; None: FLASHEP_NVL_DOMAIN_SIZE, else min(group size, 8).
+        self.nvl_domain_size = self._resolve_nvl_domain_size(self.group_size, nvl_domain_size)
         self._check_inputs = env.check_inputs()
         self._device = torch.device("cuda", torch.cuda.current_device())
         self._comm_stream = torch.cuda.Stream(device=self._device)
         self.runtime = self._create_runtime()
 
     @staticmethod
-    def _resolve_nvl_domain_size(group_size: int) -> int:
+    def _resolve_nvl_domain_size(group_size: int, requested: Optional[int] = None) -> int:
         """Ranks per NVLink domain: FLASHEP_NVL_DOMAIN_SIZE, else min(group size, 8). A size below the
         group size makes the buffer multi-node (its operations come with the multi-node mode)."""
-        requested = env.nvl_domain_size() or min(group_size, _DEFAULT_NVL_DOMAIN)
+        if requested is not None:
+            requested = check_int("nvl_domain_size", requested, minimum=1)
+        requested = requested or env.nvl_domain_size() or min(group_size, _DEFAULT_NVL_DOMAIN)
         if requested >= group_size:
             return group_size
         if group_size % requested != 0:
-            raise ValueError(f"FLASHEP_NVL_DOMAIN_SIZE={requested} must divide the group size {group_size}")
+            raise ValueError(f"nvl_domain_size {requested} (argument or FLASHEP_NVL_DOMAIN_SIZE) must divide the "
+                             f"group size {group_size}")
         return requested
 
     def _all_gather(self, payload: Any) -> List[Any]:
