@@ -468,3 +468,109 @@ def test_oracle_combine_token_sent_nowhere(C):
     for r in range(2):
         assert np.array_equal(combined[r]["combined_x"], bias)
         assert np.array_equal(combined[r]["combined_topk_weights"], np.zeros((2, 1), np.float32))
+
+
+# ---- the low-latency oracle (src/oracle/low_latency_oracle.hpp) ---------------------------------
+#
+# Checked against small independent numpy versions of the interface's rules, since the GPU tests of
+# the low-latency mode will trust it.
+
+
+def _e4m3_table():
+    """The float value of every e4m3 (fn) code, decoded independently (NaN for 0x7f / 0xff)."""
+    values = np.zeros(256, dtype=np.float64)
+    for code in range(256):
+        e, m = (code >> 3) & 0xF, code & 7
+        if e == 15 and m == 7:
+            values[code] = np.nan
+            continue
+        v = m * 2.0 ** -9 if e == 0 else (1 + m / 8) * 2.0 ** (e - 7)
+        values[code] = -v if code & 0x80 else v
+    return values
+
+
+def _nearest_e4m3(values):
+    """Nearest finite code, ties to the even code, saturating at +-448 (numpy, vectorized)."""
+    table = _e4m3_table()[:0x7F]  # positive finite codes
+    mag = np.minimum(np.abs(values.astype(np.float64)), 448.0)
+    distance = np.abs(mag[:, None] - table[None, :])
+    best = distance.min(axis=1, keepdims=True)
+    candidates = distance == best
+    # among equally near codes prefer the even one (only ties have two candidates)
+    even = candidates & (np.arange(0x7F)[None, :] % 2 == 0)
+    code = np.where(even.any(axis=1), even.argmax(axis=1), candidates.argmax(axis=1))
+    return (code | np.where(np.signbit(values), 0x80, 0)).astype(np.uint8)
+
+
+def test_ll_e4m3_encoding_matches_nearest_even(C):
+    table = _e4m3_table()
+    finite = [c for c in range(256) if not np.isnan(table[c])]
+    for code in finite:
+        assert C.oracle_ll_e4m3_to_float(code) == table[code]
+    rng = np.random.default_rng(1)
+    values = (np.exp2(rng.uniform(-14, 9.5, 3000)) * rng.choice([-1, 1], 3000)).astype(np.float32)
+    mids = ((table[finite][:-1] + table[finite][1:]) / 2).astype(np.float32)
+    values = np.concatenate([values, mids, np.float32([1e9, -1e9, 0.0, 464.0])])
+    got = np.array([C.oracle_ll_float_to_e4m3(float(v)) for v in values], dtype=np.uint8)
+    assert np.array_equal(got, _nearest_e4m3(values))
+
+
+@pytest.mark.parametrize("round_scale,ue8m0", [(False, False), (True, False), (True, True)])
+def test_ll_cast_fp8_rule(C, round_scale, ue8m0):
+    rng = np.random.default_rng(2)
+    n, H = 6, 1024
+    x = (rng.normal(0, 2, (n, H)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)  # bf16 bits
+    x[1, :128] = f32_to_bf16_bits(np.zeros(128))  # a zero group: amax floor 1e-4
+    data, scales = C.oracle_ll_cast_fp8(x, round_scale=round_scale, use_ue8m0=ue8m0)
+    xf = bf16_bits_to_f32(x).reshape(n, H // 128, 128)
+    amax = np.maximum(np.abs(xf).max(axis=2), np.float32(1e-4)).astype(np.float32)
+    scale = (amax / np.float32(448)).astype(np.float32)
+    if round_scale:
+        scale = np.exp2(np.ceil(np.log2(scale.astype(np.float64)))).astype(np.float32)
+    want = _nearest_e4m3((xf / scale[:, :, None]).astype(np.float32).reshape(-1)).reshape(n, H)
+    assert data.dtype == np.uint8 and np.array_equal(data, want)
+    if ue8m0:
+        exponent = (scale.view(np.uint32) >> 23).astype(np.uint32)  # [n, H/128]
+        packed = exponent.reshape(n, H // 512, 4)
+        words = packed[..., 0] | packed[..., 1] << 8 | packed[..., 2] << 16 | packed[..., 3] << 24
+        assert scales.dtype == np.int32 and np.array_equal(scales.view(np.uint32), words)
+    else:
+        assert scales.dtype == np.float32 and np.array_equal(scales, scale)
+    with pytest.raises(ValueError):
+        C.oracle_ll_cast_fp8(x, round_scale=False, use_ue8m0=True)
+
+
+def test_ll_routing_and_combine(C):
+    rng = np.random.default_rng(3)
+    R, L, K, T, H = 3, 4, 5, 16, 128
+    E = R * L
+    topk = []
+    for r in range(R):
+        idx = random_topk(rng, int(rng.integers(0, T + 1)), K, E, mask_frac=0.2)
+        topk.append(idx)
+    for masked in (None, [0, 1, 0]):
+        world = C.oracle_ll_dispatch_routing(topk, E, T, masked=masked)
+        m = masked or [0] * R
+        for dst, (recv_count, rows) in enumerate(world):
+            for i in range(L):
+                want = {src: sorted(int(t) for t in range(len(topk[src])) for k in range(K)
+                                    if topk[src][t, k] == dst * L + i and not m[src] and not m[dst])
+                        for src in range(R)}
+                assert [list(rows[i][src]) for src in range(R)] == [want[src] for src in range(R)]
+                assert recv_count[i] == sum(len(v) for v in want.values())
+        # combine of rank 0: y[t, k] = a per-(token, slot) bf16 row; weighted sum in float32, k ascending
+        idx = topk[0]
+        n = idx.shape[0]
+        w = rng.random((n, K)).astype(np.float32)
+        y = (rng.normal(0, 1, (n * K, H)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        got = C.oracle_ll_combine(idx, w, y, R, E, masked=masked)
+        acc = np.zeros((n, H), dtype=np.float32)
+        yf = bf16_bits_to_f32(y).reshape(n, K, H)
+        for k in range(K):
+            keep = (idx[:, k] >= 0) & np.array([not m[int(e) // L] if e >= 0 else False for e in idx[:, k]], bool)
+            acc += np.where(keep[:, None], w[:, k:k + 1] * yf[:, k], np.float32(0))
+        want_bits = (acc.view(np.uint32) + 0x7FFF + ((acc.view(np.uint32) >> 16) & 1)) >> 16  # bf16 RNE
+        assert np.array_equal(got, want_bits.astype(np.uint16))
+    a = rng.random(1000).astype(np.float32)
+    assert C.oracle_calc_diff(a, a) == 0.0
+    assert C.oracle_calc_diff(a, a + np.float32(1e-3)) < 9e-4
