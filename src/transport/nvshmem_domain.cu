@@ -11,6 +11,7 @@
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
+#include <cstdio>
 #include <cstring>
 #include <mutex>
 #include <string>
@@ -141,6 +142,11 @@ class NvshmemDomain final : public SymmetricDomain {
     if (collective) {
       cudaDeviceSynchronize();
       nvshmem_free(base_);
+    } else if (spec_.rank == 0) {
+      std::fprintf(stderr,
+                   "flashep: a buffer's NVSHMEM region (%zu bytes) stays allocated until the process ends: it was "
+                   "not destroyed collectively (Python: Buffer(..., explicitly_destroy=True) and destroy())\n",
+                   spec_.bytes);
     }
     base_ = nullptr;
     --state.users;
