@@ -114,9 +114,6 @@ __device__ __forceinline__ void async_copy_small(void* smem_dst, const void* glo
   asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(smem_addr(smem_dst)), "l"(global_src), "n"(kBytes)
                : "memory");
 }
-/// Waits until this thread's cp.async copies have landed (visible to this thread; __syncwarp then
-/// orders them before the other lanes' reads).
-__device__ __forceinline__ void async_copy_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 /// Makes `bar` track this thread's earlier cp.async copies: it counts one arrival when they landed
 /// (the arrival is part of the mbarrier's expected count: .noinc).
 __device__ __forceinline__ void async_copy_arrive(uint64_t* bar) {

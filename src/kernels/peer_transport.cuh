@@ -23,9 +23,6 @@
 
 namespace flashep::device {
 
-/// Whether this translation unit can reach peers of other NVLink domains.
-inline constexpr bool kWithNvshmem = FLASHEP_WITH_NVSHMEM != 0;
-
 /// Warp-wide: `bytes` (a multiple of 16) from `src` (in our region: the NVLink allocation for an
 /// NVLink peer, the symmetric region for an NVSHMEM peer) to the same kind of region of `peer` at
 /// `dst_offset`, then the 64-bit `value` into `peer`'s word at `signal_offset` of that region,
