@@ -41,6 +41,7 @@
 
 #include "flashep/config.hpp"
 #include "flashep/errors.hpp"
+#include "flashep/low_latency.hpp"
 
 namespace flashep {
 
@@ -65,8 +66,18 @@ struct BufferOptions {
   int nvl_domain_size = 0;
   /// Bytes of the intranode rings (Config::get_nvl_buffer_size_hint).
   size_t num_nvl_bytes = 0;
-  /// Bytes of the NVSHMEM region, allocated when the buffer spans several NVLink domains.
+  /// Bytes of the NVSHMEM region, allocated when the buffer spans several NVLink domains. In
+  /// low-latency mode: the bytes of the low-latency region (low_latency_region_bytes_hint).
   size_t num_rdma_bytes = 0;
+  /// Low-latency (decode) mode: a region of num_rdma_bytes for low_latency_dispatch/combine. It
+  /// lives in the NVLink allocation when every peer is reached directly, in the NVSHMEM symmetric
+  /// heap when some peer is not (and in both when both kinds of peer exist).
+  bool low_latency_mode = false;
+  /// Low-latency mode: peers of the NVLink domain get direct stores (true) or NVSHMEM puts (false).
+  bool allow_nvlink_for_low_latency = true;
+  /// Low-latency mode: a peer that does not answer within the timeout is masked (and the call
+  /// completes without it) instead of failing the call.
+  bool enable_shrink = false;
   /// CUDA device of this rank; -1 means the current device.
   int device = -1;
   /// Bound of every GPU spin-wait and host poll, seconds. <= 0 means FLASHEP_TIMEOUT_S (default 100).
@@ -244,6 +255,22 @@ class Buffer {
   RecvCounts wait_recv_counts();
   void dispatch(const DispatchArgs& args, cudaStream_t stream);
   void combine(const CombineArgs& args, cudaStream_t stream);
+
+  // ---- low-latency mode (flashep/low_latency.hpp) --------------------------------------------------
+  /// Enqueues the phases `args.phases` of a low-latency dispatch; checks everything it can on the
+  /// host first (kInvalidArgument). Expert ids are checked on the GPU before anything is sent.
+  void low_latency_dispatch(const LowLatencyDispatchArgs& args, cudaStream_t stream);
+  void low_latency_combine(const LowLatencyCombineArgs& args, cudaStream_t stream);
+  /// bf16 [L, R*T, H] region the next low_latency_combine with zero_copy reads (device pointer).
+  void* low_latency_combine_buffer(const LowLatencyHandle& handle) const;
+  /// Resets the low-latency signals and sequence numbers (not the mask). Every rank must call it
+  /// with no low-latency call in flight anywhere, between two barriers of the caller's.
+  void clean_low_latency_buffer(cudaStream_t stream);
+  /// Shrink mode: sets (or clears) the mask of `rank` on this rank; copies the mask (int32 [R],
+  /// device memory) out; clears every mask.
+  void low_latency_update_mask(int rank, bool mask, cudaStream_t stream);
+  void low_latency_query_mask(int* mask_out, cudaStream_t stream) const;
+  void low_latency_clean_mask(cudaStream_t stream);
 
   /// Collective diagnostic: every rank sends `bytes_per_peer` bytes (a multiple of 16) of a pattern
   /// to every peer through the transport chosen for it, with a signal, waits for the peers' (bounded)

@@ -1,9 +1,10 @@
 """flashep.Buffer: DeepEP V1's `deep_ep.Buffer`, same names, defaults, shapes and semantics.
 
 Implemented now: one NVLink domain ("single node") high-throughput path, i.e. get_dispatch_layout,
-dispatch (BF16 or FP8 with scales, normal / worst-case / cached) and combine. A buffer whose ranks
+dispatch (BF16 or FP8 with scales, normal / worst-case / cached) and combine, and the low-latency
+mode (flashep/low_latency.py) over NVLink stores and NVSHMEM. A high-throughput buffer whose ranks
 span several NVLink domains can be created (it allocates its NVSHMEM region), and get_dispatch_layout
-works on it; its dispatch/combine and the low-latency mode raise NotImplementedError.
+works on it; its dispatch/combine raise NotImplementedError (the multi-node mode comes later).
 
 Errors: bad arguments raise ValueError/TypeError here or from the C++ core, before anything runs;
 runtime failures raise a FlashepError subclass (FlashepTimeoutError, FlashepPeerMismatchError,
@@ -29,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from . import _C, env
+from .low_latency import LowLatencyHandle, LowLatencyMixin
 from .utils import (
     DeviceMemory,
     EventOverlap,
@@ -43,7 +45,7 @@ from .utils import (
 
 Config = _C.Config
 
-__all__ = ["Buffer", "Config", "EventOverlap", "topk_idx_t"]
+__all__ = ["Buffer", "Config", "EventOverlap", "LowLatencyHandle", "topk_idx_t"]
 
 _MAX_TOPK = _C.kMaxTopk
 _MAX_LOCAL_EXPERTS = _C.kMaxLocalExperts
@@ -142,7 +144,7 @@ def _ptr(tensor: Optional[torch.Tensor]) -> int:
     return 0 if tensor is None else tensor.data_ptr()
 
 
-class Buffer:
+class Buffer(LowLatencyMixin):
     """The expert-parallel communication buffer of one rank (DeepEP V1 `deep_ep.Buffer`).
 
     Construction is collective over `group`: every rank allocates its NVLink buffer and the ranks
@@ -169,15 +171,16 @@ class Buffer:
         self.runtime: Optional[_C.Runtime] = None
         self.explicitly_destroy = bool(explicitly_destroy)
         self.low_latency_mode = bool(low_latency_mode)
-        if self.low_latency_mode:
-            raise NotImplementedError(
-                "flashep: low_latency_mode=True is not implemented yet (a later milestone); "
-                "only the high-throughput API (dispatch/combine) is available")
+        self.allow_nvlink_for_low_latency_mode = bool(allow_nvlink_for_low_latency_mode)
+        self.enable_shrink = bool(enable_shrink)
+        # num_qps_per_rank: RDMA queue pairs per peer in DeepEP; NVSHMEM chooses its own here.
+        self.num_qps_per_rank = check_int("num_qps_per_rank", num_qps_per_rank, minimum=1)
         self.group = group if group is not None else dist.group.WORLD
         self.rank = dist.get_rank(self.group)
         self.group_size = dist.get_world_size(self.group)
         self.num_nvl_bytes = check_int("num_nvl_bytes", num_nvl_bytes, minimum=0)
-        self.num_rdma_bytes = check_int("num_rdma_bytes", num_rdma_bytes, minimum=0)  # unused on one node
+        # The low-latency region in low-latency mode; the RDMA rings of the multi-node mode otherwise.
+        self.num_rdma_bytes = check_int("num_rdma_bytes", num_rdma_bytes, minimum=0)
         # flashep extension (after DeepEP's arguments): ranks per NVLink domain, e.g. 1 to run two
         # GPUs of one host as two "nodes"; None: FLASHEP_NVL_DOMAIN_SIZE, else min(group size, 8).
         self.nvl_domain_size = self._resolve_nvl_domain_size(self.group_size, nvl_domain_size)
@@ -213,7 +216,9 @@ class Buffer:
         try:
             runtime = _C.Runtime(self.rank, self.group_size, self.nvl_domain_size, self.num_nvl_bytes,
                                  self.num_rdma_bytes, self._device.index, env.timeout_s(),
-                                 env.debug_initial_counter())
+                                 env.debug_initial_counter(), low_latency_mode=self.low_latency_mode,
+                                 allow_nvlink_for_low_latency=self.allow_nvlink_for_low_latency_mode,
+                                 enable_shrink=self.enable_shrink)
             payload = runtime.bootstrap_message()
         except Exception as error:  # reported to every rank below
             payload = error
@@ -651,18 +656,3 @@ class Buffer:
             combined_topk_weights=_ptr(combined_topk_weights), config=config, stream=launch.stream)
         event = launch.finish(x, topk_weights, bias0, bias1, parts)
         return combined_x, combined_topk_weights, event
-
-    # ---- not implemented yet -----------------------------------------------------------------------
-
-    @staticmethod
-    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
-                                       num_experts: int) -> int:
-        raise NotImplementedError("flashep: low-latency mode is not implemented yet (a later milestone)")
-
-    def _low_latency_not_implemented(self, *args: Any, **kwargs: Any) -> Any:
-        raise NotImplementedError("flashep: low-latency mode is not implemented yet (a later milestone)")
-
-    low_latency_dispatch = _low_latency_not_implemented
-    low_latency_combine = _low_latency_not_implemented
-    clean_low_latency_buffer = _low_latency_not_implemented
-    get_next_low_latency_combine_buffer = _low_latency_not_implemented

@@ -289,7 +289,8 @@ nb::list oracle_combine(int num_ranks, int hidden, int num_topk, nb::handle disp
 // ---- Runtime (flashep::Buffer) -------------------------------------------------------------------
 
 void runtime_init(Buffer* self, int rank, int num_ranks, int nvl_domain_size, size_t num_nvl_bytes,
-                  size_t num_rdma_bytes, int device, double timeout_s, uint32_t initial_counter) {
+                  size_t num_rdma_bytes, int device, double timeout_s, uint32_t initial_counter,
+                  bool low_latency_mode, bool allow_nvlink_for_low_latency, bool enable_shrink) {
   flashep::BufferOptions options;
   options.rank = rank;
   options.num_ranks = num_ranks;
@@ -299,6 +300,9 @@ void runtime_init(Buffer* self, int rank, int num_ranks, int nvl_domain_size, si
   options.device = device;
   options.timeout_s = timeout_s;
   options.initial_counter = initial_counter;
+  options.low_latency_mode = low_latency_mode;
+  options.allow_nvlink_for_low_latency = allow_nvlink_for_low_latency;
+  options.enable_shrink = enable_shrink;
   nb::gil_scoped_release release;
   new (self) Buffer(options);
 }
@@ -500,7 +504,8 @@ void bind_runtime(nb::module_& m) {
                      "done = bootstrap_receive(all-gather(bootstrap_message())) until done. Pointers are ints "
                      "(0 = null), streams are cudaStream_t values as ints.")
       .def("__init__", &runtime_init, "rank"_a, "num_ranks"_a, "nvl_domain_size"_a = 0, "num_nvl_bytes"_a = 0,
-           "num_rdma_bytes"_a = 0, "device"_a = -1, "timeout_s"_a = 0.0, "initial_counter"_a = 0)
+           "num_rdma_bytes"_a = 0, "device"_a = -1, "timeout_s"_a = 0.0, "initial_counter"_a = 0,
+           "low_latency_mode"_a = false, "allow_nvlink_for_low_latency"_a = true, "enable_shrink"_a = false)
       .def("bootstrap_message", &runtime_bootstrap_message,
            "This rank's message (bytes) of the current bootstrap round, to be all-gathered.")
       .def("bootstrap_receive", &runtime_bootstrap_receive, "messages"_a,
@@ -558,6 +563,7 @@ void bind_runtime(nb::module_& m) {
 }  // namespace
 
 void bind_low_latency_oracle(nb::module_& m);  // oracle_low_latency.cpp
+void bind_low_latency(nb::module_& m);         // low_latency_bindings.cpp
 
 namespace {
 
@@ -640,6 +646,7 @@ NB_MODULE(_C, m) {
   bind_runtime(m);
   bind_oracle(m);
   bind_low_latency_oracle(m);
+  bind_low_latency(m);
   m.attr("kMaxNvlRanks") = flashep::kMaxNvlRanks;
   m.attr("kMaxTopk") = flashep::kMaxTopk;
   m.attr("kMaxLocalExperts") = flashep::kMaxLocalExperts;

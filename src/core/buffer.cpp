@@ -30,6 +30,7 @@ struct BufferRecord {
   uint64_t num_rdma_bytes;
   uint32_t initial_counter;
   int32_t symmetric;  // allocates an NVSHMEM region
+  int32_t low_latency;  // low_latency_mode | allow_nvlink_for_low_latency << 1 | enable_shrink << 2
 };
 constexpr uint32_t kBufferMagic = 0x46455042;  // "FEPB"
 
@@ -90,9 +91,23 @@ BufferImpl::BufferImpl(const BufferOptions& options) : options_(options), env_(e
   // The NVSHMEM region exists when peers of other NVLink domains must be reached (multi-node).
   wants_symmetric_ = num_nodes_ > 1 && options.num_rdma_bytes > 0;
   rdma_layout_ = make_rdma_layout(static_cast<int64_t>(options.num_rdma_bytes));
+  int64_t nvl_alloc_bytes = nvl_layout_.bytes;
+  if (options.low_latency_mode && options.num_rdma_bytes > 0) {
+    // Low-latency region: in the NVLink allocation when some peer (or only this rank) is reached
+    // directly, in the symmetric heap when some peer needs NVSHMEM; the primary copy (state,
+    // zero-copy, this rank's own messages) is the NVLink one when it exists.
+    ll_bytes_ = align_up(static_cast<int64_t>(options.num_rdma_bytes), 128);
+    ll_direct_nvlink_ = options.allow_nvlink_for_low_latency && nvl_domain_size_ > 1;
+    ll_needs_nvshmem_ = options.num_ranks > (ll_direct_nvlink_ ? nvl_domain_size_ : 1);
+    wants_symmetric_ = ll_needs_nvshmem_;
+    if (!ll_needs_nvshmem_ || ll_direct_nvlink_) {
+      ll_nvl_offset_ = align_up(nvl_layout_.bytes, 128);
+      nvl_alloc_bytes = ll_nvl_offset_ + ll_bytes_;
+    }
+  }
 
   const transport::DomainSpec nvl_spec{options.rank, options.num_ranks, nvl_domain_size_, device_,
-                                       static_cast<size_t>(nvl_layout_.bytes)};
+                                       static_cast<size_t>(nvl_alloc_bytes)};
   nvl_ = transport::make_cuda_ipc_domain(nvl_spec);
   if (wants_symmetric_) {
     const transport::DomainSpec sym_spec{options.rank, options.num_ranks, nvl_domain_size_, device_,
@@ -151,7 +166,9 @@ std::vector<uint8_t> BufferImpl::bootstrap_message() const {
                       options_.num_nvl_bytes,
                       options_.num_rdma_bytes,
                       options_.initial_counter,
-                      wants_symmetric_ ? 1 : 0};
+                      wants_symmetric_ ? 1 : 0,
+                      (options_.low_latency_mode ? 1 : 0) | (options_.allow_nvlink_for_low_latency ? 2 : 0) |
+                          (options_.enable_shrink ? 4 : 0)};
   append(out, &record, sizeof(record));
   const std::vector<uint8_t> nvl = nvl_->bootstrap_message();
   append(out, nvl.data(), nvl.size());
@@ -195,6 +212,8 @@ bool BufferImpl::bootstrap_receive(const std::vector<std::vector<uint8_t>>& all)
     agree("num_nvl_bytes", static_cast<int64_t>(mine->num_nvl_bytes), static_cast<int64_t>(theirs->num_nvl_bytes));
     agree("num_rdma_bytes", static_cast<int64_t>(mine->num_rdma_bytes), static_cast<int64_t>(theirs->num_rdma_bytes));
     agree("initial_counter", mine->initial_counter, theirs->initial_counter);
+    agree("low-latency options (low_latency_mode | allow_nvlink_for_low_latency_mode << 1 | enable_shrink << 2)",
+          mine->low_latency, theirs->low_latency);
   }
   size_t offset = sizeof(BufferRecord);
   const size_t nvl_bytes = nvl_->bootstrap_message().size();

@@ -14,6 +14,7 @@
 #include "core/profile.hpp"
 #include "flashep/buffer.hpp"
 #include "kernels/launch.hpp"
+#include "kernels/low_latency_launch.hpp"
 #include "transport/memory_domain.hpp"
 
 namespace flashep {
@@ -61,6 +62,18 @@ class BufferImpl {
   void require_ring_space(const Config& config, int slot_bytes, const char* op) const;
   void check_handle(const DispatchHandle& h, const Config& config, const char* op, bool needs_send_head) const;
 
+  // ---- low-latency operations (low_latency_ops.cpp) -------------------------------------------------
+  void low_latency_dispatch(const LowLatencyDispatchArgs& a, cudaStream_t stream);
+  void low_latency_combine(const LowLatencyCombineArgs& a, cudaStream_t stream);
+  void* low_latency_combine_buffer(const LowLatencyHandle& h) const;
+  void clean_low_latency_buffer(cudaStream_t stream);
+  void low_latency_update_mask(int rank, bool mask, cudaStream_t stream);
+  void low_latency_query_mask(int* mask_out, cudaStream_t stream) const;
+  void low_latency_clean_mask(cudaStream_t stream);
+  void require_low_latency(const char* op) const;
+  kernels::LowLatencyComm low_latency_comm(int max_tokens, int hidden, int num_experts, const char* op) const;
+  void check_low_latency_handle(const LowLatencyHandle& h, const char* op) const;
+
   // ---- diagnostics builds: FLASHEP_DEBUG_PROFILE ----------------------------------------------------
   unsigned long long* profile_begin(int num_blocks, cudaStream_t stream);
   void profile_end(const char* op, int num_blocks, int warps_per_block, const std::vector<profile::WarpRole>& roles,
@@ -77,6 +90,14 @@ class BufferImpl {
   int num_device_sms_ = 0;
   double timeout_s_ = 100;
   NvlAllocationLayout nvl_layout_{};
+  // Low-latency region (options_.low_latency_mode): its bytes, whether NVLink-domain peers write it
+  // directly, whether some peer needs NVSHMEM, and where it lives in the NVLink allocation (-1: not
+  // there; then the primary copy is the symmetric one, at the start of the RDMA data).
+  int64_t ll_bytes_ = 0;
+  bool ll_direct_nvlink_ = false;
+  bool ll_needs_nvshmem_ = false;
+  int64_t ll_nvl_offset_ = -1;
+  uint64_t ll_combine_calls_ = 0;  // host count of combines: the zero-copy half the next one reads
   RdmaLayout rdma_layout_{};
   bool wants_symmetric_ = false;
   int bootstrap_round_ = 0;

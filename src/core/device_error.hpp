@@ -30,6 +30,13 @@ enum class Phase : int {
   kKernelEntry,             // a kernel found the buffer aborted before it started
   kTransportCheck,          // check_transports waiting for a peer's data
   kHostRecvCounts,          // the host's poll for notify_dispatch's counts (host-side record)
+  kLowLatencyInvalidExpert,   // low-latency dispatch: an expert id outside [-1, E) in topk_idx
+  kLowLatencyDispatchRecv,    // low-latency dispatch receive: waiting for a source's messages
+  kLowLatencyCombineWeights,  // low-latency combine send: waiting for a source's top-k weights
+  kLowLatencyCombineRecv,     // low-latency combine receive: waiting for an expert rank's partial sums
+  kLowLatencyCallMismatch,    // low-latency: a peer's call differs (T, H, E, K, dtype or operation)
+  kLowLatencyBadMessage,      // low-latency: a message names a row outside its segment
+  kLowLatencyOverrun,         // low-latency: a peer is two calls ahead (more than two calls in flight)
 };
 
 /// Why the record was written.
@@ -77,6 +84,13 @@ inline const char* phase_name(Phase phase) {
     case Phase::kKernelEntry: return "kernel entry";
     case Phase::kTransportCheck: return "check_transports (waiting for a peer's data)";
     case Phase::kHostRecvCounts: return "host wait for notify_dispatch's receive counts";
+    case Phase::kLowLatencyInvalidExpert: return "low_latency_dispatch (invalid expert id in topk_idx)";
+    case Phase::kLowLatencyDispatchRecv: return "low_latency_dispatch receive (waiting for a source's tokens)";
+    case Phase::kLowLatencyCombineWeights: return "low_latency_combine send (waiting for a source's top-k weights)";
+    case Phase::kLowLatencyCombineRecv: return "low_latency_combine receive (waiting for an expert rank's sums)";
+    case Phase::kLowLatencyCallMismatch: return "low-latency call check";
+    case Phase::kLowLatencyBadMessage: return "low_latency_dispatch receive (a message names a row outside its segment)";
+    case Phase::kLowLatencyOverrun: return "low-latency call (a peer is two calls ahead)";
   }
   return "unknown";
 }
@@ -92,8 +106,12 @@ inline ErrorKind kind_of(const DeviceErrorRecord& r) {
     case Phase::kDispatchBadHandle:
     case Phase::kNotifyBadRankCount:
     case Phase::kNotifyBadExpertCount:
+    case Phase::kLowLatencyInvalidExpert:
+    case Phase::kLowLatencyBadMessage:
       return ErrorKind::kDeviceFault;
     case Phase::kCallMismatch:
+    case Phase::kLowLatencyCallMismatch:
+    case Phase::kLowLatencyOverrun:
       return ErrorKind::kPeerMismatch;
     default:
       return ErrorKind::kTimeout;
@@ -114,6 +132,22 @@ inline std::string describe(const DeviceErrorRecord& r, double timeout_s) {
       return s + phase_name(phase) + ": token " + std::to_string(r.expected) + " has expert id " +
              std::to_string(r.observed) + " (num_experts " + std::to_string(r.peer) + "); nothing was written out of "
              "bounds" + unusable;
+    case Phase::kLowLatencyInvalidExpert:
+      return s + phase_name(phase) + ": topk_idx entry " + std::to_string(r.expected) + " is " +
+             std::to_string(r.observed) + " (num_experts " + std::to_string(r.peer) + "); nothing was sent" + unusable;
+    case Phase::kLowLatencyCallMismatch:
+      return s + "the ranks disagree on a low-latency call: rank " + std::to_string(r.peer) +
+             " made another operation or used another T, H, E, top-k or dtype (call hashes " +
+             std::to_string(r.expected) + " here, " + std::to_string(r.observed) + " there)" + unusable;
+    case Phase::kLowLatencyBadMessage:
+      return s + phase_name(phase) + ": a message of rank " + std::to_string(r.peer) + " names position " +
+             std::to_string(r.observed) + " of a segment of " + std::to_string(r.expected) +
+             " rows; nothing was written" + unusable;
+    case Phase::kLowLatencyOverrun:
+      return s + phase_name(phase) + ": rank " + std::to_string(r.peer) +
+             " signalled a later call while this rank waited for call " + std::to_string(r.expected) +
+             ": more than two low-latency calls were in flight (at most two may be sent and not yet received)" +
+             unusable;
     case Phase::kCombineBadHandle:
       return s + phase_name(phase) + ": it sends rows up to " + std::to_string(r.observed) + " of x to rank " +
              std::to_string(r.peer) + " on channel " + std::to_string(r.channel) + ", but x has " +

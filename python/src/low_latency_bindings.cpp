@@ -1,0 +1,117 @@
+// Bindings of the low-latency operations: module functions that take the Runtime (flashep::Buffer)
+// and raw device pointers / streams as Python ints. The Python layer (flashep/low_latency.py)
+// checks tensors and keeps the handle.
+#include <nanobind/nanobind.h>
+
+#include <cstdint>
+
+#include "flashep/buffer.hpp"
+#include "flashep/low_latency.hpp"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+using flashep::Buffer;
+
+template <typename T>
+T* as_ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+flashep::LowLatencyHandle make_handle(uintptr_t src_info, uintptr_t layout_range, uintptr_t plan, int max_tokens,
+                                      int hidden, int num_experts, int num_topk, uint64_t buffer_id) {
+  flashep::LowLatencyHandle h;
+  h.src_info = as_ptr<int>(src_info);
+  h.layout_range = as_ptr<int64_t>(layout_range);
+  h.plan = as_ptr<int>(plan);
+  h.max_tokens = max_tokens;
+  h.hidden = hidden;
+  h.num_experts = num_experts;
+  h.num_topk = num_topk;
+  h.buffer_id = buffer_id;
+  return h;
+}
+
+void ll_dispatch(Buffer& b, uintptr_t x, uintptr_t topk_idx, int num_tokens, int hidden, int num_topk, int max_tokens,
+                 int num_experts, bool use_fp8, bool round_scale, bool use_ue8m0, int phases, uintptr_t recv_x,
+                 uintptr_t recv_scales, uintptr_t recv_count, uintptr_t recv_stats, uintptr_t wait_stats,
+                 uintptr_t src_info, uintptr_t layout_range, uintptr_t plan, uintptr_t stream) {
+  flashep::LowLatencyHandle h = make_handle(src_info, layout_range, plan, max_tokens, hidden, num_experts, num_topk, 0);
+  flashep::LowLatencyDispatchArgs a;
+  a.x = as_ptr<const void>(x);
+  a.topk_idx = as_ptr<const int64_t>(topk_idx);
+  a.num_tokens = num_tokens;
+  a.hidden = hidden;
+  a.num_topk = num_topk;
+  a.max_tokens = max_tokens;
+  a.num_experts = num_experts;
+  a.use_fp8 = use_fp8;
+  a.round_scale = round_scale;
+  a.use_ue8m0 = use_ue8m0;
+  a.phases = phases;
+  a.recv_x = as_ptr<void>(recv_x);
+  a.recv_scales = as_ptr<void>(recv_scales);
+  a.recv_count = as_ptr<int>(recv_count);
+  a.cumulative_local_expert_recv_stats = as_ptr<int>(recv_stats);
+  a.dispatch_wait_recv_cost_stats = as_ptr<int64_t>(wait_stats);
+  a.handle = &h;
+  b.low_latency_dispatch(a, as_stream(stream));
+}
+
+void ll_combine(Buffer& b, uintptr_t x, bool zero_copy, uintptr_t topk_idx, uintptr_t topk_weights, int num_tokens,
+                uintptr_t src_info, uintptr_t layout_range, uintptr_t plan, int max_tokens, int hidden,
+                int num_experts, int num_topk, int phases, uintptr_t out, uintptr_t wait_stats, uintptr_t stream) {
+  const flashep::LowLatencyHandle h =
+      make_handle(src_info, layout_range, plan, max_tokens, hidden, num_experts, num_topk, b.id());
+  flashep::LowLatencyCombineArgs a;
+  a.x = as_ptr<const void>(x);
+  a.zero_copy = zero_copy;
+  a.topk_idx = as_ptr<const int64_t>(topk_idx);
+  a.topk_weights = as_ptr<const float>(topk_weights);
+  a.num_tokens = num_tokens;
+  a.handle = &h;
+  a.phases = phases;
+  a.out = as_ptr<void>(out);
+  a.combine_wait_recv_cost_stats = as_ptr<int64_t>(wait_stats);
+  b.low_latency_combine(a, as_stream(stream));
+}
+
+uintptr_t ll_combine_buffer(Buffer& b, int max_tokens, int hidden, int num_experts, int num_topk) {
+  const flashep::LowLatencyHandle h = make_handle(1, 1, 1, max_tokens, hidden, num_experts, num_topk, b.id());
+  return reinterpret_cast<uintptr_t>(b.low_latency_combine_buffer(h));
+}
+
+}  // namespace
+
+void bind_low_latency(nb::module_& m) {
+  using release_gil = nb::call_guard<nb::gil_scoped_release>;
+  m.attr("kLowLatencySend") = static_cast<int>(flashep::kLowLatencySend);
+  m.attr("kLowLatencyReceive") = static_cast<int>(flashep::kLowLatencyReceive);
+  m.attr("kLowLatencyBoth") = static_cast<int>(flashep::kLowLatencyBoth);
+  m.def("low_latency_region_bytes_hint", &flashep::low_latency_region_bytes_hint, "max_tokens"_a, "hidden"_a,
+        "num_ranks"_a, "num_experts"_a, "Bytes of the low-latency region (get_low_latency_rdma_size_hint).");
+  m.def("low_latency_plan_ints", &flashep::low_latency_plan_ints, "num_ranks"_a, "max_tokens"_a, "num_topk"_a,
+        "int32 entries of a low-latency handle's combine plan.");
+  m.def("ll_dispatch", &ll_dispatch, "runtime"_a, nb::kw_only(), "x"_a, "topk_idx"_a, "num_tokens"_a, "hidden"_a,
+        "num_topk"_a, "max_tokens"_a, "num_experts"_a, "use_fp8"_a, "round_scale"_a, "use_ue8m0"_a, "phases"_a,
+        "recv_x"_a, "recv_scales"_a, "recv_count"_a, "recv_stats"_a, "wait_stats"_a, "src_info"_a, "layout_range"_a,
+        "plan"_a, "stream"_a, release_gil());
+  m.def("ll_combine", &ll_combine, "runtime"_a, nb::kw_only(), "x"_a, "zero_copy"_a, "topk_idx"_a, "topk_weights"_a,
+        "num_tokens"_a, "src_info"_a, "layout_range"_a, "plan"_a, "max_tokens"_a, "hidden"_a, "num_experts"_a,
+        "num_topk"_a, "phases"_a, "out"_a, "wait_stats"_a, "stream"_a, release_gil());
+  m.def("ll_combine_buffer", &ll_combine_buffer, "runtime"_a, "max_tokens"_a, "hidden"_a, "num_experts"_a,
+        "num_topk"_a, "Device pointer of the zero-copy half the next low-latency combine reads.");
+  m.def("ll_clean", [](Buffer& b, uintptr_t stream) { b.clean_low_latency_buffer(as_stream(stream)); }, "runtime"_a,
+        "stream"_a);
+  m.def("ll_update_mask", [](Buffer& b, int rank, bool mask, uintptr_t stream) {
+    b.low_latency_update_mask(rank, mask, as_stream(stream));
+  }, "runtime"_a, "rank"_a, "mask"_a, "stream"_a);
+  m.def("ll_query_mask", [](const Buffer& b, uintptr_t out, uintptr_t stream) {
+    b.low_latency_query_mask(as_ptr<int>(out), as_stream(stream));
+  }, "runtime"_a, "out"_a, "stream"_a);
+  m.def("ll_clean_mask", [](Buffer& b, uintptr_t stream) { b.low_latency_clean_mask(as_stream(stream)); }, "runtime"_a,
+        "stream"_a);
+}

@@ -1,0 +1,255 @@
+// The low-latency (decode) region of a buffer: where its signals, its local state and its messages
+// live, and the host+device arithmetic the kernels and the CPU tests share.
+//
+// Wire format (rank-major: the floor of issue 8 says one message per (token, expert) cannot reach
+// the aim). Dispatch sends each token once per destination rank; the message carries the row (FP8
+// cast in the kernel, or BF16), its scales, the source token index and, per top-k slot, the local
+// expert on the destination and the row's position in that expert's segment of this source. The
+// destination expands it into one row per local expert. Combine reverses that: the destination
+// (the expert side) first receives each source's top-k weights, reduces the rows of its own experts
+// per token (float32, weighted), and sends one BF16 partial sum per (token, rank) back; the source
+// adds its partial sums.
+//
+// The region (offsets from its base; the same layout in every allocation that holds one):
+//   signals      (peers write; depend on R only)   per half: dispatch total, dispatch arrival,
+//                                                    combine weights, combine total, combine arrival
+//   state        (this rank only; R only)           sequence numbers, tickets, send counters, the
+//                                                    arrival bases of NVSHMEM sources, the mask
+//   counts       (peers write; R only)              per half and source: call hash + L counts
+//   weights      (peers write)                      per half and source: [T][kMaxTopk] float32
+//   dispatch in  (peers write)                      per half and source: T messages
+//   combine in   (peers write)                      per half and source: T BF16 partial rows
+//   stages       (this rank; NVSHMEM puts read them) dispatch messages, counts, weights, partials
+//   zero-copy    (this rank only)                   two halves of [L][R*T][H] BF16
+// Signals and state sit at offsets that do not depend on (T, H, E), so calls of other shapes never
+// reinterpret them.
+//
+// Signals are 64-bit words "sequence number of the call << 32 | valid bit | count": a peer's word of
+// an older call (same half, two calls back) never reads as the current one, a cleaned (zero) word
+// never reads as valid, and nothing has to be reset between calls (CUDA-graph replays included:
+// the sequence numbers live on the GPU).
+#pragma once
+
+#include <cstdint>
+
+#include "core/hd.hpp"
+#include "flashep/config.hpp"
+
+namespace flashep {
+
+/// Largest E of a low-latency call (per-(source, expert) counts are staged in shared memory).
+inline constexpr int kMaxLowLatencyExperts = 2048;
+/// Largest T (num_max_dispatch_tokens_per_rank): positions in a segment stay far below 2^31.
+inline constexpr int kMaxLowLatencyTokens = 8192;
+/// Top-k slots a message reserves (any K <= kMaxTopk fits).
+inline constexpr int kLowLatencyTopkSlots = kMaxTopk;
+/// Ints of one source's counts block: call hash, reserved[3], then L counts (L <= E / R).
+FLASHEP_HD int ll_count_ints(int num_ranks) {
+  const int most_local = (kMaxLowLatencyExperts + num_ranks - 1) / num_ranks;
+  return 4 + (most_local < kMaxLocalExperts ? most_local : kMaxLocalExperts);
+}
+
+// ---- signals -------------------------------------------------------------------------------------
+
+inline constexpr uint64_t kSignalValid = 0x80000000ull;
+FLASHEP_HD uint64_t ll_signal(uint32_t seq, int count) {
+  return (uint64_t(seq) << 32) | kSignalValid | uint64_t(uint32_t(count) & 0x7fffffffu);
+}
+/// Whether `value` is the signal of call `seq`.
+FLASHEP_HD bool ll_signal_is(uint64_t value, uint32_t seq) {
+  return (value >> 32) == uint64_t(seq) && (value & kSignalValid) != 0;
+}
+/// Whether `value` is the signal of a call later than `seq` (a peer two calls ahead: more than two
+/// low-latency calls in flight, which the double buffer cannot hold). Wrap-safe.
+FLASHEP_HD bool ll_signal_is_ahead(uint64_t value, uint32_t seq) {
+  return (value & kSignalValid) != 0 && static_cast<int32_t>(static_cast<uint32_t>(value >> 32) - seq) > 0;
+}
+FLASHEP_HD int ll_signal_count(uint64_t value) { return static_cast<int>(value & 0x7fffffffull); }
+
+// ---- messages ------------------------------------------------------------------------------------
+
+/// One dispatch message: [row][scales (FP8)][meta], `bytes` long for this dtype. Messages sit
+/// `stride` apart, the stride of the largest form (BF16), so one layout serves every dtype.
+/// Meta (int32): src_token, reserved[3], expert[slots] (global expert id of each top-k slot, -1
+/// for empty or masked; the destination keeps its own), pos[slots] (the row's position in its
+/// expert's segment of this source). The message is the same for every destination, so NVSHMEM
+/// destinations share one staged copy.
+struct LowLatencyMessage {
+  int row_bytes;      // H * element size of this call
+  int scale_offset;   // float32[H / 128] (FP8 only)
+  int meta_offset;
+  int bytes;          // what travels
+  int stride;         // bytes between messages (any dtype), multiple of 128
+};
+inline constexpr int kLowLatencyMetaBytes = 16 + 8 * kLowLatencyTopkSlots;
+FLASHEP_HD LowLatencyMessage make_ll_message(int hidden, bool fp8) {
+  LowLatencyMessage m{};
+  m.row_bytes = hidden * (fp8 ? 1 : 2);
+  m.scale_offset = static_cast<int>(align_up(m.row_bytes, 16));
+  m.meta_offset = static_cast<int>(align_up(m.scale_offset + (fp8 ? (hidden / 128) * 4 : 0), 16));
+  m.bytes = m.meta_offset + kLowLatencyMetaBytes;
+  const int64_t largest = align_up(int64_t(hidden) * 2, 16) + align_up((hidden / 128) * 4, 16) + kLowLatencyMetaBytes;
+  m.stride = static_cast<int>(align_up(largest, 128));
+  return m;
+}
+/// Int offsets inside the meta block.
+inline constexpr int kMetaSrcToken = 0;
+inline constexpr int kMetaExpert = 4;
+inline constexpr int kMetaPos = 4 + kLowLatencyTopkSlots;
+
+// ---- the region ----------------------------------------------------------------------------------
+
+/// This rank's state (the `state` block), at LowLatencyLayout::state().
+struct LowLatencyState {
+  uint32_t send_seq;   // calls whose send phase ran
+  uint32_t recv_seq;   // calls whose receive phase ran
+  int ticket[4];       // blocks done, per kernel phase (kTicket*)
+  int reserved[26];
+  // followed by: int msg_counter[2][R]; int expert_counter[2][kMaxLowLatencyExperts];
+  //              uint64 dispatch_base[2][R]; uint64 combine_base[2][R]; int mask[R]
+};
+inline constexpr int kTicketDispatchSend = 0;
+inline constexpr int kTicketDispatchRecv = 1;
+inline constexpr int kTicketCombineSend = 2;
+inline constexpr int kTicketCombineRecv = 3;
+
+struct LowLatencyLayout {
+  int num_ranks;         // R
+  int num_experts;       // E
+  int max_tokens;        // T
+  int hidden;            // H
+  LowLatencyMessage msg; // of the largest form (BF16): the stride is the same for FP8
+  int64_t state_offset, msg_counter_offset, expert_counter_offset, dispatch_base_offset, combine_base_offset,
+      mask_offset, counts_offset, weights_offset, dispatch_in_offset, combine_in_offset, dispatch_stage_offset,
+      counts_stage_offset, weights_stage_offset, combine_stage_offset, zero_copy_offset, end;
+
+  FLASHEP_HD int num_local_experts() const { return num_experts / num_ranks; }
+  FLASHEP_HD int64_t row_bytes_bf16() const { return int64_t(hidden) * 2; }
+  // signals: uint64 [5][2][R]
+  FLASHEP_HD int64_t signal(int kind, int half, int rank) const {
+    return ((int64_t(kind) * 2 + half) * num_ranks + rank) * 8;
+  }
+  FLASHEP_HD int64_t dispatch_total(int half, int src) const { return signal(0, half, src); }
+  FLASHEP_HD int64_t dispatch_arrival(int half, int src) const { return signal(1, half, src); }
+  FLASHEP_HD int64_t combine_weights(int half, int src) const { return signal(2, half, src); }
+  FLASHEP_HD int64_t combine_total(int half, int src) const { return signal(3, half, src); }
+  FLASHEP_HD int64_t combine_arrival(int half, int src) const { return signal(4, half, src); }
+  FLASHEP_HD int64_t state() const { return state_offset; }
+  FLASHEP_HD int64_t msg_counter(int half, int dst) const { return msg_counter_offset + (int64_t(half) * num_ranks + dst) * 4; }
+  FLASHEP_HD int64_t expert_counter(int half, int expert) const {
+    return expert_counter_offset + (int64_t(half) * kMaxLowLatencyExperts + expert) * 4;
+  }
+  FLASHEP_HD int64_t dispatch_base(int half, int src) const { return dispatch_base_offset + (int64_t(half) * num_ranks + src) * 8; }
+  FLASHEP_HD int64_t combine_base(int half, int src) const { return combine_base_offset + (int64_t(half) * num_ranks + src) * 8; }
+  FLASHEP_HD int64_t mask(int rank) const { return mask_offset + int64_t(rank) * 4; }
+  FLASHEP_HD int64_t counts(int half, int src) const {
+    return counts_offset + (int64_t(half) * num_ranks + src) * ll_count_ints(num_ranks) * 4;
+  }
+  FLASHEP_HD int64_t weights(int half, int src) const {
+    return weights_offset + (int64_t(half) * num_ranks + src) * max_tokens * kLowLatencyTopkSlots * 4;
+  }
+  FLASHEP_HD int64_t dispatch_in(int half, int src, int slot) const {
+    return dispatch_in_offset + ((int64_t(half) * num_ranks + src) * max_tokens + slot) * msg.stride;
+  }
+  FLASHEP_HD int64_t combine_in(int half, int src, int token) const {
+    return combine_in_offset + ((int64_t(half) * num_ranks + src) * max_tokens + token) * row_bytes_bf16();
+  }
+  FLASHEP_HD int64_t dispatch_stage(int half, int token) const {
+    return dispatch_stage_offset + (int64_t(half) * max_tokens + token) * msg.stride;
+  }
+  FLASHEP_HD int64_t counts_stage(int half, int dst) const {
+    return counts_stage_offset + (int64_t(half) * num_ranks + dst) * ll_count_ints(num_ranks) * 4;
+  }
+  FLASHEP_HD int64_t weights_stage(int half) const {
+    return weights_stage_offset + int64_t(half) * max_tokens * kLowLatencyTopkSlots * 4;
+  }
+  FLASHEP_HD int64_t combine_stage(int half, int dst, int slot) const {
+    return combine_stage_offset + ((int64_t(half) * num_ranks + dst) * max_tokens + slot) * row_bytes_bf16();
+  }
+  /// Rows of one expert in the dispatch output: R * T.
+  FLASHEP_HD int64_t rows_per_expert() const { return int64_t(num_ranks) * max_tokens; }
+  FLASHEP_HD int64_t zero_copy_half_bytes() const {
+    return int64_t(num_local_experts()) * rows_per_expert() * row_bytes_bf16();
+  }
+  FLASHEP_HD int64_t zero_copy(int half) const { return zero_copy_offset + int64_t(half) * zero_copy_half_bytes(); }
+};
+
+FLASHEP_HD LowLatencyLayout make_low_latency_layout(int max_tokens, int hidden, int num_ranks, int num_experts) {
+  LowLatencyLayout l{};
+  l.num_ranks = num_ranks;
+  l.num_experts = num_experts;
+  l.max_tokens = max_tokens;
+  l.hidden = hidden;
+  l.msg = make_ll_message(hidden, false);
+  const int64_t R = num_ranks, T = max_tokens;
+  int64_t at = align_up(5 * 2 * R * 8, 128);
+  l.state_offset = at;
+  at += 128;
+  l.msg_counter_offset = at;
+  at = align_up(at + 2 * R * 4, 128);
+  l.expert_counter_offset = at;
+  at = align_up(at + 2 * kMaxLowLatencyExperts * 4, 128);
+  l.dispatch_base_offset = at;
+  at = align_up(at + 2 * R * 8, 128);
+  l.combine_base_offset = at;
+  at = align_up(at + 2 * R * 8, 128);
+  l.mask_offset = at;
+  at = align_up(at + R * 4, 128);
+  l.counts_offset = at;
+  at = align_up(at + 2 * R * ll_count_ints(num_ranks) * 4, 128);
+  // From here on the offsets depend on (T, H, E).
+  l.weights_offset = at;
+  at = align_up(at + 2 * R * T * kLowLatencyTopkSlots * 4, 128);
+  l.dispatch_in_offset = at;
+  at = align_up(at + 2 * R * T * l.msg.stride, 128);
+  l.combine_in_offset = at;
+  at = align_up(at + 2 * R * T * l.row_bytes_bf16(), 128);
+  l.dispatch_stage_offset = at;
+  at = align_up(at + 2 * T * l.msg.stride, 128);
+  l.counts_stage_offset = at;
+  at = align_up(at + 2 * R * ll_count_ints(num_ranks) * 4, 128);
+  l.weights_stage_offset = at;
+  at = align_up(at + 2 * T * kLowLatencyTopkSlots * 4, 128);
+  l.combine_stage_offset = at;
+  at = align_up(at + 2 * R * T * l.row_bytes_bf16(), 128);
+  l.zero_copy_offset = at;
+  at = align_up(at + 2 * l.zero_copy_half_bytes(), 128);
+  l.end = at;
+  return l;
+}
+
+/// Bytes of the part of the region every layout shares (signals, state, counts): what
+/// clean_low_latency_buffer resets.
+FLASHEP_HD int64_t ll_fixed_bytes(int num_ranks) { return make_low_latency_layout(1, 128, num_ranks, num_ranks).weights_offset; }
+
+/// get_low_latency_rdma_size_hint(T, H, R, E): the region's bytes (a multiple of 128).
+FLASHEP_HD int64_t low_latency_region_bytes(int max_tokens, int hidden, int num_ranks, int num_experts) {
+  return make_low_latency_layout(max_tokens, hidden, num_ranks, num_experts).end;
+}
+
+/// The combine plan a dispatch leaves in its handle (int32): per source, its message count, then
+/// per message the source token and, per top-k slot, the output row (expert * R*T + row) or -1.
+FLASHEP_HD int64_t ll_plan_ints(int num_ranks, int max_tokens, int num_topk) {
+  return int64_t(num_ranks) + int64_t(num_ranks) * max_tokens * (num_topk + 1);
+}
+FLASHEP_HD int64_t ll_plan_entry(int num_ranks, int max_tokens, int num_topk, int src, int slot) {
+  return int64_t(num_ranks) + (int64_t(src) * max_tokens + slot) * (num_topk + 1);
+}
+
+/// What every rank of a low-latency call must agree on, folded into one int that travels with the
+/// counts (a mismatch fails the call on the receiver instead of misreading messages).
+FLASHEP_HD int ll_call_hash(int op, int max_tokens, int hidden, int num_experts, int num_topk, int fp8) {
+  uint32_t h = 2166136261u;
+  const int fields[6] = {op, max_tokens, hidden, num_experts, num_topk, fp8};
+  for (int i = 0; i < 6; ++i) h = (h ^ uint32_t(fields[i])) * 16777619u;
+  return static_cast<int>(h | 1u);
+}
+
+/// Blocks of a low-latency kernel: enough warps for the messages of R * T tokens, at most the SMs
+/// (every block must be resident: the kernels are launched cooperatively).
+inline int ll_num_blocks(int num_ranks, int max_tokens, int num_device_sms) {
+  const int64_t want = (int64_t(num_ranks) * max_tokens + 7) / 8;
+  return static_cast<int>(want < 1 ? 1 : (want > num_device_sms ? num_device_sms : want));
+}
+
+}  // namespace flashep

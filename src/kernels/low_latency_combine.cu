@@ -1,0 +1,257 @@
+// Low-latency combine (src/core/low_latency_layout.hpp has the wire format).
+//
+// Send phase: every rank first sends its top-k weights [n, K] to every unmasked rank (a few KB).
+// Then, on the expert side, one warp per message of the dispatch (the plan in the handle): once
+// that source's weights are there (a bounded wait), it adds the rows of this rank's experts for
+// that token, each times its weight (float32, top-k slots in order), and sends the BF16 sum to
+// the source, at the token's row of its inbox. The last block signals each source how many sums
+// it sent.
+// Receive phase: every block waits for every unmasked rank's signal; then one warp per token adds
+// the sums of the ranks its experts live on (float32) and writes the BF16 result.
+#include <cuda_bf16.h>
+
+#include "kernels/low_latency_common.cuh"
+
+namespace flashep::ll {
+
+namespace {
+
+/// Adds 8 BF16 values (16 bytes) times `weight` into acc.
+__device__ __forceinline__ void fma_bf16x8(float* acc, const int4& v, float weight) {
+  const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) acc[j] = fmaf(weight, __bfloat162float(h[j]), acc[j]);
+}
+__device__ __forceinline__ void add_bf16x8(float* acc, const int4& v) {
+  const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) acc[j] += __bfloat162float(h[j]);
+}
+__device__ __forceinline__ int4 to_bf16x8(const float* acc) {
+  int4 out;
+  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) h[j] = __floats2bfloat162_rn(acc[2 * j], acc[2 * j + 1]);
+  return out;
+}
+
+__device__ __forceinline__ void combine_send(const kernels::LowLatencyCombineParams& p, int* smem) {
+  const DeviceComm& c = p.comm;
+  const LowLatencyComm& ll = p.ll;
+  const LowLatencyLayout& L = ll.layout;
+  const int R = c.num_ranks, K = p.num_topk, T = L.max_tokens, H = L.hidden;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int global_warp = blockIdx.x * kWarps + warp, num_global_warps = gridDim.x * kWarps;
+  LowLatencyState* st = state_of(ll);
+  const uint32_t seq = ld_volatile_u32(&st->send_seq);
+  const int half = static_cast<int>(seq & 1u);
+  int* s_masked = smem;           // [R]
+  int* s_prefix = smem + R;       // [R + 1] plan messages per source
+  load_mask(ll, R, s_masked);
+
+  // 1. Our weights to every unmasked rank.
+  const int weight_words = p.num_tokens * K;
+  for (int r = global_warp; r < R; r += num_global_warps) {
+    if (s_masked[r]) continue;
+    const uint64_t signal = ll_signal(seq, p.num_tokens);
+    char* region = direct_region(c, ll, r);
+    float* to = region != nullptr ? reinterpret_cast<float*>(region + L.weights(half, c.rank))
+                                  : reinterpret_cast<float*>(ll.sym + L.weights_stage(half));
+    for (int i = lane; i < weight_words; i += 32) to[i] = __ldg(p.topk_weights + i);
+    __syncwarp();
+    if (region != nullptr) {
+      if (lane == 0) {
+        __threadfence_system();
+        device::st_release_sys_u64(reinterpret_cast<uint64_t*>(region + L.combine_weights(half, c.rank)), signal);
+      }
+    } else if (weight_words > 0) {
+      // Several warps may stage the same values for different peers: identical bytes, no conflict.
+      warp_put_signal(ll, r, L.weights(half, c.rank), L.weights_stage(half), int64_t(weight_words) * 4,
+                      L.combine_weights(half, c.rank), signal, false);
+    } else if (lane == 0) {
+      put_signal_only(ll, r, L.combine_weights(half, c.rank), signal);
+    }
+  }
+
+  // 2. The expert side: one weighted sum per message of the dispatch.
+  if (threadIdx.x == 0) {
+    s_prefix[0] = 0;
+    for (int r = 0; r < R; ++r) s_prefix[r + 1] = s_prefix[r] + (s_masked[r] ? 0 : p.plan[r]);
+  }
+  __syncthreads();
+  const int total = s_prefix[R];
+  int ready_src = -1;  // the source whose weights this warp has seen arrive
+  for (int item = global_warp; item < total; item += num_global_warps) {
+    int src = 0;
+    while (s_prefix[src + 1] <= item) ++src;
+    const int slot = item - s_prefix[src];
+    char* inbox = inbox_region(c, ll, src);
+    if (src != ready_src) {
+      int status = 0;
+      if (lane == 0) {
+        uint64_t value = 0;
+        const WaitResult res =
+            wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.combine_weights(half, src)), seq, false, 0,
+                      Phase::kLowLatencyCombineWeights, src, &value);
+        status = static_cast<int>(res);
+      }
+      status = __shfl_sync(0xffffffffu, status, 0);
+      if (status == static_cast<int>(WaitResult::kFailed)) return;
+      if (status == static_cast<int>(WaitResult::kMasked)) continue;
+      ready_src = src;
+    }
+    const int* entry = p.plan + ll_plan_entry(R, T, K, src, slot);
+    const int token = entry[0];
+    const int row = lane < K ? entry[1 + lane] : -1;
+    const float weight = row >= 0 ? __ldcg(reinterpret_cast<const float*>(inbox + L.weights(half, src)) + token * K + lane)
+                                  : 0.0f;
+    const unsigned rows = __ballot_sync(0xffffffffu, row >= 0);
+    char* region = direct_region(c, ll, src);
+    char* dst = region != nullptr ? region + L.combine_in(half, c.rank, token)
+                                  : ll.sym + L.combine_stage(half, src, slot);
+    const int num_int4 = H / 8;
+    for (int base = 0; base < num_int4; base += 32) {
+      const int w = base + lane;
+      const bool active = w < num_int4;
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      unsigned rest = rows;
+      while (rest != 0) {
+        const int k = __ffs(rest) - 1;
+        rest &= rest - 1;
+        const int r = __shfl_sync(0xffffffffu, row, k);
+        const float wk = __shfl_sync(0xffffffffu, weight, k);
+        if (active) fma_bf16x8(acc, device::ld_stream(reinterpret_cast<const int4*>(p.x) + int64_t(r) * num_int4 + w), wk);
+      }
+      if (active) reinterpret_cast<int4*>(dst)[w] = to_bf16x8(acc);
+    }
+    if (region == nullptr) {
+      __syncwarp();
+      warp_put_signal(ll, src, L.combine_in(half, c.rank, token), L.combine_stage(half, src, slot), int64_t(H) * 2,
+                      L.combine_arrival(half, c.rank), 1, true);
+    }
+  }
+
+  // 3. The last block tells every source how many sums it sent there.
+  if (last_block_done(&st->ticket[kTicketCombineSend])) {
+    for (int r = threadIdx.x; r < R; r += blockDim.x) {
+      if (s_masked[r]) continue;
+      const uint64_t signal = ll_signal(seq, p.plan[r]);
+      char* region = direct_region(c, ll, r);
+      if (region != nullptr) device::st_release_sys_u64(reinterpret_cast<uint64_t*>(region + L.combine_total(half, c.rank)), signal);
+      else put_signal_only(ll, r, L.combine_total(half, c.rank), signal);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      st->ticket[kTicketCombineSend] = 0;
+      st->send_seq = seq + 1;
+    }
+  }
+}
+
+__device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombineParams& p, int* smem) {
+  const DeviceComm& c = p.comm;
+  const LowLatencyComm& ll = p.ll;
+  const LowLatencyLayout& L = ll.layout;
+  const int R = c.num_ranks, K = p.num_topk, H = L.hidden, num_local = L.num_local_experts();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  LowLatencyState* st = state_of(ll);
+  const uint32_t seq = ld_volatile_u32(&st->recv_seq);
+  const int half = static_cast<int>(seq & 1u);
+  int* s_masked = smem;      // [R]
+  int* s_count = smem + R;   // [R]
+  __shared__ int s_failed;
+  if (threadIdx.x == 0) s_failed = 0;
+  load_mask(ll, R, s_masked);
+
+  const long long wait_start = clock64();
+  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    int count = 0;
+    if (!s_masked[r]) {
+      char* inbox = inbox_region(c, ll, r);
+      uint64_t value = 0;
+      WaitResult res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.combine_total(half, r)), seq,
+                                 false, 0, Phase::kLowLatencyCombineRecv, r, &value);
+      if (res == WaitResult::kArrived) count = ll_signal_count(value);
+      if (res == WaitResult::kArrived && direct_region(c, ll, r) == nullptr) {
+        uint64_t* base = reinterpret_cast<uint64_t*>(ll.local + L.combine_base(half, r));
+        res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.combine_arrival(half, r)), seq, true,
+                        *base + static_cast<uint64_t>(count), Phase::kLowLatencyCombineRecv, r, &value);
+      }
+      if (res == WaitResult::kFailed) s_failed = 1;
+      if (res != WaitResult::kArrived) count = 0, s_masked[r] = 1;
+      if (blockIdx.x == 0 && p.wait_stats != nullptr)
+        atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_stats + r),
+                  static_cast<unsigned long long>(clock64() - wait_start));
+    }
+    s_count[r] = count;
+  }
+  __syncthreads();
+  if (s_failed) return;
+
+  const int num_int4 = H / 8;
+  for (int t = blockIdx.x * kWarps + warp; t < p.num_tokens; t += gridDim.x * kWarps) {
+    const int64_t expert = lane < K ? __ldg(p.topk_idx + int64_t(t) * K + lane) : -1;
+    int dst = (expert >= 0 && expert < L.num_experts) ? static_cast<int>(expert / num_local) : -1;
+    if (dst >= 0 && s_masked[dst]) dst = -1;
+    bool first = dst >= 0;
+    for (int k = 0; k < K; ++k) {
+      const int other = __shfl_sync(0xffffffffu, dst, k);
+      if (k < lane && other == dst) first = false;
+    }
+    const unsigned dests = __ballot_sync(0xffffffffu, first);
+    for (int base = 0; base < num_int4; base += 32) {
+      const int w = base + lane;
+      const bool active = w < num_int4;
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      unsigned rest = dests;
+      while (rest != 0) {
+        const int k = __ffs(rest) - 1;
+        rest &= rest - 1;
+        const int d = __shfl_sync(0xffffffffu, dst, k);
+        if (active)
+          add_bf16x8(acc, device::ld_ring(reinterpret_cast<const int4*>(inbox_region(c, ll, d) + L.combine_in(half, d, t)) + w));
+      }
+      if (active) reinterpret_cast<int4*>(p.out)[int64_t(t) * num_int4 + w] = to_bf16x8(acc);
+    }
+  }
+
+  if (last_block_done(&st->ticket[kTicketCombineRecv])) {
+    for (int r = threadIdx.x; r < R; r += blockDim.x)
+      if (direct_region(c, ll, r) == nullptr) *reinterpret_cast<uint64_t*>(ll.local + L.combine_base(half, r)) += s_count[r];
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      st->ticket[kTicketCombineRecv] = 0;
+      st->recv_seq = seq + 1;
+    }
+  }
+}
+
+}  // namespace
+
+__global__ void __launch_bounds__(kThreads, 1) combine(const __grid_constant__ kernels::LowLatencyCombineParams p) {
+  extern __shared__ int smem[];
+  if (device::aborted_at_entry(p.comm)) return;
+  if (p.phases & kLowLatencySend) combine_send(p, smem);
+  if (p.phases & kLowLatencyReceive) combine_receive(p, smem);
+}
+
+}  // namespace flashep::ll
+
+namespace flashep::kernels {
+
+cudaError_t launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, cudaStream_t stream) {
+  const size_t smem = (size_t(p.comm.num_ranks) * 2 + 1) * sizeof(int);
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(num_blocks);
+  config.blockDim = dim3(ll::kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeCooperative;
+  attribute.val.cooperative = 1;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, ll::combine, p);
+}
+
+}  // namespace flashep::kernels

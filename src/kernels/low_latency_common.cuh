@@ -1,0 +1,134 @@
+// Device helpers of the low-latency kernels: where a peer's region is, how data and signals reach
+// it (direct stores, or NVSHMEM puts), and the bounded waits that mask a silent peer in shrink mode.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/failure.cuh"
+#include "kernels/low_latency_launch.hpp"
+
+#ifndef FLASHEP_WITH_NVSHMEM
+#define FLASHEP_WITH_NVSHMEM 0
+#endif
+#if FLASHEP_WITH_NVSHMEM
+#include <nvshmem.h>
+#include <nvshmemx.h>
+#endif
+
+namespace flashep::ll {
+
+using kernels::LowLatencyComm;
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+
+/// This rank's region for `peer`'s writes when `peer` is reached directly (this rank's or an
+/// NVLink-domain peer's mapped region), else nullptr (an NVSHMEM peer).
+__device__ __forceinline__ char* direct_region(const DeviceComm& c, const LowLatencyComm& ll, int peer) {
+  if (peer == c.rank) return ll.local;
+  if (!c.is_nvl_peer(peer)) return nullptr;
+  return ll.nvl_peer[c.nvl_index(peer)];
+}
+/// Where messages from `src` land in our memory: the primary region for direct peers, the
+/// symmetric region for NVSHMEM peers.
+__device__ __forceinline__ char* inbox_region(const DeviceComm& c, const LowLatencyComm& ll, int src) {
+  return direct_region(c, ll, src) != nullptr ? ll.local : ll.sym;
+}
+
+__device__ __forceinline__ LowLatencyState* state_of(const LowLatencyComm& ll) {
+  return reinterpret_cast<LowLatencyState*>(ll.local + ll.layout.state());
+}
+__device__ __forceinline__ int* local_int(const LowLatencyComm& ll, int64_t offset) {
+  return reinterpret_cast<int*>(ll.local + offset);
+}
+__device__ __forceinline__ uint32_t ld_volatile_u32(const uint32_t* ptr) {
+  return *reinterpret_cast<const volatile uint32_t*>(ptr);
+}
+
+/// Warp-wide: `bytes` (multiple of 4) of our staged copy at `stage_offset` of the symmetric region
+/// into `peer`'s symmetric region at `dst_offset`, then `value` applied (`add`: added, else set) to
+/// its 64-bit word at `signal_offset`, after the data.
+__device__ __forceinline__ void warp_put_signal(const LowLatencyComm& ll, int peer, int64_t dst_offset,
+                                                int64_t stage_offset, int64_t bytes, int64_t signal_offset,
+                                                uint64_t value, bool add) {
+#if FLASHEP_WITH_NVSHMEM
+  nvshmemx_putmem_signal_nbi_warp(ll.sym + dst_offset, ll.sym + stage_offset, static_cast<size_t>(bytes),
+                                  reinterpret_cast<uint64_t*>(ll.sym + signal_offset), value,
+                                  add ? NVSHMEM_SIGNAL_ADD : NVSHMEM_SIGNAL_SET, peer);
+#endif
+}
+/// One thread: sets `peer`'s 64-bit word at `signal_offset` (symmetric region) to `value`.
+__device__ __forceinline__ void put_signal_only(const LowLatencyComm& ll, int peer, int64_t signal_offset,
+                                                uint64_t value) {
+#if FLASHEP_WITH_NVSHMEM
+  nvshmemx_signal_op(reinterpret_cast<uint64_t*>(ll.sym + signal_offset), value, NVSHMEM_SIGNAL_SET, peer);
+#endif
+}
+
+enum class WaitResult : int { kArrived = 0, kMasked = 1, kFailed = 2 };
+
+/// Masks `peer` on this rank (shrink mode) and says so once.
+__device__ __forceinline__ void mask_peer(const DeviceComm& c, const LowLatencyComm& ll, int peer, Phase phase) {
+  if (atomicExch(local_int(ll, ll.layout.mask(peer)), 1) == 0)
+    printf("flashep: rank %d masks rank %d: no answer within %.1f s in %s (enable_shrink)\n", c.rank, peer,
+           double(c.timeout_ns) * 1e-9, phase == Phase::kLowLatencyDispatchRecv     ? "low_latency_dispatch"
+                                         : phase == Phase::kLowLatencyCombineWeights ? "low_latency_combine send"
+                                                                                     : "low_latency_combine");
+}
+
+/// One thread: spins until `word` (our memory) holds the signal of call `seq` (tag mode) or, with
+/// `arrival_target` > 0... (arrival mode) reaches `arrival_target`. Bounded: past the timeout the
+/// peer is masked (shrink) or the call fails; an abort stops it at once. `*value` gets the word.
+__device__ __forceinline__ WaitResult wait_word(const DeviceComm& c, const LowLatencyComm& ll, const uint64_t* word,
+                                                uint32_t seq, bool arrival, uint64_t arrival_target, Phase phase,
+                                                int peer, uint64_t* value) {
+  uint64_t start = 0;
+  for (uint32_t spins = 0;; ++spins) {
+    const int abort = (spins & 127) == 0 ? device::abort_value(c) : 0;
+    const uint64_t v = device::ld_acquire_sys_u64(word);
+    if (device::stop_if_aborted(c, abort, phase)) return WaitResult::kFailed;
+    if (arrival ? seq_reached64(v, arrival_target) : ll_signal_is(v, seq)) {
+      *value = v;
+      return WaitResult::kArrived;
+    }
+    if (!arrival && ll_signal_is_ahead(v, seq)) {
+      device::fail(c, Phase::kLowLatencyOverrun, peer, -1, static_cast<int>(seq), static_cast<int>(v >> 32));
+      return WaitResult::kFailed;
+    }
+    if (spins == 0) start = device::global_timer_ns();
+    if ((spins & 127) == 127 && device::global_timer_ns() - start > c.timeout_ns) {
+      if (ll.shrink) {
+        mask_peer(c, ll, peer, phase);
+        return WaitResult::kMasked;
+      }
+      device::fail(c, phase, peer, -1, static_cast<int>(arrival ? arrival_target : seq), static_cast<int>(v));
+      return WaitResult::kFailed;
+    }
+  }
+}
+
+/// The last block of a phase to finish: every thread gets true in exactly one block. Each block's
+/// writes (to peers too) are ordered before its ticket (system fence), so the last block may
+/// publish everything the grid wrote.
+__device__ __forceinline__ bool last_block_done(int* ticket) {
+  __shared__ int is_last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    is_last = atomicAdd(ticket, 1) == static_cast<int>(gridDim.x) - 1;
+    if (is_last) __threadfence_system();
+  }
+  __syncthreads();
+  return is_last != 0;
+}
+
+/// Block-wide: loads the mask of every rank into shared memory.
+__device__ __forceinline__ void load_mask(const LowLatencyComm& ll, int num_ranks, int* s_masked) {
+  for (int r = threadIdx.x; r < num_ranks; r += blockDim.x)
+    s_masked[r] = *reinterpret_cast<const volatile int*>(local_int(ll, ll.layout.mask(r)));
+  __syncthreads();
+}
+
+}  // namespace flashep::ll

@@ -1,0 +1,417 @@
+// Low-latency dispatch (src/core/low_latency_layout.hpp has the wire format).
+//
+// Send phase: one warp per token. It casts the row once (FP8 per 128 channels, exactly the
+// contract's rule, or BF16 as is), takes a message slot per destination rank and a position per
+// (token, expert) from this rank's counters, and stores the message into every direct
+// destination's inbox; NVSHMEM destinations get one put-with-signal each from a staged copy. The
+// last block to finish then sends every destination its counts (messages and rows per expert)
+// with the call's signal.
+// Receive phase: every block waits for every source's signal (bounded; a silent peer is masked in
+// shrink mode), derives the per-expert segments, and the warps expand the messages into the
+// [L, R*T, H] output, the scales (column-major), src_info, layout_range and the combine plan.
+#include <cuda_fp8.h>
+
+#include "kernels/low_latency_common.cuh"
+
+namespace flashep::ll {
+
+namespace {
+
+/// Block-wide send phase. Returns false when the call failed here (bad expert id).
+template <bool kFp8>
+__device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchParams& p, int* s_masked) {
+  const DeviceComm& c = p.comm;
+  const LowLatencyComm& ll = p.ll;
+  const LowLatencyLayout& L = ll.layout;
+  const int R = c.num_ranks, E = L.num_experts, num_local = L.num_local_experts(), K = p.num_topk;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  LowLatencyState* st = state_of(ll);
+  const uint32_t seq = ld_volatile_u32(&st->send_seq);
+  const int half = static_cast<int>(seq & 1u);
+
+  // Every block checks every id, so all blocks take the same decision before anything is sent.
+  __shared__ int s_bad;
+  if (threadIdx.x == 0) s_bad = 0;
+  load_mask(ll, R, s_masked);  // (its __syncthreads also publishes s_bad = 0)
+  for (int i = threadIdx.x; i < p.num_tokens * K; i += blockDim.x) {
+    const int64_t e = p.topk_idx[i];
+    if (e < -1 || e >= E) atomicExch(&s_bad, i + 1);
+  }
+  __syncthreads();
+  if (s_bad != 0) {
+    if (blockIdx.x == 0 && threadIdx.x == 0)
+      device::fail(c, Phase::kLowLatencyInvalidExpert, E, -1, s_bad - 1, static_cast<int>(p.topk_idx[s_bad - 1]));
+    return false;
+  }
+
+  const LowLatencyMessage m = make_ll_message(L.hidden, kFp8);
+  for (int t = blockIdx.x * kWarps + warp; t < p.num_tokens; t += gridDim.x * kWarps) {
+    // Lane k < K owns top-k slot k: its expert, destination, and (first lane of each destination)
+    // the message slot there.
+    int64_t expert = lane < K ? __ldg(p.topk_idx + int64_t(t) * K + lane) : -1;
+    int dst = expert >= 0 ? static_cast<int>(expert / num_local) : -1;
+    if (dst >= 0 && s_masked[dst]) dst = -1, expert = -1;
+    bool first = dst >= 0;
+    for (int k = 0; k < K; ++k) {
+      const int other = __shfl_sync(0xffffffffu, dst, k);
+      if (k < lane && other == dst) first = false;
+    }
+    const unsigned dests = __ballot_sync(0xffffffffu, first);
+    int slot = 0, pos = 0;
+    if (first) slot = atomicAdd(local_int(ll, L.msg_counter(half, dst)), 1);
+    if (expert >= 0) pos = atomicAdd(local_int(ll, L.expert_counter(half, static_cast<int>(expert))), 1);
+    // Lane i < popc(dests): the i-th destination's message address (nullptr: an NVSHMEM one).
+    char* my_msg = nullptr;
+    bool my_remote = false;
+    {
+      unsigned rest = dests;
+      for (int i = 0; rest != 0; ++i) {
+        const int owner = __ffs(rest) - 1;
+        rest &= rest - 1;
+        const int d = __shfl_sync(0xffffffffu, dst, owner);
+        const int s = __shfl_sync(0xffffffffu, slot, owner);
+        if (lane == i) {
+          char* region = direct_region(c, ll, d);
+          my_msg = region != nullptr ? region + L.dispatch_in(half, c.rank, s) : nullptr;
+          my_remote = region == nullptr;
+        }
+      }
+    }
+    const int num_dests = __popc(dests);
+    const bool any_remote = __any_sync(0xffffffffu, my_remote);
+    char* stage = ll.sym != nullptr ? ll.sym + L.dispatch_stage(half, t) : nullptr;
+
+    // The row, in chunks of 256 channels: each lane 8 channels (16 bytes of BF16).
+    const int4* row = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + int64_t(t) * L.hidden * 2);
+    for (int chunk = 0; chunk < L.hidden / 256 + (L.hidden % 256 != 0); ++chunk) {
+      const int channel = chunk * 256 + lane * 8;
+      const bool active = channel < L.hidden;
+      int4 in = make_int4(0, 0, 0, 0);
+      if (active) in = device::ld_stream(row + channel / 8);
+      if constexpr (kFp8) {
+        const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&in);
+        float f[8];
+        float amax = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          f[j] = __bfloat162float(v[j]);
+          amax = fmaxf(amax, fabsf(f[j]));
+        }
+        // A 128-channel group is 16 lanes (H % 128 == 0: a half warp is all active or all not).
+#pragma unroll
+        for (int mask = 8; mask >= 1; mask >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, mask));
+        amax = fmaxf(amax, 1e-4f);
+        float scale_inv = __fdiv_rn(amax, 448.0f);
+        if (p.round_scale) {
+          const uint32_t bits = __float_as_uint(scale_inv);
+          if ((bits & 0x7fffffu) != 0) scale_inv = __uint_as_float((bits & 0x7f800000u) + 0x800000u);
+        }
+        uint32_t packed[2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const __nv_fp8x4_e4m3 q(make_float4(__fdiv_rn(f[4 * j], scale_inv), __fdiv_rn(f[4 * j + 1], scale_inv),
+                                              __fdiv_rn(f[4 * j + 2], scale_inv), __fdiv_rn(f[4 * j + 3], scale_inv)));
+          packed[j] = q.__x;
+        }
+        const uint2 out = make_uint2(packed[0], packed[1]);
+        const int group = channel / 128;
+        for (int i = 0; i < num_dests; ++i) {
+          char* msg = reinterpret_cast<char*>(__shfl_sync(0xffffffffu, reinterpret_cast<uintptr_t>(my_msg), i));
+          if (msg == nullptr || !active) continue;
+          *reinterpret_cast<uint2*>(msg + channel) = out;
+          if (lane % 16 == 0) reinterpret_cast<float*>(msg + m.scale_offset)[group] = scale_inv;
+        }
+        if (any_remote && active) {
+          *reinterpret_cast<uint2*>(stage + channel) = out;
+          if (lane % 16 == 0) reinterpret_cast<float*>(stage + m.scale_offset)[group] = scale_inv;
+        }
+      } else {
+        for (int i = 0; i < num_dests; ++i) {
+          char* msg = reinterpret_cast<char*>(__shfl_sync(0xffffffffu, reinterpret_cast<uintptr_t>(my_msg), i));
+          if (msg != nullptr && active) *reinterpret_cast<int4*>(msg + int64_t(channel) * 2) = in;
+        }
+        if (any_remote && active) *reinterpret_cast<int4*>(stage + int64_t(channel) * 2) = in;
+      }
+    }
+    // Meta: the same for every destination (each keeps the slots of its own experts).
+    const int meta_expert = expert >= 0 ? static_cast<int>(expert) : -1;
+    for (int i = 0; i < num_dests + (any_remote ? 1 : 0); ++i) {
+      char* msg = i < num_dests
+                      ? reinterpret_cast<char*>(__shfl_sync(0xffffffffu, reinterpret_cast<uintptr_t>(my_msg), i))
+                      : stage;
+      if (msg == nullptr) continue;
+      int* meta = reinterpret_cast<int*>(msg + m.meta_offset);
+      if (lane == 0) meta[kMetaSrcToken] = t;
+      if (lane < K) {
+        meta[kMetaExpert + lane] = meta_expert;
+        meta[kMetaPos + lane] = pos;
+      }
+    }
+    if (any_remote) {
+      __syncwarp();
+      unsigned rest = dests;
+      while (rest != 0) {
+        const int owner = __ffs(rest) - 1;
+        rest &= rest - 1;
+        const int d = __shfl_sync(0xffffffffu, dst, owner);
+        const int s = __shfl_sync(0xffffffffu, slot, owner);
+        if (direct_region(c, ll, d) != nullptr) continue;
+        warp_put_signal(ll, d, L.dispatch_in(half, c.rank, s), L.dispatch_stage(half, t), m.bytes,
+                        L.dispatch_arrival(half, c.rank), 1, true);
+      }
+    }
+  }
+
+  // The last block sends the counts: per destination the message count (in the signal) and the
+  // rows per local expert (in the counts block), then resets this half's counters.
+  if (last_block_done(&st->ticket[kTicketDispatchSend])) {
+    for (int d = warp; d < R; d += kWarps) {
+      int* counter = local_int(ll, L.msg_counter(half, d));
+      const int count = *reinterpret_cast<volatile int*>(counter);
+      char* region = s_masked[d] ? nullptr : direct_region(c, ll, d);
+      int* block = region != nullptr ? reinterpret_cast<int*>(region + L.counts(half, c.rank))
+                                     : reinterpret_cast<int*>((ll.sym != nullptr ? ll.sym : ll.local) +
+                                                              L.counts_stage(half, d));
+      for (int i = lane; i < num_local; i += 32) {
+        int* ec = local_int(ll, L.expert_counter(half, d * num_local + i));
+        block[4 + i] = *reinterpret_cast<volatile int*>(ec);
+        *ec = 0;
+      }
+      if (lane == 0) {
+        block[0] = p.call_hash;
+        *counter = 0;
+      }
+      __syncwarp();
+      if (s_masked[d]) continue;
+      const uint64_t signal = ll_signal(seq, count);
+      if (region != nullptr) {
+        if (lane == 0) {
+          __threadfence_system();
+          device::st_release_sys_u64(reinterpret_cast<uint64_t*>(region + L.dispatch_total(half, c.rank)), signal);
+        }
+      } else {
+        warp_put_signal(ll, d, L.counts(half, c.rank), L.counts_stage(half, d), int64_t(4 + num_local) * 4,
+                        L.dispatch_total(half, c.rank), signal, false);
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      st->ticket[kTicketDispatchSend] = 0;
+      st->send_seq = seq + 1;
+    }
+  }
+  return true;
+}
+
+/// Block-wide receive phase.
+template <bool kFp8>
+__device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispatchParams& p, int* smem) {
+  const DeviceComm& c = p.comm;
+  const LowLatencyComm& ll = p.ll;
+  const LowLatencyLayout& L = ll.layout;
+  const int R = c.num_ranks, num_local = L.num_local_experts(), K = p.num_topk;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t rows_per_expert = L.rows_per_expert();
+  LowLatencyState* st = state_of(ll);
+  const uint32_t seq = ld_volatile_u32(&st->recv_seq);
+  const int half = static_cast<int>(seq & 1u);
+
+  int* s_masked = smem;                // [R]
+  int* s_count = smem + R;             // [R] messages from each source
+  int* s_prefix = s_count + R;         // [R + 1] message prefix
+  int* s_begin = s_prefix + R + 1;     // [R][L] rows per (source, expert), then segment begins
+  int* s_total = s_begin + R * num_local;  // [L] rows per expert
+  __shared__ int s_failed;
+  if (threadIdx.x == 0) s_failed = 0;
+  load_mask(ll, R, s_masked);
+
+  // 1. Every source's signal (and, for NVSHMEM sources, the arrival of all its messages).
+  const long long wait_start = clock64();
+  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    int count = 0;
+    if (!s_masked[r]) {
+      char* inbox = inbox_region(c, ll, r);
+      uint64_t value = 0;
+      WaitResult res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.dispatch_total(half, r)), seq,
+                                 false, 0, Phase::kLowLatencyDispatchRecv, r, &value);
+      if (res == WaitResult::kArrived) {
+        count = ll_signal_count(value);
+        const int hash = *reinterpret_cast<volatile int*>(inbox + L.counts(half, r));
+        if (hash != p.call_hash) {
+          device::fail(c, Phase::kLowLatencyCallMismatch, r, -1, p.call_hash, hash);
+          res = WaitResult::kFailed;
+        }
+      }
+      if (res == WaitResult::kArrived && direct_region(c, ll, r) == nullptr) {
+        uint64_t* base = reinterpret_cast<uint64_t*>(ll.local + L.dispatch_base(half, r));
+        res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.dispatch_arrival(half, r)), seq, true,
+                        *base + static_cast<uint64_t>(count), Phase::kLowLatencyDispatchRecv, r, &value);
+      }
+      if (res == WaitResult::kFailed) s_failed = 1;
+      if (res != WaitResult::kArrived) count = 0, s_masked[r] = 1;
+      if (blockIdx.x == 0 && p.wait_stats != nullptr)
+        atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_stats + r),
+                  static_cast<unsigned long long>(clock64() - wait_start));
+    }
+    s_count[r] = count;
+  }
+  __syncthreads();
+  if (s_failed) return;
+  // 2. Rows per (source, expert), then segment begins (sources in rank order inside each expert).
+  for (int j = threadIdx.x; j < R * num_local; j += blockDim.x) {
+    const int r = j / num_local;
+    s_begin[j] = s_masked[r] ? 0
+                             : *reinterpret_cast<volatile int*>(inbox_region(c, ll, r) + L.counts(half, r) +
+                                                                int64_t(4 + j % num_local) * 4);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < num_local; i += blockDim.x) {
+    int64_t total = 0;
+    for (int r = 0; r < R; ++r) {
+      const int n = s_begin[r * num_local + i];
+      if (blockIdx.x == 0) p.layout_range[int64_t(i) * R + r] = (total << 32) | static_cast<uint32_t>(n);
+      s_begin[r * num_local + i] = static_cast<int>(total);
+      total += n;
+    }
+    s_total[i] = static_cast<int>(total);
+    if (total > rows_per_expert) s_failed = 1;  // cannot come from a correct peer
+    if (blockIdx.x == 0) {
+      p.recv_count[i] = static_cast<int>(total);
+      if (p.recv_stats != nullptr) atomicAdd(p.recv_stats + i, static_cast<int>(total));
+    }
+  }
+  if (threadIdx.x == 0) {
+    s_prefix[0] = 0;
+    for (int r = 0; r < R; ++r) s_prefix[r + 1] = s_prefix[r] + s_count[r];
+  }
+  if (blockIdx.x == 0)
+    for (int r = threadIdx.x; r < R; r += blockDim.x) p.plan[r] = s_count[r];
+  __syncthreads();
+  if (s_failed) {
+    if (blockIdx.x == 0 && threadIdx.x == 0)
+      device::fail(c, Phase::kLowLatencyBadMessage, -1, -1, static_cast<int>(rows_per_expert), -1);
+    return;
+  }
+
+  // 3. Expand the messages: one warp per message, one output row per top-k slot of our experts.
+  const LowLatencyMessage m = make_ll_message(L.hidden, kFp8);
+  const int num_groups = L.hidden / 128;
+  const int total_msgs = s_prefix[R];
+  for (int item = blockIdx.x * kWarps + warp; item < total_msgs; item += gridDim.x * kWarps) {
+    int src = 0;
+    while (s_prefix[src + 1] <= item) ++src;
+    const int slot = item - s_prefix[src];
+    const char* msg = inbox_region(c, ll, src) + L.dispatch_in(half, src, slot);
+    const int* meta = reinterpret_cast<const int*>(msg + m.meta_offset);
+    const int token = __ldcg(meta + kMetaSrcToken);
+    const int expert = lane < K ? __ldcg(meta + kMetaExpert + lane) : -1;
+    const int pos = lane < K ? __ldcg(meta + kMetaPos + lane) : 0;
+    const int local = (expert >= 0 && expert / num_local == c.rank) ? expert - c.rank * num_local : -1;
+    int64_t out_row = -1;  // expert * (R*T) + row
+    bool bad = false;
+    if (local >= 0) {
+      const int begin = s_begin[src * num_local + local];
+      const int end = src + 1 < R ? s_begin[(src + 1) * num_local + local] : s_total[local];
+      if (pos < 0 || pos >= end - begin) bad = true;
+      else out_row = int64_t(local) * rows_per_expert + begin + pos;
+    }
+    if (__any_sync(0xffffffffu, bad) || token < 0 || token >= L.max_tokens) {
+      if (lane == 0) device::fail(c, Phase::kLowLatencyBadMessage, src, -1, static_cast<int>(rows_per_expert), pos);
+      return;
+    }
+    int* plan = p.plan + ll_plan_entry(R, L.max_tokens, K, src, slot);
+    if (lane == 0) plan[0] = token;
+    if (lane < K) plan[1 + lane] = static_cast<int>(out_row);
+    if (out_row >= 0) p.src_info[out_row] = token;
+    const unsigned targets = __ballot_sync(0xffffffffu, out_row >= 0);
+    // Payload: 16 bytes per lane per round, written to every target row (rounds are warp-uniform
+    // so the shuffles see every lane).
+    const int num_int4 = m.row_bytes / 16;
+    const int4* from = reinterpret_cast<const int4*>(msg);
+    for (int base = 0; base < num_int4; base += 32) {
+      const int w = base + lane;
+      const bool active = w < num_int4;
+      const int4 v = active ? device::ld_ring(from + w) : make_int4(0, 0, 0, 0);
+      unsigned rest = targets;
+      while (rest != 0) {
+        const int owner = __ffs(rest) - 1;
+        rest &= rest - 1;
+        const int64_t r = __shfl_sync(0xffffffffu, out_row, owner);
+        if (active) reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + r * m.row_bytes)[w] = v;
+      }
+    }
+    if constexpr (kFp8) {
+      const float* scales = reinterpret_cast<const float*>(msg + m.scale_offset);
+      const int num_packed = num_groups / 4;
+      const int num_items = p.ue8m0 ? num_packed : num_groups;
+      for (int base = 0; base < num_items; base += 32) {
+        const int q = base + lane;
+        const bool active = q < num_items;
+        uint32_t word = 0;
+        if (active && p.ue8m0) {
+#pragma unroll
+          for (int b = 0; b < 4; ++b) word |= ((__float_as_uint(__ldcg(scales + 4 * q + b)) >> 23) & 0xffu) << (8 * b);
+        } else if (active) {
+          word = __float_as_uint(__ldcg(scales + q));
+        }
+        unsigned rest = targets;
+        while (rest != 0) {
+          const int owner = __ffs(rest) - 1;
+          rest &= rest - 1;
+          const int64_t r = __shfl_sync(0xffffffffu, out_row, owner);
+          const int64_t e = r / rows_per_expert, row = r % rows_per_expert;
+          if (active) reinterpret_cast<uint32_t*>(p.recv_scales)[(e * num_items + q) * rows_per_expert + row] = word;
+        }
+      }
+    }
+  }
+
+  // 4. The last block advances the NVSHMEM arrival bases and the receive sequence.
+  if (last_block_done(&st->ticket[kTicketDispatchRecv])) {
+    for (int r = threadIdx.x; r < R; r += blockDim.x)
+      if (direct_region(c, ll, r) == nullptr) *reinterpret_cast<uint64_t*>(ll.local + L.dispatch_base(half, r)) += s_count[r];
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      st->ticket[kTicketDispatchRecv] = 0;
+      st->recv_seq = seq + 1;
+    }
+  }
+}
+
+}  // namespace
+
+template <bool kFp8>
+__global__ void __launch_bounds__(kThreads, 1) dispatch(const __grid_constant__ kernels::LowLatencyDispatchParams p) {
+  extern __shared__ int smem[];
+  if (device::aborted_at_entry(p.comm)) return;
+  if ((p.phases & kLowLatencySend) && !dispatch_send<kFp8>(p, smem)) return;
+  if (p.phases & kLowLatencyReceive) dispatch_receive<kFp8>(p, smem);
+}
+
+}  // namespace flashep::ll
+
+namespace flashep::kernels {
+
+/// Shared memory of the receive phase: mask, counts, prefix, and the (source, expert) table.
+inline size_t ll_dispatch_smem(int num_ranks, int num_experts) {
+  return (size_t(num_ranks) * 3 + 1 + size_t(num_experts) + size_t(num_experts / num_ranks)) * sizeof(int);
+}
+
+cudaError_t launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, cudaStream_t stream) {
+  const size_t smem = ll_dispatch_smem(p.comm.num_ranks, p.ll.layout.num_experts);
+  void (*kernel)(const LowLatencyDispatchParams) = p.fp8 ? ll::dispatch<true> : ll::dispatch<false>;
+  // At most (3 * kMaxRanks + 1 + kMaxLowLatencyExperts * 2) ints: below the default 48 KB.
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(num_blocks);
+  config.blockDim = dim3(ll::kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeCooperative;
+  attribute.val.cooperative = 1;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  return cudaLaunchKernelEx(&config, kernel, p);
+}
+
+}  // namespace flashep::kernels

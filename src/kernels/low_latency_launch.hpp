@@ -1,0 +1,61 @@
+// Typed launch parameters of the low-latency kernels (src/kernels/low_latency_*.cu) and their
+// host-side launch functions. Plain C++, filled by src/core/low_latency_ops.cpp.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "core/device_comm.hpp"
+#include "core/low_latency_layout.hpp"
+#include "flashep/low_latency.hpp"
+
+namespace flashep::kernels {
+
+/// Where a low-latency kernel finds the regions. A peer is reached *directly* (stores through a
+/// mapping) when it is this rank or an NVLink-domain peer with a mapped region (`nvl_peer`);
+/// every other peer through NVSHMEM puts into its symmetric region (`sym`, same offsets).
+struct LowLatencyComm {
+  LowLatencyLayout layout;
+  char* local = nullptr;                 // our primary region: state, zero-copy, what direct peers write
+  char* nvl_peer[kMaxNvlRanks] = {};     // regions of the NVLink-domain peers reached directly
+  char* sym = nullptr;                   // our region in the symmetric heap (NVSHMEM peers), or nullptr
+  int shrink = 0;                        // a peer that times out is masked instead of failing the call
+};
+
+struct LowLatencyDispatchParams {
+  DeviceComm comm;
+  LowLatencyComm ll;
+  const void* x;
+  const int64_t* topk_idx;
+  int num_tokens, num_topk, phases;
+  int fp8, round_scale, ue8m0;
+  int call_hash;
+  void* recv_x;
+  void* recv_scales;
+  int* recv_count;
+  int* recv_stats;
+  int64_t* wait_stats;
+  int* src_info;
+  int64_t* layout_range;
+  int* plan;
+};
+
+struct LowLatencyCombineParams {
+  DeviceComm comm;
+  LowLatencyComm ll;
+  const void* x;  // [L, R*T, H] bf16 (the user's, or the zero-copy half)
+  const int64_t* topk_idx;
+  const float* topk_weights;
+  int num_tokens, num_topk, phases;
+  int call_hash;
+  const int* plan;
+  void* out;
+  int64_t* wait_stats;
+};
+
+/// Cooperative launches (every block resident): `num_blocks` <= the SMs.
+cudaError_t launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, cudaStream_t stream);
+cudaError_t launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, cudaStream_t stream);
+
+}  // namespace flashep::kernels

@@ -1,0 +1,425 @@
+"""GPU correctness of the low-latency mode (low_latency_dispatch / low_latency_combine) against the
+CPU oracle (flashep._C.oracle_ll_*), on 2, 4 and 8 GPUs, over NVLink stores and (forced) NVSHMEM.
+
+One process group per (world size, transport) runs:
+  1. a grid of cases: tokens (n <= T), hidden, top-k, experts, FP8 (round_scale, UE8M0) or BF16,
+     hook or not, zero-copy, `out=`, routings (random with masked slots, everything to one expert, a
+     rank that sends nothing). Dispatch is checked exactly: recv_count, layout_range (contiguous
+     segments, source order), src_info per segment, and every row's payload and scales equal to the
+     oracle's cast of the source row. Combine uses expert outputs y = bf16(x_src[t] * c_e) and is
+     checked against the oracle within |got - ref| <= 2^-7 * sum_k |w_k * y_k| + 1e-6 (the GPU adds
+     per rank in float32, rounds each rank's sum to BF16, then adds the sums: two BF16 roundings);
+  2. sequences: two dispatches before their hooks; a CUDA graph of dispatch + combine replayed with
+     fresh inputs; a loop of fresh random routings checked on the GPU;
+  3. bad inputs, rejected before anything runs.
+Failures of peers (a rank that skips a call; shrink mode) are in test_low_latency_failures below.
+
+    python3 -m pytest -v -s tests/python/test_low_latency.py -k R2
+Knobs: FLASHEP_TEST_QUICK=1, FLASHEP_TEST_STRESS_ITERS (default 1000, quick 100),
+FLASHEP_TEST_GRAPH_REPLAYS (default 100), FLASHEP_TEST_CASES=<regex>.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dist_harness as dh  # noqa: E402
+
+TRANSPORTS = ("nvlink", "nvshmem")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("world_size", dh.WORLD_SIZES, ids=dh.world_ids())
+def test_low_latency(world_size, transport):
+    if transport == "nvshmem":
+        _require_nvshmem()
+    dh.run_world(_worker, world_size, args=(dh.quick_mode(), transport), timeout_s=900,
+                 env={"FLASHEP_TIMEOUT_S": os.environ.get("FLASHEP_TIMEOUT_S", "30"),
+                      "NVSHMEM_REMOTE_TRANSPORT": "none"})
+
+
+def _require_nvshmem():
+    """The NVSHMEM path needs a build with it; strict GPU runs (FLASHEP_TEST_EXPECT_NVSHMEM=1) fail
+    instead of skipping."""
+    try:
+        from flashep import _C
+        built = _C.nvshmem_built()
+    except Exception as error:  # an import failure is the GPU test's failure, reported by run_world
+        pytest.fail(f"flashep does not import: {error}")
+    if not built:
+        if os.environ.get("FLASHEP_TEST_EXPECT_NVSHMEM", "") not in ("", "0"):
+            pytest.fail("FLASHEP_TEST_EXPECT_NVSHMEM is set but this flashep has no NVSHMEM")
+        pytest.skip("flashep built without NVSHMEM: the forced-NVSHMEM low-latency path is not tested")
+
+
+class Case:
+    def __init__(self, name, T=128, n=None, H=7168, K=8, E=288, fp8=True, round_scale=False, ue8m0=False,
+                 hook=False, zero_copy=False, out=False, routing="random", drop=0.1):
+        self.name, self.T, self.H, self.K, self.E = name, T, H, K, E
+        self.n = T if n is None else n
+        self.fp8, self.round_scale, self.ue8m0 = fp8, round_scale, ue8m0
+        self.hook, self.zero_copy, self.out = hook, zero_copy, out
+        self.routing, self.drop = routing, drop
+
+    def num_experts(self, R):
+        return R if self.E == "R" else self.E
+
+    def tokens(self, rank, R):
+        return self.n(rank, R) if callable(self.n) else self.n
+
+
+def _cases(quick):
+    cases = [
+        Case("default-fp8"),
+        Case("fp8-round", round_scale=True),
+        Case("fp8-ue8m0", round_scale=True, ue8m0=True),
+        Case("bf16", fp8=False),
+        Case("hook-fp8", hook=True),
+        Case("hook-bf16-zero-copy", fp8=False, hook=True, zero_copy=True),
+        Case("zero-copy-out", zero_copy=True, out=True),
+        Case("out", out=True, round_scale=True),
+        Case("n<T", T=128, n=37),
+        Case("one-token", T=1, n=1),
+        Case("T32", T=32),
+        Case("T256", T=256, H=4096),
+        Case("H2048-k1", H=2048, K=1),
+        Case("H4096-E64", H=4096, E=64),
+        Case("E=R", E="R", K=1),
+        Case("E=R-k8-dups", E="R", K=8, H=2048),
+        Case("one-expert", routing="one_expert"),
+        Case("rank0-sends-nothing", n=lambda rank, R: 0 if rank == 0 else 100),
+        Case("all-masked-slots", routing="random", drop=1.0),
+        Case("hook-ue8m0-out", round_scale=True, ue8m0=True, hook=True, out=True, H=4096),
+    ]
+    if quick:
+        keep = {"default-fp8", "bf16", "hook-fp8", "hook-bf16-zero-copy", "n<T", "E=R", "one-expert",
+                "rank0-sends-nothing", "fp8-ue8m0"}
+        cases = [c for c in cases if c.name in keep]
+    pattern = os.environ.get("FLASHEP_TEST_CASES", "")
+    if pattern:
+        cases = [c for c in cases if re.search(pattern, c.name)]
+    return cases
+
+
+# ---- inputs (every rank builds every rank's, from the same seeds) ---------------------------------
+
+
+def _inputs(case, R, seed):
+    import torch
+    E = case.num_experts(R)
+    K = min(case.K, E) if case.E != "R" or case.K == 1 else case.K
+    xs, idxs, weights = [], [], []
+    for r in range(R):
+        g = torch.Generator().manual_seed(seed * 1000 + r)
+        n = case.tokens(r, R)
+        x = (torch.randn((n, case.H), generator=g) * torch.rand((n, 1), generator=g) * 4).to(torch.bfloat16)
+        if case.routing == "one_expert":
+            idx = torch.full((n, K), -1, dtype=torch.int64)
+            idx[:, 0] = 0
+        elif case.E == "R" and K > 1:  # duplicates allowed: random ids with repetition
+            idx = torch.randint(0, E, (n, K), generator=g, dtype=torch.int64)
+        else:
+            idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(n)]) if n else \
+                torch.empty((0, K), dtype=torch.int64)
+        if case.drop > 0 and n:
+            idx[torch.rand((n, K), generator=g) < case.drop] = -1
+        w = torch.rand((n, K), generator=g, dtype=torch.float32) + 0.1
+        xs.append(x)
+        idxs.append(idx.contiguous())
+        weights.append(w)
+    return xs, idxs, weights, E, K
+
+
+def _expert_scale(e):
+    """c_e: the synthetic expert e multiplies its input by this (exact in BF16)."""
+    return 1.0 + (e % 5) * 0.25
+
+
+# ---- one case -------------------------------------------------------------------------------------
+
+
+def _run_case(buffer, case, rank, R, seed, errors):
+    import torch
+    from flashep import _C
+    xs, idxs, weights, E, K = _inputs(case, R, seed)
+    L, T, H = E // R, case.T, case.H
+    dev = torch.device("cuda", torch.cuda.current_device())
+    x, idx, w = xs[rank].to(dev), idxs[rank].to(dev), weights[rank].to(dev)
+    recv, count, handle, event, hook = buffer.low_latency_dispatch(
+        x, idx, T, E, use_fp8=case.fp8, round_scale=case.round_scale, use_ue8m0=case.ue8m0,
+        return_recv_hook=case.hook)
+    if case.hook:
+        assert event.event is None
+        hook()
+    torch.cuda.synchronize()
+
+    def err(what):
+        errors.append(f"[{case.name}] rank {rank}: {what}")
+        print(f"MISMATCH [{case.name}] rank {rank}: {what}", file=sys.stderr, flush=True)
+
+    # -- dispatch against the oracle
+    routing = _C.oracle_ll_dispatch_routing([i.numpy() for i in idxs], E, T)
+    want_count, want_rows = routing[rank]
+    got_count = count.cpu().tolist()
+    if got_count != list(want_count):
+        err(f"recv_count {got_count} != {list(want_count)}")
+        return
+    src_info, layout_range = handle[0].cpu(), handle[1].cpu()
+    recv_x = recv[0] if case.fp8 else recv
+    casts = [_C.oracle_ll_cast_fp8(xs[r].view(torch.int16).numpy().view("uint16"), case.round_scale, case.ue8m0)
+             if case.fp8 else None for r in range(R)]
+    recv_x_cpu = recv_x.cpu()
+    scales_cpu = recv[1].cpu() if case.fp8 else None
+    for i in range(L):
+        ends = []
+        for r in range(R):
+            begin, n_rows = int(layout_range[i, r]) >> 32, int(layout_range[i, r]) & 0xffffffff
+            ends.append((begin, n_rows))
+            tokens = src_info[i, begin:begin + n_rows].tolist()
+            if sorted(tokens) != list(want_rows[i][r]):
+                err(f"expert {i} source {r}: src_info {sorted(tokens)[:8]}... != oracle {list(want_rows[i][r])[:8]}...")
+                return
+            if n_rows == 0:
+                continue
+            rows = slice(begin, begin + n_rows)
+            tok = torch.tensor(tokens, dtype=torch.int64)
+            if case.fp8:
+                data, scales = casts[r]
+                want = torch.from_numpy(data)[tok]
+                if not torch.equal(recv_x_cpu[i, rows].view(torch.uint8), want):
+                    err(f"expert {i} source {r}: FP8 payload differs from the oracle's cast")
+                    return
+                want_s = torch.from_numpy(scales)[tok]
+                got_s = scales_cpu[i, rows]
+                if not torch.equal(got_s.contiguous().view(torch.int32), want_s.contiguous().view(torch.int32)):
+                    err(f"expert {i} source {r}: scales differ from the oracle's")
+                    return
+            elif not torch.equal(recv_x_cpu[i, rows].view(torch.int16), xs[r][tok].view(torch.int16)):
+                err(f"expert {i} source {r}: BF16 payload not exact")
+                return
+        # segments contiguous, in source order, covering [0, recv_count)
+        at = 0
+        for begin, n_rows in ends:
+            if begin != at:
+                err(f"expert {i}: segments not contiguous ({ends})")
+                return
+            at += n_rows
+        if at != got_count[i]:
+            err(f"expert {i}: segments cover {at} rows, recv_count {got_count[i]}")
+            return
+
+    # -- combine: expert outputs y[i][row] = bf16(x_src[token] * c_e)
+    y = torch.zeros((L, R * T, H), dtype=torch.bfloat16, device=dev)
+    for i in range(L):
+        e = rank * L + i
+        for r in range(R):
+            begin, n_rows = int(layout_range[i, r]) >> 32, int(layout_range[i, r]) & 0xffffffff
+            if n_rows:
+                tok = src_info[i, begin:begin + n_rows].to(torch.int64)
+                y[i, begin:begin + n_rows] = (xs[r][tok].float() * _expert_scale(e)).to(torch.bfloat16).to(dev)
+    target = y
+    if case.zero_copy:
+        target = buffer.get_next_low_latency_combine_buffer(handle)
+        target.copy_(y)
+    out = torch.empty((x.size(0), H), dtype=torch.bfloat16, device=dev) if case.out else None
+    combined, event, hook = buffer.low_latency_combine(target, idx, w, handle, zero_copy=case.zero_copy,
+                                                      return_recv_hook=case.hook, out=out)
+    if case.hook:
+        hook()
+    torch.cuda.synchronize()
+    if out is not None and combined.data_ptr() != out.data_ptr():
+        err("combine did not return `out`")
+    n = x.size(0)
+    y_src = torch.zeros((n * K, H), dtype=torch.bfloat16)
+    for t in range(n):
+        for k in range(K):
+            e = int(idxs[rank][t, k])
+            if e >= 0:
+                y_src[t * K + k] = (xs[rank][t].float() * _expert_scale(e)).to(torch.bfloat16)
+    ref = torch.from_numpy(_C.oracle_ll_combine(idxs[rank].numpy(), weights[rank].numpy(),
+                                                y_src.view(torch.int16).numpy().view("uint16"), R, E)
+                           .view("int16")).view(torch.bfloat16).float() if n else torch.zeros((0, H))
+    got = combined.cpu().float()
+    terms = (weights[rank].unsqueeze(-1) * y_src.float().view(n, K, H).abs()
+             * (idxs[rank] >= 0).unsqueeze(-1)).sum(1) if n else torch.zeros((0, H))
+    bound = terms * 2.0 ** -7 + 1e-6
+    bad = (got - ref).abs() > bound
+    if bool(bad.any()):
+        where = bad.nonzero()[0].tolist()
+        err(f"combine off by {float((got - ref).abs().max()):.4g} at {where} (bound {float(bound[tuple(where)]):.4g})")
+
+
+# ---- sequences ------------------------------------------------------------------------------------
+
+
+def _two_hooks(buffer, rank, R, errors):
+    """Dispatch A, dispatch B, hook A, hook B, combine A, combine B (hooks) against direct calls."""
+    import torch
+    dev = torch.device("cuda", torch.cuda.current_device())
+    case = Case("two-hooks", T=64, H=2048, K=4, E=32, fp8=False)
+    runs = []
+    for seed in (11, 12):
+        xs, idxs, weights, E, K = _inputs(case, R, seed)
+        runs.append((xs[rank].to(dev), idxs[rank].to(dev), weights[rank].to(dev), E))
+    a = buffer.low_latency_dispatch(runs[0][0], runs[0][1], 64, runs[0][3], use_fp8=False, return_recv_hook=True)
+    b = buffer.low_latency_dispatch(runs[1][0], runs[1][1], 64, runs[1][3], use_fp8=False, return_recv_hook=True)
+    try:
+        buffer.low_latency_dispatch(runs[1][0], runs[1][1], 64, runs[1][3], use_fp8=False)
+        errors.append(f"rank {rank}: a third call with two hooks pending was accepted")
+    except RuntimeError:
+        pass
+    a[4]()
+    b[4]()
+    ys = []
+    for (x, idx, w, E), res in zip(runs, (a, b)):
+        recv_x = res[0]
+        ys.append(recv_x.clone())  # expert = identity
+    ca = buffer.low_latency_combine(ys[0], runs[0][1], runs[0][2], a[2], return_recv_hook=True)
+    cb = buffer.low_latency_combine(ys[1], runs[1][1], runs[1][2], b[2], return_recv_hook=True)
+    ca[2]()
+    cb[2]()
+    torch.cuda.synchronize()
+    for (x, idx, w, E), (combined, _, _) in zip(runs, (ca, cb)):
+        ref = (w * (idx >= 0)).sum(1, keepdim=True) * x.float()
+        if not torch.allclose(combined.float(), ref, rtol=2 ** -7, atol=1e-5):
+            errors.append(f"two-hooks rank {rank}: combine differs by {float((combined.float() - ref).abs().max())}")
+
+
+def _fresh(R, T, H, E, K, seed, dev, rank):
+    import torch
+    g = torch.Generator(device=dev).manual_seed(seed * 100 + rank)
+    n = T
+    x = (torch.randint(-8, 9, (n, H), generator=g, device=dev)).to(torch.bfloat16)
+    idx = torch.argsort(torch.rand((n, E), generator=g, device=dev), dim=1)[:, :K].to(torch.int64)
+    idx[torch.rand((n, K), generator=g, device=dev) < 0.05] = -1
+    w = torch.rand((n, K), generator=g, device=dev) + 0.5
+    return x, idx.contiguous(), w
+
+
+def _graph_and_stress(buffer, rank, R, quick, errors):
+    """A CUDA graph of dispatch + (identity experts) + combine, replayed with fresh inputs; then a
+    loop of fresh routings without graphs. Both check combined == sum_k w_k * x (BF16 dispatch, small
+    integers: exact products; bound 2^-7 relative for the two BF16 roundings)."""
+    import torch
+    dev = torch.device("cuda", torch.cuda.current_device())
+    T, H, E, K = 128, 2048, 64, 8
+
+    def check(x, idx, w, combined, what):
+        ref = (w * (idx >= 0)).sum(1, keepdim=True) * x.float()
+        if not torch.allclose(combined.float(), ref, rtol=2 ** -7, atol=1e-5):
+            errors.append(f"{what} rank {rank}: off by {float((combined.float() - ref).abs().max())}")
+            return False
+        return True
+
+    replays = dh.env_int("FLASHEP_TEST_GRAPH_REPLAYS", 100)
+    if replays > 0:
+        x, idx, w = _fresh(R, T, H, E, K, 0, dev, rank)
+        static_x, static_idx, static_w = x.clone(), idx.clone(), w.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the graph (allocations)
+            recv, _, handle, _, _ = buffer.low_latency_dispatch(static_x, static_idx, T, E, use_fp8=False)
+            out, _, _ = buffer.low_latency_combine(recv, static_idx, static_w, handle)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            recv, _, handle, _, hook = buffer.low_latency_dispatch(static_x, static_idx, T, E, use_fp8=False,
+                                                                  return_recv_hook=True)
+            hook()
+            y = recv * 1  # the identity expert, inside the graph
+            out, _, hook = buffer.low_latency_combine(y, static_idx, static_w, handle, return_recv_hook=True)
+            hook()
+        for i in range(replays):
+            x, idx, w = _fresh(R, T, H, E, K, 1000 + i, dev, rank)
+            static_x.copy_(x)
+            static_idx.copy_(idx)
+            static_w.copy_(w)
+            graph.replay()
+            torch.cuda.synchronize()
+            if not check(x, idx, w, out, f"graph replay {i}"):
+                break
+        del graph
+    iters = dh.env_int("FLASHEP_TEST_STRESS_ITERS", 100 if quick else 1000)
+    for i in range(iters):
+        x, idx, w = _fresh(R, T, H, E, K, 5000 + i, dev, rank)
+        recv, count, handle, _, _ = buffer.low_latency_dispatch(x, idx, T, E, use_fp8=False)
+        out, _, _ = buffer.low_latency_combine(recv, idx, w, handle)
+        if i % 50 == 49 or i == iters - 1:
+            torch.cuda.synchronize()
+            if not check(x, idx, w, out, f"stress iteration {i}"):
+                break
+
+
+def _bad_inputs(buffer, rank, R, errors):
+    """Each is rejected with ValueError/TypeError/RuntimeError before anything runs."""
+    import torch
+    dev = torch.device("cuda", torch.cuda.current_device())
+    T, H, E = 128, 7168, 288
+    x = torch.zeros((8, H), dtype=torch.bfloat16, device=dev)
+    idx = torch.zeros((8, 8), dtype=torch.int64, device=dev)
+    w = torch.ones((8, 8), dtype=torch.float32, device=dev)
+    recv, _, handle, _, _ = buffer.low_latency_dispatch(x, idx, T, E)
+    torch.cuda.synchronize()
+    y = torch.zeros((E // R, R * T, H), dtype=torch.bfloat16, device=dev)
+    bad = {
+        "x float32": lambda: buffer.low_latency_dispatch(x.float(), idx, T, E),
+        "x not contiguous": lambda: buffer.low_latency_dispatch(x.t().contiguous().t(), idx, T, E),
+        "n > T": lambda: buffer.low_latency_dispatch(x, idx, 4, E),
+        "H not a multiple of 128": lambda: buffer.low_latency_dispatch(x[:, :100].contiguous(), idx, T, E),
+        "K too large": lambda: buffer.low_latency_dispatch(x, torch.zeros((8, 33), dtype=torch.int64, device=dev), T, E),
+        "topk_idx int32": lambda: buffer.low_latency_dispatch(x, idx.int(), T, E),
+        "E not a multiple of R": lambda: buffer.low_latency_dispatch(x, idx, T, E + 1),
+        "buffer too small": lambda: buffer.low_latency_dispatch(x, idx, 4096, E),
+        "ue8m0 without round_scale": lambda: buffer.low_latency_dispatch(x, idx, T, E, use_ue8m0=True),
+        "hook with async_finish": lambda: buffer.low_latency_dispatch(x, idx, T, E, async_finish=True,
+                                                                      return_recv_hook=True),
+        "stats of the wrong size": lambda: buffer.low_latency_dispatch(
+            x, idx, T, E, cumulative_local_expert_recv_stats=torch.zeros(3, dtype=torch.int32, device=dev)),
+        "foreign handle": lambda: buffer.low_latency_combine(y, idx, w, (handle[0], handle[1], T, H, E)),
+        "out of the wrong shape": lambda: buffer.low_latency_combine(
+            y, idx, w, handle, out=torch.empty((8, H + 128), dtype=torch.bfloat16, device=dev)),
+        "x of the wrong shape": lambda: buffer.low_latency_combine(y[:, :10], idx, w, handle),
+        "combine top-k differs": lambda: buffer.low_latency_combine(y, idx[:, :4].contiguous(), w[:, :4].contiguous(),
+                                                                    handle),
+    }
+    for name, call in bad.items():
+        try:
+            call()
+            errors.append(f"bad input '{name}' was accepted on rank {rank}")
+        except (ValueError, TypeError, RuntimeError):
+            pass
+    torch.cuda.synchronize()
+
+
+def _worker(rank, world_size, quick, transport):
+    import torch
+    import flashep
+    R = world_size
+    errors = []
+    T_max, H_max, E_max = 256, 7168, max(288, 2 * R)
+    size = max(flashep.Buffer.get_low_latency_rdma_size_hint(T_max, H_max, R, E_max),
+               flashep.Buffer.get_low_latency_rdma_size_hint(128, 7168, R, 288))
+    buffer = flashep.Buffer(None, 0, size, low_latency_mode=True,
+                            allow_nvlink_for_low_latency_mode=(transport == "nvlink"), explicitly_destroy=True)
+    for r in range(R):
+        want = "self" if r == rank else transport
+        got = buffer.runtime.peer_transport(r) if transport == "nvlink" else want
+        assert got in (want, "self"), (r, got)
+    for seed, case in enumerate(_cases(quick)):
+        start = time.time()
+        _run_case(buffer, case, rank, R, seed + 1, errors)
+        if rank == 0:
+            print(f"[R{R} {transport}] {case.name}: {time.time() - start:.2f} s", flush=True)
+    _two_hooks(buffer, rank, R, errors)
+    _graph_and_stress(buffer, rank, R, quick, errors)
+    _bad_inputs(buffer, rank, R, errors)
+    torch.cuda.synchronize()
+    buffer.destroy()
+    assert not errors, "\n".join(errors[:20])
+    return True
