@@ -314,8 +314,6 @@ def _free_port() -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parse_args(argv)
-    import multiprocessing
-
     import torch
 
     available = torch.cuda.device_count()
@@ -326,12 +324,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     # The children unpickle the target by module name: use the importable one, not __main__.
     from flashep import bench as this_module
 
+    return run_ranks(this_module._child, R, args, args.timeout)
+
+
+def run_ranks(child, R: int, args: argparse.Namespace, timeout_s: float) -> int:
+    """Runs child(rank, R, args, port) in R spawned processes; kills the rest when one fails or the
+    time limit passes. Returns the exit status for main()."""
+    import multiprocessing
+
     ctx = multiprocessing.get_context("spawn")
     port = _free_port()
-    processes = [ctx.Process(target=this_module._child, args=(r, R, args, port), daemon=True) for r in range(R)]
+    processes = [ctx.Process(target=child, args=(r, R, args, port), daemon=True) for r in range(R)]
     for p in processes:
         p.start()
-    deadline = time.monotonic() + args.timeout
+    deadline = time.monotonic() + timeout_s
     failed_at = None
     while any(p.is_alive() for p in processes):
         time.sleep(0.2)
@@ -340,7 +346,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             failed_at = now
         if now > deadline or (failed_at is not None and now > failed_at + 30):
             hung = [r for r, p in enumerate(processes) if p.is_alive()]
-            print(f"flashep.bench: killing ranks {hung} "
+            print(f"flashep bench: killing ranks {hung} "
                   f"({'time limit reached' if now > deadline else 'another rank failed'})", file=sys.stderr)
             for r in hung:
                 processes[r].kill()
@@ -349,10 +355,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.join(10)
     codes = [p.exitcode for p in processes]
     if any(c != 0 for c in codes):
-        print(f"flashep.bench: FAILED, exit codes by rank: {codes}", file=sys.stderr)
+        print(f"flashep bench: FAILED, exit codes by rank: {codes}", file=sys.stderr)
         return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -134,7 +134,8 @@ inline std::string describe(const DeviceErrorRecord& r, double timeout_s) {
              "bounds" + unusable;
     case Phase::kLowLatencyInvalidExpert:
       return s + phase_name(phase) + ": topk_idx entry " + std::to_string(r.expected) + " is " +
-             std::to_string(r.observed) + " (num_experts " + std::to_string(r.peer) + "); nothing was sent" + unusable;
+             std::to_string(r.observed) + ", outside [-1, num_experts = " + std::to_string(r.peer) +
+             ") or an expert the token names twice; nothing was sent" + unusable;
     case Phase::kLowLatencyCallMismatch:
       return s + "the ranks disagree on a low-latency call: rank " + std::to_string(r.peer) +
              " made another operation or used another T, H, E, top-k or dtype (call hashes " +

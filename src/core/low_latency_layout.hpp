@@ -245,10 +245,11 @@ FLASHEP_HD int ll_call_hash(int op, int max_tokens, int hidden, int num_experts,
   return static_cast<int>(h | 1u);
 }
 
-/// Blocks of a low-latency kernel: enough warps for the messages of R * T tokens, at most the SMs
-/// (every block must be resident: the kernels are launched cooperatively).
+/// Blocks of a low-latency kernel: one per item (a token to send, a message to expand, a sum to
+/// make), up to R * T items, at most the SMs (every block must be resident: the kernels are
+/// launched cooperatively, and blocks wait for each other's signals).
 inline int ll_num_blocks(int num_ranks, int max_tokens, int num_device_sms) {
-  const int64_t want = (int64_t(num_ranks) * max_tokens + 7) / 8;
+  const int64_t want = int64_t(num_ranks) * max_tokens;
   return static_cast<int>(want < 1 ? 1 : (want > num_device_sms ? num_device_sms : want));
 }
 

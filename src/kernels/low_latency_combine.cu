@@ -35,7 +35,8 @@ __device__ __forceinline__ int4 to_bf16x8(const float* acc) {
   return out;
 }
 
-__device__ __forceinline__ void combine_send(const kernels::LowLatencyCombineParams& p, int* smem) {
+/// Block-wide send phase. Returns false when the call failed here.
+__device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombineParams& p, int* smem) {
   const DeviceComm& c = p.comm;
   const LowLatencyComm& ll = p.ll;
   const LowLatencyLayout& L = ll.layout;
@@ -73,62 +74,83 @@ __device__ __forceinline__ void combine_send(const kernels::LowLatencyCombinePar
     }
   }
 
-  // 2. The expert side: one weighted sum per message of the dispatch.
+  // 2. The expert side: one weighted sum per message of the dispatch, one block per message.
+  // Thread 0 waits for the source's weights (once per source and block), warp 0 gathers the rows
+  // and weights, then every thread sums its 16-byte words over the rows (loads first).
   if (threadIdx.x == 0) {
     s_prefix[0] = 0;
     for (int r = 0; r < R; ++r) s_prefix[r + 1] = s_prefix[r] + (s_masked[r] ? 0 : p.plan[r]);
   }
+  __shared__ int s_rows[kMaxTopk];
+  __shared__ float s_weights[kMaxTopk];
+  __shared__ int s_num_rows, s_token, s_status, s_ready_src;
+  if (threadIdx.x == 0) s_ready_src = -1;
   __syncthreads();
   const int total = s_prefix[R];
-  int ready_src = -1;  // the source whose weights this warp has seen arrive
-  for (int item = global_warp; item < total; item += num_global_warps) {
+  const int64_t num_rows_x = int64_t(L.num_local_experts()) * L.rows_per_expert();
+  const int num_int4 = H / 8;
+  for (int item = blockIdx.x; item < total; item += gridDim.x) {
     int src = 0;
     while (s_prefix[src + 1] <= item) ++src;
     const int slot = item - s_prefix[src];
     char* inbox = inbox_region(c, ll, src);
-    if (src != ready_src) {
-      int status = 0;
-      if (lane == 0) {
+    if (threadIdx.x == 0) {
+      int status = static_cast<int>(WaitResult::kArrived);
+      if (s_ready_src != src) {
         uint64_t value = 0;
-        const WaitResult res =
-            wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.combine_weights(half, src)), seq, false, 0,
-                      Phase::kLowLatencyCombineWeights, src, &value);
-        status = static_cast<int>(res);
+        status = static_cast<int>(wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.combine_weights(half, src)),
+                                            seq, false, 0, Phase::kLowLatencyCombineWeights, src, &value));
+        if (status == static_cast<int>(WaitResult::kArrived)) s_ready_src = src;
       }
-      status = __shfl_sync(0xffffffffu, status, 0);
-      if (status == static_cast<int>(WaitResult::kFailed)) return;
-      if (status == static_cast<int>(WaitResult::kMasked)) continue;
-      ready_src = src;
+      s_status = status;
     }
-    const int* entry = p.plan + ll_plan_entry(R, T, K, src, slot);
-    const int token = entry[0];
-    const int row = lane < K ? entry[1 + lane] : -1;
-    const float weight = row >= 0 ? __ldcg(reinterpret_cast<const float*>(inbox + L.weights(half, src)) + token * K + lane)
-                                  : 0.0f;
-    const unsigned rows = __ballot_sync(0xffffffffu, row >= 0);
+    __syncthreads();
+    if (s_status == static_cast<int>(WaitResult::kFailed)) return false;
+    if (s_status == static_cast<int>(WaitResult::kMasked)) {
+      __syncthreads();
+      continue;
+    }
+    if (warp == 0) {
+      const int* entry = p.plan + ll_plan_entry(R, T, K, src, slot);
+      const int token = entry[0];
+      const int row = lane < K ? entry[1 + lane] : -1;
+      const bool valid = row >= 0 && row < num_rows_x && token >= 0 && token < T;
+      const unsigned rows = __ballot_sync(0xffffffffu, valid);
+      if (valid) {
+        const int i = __popc(rows & ((1u << lane) - 1u));
+        s_rows[i] = row;
+        s_weights[i] = __ldcg(reinterpret_cast<const float*>(inbox + L.weights(half, src)) + token * K + lane);
+      }
+      if (lane == 0) {
+        s_num_rows = (token >= 0 && token < T) ? __popc(rows) : -1;
+        s_token = token;
+      }
+    }
+    __syncthreads();
+    const int num_rows = s_num_rows, token = s_token;
+    if (num_rows < 0) {  // a plan entry outside the tensors: not from our dispatch
+      if (threadIdx.x == 0) device::fail(c, Phase::kLowLatencyBadMessage, src, -1, T, token);
+      return false;
+    }
     char* region = direct_region(c, ll, src);
-    char* dst = region != nullptr ? region + L.combine_in(half, c.rank, token)
-                                  : ll.sym + L.combine_stage(half, src, slot);
-    const int num_int4 = H / 8;
-    for (int base = 0; base < num_int4; base += 32) {
-      const int w = base + lane;
-      const bool active = w < num_int4;
+    char* dst = region != nullptr ? region + L.combine_in(half, c.rank, token) : ll.sym + L.combine_stage(half, src, slot);
+    for (int w = threadIdx.x; w < num_int4; w += kThreads) {
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      unsigned rest = rows;
-      while (rest != 0) {
-        const int k = __ffs(rest) - 1;
-        rest &= rest - 1;
-        const int r = __shfl_sync(0xffffffffu, row, k);
-        const float wk = __shfl_sync(0xffffffffu, weight, k);
-        if (active) fma_bf16x8(acc, device::ld_stream(reinterpret_cast<const int4*>(p.x) + int64_t(r) * num_int4 + w), wk);
+      for (int k0 = 0; k0 < num_rows; k0 += 8) {
+        int4 v[8];
+#pragma unroll
+        for (int k = 0; k < 8; ++k)
+          if (k0 + k < num_rows) v[k] = device::ld_stream(reinterpret_cast<const int4*>(p.x) + int64_t(s_rows[k0 + k]) * num_int4 + w);
+#pragma unroll
+        for (int k = 0; k < 8; ++k)
+          if (k0 + k < num_rows) fma_bf16x8(acc, v[k], s_weights[k0 + k]);
       }
-      if (active) reinterpret_cast<int4*>(dst)[w] = to_bf16x8(acc);
+      reinterpret_cast<int4*>(dst)[w] = to_bf16x8(acc);
     }
-    if (region == nullptr) {
-      __syncwarp();
+    __syncthreads();
+    if (region == nullptr && warp == 0)
       warp_put_signal(ll, src, L.combine_in(half, c.rank, token), L.combine_stage(half, src, slot), int64_t(H) * 2,
                       L.combine_arrival(half, c.rank), 1, true);
-    }
   }
 
   // 3. The last block tells every source how many sums it sent there.
@@ -146,6 +168,7 @@ __device__ __forceinline__ void combine_send(const kernels::LowLatencyCombinePar
       st->send_seq = seq + 1;
     }
   }
+  return true;
 }
 
 __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombineParams& p, int* smem) {
@@ -188,31 +211,43 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
   __syncthreads();
   if (s_failed) return;
 
+  // One block per token: warp 0 finds the ranks its experts live on, then every thread adds its
+  // 16-byte words of those ranks' sums (loads first).
   const int num_int4 = H / 8;
-  for (int t = blockIdx.x * kWarps + warp; t < p.num_tokens; t += gridDim.x * kWarps) {
-    const int64_t expert = lane < K ? __ldg(p.topk_idx + int64_t(t) * K + lane) : -1;
-    int dst = (expert >= 0 && expert < L.num_experts) ? static_cast<int>(expert / num_local) : -1;
-    if (dst >= 0 && s_masked[dst]) dst = -1;
-    bool first = dst >= 0;
-    for (int k = 0; k < K; ++k) {
-      const int other = __shfl_sync(0xffffffffu, dst, k);
-      if (k < lane && other == dst) first = false;
-    }
-    const unsigned dests = __ballot_sync(0xffffffffu, first);
-    for (int base = 0; base < num_int4; base += 32) {
-      const int w = base + lane;
-      const bool active = w < num_int4;
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      unsigned rest = dests;
-      while (rest != 0) {
-        const int k = __ffs(rest) - 1;
-        rest &= rest - 1;
-        const int d = __shfl_sync(0xffffffffu, dst, k);
-        if (active)
-          add_bf16x8(acc, device::ld_ring(reinterpret_cast<const int4*>(inbox_region(c, ll, d) + L.combine_in(half, d, t)) + w));
+  __shared__ const int4* s_parts[32];
+  __shared__ int s_num_parts;
+  for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
+    if (warp == 0) {
+      const int64_t expert = lane < K ? __ldg(p.topk_idx + int64_t(t) * K + lane) : -1;
+      int dst = (expert >= 0 && expert < L.num_experts) ? static_cast<int>(expert / num_local) : -1;
+      if (dst >= 0 && s_masked[dst]) dst = -1;
+      bool first = dst >= 0;
+      for (int k = 0; k < K; ++k) {
+        const int other = __shfl_sync(0xffffffffu, dst, k);
+        if (k < lane && other == dst) first = false;
       }
-      if (active) reinterpret_cast<int4*>(p.out)[int64_t(t) * num_int4 + w] = to_bf16x8(acc);
+      const unsigned dests = __ballot_sync(0xffffffffu, first);
+      if (first)
+        s_parts[__popc(dests & ((1u << lane) - 1u))] =
+            reinterpret_cast<const int4*>(inbox_region(c, ll, dst) + L.combine_in(half, dst, t));
+      if (lane == 0) s_num_parts = __popc(dests);
     }
+    __syncthreads();
+    const int num_parts = s_num_parts;
+    for (int w = threadIdx.x; w < num_int4; w += kThreads) {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int d0 = 0; d0 < num_parts; d0 += 8) {
+        int4 v[8];
+#pragma unroll
+        for (int d = 0; d < 8; ++d)
+          if (d0 + d < num_parts) v[d] = device::ld_ring(s_parts[d0 + d] + w);
+#pragma unroll
+        for (int d = 0; d < 8; ++d)
+          if (d0 + d < num_parts) add_bf16x8(acc, v[d]);
+      }
+      reinterpret_cast<int4*>(p.out)[int64_t(t) * num_int4 + w] = to_bf16x8(acc);
+    }
+    __syncthreads();
   }
 
   if (last_block_done(&st->ticket[kTicketCombineRecv])) {
@@ -231,7 +266,7 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
 __global__ void __launch_bounds__(kThreads, 1) combine(const __grid_constant__ kernels::LowLatencyCombineParams p) {
   extern __shared__ int smem[];
   if (device::aborted_at_entry(p.comm)) return;
-  if (p.phases & kLowLatencySend) combine_send(p, smem);
+  if ((p.phases & kLowLatencySend) && !combine_send(p, smem)) return;
   if (p.phases & kLowLatencyReceive) combine_receive(p, smem);
 }
 

@@ -33,9 +33,12 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
   __shared__ int s_bad;
   if (threadIdx.x == 0) s_bad = 0;
   load_mask(ll, R, s_masked);  // (its __syncthreads also publishes s_bad = 0)
+  // Ids in [-1, E), and no expert twice for one token (an expert's R*T rows could not hold more).
   for (int i = threadIdx.x; i < p.num_tokens * K; i += blockDim.x) {
     const int64_t e = p.topk_idx[i];
-    if (e < -1 || e >= E) atomicExch(&s_bad, i + 1);
+    bool bad = e < -1 || e >= E;
+    for (int k = i - i % K; k < i && !bad && e >= 0; ++k) bad = p.topk_idx[k] == e;
+    if (bad) atomicExch(&s_bad, i + 1);
   }
   __syncthreads();
   if (s_bad != 0) {
@@ -44,119 +47,127 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
     return false;
   }
 
+  // One block per token: warp 0 takes the slots and positions and writes the meta, then every warp
+  // casts and stores a share of the row's 256-channel chunks (many loads in flight per token), then
+  // warp 0 puts the staged message to the NVSHMEM destinations.
   const LowLatencyMessage m = make_ll_message(L.hidden, kFp8);
-  for (int t = blockIdx.x * kWarps + warp; t < p.num_tokens; t += gridDim.x * kWarps) {
-    // Lane k < K owns top-k slot k: its expert, destination, and (first lane of each destination)
-    // the message slot there.
-    int64_t expert = lane < K ? __ldg(p.topk_idx + int64_t(t) * K + lane) : -1;
-    int dst = expert >= 0 ? static_cast<int>(expert / num_local) : -1;
-    if (dst >= 0 && s_masked[dst]) dst = -1, expert = -1;
-    bool first = dst >= 0;
-    for (int k = 0; k < K; ++k) {
-      const int other = __shfl_sync(0xffffffffu, dst, k);
-      if (k < lane && other == dst) first = false;
-    }
-    const unsigned dests = __ballot_sync(0xffffffffu, first);
-    int slot = 0, pos = 0;
-    if (first) slot = atomicAdd(local_int(ll, L.msg_counter(half, dst)), 1);
-    if (expert >= 0) pos = atomicAdd(local_int(ll, L.expert_counter(half, static_cast<int>(expert))), 1);
-    // Lane i < popc(dests): the i-th destination's message address (nullptr: an NVSHMEM one).
-    char* my_msg = nullptr;
-    bool my_remote = false;
-    {
-      unsigned rest = dests;
-      for (int i = 0; rest != 0; ++i) {
-        const int owner = __ffs(rest) - 1;
-        rest &= rest - 1;
-        const int d = __shfl_sync(0xffffffffu, dst, owner);
-        const int s = __shfl_sync(0xffffffffu, slot, owner);
-        if (lane == i) {
-          char* region = direct_region(c, ll, d);
-          my_msg = region != nullptr ? region + L.dispatch_in(half, c.rank, s) : nullptr;
-          my_remote = region == nullptr;
-        }
-      }
-    }
-    const int num_dests = __popc(dests);
-    const bool any_remote = __any_sync(0xffffffffu, my_remote);
+  __shared__ char* s_msg[32];   // per destination: its message address (nullptr: NVSHMEM)
+  __shared__ int s_dst[32], s_slot[32];
+  __shared__ int s_num_dests, s_any_remote;
+  const int num_chunks = (L.hidden + 255) / 256;
+  for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
     char* stage = ll.sym != nullptr ? ll.sym + L.dispatch_stage(half, t) : nullptr;
-
-    // The row, in chunks of 256 channels: each lane 8 channels (16 bytes of BF16).
-    const int4* row = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + int64_t(t) * L.hidden * 2);
-    for (int chunk = 0; chunk < L.hidden / 256 + (L.hidden % 256 != 0); ++chunk) {
-      const int channel = chunk * 256 + lane * 8;
-      const bool active = channel < L.hidden;
-      int4 in = make_int4(0, 0, 0, 0);
-      if (active) in = device::ld_stream(row + channel / 8);
-      if constexpr (kFp8) {
-        const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&in);
-        float f[8];
-        float amax = 0.0f;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          f[j] = __bfloat162float(v[j]);
-          amax = fmaxf(amax, fabsf(f[j]));
-        }
-        // A 128-channel group is 16 lanes (H % 128 == 0: a half warp is all active or all not).
-#pragma unroll
-        for (int mask = 8; mask >= 1; mask >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, mask));
-        amax = fmaxf(amax, 1e-4f);
-        float scale_inv = __fdiv_rn(amax, 448.0f);
-        if (p.round_scale) {
-          const uint32_t bits = __float_as_uint(scale_inv);
-          if ((bits & 0x7fffffu) != 0) scale_inv = __uint_as_float((bits & 0x7f800000u) + 0x800000u);
-        }
-        uint32_t packed[2];
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const __nv_fp8x4_e4m3 q(make_float4(__fdiv_rn(f[4 * j], scale_inv), __fdiv_rn(f[4 * j + 1], scale_inv),
-                                              __fdiv_rn(f[4 * j + 2], scale_inv), __fdiv_rn(f[4 * j + 3], scale_inv)));
-          packed[j] = q.__x;
-        }
-        const uint2 out = make_uint2(packed[0], packed[1]);
-        const int group = channel / 128;
-        for (int i = 0; i < num_dests; ++i) {
-          char* msg = reinterpret_cast<char*>(__shfl_sync(0xffffffffu, reinterpret_cast<uintptr_t>(my_msg), i));
-          if (msg == nullptr || !active) continue;
-          *reinterpret_cast<uint2*>(msg + channel) = out;
-          if (lane % 16 == 0) reinterpret_cast<float*>(msg + m.scale_offset)[group] = scale_inv;
-        }
-        if (any_remote && active) {
-          *reinterpret_cast<uint2*>(stage + channel) = out;
-          if (lane % 16 == 0) reinterpret_cast<float*>(stage + m.scale_offset)[group] = scale_inv;
-        }
-      } else {
-        for (int i = 0; i < num_dests; ++i) {
-          char* msg = reinterpret_cast<char*>(__shfl_sync(0xffffffffu, reinterpret_cast<uintptr_t>(my_msg), i));
-          if (msg != nullptr && active) *reinterpret_cast<int4*>(msg + int64_t(channel) * 2) = in;
-        }
-        if (any_remote && active) *reinterpret_cast<int4*>(stage + int64_t(channel) * 2) = in;
+    if (warp == 0) {
+      // Lane k < K owns top-k slot k: its expert, destination, and (first lane of each
+      // destination) the message slot there.
+      int64_t expert = lane < K ? __ldg(p.topk_idx + int64_t(t) * K + lane) : -1;
+      int dst = expert >= 0 ? static_cast<int>(expert / num_local) : -1;
+      if (dst >= 0 && s_masked[dst]) dst = -1, expert = -1;
+      bool first = dst >= 0;
+      for (int k = 0; k < K; ++k) {
+        const int other = __shfl_sync(0xffffffffu, dst, k);
+        if (k < lane && other == dst) first = false;
       }
-    }
-    // Meta: the same for every destination (each keeps the slots of its own experts).
-    const int meta_expert = expert >= 0 ? static_cast<int>(expert) : -1;
-    for (int i = 0; i < num_dests + (any_remote ? 1 : 0); ++i) {
-      char* msg = i < num_dests
-                      ? reinterpret_cast<char*>(__shfl_sync(0xffffffffu, reinterpret_cast<uintptr_t>(my_msg), i))
-                      : stage;
-      if (msg == nullptr) continue;
-      int* meta = reinterpret_cast<int*>(msg + m.meta_offset);
-      if (lane == 0) meta[kMetaSrcToken] = t;
-      if (lane < K) {
-        meta[kMetaExpert + lane] = meta_expert;
-        meta[kMetaPos + lane] = pos;
+      const unsigned dests = __ballot_sync(0xffffffffu, first);
+      int slot = 0, pos = 0;
+      if (first) slot = atomicAdd(local_int(ll, L.msg_counter(half, dst)), 1);
+      if (expert >= 0) pos = atomicAdd(local_int(ll, L.expert_counter(half, static_cast<int>(expert))), 1);
+      if (first) {
+        const int i = __popc(dests & ((1u << lane) - 1u));
+        char* region = direct_region(c, ll, dst);
+        s_msg[i] = region != nullptr ? region + L.dispatch_in(half, c.rank, slot) : nullptr;
+        s_dst[i] = dst;
+        s_slot[i] = slot;
       }
-    }
-    if (any_remote) {
+      const bool any_remote = __any_sync(0xffffffffu, first && direct_region(c, ll, dst) == nullptr);
+      if (lane == 0) {
+        s_num_dests = __popc(dests);
+        s_any_remote = any_remote ? 1 : 0;
+      }
       __syncwarp();
-      unsigned rest = dests;
-      while (rest != 0) {
-        const int owner = __ffs(rest) - 1;
-        rest &= rest - 1;
-        const int d = __shfl_sync(0xffffffffu, dst, owner);
-        const int s = __shfl_sync(0xffffffffu, slot, owner);
-        if (direct_region(c, ll, d) != nullptr) continue;
-        warp_put_signal(ll, d, L.dispatch_in(half, c.rank, s), L.dispatch_stage(half, t), m.bytes,
+      // Meta: the same for every destination (each keeps the slots of its own experts).
+      const int num_dests = __popc(dests);
+      for (int i = 0; i < num_dests + (any_remote ? 1 : 0); ++i) {
+        char* msg = i < num_dests ? s_msg[i] : stage;
+        if (msg == nullptr) continue;
+        int* meta = reinterpret_cast<int*>(msg + m.meta_offset);
+        if (lane == 0) meta[kMetaSrcToken] = t;
+        if (lane < K) {
+          meta[kMetaExpert + lane] = expert >= 0 ? static_cast<int>(expert) : -1;
+          meta[kMetaPos + lane] = pos;
+        }
+      }
+    }
+    __syncthreads();
+    const int num_dests = s_num_dests;
+    const bool any_remote = s_any_remote != 0;
+    const int4* row = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + int64_t(t) * L.hidden * 2);
+    // Each warp: chunks warp, warp + 16, ... (at most 2 for H <= 8192); loads first.
+    for (int base = warp; base < num_chunks; base += 2 * kWarps) {
+      int4 in[2];
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int channel = (base + u * kWarps) * 256 + lane * 8;
+        in[u] = (base + u * kWarps < num_chunks && channel < L.hidden) ? device::ld_stream(row + channel / 8)
+                                                                         : make_int4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int chunk = base + u * kWarps;
+        if (chunk >= num_chunks) break;  // warp-uniform
+        const int channel = chunk * 256 + lane * 8;
+        const bool active = channel < L.hidden;
+        if constexpr (kFp8) {
+          const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&in[u]);
+          float f[8];
+          float amax = 0.0f;
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            f[j] = __bfloat162float(v[j]);
+            amax = fmaxf(amax, fabsf(f[j]));
+          }
+          // A 128-channel group is 16 lanes (H % 128 == 0: a half warp is all active or all not).
+#pragma unroll
+          for (int mask = 8; mask >= 1; mask >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, mask));
+          amax = fmaxf(amax, 1e-4f);
+          float scale_inv = __fdiv_rn(amax, 448.0f);
+          if (p.round_scale) {
+            const uint32_t bits = __float_as_uint(scale_inv);
+            if ((bits & 0x7fffffu) != 0) scale_inv = __uint_as_float((bits & 0x7f800000u) + 0x800000u);
+          }
+          uint32_t packed[2];
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const __nv_fp8x4_e4m3 q(make_float4(__fdiv_rn(f[4 * j], scale_inv), __fdiv_rn(f[4 * j + 1], scale_inv),
+                                                __fdiv_rn(f[4 * j + 2], scale_inv), __fdiv_rn(f[4 * j + 3], scale_inv)));
+            packed[j] = q.__x;
+          }
+          const uint2 out = make_uint2(packed[0], packed[1]);
+          const int group = channel / 128;
+          if (active) {
+            for (int i = 0; i < num_dests; ++i) {
+              char* msg = s_msg[i];
+              if (msg == nullptr) continue;
+              *reinterpret_cast<uint2*>(msg + channel) = out;
+              if (lane % 16 == 0) reinterpret_cast<float*>(msg + m.scale_offset)[group] = scale_inv;
+            }
+            if (any_remote) {
+              *reinterpret_cast<uint2*>(stage + channel) = out;
+              if (lane % 16 == 0) reinterpret_cast<float*>(stage + m.scale_offset)[group] = scale_inv;
+            }
+          }
+        } else if (active) {
+          for (int i = 0; i < num_dests; ++i)
+            if (s_msg[i] != nullptr) *reinterpret_cast<int4*>(s_msg[i] + int64_t(channel) * 2) = in[u];
+          if (any_remote) *reinterpret_cast<int4*>(stage + int64_t(channel) * 2) = in[u];
+        }
+      }
+    }
+    __syncthreads();
+    if (any_remote && warp == 0) {
+      for (int i = 0; i < num_dests; ++i) {
+        if (s_msg[i] != nullptr) continue;
+        warp_put_signal(ll, s_dst[i], L.dispatch_in(half, c.rank, s_slot[i]), L.dispatch_stage(half, t), m.bytes,
                         L.dispatch_arrival(half, c.rank), 1, true);
       }
     }
@@ -293,77 +304,88 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
     return;
   }
 
-  // 3. Expand the messages: one warp per message, one output row per top-k slot of our experts.
+  // 3. Expand the messages: one block per message. Warp 0 decodes the meta (target rows, plan,
+  // src_info); then every thread copies its 16-byte words of the row to every target row.
   const LowLatencyMessage m = make_ll_message(L.hidden, kFp8);
   const int num_groups = L.hidden / 128;
   const int total_msgs = s_prefix[R];
-  for (int item = blockIdx.x * kWarps + warp; item < total_msgs; item += gridDim.x * kWarps) {
+  __shared__ int64_t s_rows[32];
+  __shared__ int s_num_rows, s_bad_msg;
+  for (int item = blockIdx.x; item < total_msgs; item += gridDim.x) {
     int src = 0;
     while (s_prefix[src + 1] <= item) ++src;
     const int slot = item - s_prefix[src];
     const char* msg = inbox_region(c, ll, src) + L.dispatch_in(half, src, slot);
-    const int* meta = reinterpret_cast<const int*>(msg + m.meta_offset);
-    const int token = __ldcg(meta + kMetaSrcToken);
-    const int expert = lane < K ? __ldcg(meta + kMetaExpert + lane) : -1;
-    const int pos = lane < K ? __ldcg(meta + kMetaPos + lane) : 0;
-    const int local = (expert >= 0 && expert / num_local == c.rank) ? expert - c.rank * num_local : -1;
-    int64_t out_row = -1;  // expert * (R*T) + row
-    bool bad = false;
-    if (local >= 0) {
-      const int begin = s_begin[src * num_local + local];
-      const int end = src + 1 < R ? s_begin[(src + 1) * num_local + local] : s_total[local];
-      if (pos < 0 || pos >= end - begin) bad = true;
-      else out_row = int64_t(local) * rows_per_expert + begin + pos;
+    if (warp == 0) {
+      const int* meta = reinterpret_cast<const int*>(msg + m.meta_offset);
+      const int token = __ldcg(meta + kMetaSrcToken);
+      const int expert = lane < K ? __ldcg(meta + kMetaExpert + lane) : -1;
+      const int pos = lane < K ? __ldcg(meta + kMetaPos + lane) : 0;
+      const int local = (expert >= 0 && expert / num_local == c.rank) ? expert - c.rank * num_local : -1;
+      int64_t out_row = -1;  // expert * (R*T) + row
+      bool bad = token < 0 || token >= L.max_tokens;
+      if (local >= 0) {
+        const int begin = s_begin[src * num_local + local];
+        const int end = src + 1 < R ? s_begin[(src + 1) * num_local + local] : s_total[local];
+        if (pos < 0 || pos >= end - begin) bad = true;
+        else out_row = int64_t(local) * rows_per_expert + begin + pos;
+      }
+      bad = __any_sync(0xffffffffu, bad);
+      const unsigned targets = __ballot_sync(0xffffffffu, out_row >= 0);
+      if (!bad) {
+        int* plan = p.plan + ll_plan_entry(R, L.max_tokens, K, src, slot);
+        if (lane == 0) plan[0] = token;
+        if (lane < K) plan[1 + lane] = static_cast<int>(out_row);
+        if (out_row >= 0) {
+          p.src_info[out_row] = token;
+          s_rows[__popc(targets & ((1u << lane) - 1u))] = out_row;
+        }
+      } else if (lane == 0) {
+        device::fail(c, Phase::kLowLatencyBadMessage, src, -1, static_cast<int>(rows_per_expert), pos);
+      }
+      if (lane == 0) {
+        s_num_rows = __popc(targets);
+        s_bad_msg = bad ? 1 : 0;
+      }
     }
-    if (__any_sync(0xffffffffu, bad) || token < 0 || token >= L.max_tokens) {
-      if (lane == 0) device::fail(c, Phase::kLowLatencyBadMessage, src, -1, static_cast<int>(rows_per_expert), pos);
-      return;
-    }
-    int* plan = p.plan + ll_plan_entry(R, L.max_tokens, K, src, slot);
-    if (lane == 0) plan[0] = token;
-    if (lane < K) plan[1 + lane] = static_cast<int>(out_row);
-    if (out_row >= 0) p.src_info[out_row] = token;
-    const unsigned targets = __ballot_sync(0xffffffffu, out_row >= 0);
-    // Payload: 16 bytes per lane per round, written to every target row (rounds are warp-uniform
-    // so the shuffles see every lane).
+    __syncthreads();
+    if (s_bad_msg) return;
+    const int num_rows = s_num_rows;
     const int num_int4 = m.row_bytes / 16;
     const int4* from = reinterpret_cast<const int4*>(msg);
-    for (int base = 0; base < num_int4; base += 32) {
-      const int w = base + lane;
-      const bool active = w < num_int4;
-      const int4 v = active ? device::ld_ring(from + w) : make_int4(0, 0, 0, 0);
-      unsigned rest = targets;
-      while (rest != 0) {
-        const int owner = __ffs(rest) - 1;
-        rest &= rest - 1;
-        const int64_t r = __shfl_sync(0xffffffffu, out_row, owner);
-        if (active) reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + r * m.row_bytes)[w] = v;
+    // At most 2 words per thread for H <= 8192 (BF16); loads first.
+    for (int base = threadIdx.x; base < num_int4; base += 2 * kThreads) {
+      int4 v[2];
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int w = base + u * kThreads;
+        v[u] = w < num_int4 ? device::ld_ring(from + w) : make_int4(0, 0, 0, 0);
+      }
+      for (int i = 0; i < num_rows; ++i) {
+        int4* to = reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + s_rows[i] * m.row_bytes);
+#pragma unroll
+        for (int u = 0; u < 2; ++u)
+          if (base + u * kThreads < num_int4) to[base + u * kThreads] = v[u];
       }
     }
     if constexpr (kFp8) {
       const float* scales = reinterpret_cast<const float*>(msg + m.scale_offset);
-      const int num_packed = num_groups / 4;
-      const int num_items = p.ue8m0 ? num_packed : num_groups;
-      for (int base = 0; base < num_items; base += 32) {
-        const int q = base + lane;
-        const bool active = q < num_items;
+      const int num_items = p.ue8m0 ? num_groups / 4 : num_groups;
+      for (int q = threadIdx.x; q < num_items; q += kThreads) {
         uint32_t word = 0;
-        if (active && p.ue8m0) {
+        if (p.ue8m0) {
 #pragma unroll
           for (int b = 0; b < 4; ++b) word |= ((__float_as_uint(__ldcg(scales + 4 * q + b)) >> 23) & 0xffu) << (8 * b);
-        } else if (active) {
+        } else {
           word = __float_as_uint(__ldcg(scales + q));
         }
-        unsigned rest = targets;
-        while (rest != 0) {
-          const int owner = __ffs(rest) - 1;
-          rest &= rest - 1;
-          const int64_t r = __shfl_sync(0xffffffffu, out_row, owner);
-          const int64_t e = r / rows_per_expert, row = r % rows_per_expert;
-          if (active) reinterpret_cast<uint32_t*>(p.recv_scales)[(e * num_items + q) * rows_per_expert + row] = word;
+        for (int i = 0; i < num_rows; ++i) {
+          const int64_t e = s_rows[i] / rows_per_expert, row = s_rows[i] % rows_per_expert;
+          reinterpret_cast<uint32_t*>(p.recv_scales)[(e * num_items + q) * rows_per_expert + row] = word;
         }
       }
     }
+    __syncthreads();
   }
 
   // 4. The last block advances the NVSHMEM arrival bases and the receive sequence.
