@@ -7,7 +7,7 @@ NVLink stores and over NVSHMEM (forced), next to an NCCL all_to_all_single of th
 One process per GPU (default: every visible GPU). Per path and token count T (every rank sends T
 tokens, num_max_dispatch_tokens_per_rank = T; each token picks top-k distinct experts uniformly at
 random), measured the way DeepEP's users read it:
-  * kernel times from torch.profiler over 30 calls, each after a large GEMM and a barrier (the
+  * kernel times from torch.profiler over 30 calls, each after a large GEMM and an all-reduce (the
     kernels are named flashep::ll::dispatch / flashep::ll::combine);
   * with the receive hook: the send and receive phases (the same kernel, twice per call);
   * a dispatch + combine loop timed with CUDA events (calls back to back; median per iteration);
@@ -29,6 +29,7 @@ os.environ.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")  # one host: NVSHMEM o
 import argparse  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 import traceback  # noqa: E402
 from typing import List, Optional  # noqa: E402
 
@@ -66,17 +67,20 @@ def _kernel_times(torch, prof, name: str) -> List[float]:
 
 
 def _profile(torch, dist, calls, dev):
-    """Runs calls() PROFILED_CALLS times, each after a large GEMM and a barrier, under the profiler."""
+    """Runs calls() PROFILED_CALLS times under the profiler, each after a large GEMM and an
+    all-reduce (DeepEP's method): the GEMM gives the host time to enqueue the calls before the GPU
+    gets there, the all-reduce lines the GPUs up, so kernel times hold neither host time nor skew."""
     from torch.profiler import ProfilerActivity, profile
 
     a = torch.randn((8192, 8192), dtype=torch.bfloat16, device=dev)
+    one = torch.ones((1,), device=dev)
     for _ in range(3):
         calls()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(PROFILED_CALLS):
             a @ a
-            dist.barrier()
+            dist.all_reduce(one)
             calls()
         torch.cuda.synchronize()
     return prof
@@ -128,6 +132,25 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
             d = _kernel_times(torch, prof, "ll::dispatch")
             c = _kernel_times(torch, prof, "ll::combine")
             t_loop, _ = _time_stream(torch, dist, dispatch_combine, 10, args.iters)
+            # Host time of one dispatch + combine (Python included), GPU not waited for.
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(args.iters):
+                dispatch_combine()
+            t_host = (time.perf_counter() - started) / args.iters * 1e6
+            torch.cuda.synchronize()
+            # The same pair captured in a CUDA graph and replayed back to back (no host in the loop).
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                dispatch_combine()
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                dispatch_combine()
+            t_graph, _ = _time_stream(torch, dist, graph.replay, 10, args.iters)
+            del graph
             fp8_bytes = selections * (H + H // 128 * 4 + 16)
             bf16_bytes = selections * 2 * H
             all_fp8 = [None] * R
@@ -138,14 +161,14 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
             nccl_c = _nccl_baseline(torch, dist, [int(b) // R * R for b in all_bf16], rank, R, dev, 5, 30)["stream"][0]
             rows.append(dict(path=path, T=T, dispatch=t_dispatch, combine=t_combine,
                              d_send=statistics.median(d[0::2]), d_recv=statistics.median(d[1::2]),
-                             c_send=statistics.median(c[0::2]), c_recv=statistics.median(c[1::2]), loop=t_loop,
+                             c_send=statistics.median(c[0::2]), c_recv=statistics.median(c[1::2]), loop=t_loop, host=t_host, graph=t_graph,
                              d_gbps=_gbps(fp8_bytes, t_dispatch), c_gbps=_gbps(bf16_bytes, t_combine),
                              nccl_d=nccl_d, nccl_c=nccl_c,
                              buffer_mb=flashep.Buffer.get_low_latency_rdma_size_hint(T, H, R, E) / 1e6))
             if rank == 0:
                 r = rows[-1]
                 print(f"[{path} T={T}] dispatch {r['dispatch']:.1f} us, combine {r['combine']:.1f} us, "
-                      f"loop {r['loop']:.1f} us", flush=True)
+                      f"loop {r['loop']:.1f} us, graph {r['graph']:.1f} us, host {r['host']:.1f} us", flush=True)
         torch.cuda.synchronize()
         dist.barrier()
         buffer.destroy()
@@ -161,18 +184,19 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
 
 def _table(rows, R: int, device_name: str, H: int, K: int, E: int) -> str:
     lines = [f"Low-latency mode, {R} x {device_name}, H {H}, top-{K} of {E} experts, FP8 dispatch, BF16 combine. "
-             "Kernel times (us) from torch.profiler, median of 30 calls each after a GEMM and a barrier, rank 0; "
+             "Kernel times (us) from torch.profiler, median of 30 calls each after a GEMM and an all-reduce, rank 0; "
              "GB/s by DeepEP's definition ((token, expert) pairs x bytes); loop = dispatch + combine back to back, "
-             "CUDA events; NCCL = all_to_all_single of the same bytes.",
+             "CUDA events; graph = the same pair captured in a CUDA graph, replays back to back; host = CPU time of "
+             "one pair's Python calls; NCCL = all_to_all_single of the same bytes.",
              "",
              "| path | tokens | dispatch us | GB/s | combine us | GB/s | hook: dispatch send + recv | "
-             "hook: combine send + recv | dispatch+combine us | NCCL dispatch bytes us | NCCL combine bytes us | "
-             "buffer MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "hook: combine send + recv | dispatch+combine us | graph us | host us | NCCL dispatch bytes us | "
+             "NCCL combine bytes us | buffer MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['path']} | {r['T']} | {r['dispatch']:.1f} | {r['d_gbps']:.0f} | {r['combine']:.1f} | "
                      f"{r['c_gbps']:.0f} | {r['d_send']:.1f} + {r['d_recv']:.1f} | {r['c_send']:.1f} + "
-                     f"{r['c_recv']:.1f} | {r['loop']:.1f} | {r['nccl_d']:.1f} | {r['nccl_c']:.1f} | "
+                     f"{r['c_recv']:.1f} | {r['loop']:.1f} | {r['graph']:.1f} | {r['host']:.0f} | {r['nccl_d']:.1f} | {r['nccl_c']:.1f} | "
                      f"{r['buffer_mb']:.0f} |")
     if R == 2:
         ref = DEEPEP_REFERENCE_2GPU

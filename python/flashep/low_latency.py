@@ -148,25 +148,27 @@ class LowLatencyMixin:
         # The C++ core checks the buffer size, T, H, E and K limits again before anything runs.
         _C.low_latency_region_bytes_hint(max_tokens, hidden, num_ranks, num_experts)
 
-        stream = self._comm_stream if async_finish else torch.cuda.current_stream(self._device)
+        current = torch.cuda.current_stream(self._device)
+        stream = self._comm_stream if async_finish else current
         if async_finish:
-            stream.wait_stream(torch.cuda.current_stream(self._device))
+            stream.wait_stream(current)
         rows = num_ranks * max_tokens
-        with torch.cuda.stream(stream):
-            recv_x = torch.empty((num_local, rows, hidden), dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16,
-                                 device=self._device)
-            recv_scales = None
-            if use_fp8 and use_ue8m0:
-                recv_scales = torch.empty((num_local, hidden // 512, rows), dtype=torch.int32,
-                                          device=self._device).transpose(1, 2)
-            elif use_fp8:
-                recv_scales = torch.empty((num_local, hidden // 128, rows), dtype=torch.float32,
-                                          device=self._device).transpose(1, 2)
-            recv_count = torch.empty((num_local,), dtype=torch.int32, device=self._device)
-            src_info = torch.empty((num_local, rows), dtype=torch.int32, device=self._device)
-            layout_range = torch.empty((num_local, num_ranks), dtype=torch.int64, device=self._device)
-            plan = torch.empty((_C.low_latency_plan_ints(num_ranks, max_tokens, num_topk),), dtype=torch.int32,
-                               device=self._device)
+        # Host time matters at decode sizes: three allocations (the int outputs share one).
+        plan_ints = _C.low_latency_plan_ints(num_ranks, max_tokens, num_topk)
+        ints = num_local + num_local * rows + plan_ints
+        ints += ints % 2  # layout_range (int64) after them, 8-byte aligned
+        if async_finish:
+            with torch.cuda.stream(stream):
+                recv_x, recv_scales, words = self._ll_alloc(use_fp8, use_ue8m0, num_local, rows, hidden, ints,
+                                                            num_local * num_ranks)
+        else:
+            recv_x, recv_scales, words = self._ll_alloc(use_fp8, use_ue8m0, num_local, rows, hidden, ints,
+                                                        num_local * num_ranks)
+        int_words = words[:ints]
+        recv_count = int_words[:num_local]
+        src_info = int_words[num_local:num_local + num_local * rows].view(num_local, rows)
+        plan = int_words[num_local + num_local * rows:num_local + num_local * rows + plan_ints]
+        layout_range = words[ints:].view(torch.int64).view(num_local, num_ranks)
         handle = LowLatencyHandle(src_info, layout_range, max_tokens, hidden, num_experts, plan, num_topk, runtime.id)
         args = dict(x=x.data_ptr(), topk_idx=topk_idx.data_ptr(), num_tokens=num_tokens, hidden=hidden,
                     num_topk=num_topk, max_tokens=max_tokens, num_experts=num_experts, use_fp8=bool(use_fp8),
@@ -178,7 +180,7 @@ class LowLatencyMixin:
         call_id = self._ll_begin_send(return_recv_hook)
         phases = _C.kLowLatencySend if return_recv_hook else _C.kLowLatencyBoth
         _C.ll_dispatch(runtime, phases=phases, stream=stream.cuda_stream, **args)
-        kept = (x, topk_idx, recv_x, recv_scales, recv_count, src_info, layout_range, plan, recv_stats, wait_stats)
+        kept = (x, topk_idx, recv_x, recv_scales, words, recv_stats, wait_stats)
         hook = None
         if return_recv_hook:
             def receive() -> None:
@@ -190,6 +192,19 @@ class LowLatencyMixin:
         event = self._ll_finish(stream, async_finish, kept)
         out = (recv_x, recv_scales) if use_fp8 else recv_x
         return out, recv_count, handle, event, hook
+
+    def _ll_alloc(self, use_fp8: bool, use_ue8m0: bool, num_local: int, rows: int, hidden: int, ints: int,
+                  longs: int):
+        dev = self._device
+        recv_x = torch.empty((num_local, rows, hidden), dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16,
+                             device=dev)
+        recv_scales = None
+        if use_fp8 and use_ue8m0:
+            recv_scales = torch.empty((num_local, hidden // 512, rows), dtype=torch.int32, device=dev).transpose(1, 2)
+        elif use_fp8:
+            recv_scales = torch.empty((num_local, hidden // 128, rows), dtype=torch.float32, device=dev).transpose(1, 2)
+        words = torch.empty((ints + 2 * longs,), dtype=torch.int32, device=dev)
+        return recv_x, recv_scales, words
 
     def _ll_finish(self, stream: torch.cuda.Stream, async_finish: bool, kept: Tuple[Any, ...]) -> EventOverlap:
         if not async_finish:
@@ -239,12 +254,15 @@ class LowLatencyMixin:
                                           torch.int64, num_ranks)
         del use_logfmt  # exact BF16 on the wire (module docstring)
 
-        stream = self._comm_stream if async_finish else torch.cuda.current_stream(self._device)
+        current = torch.cuda.current_stream(self._device)
+        stream = self._comm_stream if async_finish else current
         if async_finish:
-            stream.wait_stream(torch.cuda.current_stream(self._device))
-        if out is None:
+            stream.wait_stream(current)
+        if out is None and async_finish:
             with torch.cuda.stream(stream):
                 out = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=self._device)
+        elif out is None:
+            out = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=self._device)
         args = dict(x=x.data_ptr(), zero_copy=bool(zero_copy), topk_idx=topk_idx.data_ptr(),
                     topk_weights=topk_weights.data_ptr(), num_tokens=num_tokens, src_info=src_info.data_ptr(),
                     layout_range=layout_range.data_ptr(), plan=handle.plan.data_ptr(), max_tokens=max_tokens,

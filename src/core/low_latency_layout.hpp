@@ -41,6 +41,8 @@ namespace flashep {
 inline constexpr int kMaxLowLatencyExperts = 2048;
 /// Largest T (num_max_dispatch_tokens_per_rank): positions in a segment stay far below 2^31.
 inline constexpr int kMaxLowLatencyTokens = 8192;
+/// Largest H: a 512-thread block moves a row in at most two 16-byte words per thread.
+inline constexpr int kMaxLowLatencyHidden = 8192;
 /// Top-k slots a message reserves (any K <= kMaxTopk fits).
 inline constexpr int kLowLatencyTopkSlots = kMaxTopk;
 /// Ints of one source's counts block: call hash, reserved[3], then L counts (L <= E / R).

@@ -19,7 +19,8 @@ void check_shape(int max_tokens, int hidden, int num_ranks, int num_experts, con
   require(max_tokens >= 1 && max_tokens <= kMaxLowLatencyTokens,
           op + ": num_max_dispatch_tokens_per_rank must be in [1, " + str(kMaxLowLatencyTokens) + "], got " +
               str(max_tokens));
-  require(hidden >= 128 && hidden % 128 == 0, op + ": hidden must be a positive multiple of 128, got " + str(hidden));
+  require(hidden >= 128 && hidden % 128 == 0 && hidden <= kMaxLowLatencyHidden,
+          op + ": hidden must be a multiple of 128 in [128, " + str(kMaxLowLatencyHidden) + "], got " + str(hidden));
   require(num_ranks >= 1 && num_ranks <= kMaxRanks, op + ": num_ranks " + str(num_ranks) + " out of range");
   require(num_experts >= num_ranks && num_experts % num_ranks == 0,
           op + ": num_experts (" + str(num_experts) + ") must be a positive multiple of the number of ranks (" +

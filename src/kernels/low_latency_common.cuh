@@ -110,15 +110,16 @@ __device__ __forceinline__ WaitResult wait_word(const DeviceComm& c, const LowLa
 }
 
 /// The last block of a phase to finish: every thread gets true in exactly one block. Each block's
-/// writes (to peers too) are ordered before its ticket (system fence), so the last block may
-/// publish everything the grid wrote.
+/// writes (to peers too) are ordered before its ticket by a GPU-scope fence; the last block then
+/// publishes them with system-scope releases (its signals), which carry them along (causality is
+/// transitive across the two scopes: the same chain DeepEP's NVLink path relies on).
 __device__ __forceinline__ bool last_block_done(int* ticket) {
   __shared__ int is_last;
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence_system();
+    __threadfence();
     is_last = atomicAdd(ticket, 1) == static_cast<int>(gridDim.x) - 1;
-    if (is_last) __threadfence_system();
+    if (is_last) __threadfence();
   }
   __syncthreads();
   return is_last != 0;

@@ -33,12 +33,16 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
   __shared__ int s_bad;
   if (threadIdx.x == 0) s_bad = 0;
   load_mask(ll, R, s_masked);  // (its __syncthreads also publishes s_bad = 0)
-  // Ids in [-1, E), and no expert twice for one token (an expert's R*T rows could not hold more).
-  for (int i = threadIdx.x; i < p.num_tokens * K; i += blockDim.x) {
-    const int64_t e = p.topk_idx[i];
-    bool bad = e < -1 || e >= E;
-    for (int k = i - i % K; k < i && !bad && e >= 0; ++k) bad = p.topk_idx[k] == e;
-    if (bad) atomicExch(&s_bad, i + 1);
+  // Ids in [-1, E), and no expert twice for one token (an expert's R*T rows could not hold more):
+  // one thread per token, its K ids loaded together.
+  for (int t = threadIdx.x; t < p.num_tokens; t += blockDim.x) {
+    const int64_t* ids = p.topk_idx + int64_t(t) * K;
+    for (int k = 0; k < K; ++k) {
+      const int64_t e = __ldg(ids + k);
+      bool bad = e < -1 || e >= E;
+      for (int j = 0; j < k && !bad && e >= 0; ++j) bad = __ldg(ids + j) == e;
+      if (bad) atomicExch(&s_bad, t * K + k + 1);
+    }
   }
   __syncthreads();
   if (s_bad != 0) {
@@ -57,6 +61,15 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
   const int num_chunks = (L.hidden + 255) / 256;
   for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
     char* stage = ll.sym != nullptr ? ll.sym + L.dispatch_stage(half, t) : nullptr;
+    // Each warp's chunks (warp and warp + 16: H <= 8192 has at most 32) load while warp 0 takes
+    // the slots.
+    const int4* row = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + int64_t(t) * L.hidden * 2);
+    int4 in[2];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int channel = (warp + u * kWarps) * 256 + lane * 8;
+      in[u] = channel < L.hidden ? device::ld_stream(row + channel / 8) : make_int4(0, 0, 0, 0);
+    }
     if (warp == 0) {
       // Lane k < K owns top-k slot k: its expert, destination, and (first lane of each
       // destination) the message slot there.
@@ -101,16 +114,8 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
     __syncthreads();
     const int num_dests = s_num_dests;
     const bool any_remote = s_any_remote != 0;
-    const int4* row = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + int64_t(t) * L.hidden * 2);
-    // Each warp: chunks warp, warp + 16, ... (at most 2 for H <= 8192); loads first.
-    for (int base = warp; base < num_chunks; base += 2 * kWarps) {
-      int4 in[2];
-#pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        const int channel = (base + u * kWarps) * 256 + lane * 8;
-        in[u] = (base + u * kWarps < num_chunks && channel < L.hidden) ? device::ld_stream(row + channel / 8)
-                                                                         : make_int4(0, 0, 0, 0);
-      }
+    {
+      const int base = warp;
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
         const int chunk = base + u * kWarps;
@@ -176,36 +181,39 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
   // The last block sends the counts: per destination the message count (in the signal) and the
   // rows per local expert (in the counts block), then resets this half's counters.
   if (last_block_done(&st->ticket[kTicketDispatchSend])) {
-    for (int d = warp; d < R; d += kWarps) {
+    // Every thread: some (destination, expert) counts into the counts blocks, counters reset.
+    auto counts_block = [&](int d) -> int* {
+      char* region = s_masked[d] ? nullptr : direct_region(c, ll, d);
+      return region != nullptr ? reinterpret_cast<int*>(region + L.counts(half, c.rank))
+                               : reinterpret_cast<int*>((ll.sym != nullptr ? ll.sym : ll.local) + L.counts_stage(half, d));
+    };
+    for (int j = threadIdx.x; j < R * num_local; j += blockDim.x) {
+      const int d = j / num_local;
+      int* ec = local_int(ll, L.expert_counter(half, j));
+      counts_block(d)[4 + j % num_local] = *reinterpret_cast<volatile int*>(ec);
+      *ec = 0;
+    }
+    for (int d = threadIdx.x; d < R; d += blockDim.x) counts_block(d)[0] = p.call_hash;
+    __syncthreads();
+    // Then one signal per destination: a system-scope release (direct), or a put of the counts
+    // block with the signal (NVSHMEM, one warp each).
+    __threadfence_system();
+    for (int d = threadIdx.x; d < R; d += blockDim.x) {
       int* counter = local_int(ll, L.msg_counter(half, d));
       const int count = *reinterpret_cast<volatile int*>(counter);
-      char* region = s_masked[d] ? nullptr : direct_region(c, ll, d);
-      int* block = region != nullptr ? reinterpret_cast<int*>(region + L.counts(half, c.rank))
-                                     : reinterpret_cast<int*>((ll.sym != nullptr ? ll.sym : ll.local) +
-                                                              L.counts_stage(half, d));
-      for (int i = lane; i < num_local; i += 32) {
-        int* ec = local_int(ll, L.expert_counter(half, d * num_local + i));
-        block[4 + i] = *reinterpret_cast<volatile int*>(ec);
-        *ec = 0;
-      }
-      if (lane == 0) {
-        block[0] = p.call_hash;
-        *counter = 0;
-      }
-      __syncwarp();
-      if (s_masked[d]) continue;
-      const uint64_t signal = ll_signal(seq, count);
-      if (region != nullptr) {
-        if (lane == 0) {
-          __threadfence_system();
-          device::st_release_sys_u64(reinterpret_cast<uint64_t*>(region + L.dispatch_total(half, c.rank)), signal);
-        }
-      } else {
-        warp_put_signal(ll, d, L.counts(half, c.rank), L.counts_stage(half, d), int64_t(4 + num_local) * 4,
-                        L.dispatch_total(half, c.rank), signal, false);
-      }
+      char* region = direct_region(c, ll, d);
+      if (!s_masked[d] && region != nullptr)
+        device::st_release_sys_u64(reinterpret_cast<uint64_t*>(region + L.dispatch_total(half, c.rank)),
+                                   ll_signal(seq, count));
+    }
+    for (int d = warp; d < R; d += kWarps) {
+      if (s_masked[d] || direct_region(c, ll, d) != nullptr) continue;
+      const int count = *reinterpret_cast<volatile int*>(local_int(ll, L.msg_counter(half, d)));
+      warp_put_signal(ll, d, L.counts(half, c.rank), L.counts_stage(half, d), int64_t(4 + num_local) * 4,
+                      L.dispatch_total(half, c.rank), ll_signal(seq, count), false);
     }
     __syncthreads();
+    for (int d = threadIdx.x; d < R; d += blockDim.x) *local_int(ll, L.msg_counter(half, d)) = 0;
     if (threadIdx.x == 0) {
       st->ticket[kTicketDispatchSend] = 0;
       st->send_seq = seq + 1;
@@ -316,6 +324,15 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
     while (s_prefix[src + 1] <= item) ++src;
     const int slot = item - s_prefix[src];
     const char* msg = inbox_region(c, ll, src) + L.dispatch_in(half, src, slot);
+    // The row's words load while warp 0 decodes the meta (at most 2 per thread: H <= 8192).
+    const int num_int4 = m.row_bytes / 16;
+    const int4* from = reinterpret_cast<const int4*>(msg);
+    int4 v[2];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int w = threadIdx.x + u * kThreads;
+      v[u] = w < num_int4 ? device::ld_ring(from + w) : make_int4(0, 0, 0, 0);
+    }
     if (warp == 0) {
       const int* meta = reinterpret_cast<const int*>(msg + m.meta_offset);
       const int token = __ldcg(meta + kMetaSrcToken);
@@ -351,22 +368,11 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
     __syncthreads();
     if (s_bad_msg) return;
     const int num_rows = s_num_rows;
-    const int num_int4 = m.row_bytes / 16;
-    const int4* from = reinterpret_cast<const int4*>(msg);
-    // At most 2 words per thread for H <= 8192 (BF16); loads first.
-    for (int base = threadIdx.x; base < num_int4; base += 2 * kThreads) {
-      int4 v[2];
+    for (int i = 0; i < num_rows; ++i) {
+      int4* to = reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + s_rows[i] * m.row_bytes);
 #pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        const int w = base + u * kThreads;
-        v[u] = w < num_int4 ? device::ld_ring(from + w) : make_int4(0, 0, 0, 0);
-      }
-      for (int i = 0; i < num_rows; ++i) {
-        int4* to = reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + s_rows[i] * m.row_bytes);
-#pragma unroll
-        for (int u = 0; u < 2; ++u)
-          if (base + u * kThreads < num_int4) to[base + u * kThreads] = v[u];
-      }
+      for (int u = 0; u < 2; ++u)
+        if (threadIdx.x + u * kThreads < num_int4) to[threadIdx.x + u * kThreads] = v[u];
     }
     if constexpr (kFp8) {
       const float* scales = reinterpret_cast<const float*>(msg + m.scale_offset);
