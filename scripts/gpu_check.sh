@@ -21,9 +21,11 @@
 #                the skip check of its junit xml
 #   3b. kernels16 the intranode tests again (quick grid) on the kernels built for 8- and 16-rank
 #                domains (FLASHEP_DEBUG_KERNEL_RANKS), so fewer GPUs test that code too (+ skip check)
-#   4. bench     python3 -m flashep.bench [--out $OUT/bench.md]
+#   4. bench     python3 -m flashep.bench [--out $OUT/bench.md], then
+#                python3 -m flashep.bench_low_latency [--out $OUT/bench_low_latency.md]
 #   5. sanitize  (--sanitize) compute-sanitizer memcheck on the 2-rank intranode test, quick grid,
-#                and on the foundation's bad-input and transport tests (test_foundation.py);
+#                on the foundation's bad-input and transport tests (test_foundation.py) and on the
+#                2-rank low-latency test (quick grid, both transports);
 #                CUDA API return codes are not reported (NCCL probes kernel images at init)
 #                (bounded by SANITIZE_TIMEOUT_S, default 600) (+ skip check)
 # Flags: --gpus N     the number of GPUs this machine must have and the tests must use (N >= 1;
@@ -36,7 +38,8 @@
 #        --no-cpp     skip step 2
 # Environment: OUT (results folder: logs, bench.md, pytest junit xml files; without OUT they go to
 #              build/gpu_check_logs), PYTHON (default python3),
-#              BENCH_ARGS (extra arguments for flashep.bench, e.g. "--shapes deepep --sms 24").
+#              BENCH_ARGS (extra arguments for flashep.bench, e.g. "--shapes deepep --sms 24"),
+#              BENCH_LL_ARGS (extra arguments for flashep.bench_low_latency, e.g. "--tokens 128").
 # Exit status: 0 when every step that ran passed; 2 for bad arguments or an unknown GPU count.
 set -euo pipefail
 
@@ -249,6 +252,11 @@ if [[ $RUN_BENCH -eq 1 && $INSTALL_OK -eq 1 ]]; then
   # shellcheck disable=SC2086
   bench() { "$PY" -m flashep.bench "${BENCH_OUT[@]}" ${BENCH_ARGS:-}; }
   run_step bench bench || true
+  BENCH_LL_OUT=()
+  if [[ -n "${OUT:-}" ]]; then BENCH_LL_OUT=(--out "$OUT/bench_low_latency.md"); fi
+  # shellcheck disable=SC2086
+  bench_ll() { "$PY" -m flashep.bench_low_latency "${BENCH_LL_OUT[@]}" ${BENCH_LL_ARGS:-}; }
+  run_step bench_low_latency bench_ll || true
 elif [[ $RUN_BENCH -eq 1 ]]; then
   skip_step bench "install failed"
 else
@@ -274,6 +282,14 @@ if [[ $SANITIZE -eq 1 && $RUN_TESTS -eq 1 && $INSTALL_OK -eq 1 ]]; then
       "$PY" -m pytest -x -v -s -rfEs -p no:cacheprovider --junitxml "$xml2" tests/python/test_foundation.py \
       -k "containment or bad_input or nvlink" || rc=$?
     skips_ok "$xml2" || { [[ $rc -ne 0 ]] || rc=1; }
+    # The low-latency kernels, both transports, quick grid.
+    local xml3="$XMLDIR/pytest-sanitize-low-latency.xml"
+    rm -f "$xml3"
+    COLUMNS="${COLUMNS:-160}" FLASHEP_TEST_QUICK=1 FLASHEP_TEST_STRESS_ITERS=20 FLASHEP_TEST_GRAPH_REPLAYS=3 \
+      FLASHEP_TIMEOUT_S=600 FLASHEP_TEST_TIMEOUT_S=3000 \
+      timeout "${SANITIZE_TIMEOUT_S:-600}" "$SANITIZER" --tool memcheck --target-processes all --report-api-errors no --error-exitcode 99 \
+      "$PY" -m pytest -x -v -s -rfEs -p no:cacheprovider --junitxml "$xml3" tests/python/test_low_latency.py -k R2 || rc=$?
+    skips_ok "$xml3" || { [[ $rc -ne 0 ]] || rc=1; }
     return "$rc"
   }
   run_step sanitize sanitize || true

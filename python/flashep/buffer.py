@@ -186,6 +186,7 @@ class Buffer(LowLatencyMixin):
         self.nvl_domain_size = self._resolve_nvl_domain_size(self.group_size, nvl_domain_size)
         self._check_inputs = env.check_inputs()
         self._device = torch.device("cuda", torch.cuda.current_device())
+        self._device_index = self._device.index
         self._comm_stream = torch.cuda.Stream(device=self._device)
         self.runtime = self._create_runtime()
 

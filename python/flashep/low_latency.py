@@ -35,9 +35,10 @@ class LowLatencyHandle(tuple):
     """DeepEP's low-latency handle `(src_info, layout_range, T, H, E)`, a tuple, plus what flashep's
     combine needs: the combine plan tensor, the top-k width and the id of the buffer that made it."""
 
-    plan: torch.Tensor
+    plan: torch.Tensor  # the int32 words that hold recv_count, src_info, the plan and layout_range
     num_topk: int
     buffer_id: int
+    shape_key: tuple
 
     def __new__(cls, src_info: torch.Tensor, layout_range: torch.Tensor, max_tokens: int, hidden: int,
                 num_experts: int, plan: torch.Tensor, num_topk: int, buffer_id: int) -> "LowLatencyHandle":
@@ -46,6 +47,70 @@ class LowLatencyHandle(tuple):
         handle.num_topk = num_topk
         handle.buffer_id = buffer_id
         return handle
+
+
+class _DispatchShape:
+    """A checked dispatch configuration and its derived sizes. The int32 outputs share one
+    allocation: recv_count [L], src_info [L, R*T], the combine plan, then layout_range int64 [L, R]."""
+
+    def __init__(self, buffer: "LowLatencyMixin", max_tokens: Any, num_experts: Any, hidden: int, num_topk: int,
+                 use_fp8: bool, round_scale: bool, use_ue8m0: bool):
+        buffer._require_low_latency("low_latency_dispatch")
+        R = buffer.group_size
+        self.max_tokens = check_int("num_max_dispatch_tokens_per_rank", max_tokens, minimum=1)
+        self.num_experts = buffer._check_num_experts(num_experts)
+        if hidden == 0 or hidden % 128 != 0:
+            raise ValueError(f"hidden must be a positive multiple of 128, got {hidden}")
+        if not 1 <= num_topk <= _C.kMaxTopk:
+            raise ValueError(f"topk_idx has {num_topk} columns; top-k must be in [1, {_C.kMaxTopk}]")
+        if use_ue8m0 and not (use_fp8 and round_scale):
+            raise ValueError("use_ue8m0 requires use_fp8=True and round_scale=True")
+        if use_ue8m0 and hidden % 512 != 0:
+            raise ValueError(f"use_ue8m0 needs hidden % 512 == 0, got {hidden}")
+        # The C++ core checks T, H and E against its limits and the buffer size (raises ValueError).
+        needed = _C.low_latency_region_bytes_hint(self.max_tokens, hidden, R, self.num_experts)
+        if needed > buffer.num_rdma_bytes:
+            raise ValueError(f"(T={self.max_tokens}, H={hidden}, R={R}, E={self.num_experts}) needs num_rdma_bytes >= "
+                             f"{needed} but the Buffer has {buffer.num_rdma_bytes}; size it with "
+                             "get_low_latency_rdma_size_hint(T, H, R, E)")
+        self.key = (max_tokens, num_experts, hidden, num_topk, bool(use_fp8), bool(round_scale), bool(use_ue8m0))
+        self.hidden, self.num_topk = hidden, num_topk
+        self.use_fp8, self.round_scale, self.use_ue8m0 = bool(use_fp8), bool(round_scale), bool(use_ue8m0)
+        self.device = buffer._device
+        L = self.num_local = self.num_experts // R
+        self.num_ranks = R
+        rows = self.rows = R * self.max_tokens
+        plan_ints = _C.low_latency_plan_ints(R, self.max_tokens, num_topk)
+        ints = L + L * rows + plan_ints
+        ints += ints % 2  # layout_range (int64) after them, 8-byte aligned
+        self.ints, self.longs = ints, L * R
+        self.src_info_offset = 4 * L
+        self.plan_offset = 4 * (L + L * rows)
+        self.layout_range_offset = 4 * ints
+        self.combine_x_shape = (L, rows, hidden)
+        self.x_dtype = torch.float8_e4m3fn if use_fp8 else torch.bfloat16
+
+    def allocate(self):
+        L, rows, H, dev = self.num_local, self.rows, self.hidden, self.device
+        recv_x = torch.empty((L, rows, H), dtype=self.x_dtype, device=dev)
+        recv_scales = None
+        if self.use_fp8 and self.use_ue8m0:
+            recv_scales = torch.empty((L, H // 512, rows), dtype=torch.int32, device=dev).transpose(1, 2)
+        elif self.use_fp8:
+            recv_scales = torch.empty((L, H // 128, rows), dtype=torch.float32, device=dev).transpose(1, 2)
+        words = torch.empty((self.ints // 2 + self.longs,), dtype=torch.int64, device=dev)
+        return recv_x, recv_scales, words
+
+    def views(self, words: torch.Tensor):
+        L, rows = self.num_local, self.rows
+        ints = words.view(torch.int32)
+        recv_count = ints.as_strided((L,), (1,), 0)
+        src_info = ints.as_strided((L, rows), (rows, 1), L)
+        layout_range = words.as_strided((L, self.num_ranks), (self.num_ranks, 1), self.ints // 2)
+        return recv_count, src_info, layout_range
+
+
+_NO_EVENT = EventOverlap(None)
 
 
 class LowLatencyMixin:
@@ -84,6 +149,11 @@ class LowLatencyMixin:
         state["pending"].append(call_id)
         return call_id
 
+    def _ll_forget(self, call_id: Optional[int]) -> None:
+        """A send that failed to launch holds no slot."""
+        if call_id is not None and call_id in self._ll_state()["pending"]:
+            self._ll_state()["pending"].remove(call_id)
+
     def _ll_hook(self, call_id: int, launch: Callable[[], None]) -> Callable[[], None]:
         def hook() -> None:
             pending = self._ll_state()["pending"]
@@ -108,9 +178,25 @@ class LowLatencyMixin:
             return None
         return check_tensor(name, tensor, dtype, self._device, (size,))
 
-    def _ll_launch_mode(self, async_finish: bool, return_recv_hook: bool) -> None:
-        if async_finish and return_recv_hook:
-            raise ValueError("async_finish and return_recv_hook exclude each other")
+
+    # ---- fast checks (host time matters at decode sizes) ---------------------------------------------
+
+    def _ll_fast_tensor(self, tensor: Any, dtype: torch.dtype, dim: int) -> bool:
+        """The common case of a check_tensor: right type, dtype, device, rank, contiguous, aligned."""
+        return (type(tensor) is torch.Tensor and tensor.dtype is dtype and tensor.is_cuda
+                and tensor.get_device() == self._device_index and tensor.dim() == dim and tensor.is_contiguous()
+                and tensor.data_ptr() % 16 == 0)
+
+    def _ll_shape(self, max_tokens: Any, num_experts: Any, hidden: int, num_topk: int, use_fp8: bool,
+                  round_scale: bool, use_ue8m0: bool) -> "_DispatchShape":
+        """The checked, derived sizes of a dispatch configuration (cached: checked once)."""
+        key = (max_tokens, num_experts, hidden, num_topk, bool(use_fp8), bool(round_scale), bool(use_ue8m0))
+        cache = self._ll_state().setdefault("shapes", {})
+        shape = cache.get(key)
+        if shape is None:
+            shape = _DispatchShape(self, *key)
+            cache[key] = shape
+        return shape
 
     # ---- dispatch ----------------------------------------------------------------------------------
 
@@ -121,94 +207,71 @@ class LowLatencyMixin:
                              return_recv_hook: bool = False) -> Tuple[Any, torch.Tensor, LowLatencyHandle, EventOverlap, Any]:
         """Returns (recv_x, recv_count, handle, event, hook); recv_x is (fp8 [L, R*T, H], scales) with
         FP8, else bf16 [L, R*T, H]. See the module docstring for streams and the hook."""
-        self._require_low_latency("low_latency_dispatch")
-        self._ll_launch_mode(async_finish, return_recv_hook)
-        runtime = self._rt()
-        num_ranks = self.group_size
-        max_tokens = check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, minimum=1)
-        num_experts = self._check_num_experts(num_experts)
-        check_tensor("x", x, torch.bfloat16, self._device, (None, None))
-        check_aligned("x", x)
-        num_tokens, hidden = x.size(0), x.size(1)
-        if num_tokens > max_tokens:
-            raise ValueError(f"x has {num_tokens} tokens but num_max_dispatch_tokens_per_rank is {max_tokens}")
-        if hidden == 0 or hidden % 128 != 0:
-            raise ValueError(f"hidden must be a positive multiple of 128, got {hidden}")
-        num_topk = self._check_topk_idx(topk_idx, num_tokens)
-        if use_ue8m0 and not (use_fp8 and round_scale):
-            raise ValueError("use_ue8m0 requires use_fp8=True and round_scale=True")
-        if use_ue8m0 and hidden % 512 != 0:
-            raise ValueError(f"use_ue8m0 needs hidden % 512 == 0, got {hidden}")
-        num_local = num_experts // num_ranks
+        if not self._ll_fast_tensor(x, torch.bfloat16, 2):
+            self._require_low_latency("low_latency_dispatch")
+            check_tensor("x", x, torch.bfloat16, self._device, (None, None))
+            check_aligned("x", x)
+        if not self._ll_fast_tensor(topk_idx, topk_idx_t, 2):
+            self._check_topk_idx(topk_idx, x.size(0))
+            check_aligned("topk_idx", topk_idx, 8)
+        if async_finish and return_recv_hook:
+            raise ValueError("async_finish and return_recv_hook exclude each other")
+        num_tokens, hidden = x.shape
+        shape = self._ll_shape(num_max_dispatch_tokens_per_rank, num_experts, hidden, topk_idx.size(1), use_fp8,
+                               round_scale, use_ue8m0)
+        if topk_idx.size(0) != num_tokens:
+            raise ValueError(f"topk_idx has {topk_idx.size(0)} rows but x has {num_tokens} tokens")
+        if num_tokens > shape.max_tokens:
+            raise ValueError(f"x has {num_tokens} tokens but num_max_dispatch_tokens_per_rank is {shape.max_tokens}")
         recv_stats = self._ll_check_stats("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats,
-                                          torch.int32, num_local)
+                                          torch.int32, shape.num_local)
         wait_stats = self._ll_check_stats("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats,
-                                          torch.int64, num_ranks)
-        self._check_topk_values(topk_idx, num_experts)
-        # The C++ core checks the buffer size, T, H, E and K limits again before anything runs.
-        _C.low_latency_region_bytes_hint(max_tokens, hidden, num_ranks, num_experts)
+                                          torch.int64, self.group_size)
+        if self._check_inputs:
+            self._check_topk_values(topk_idx, shape.num_experts)
+        runtime = self._rt()
 
-        current = torch.cuda.current_stream(self._device)
-        stream = self._comm_stream if async_finish else current
         if async_finish:
-            stream.wait_stream(current)
-        rows = num_ranks * max_tokens
-        # Host time matters at decode sizes: three allocations (the int outputs share one).
-        plan_ints = _C.low_latency_plan_ints(num_ranks, max_tokens, num_topk)
-        ints = num_local + num_local * rows + plan_ints
-        ints += ints % 2  # layout_range (int64) after them, 8-byte aligned
-        if async_finish:
+            stream = self._comm_stream
+            stream.wait_stream(torch.cuda.current_stream(self._device))
             with torch.cuda.stream(stream):
-                recv_x, recv_scales, words = self._ll_alloc(use_fp8, use_ue8m0, num_local, rows, hidden, ints,
-                                                            num_local * num_ranks)
+                recv_x, recv_scales, words = shape.allocate()
+            raw_stream = stream.cuda_stream
         else:
-            recv_x, recv_scales, words = self._ll_alloc(use_fp8, use_ue8m0, num_local, rows, hidden, ints,
-                                                        num_local * num_ranks)
-        int_words = words[:ints]
-        recv_count = int_words[:num_local]
-        src_info = int_words[num_local:num_local + num_local * rows].view(num_local, rows)
-        plan = int_words[num_local + num_local * rows:num_local + num_local * rows + plan_ints]
-        layout_range = words[ints:].view(torch.int64).view(num_local, num_ranks)
-        handle = LowLatencyHandle(src_info, layout_range, max_tokens, hidden, num_experts, plan, num_topk, runtime.id)
-        args = dict(x=x.data_ptr(), topk_idx=topk_idx.data_ptr(), num_tokens=num_tokens, hidden=hidden,
-                    num_topk=num_topk, max_tokens=max_tokens, num_experts=num_experts, use_fp8=bool(use_fp8),
-                    round_scale=bool(round_scale), use_ue8m0=bool(use_ue8m0), recv_x=recv_x.data_ptr(),
-                    recv_scales=0 if recv_scales is None else recv_scales.data_ptr(), recv_count=recv_count.data_ptr(),
-                    recv_stats=0 if recv_stats is None else recv_stats.data_ptr(),
-                    wait_stats=0 if wait_stats is None else wait_stats.data_ptr(), src_info=src_info.data_ptr(),
-                    layout_range=layout_range.data_ptr(), plan=plan.data_ptr())
+            stream = None
+            recv_x, recv_scales, words = shape.allocate()
+            raw_stream = torch._C._cuda_getCurrentRawStream(self._device_index)
+        base = words.data_ptr()
+        recv_count, src_info, layout_range = shape.views(words)
+        handle = LowLatencyHandle(src_info, layout_range, shape.max_tokens, hidden, shape.num_experts, words,
+                                  shape.num_topk, runtime.id)
+        handle.shape_key = shape.key
+        args = (x.data_ptr(), topk_idx.data_ptr(), num_tokens, hidden, shape.num_topk, shape.max_tokens,
+                shape.num_experts, shape.use_fp8, shape.round_scale, shape.use_ue8m0)
+        outs = (recv_x.data_ptr(), 0 if recv_scales is None else recv_scales.data_ptr(), base,
+                0 if recv_stats is None else recv_stats.data_ptr(), 0 if wait_stats is None else wait_stats.data_ptr(),
+                base + shape.src_info_offset, base + shape.layout_range_offset, base + shape.plan_offset)
         call_id = self._ll_begin_send(return_recv_hook)
-        phases = _C.kLowLatencySend if return_recv_hook else _C.kLowLatencyBoth
-        _C.ll_dispatch(runtime, phases=phases, stream=stream.cuda_stream, **args)
-        kept = (x, topk_idx, recv_x, recv_scales, words, recv_stats, wait_stats)
+        try:
+            _C.ll_dispatch(runtime, *args, _C.kLowLatencySend if return_recv_hook else _C.kLowLatencyBoth, *outs,
+                           raw_stream)
+        except BaseException:
+            self._ll_forget(call_id)
+            raise
         hook = None
         if return_recv_hook:
+            kept_alive: List[Any] = [x, topk_idx, recv_x, recv_scales, words, recv_stats, wait_stats]
+
             def receive() -> None:
-                _C.ll_dispatch(runtime, phases=_C.kLowLatencyReceive,
-                               stream=torch.cuda.current_stream(self._device).cuda_stream, **args)
+                _C.ll_dispatch(runtime, *args, _C.kLowLatencyReceive, *outs,
+                               torch._C._cuda_getCurrentRawStream(self._device_index))
                 del kept_alive[:]
-            kept_alive: List[Any] = list(kept)
             hook = self._ll_hook(call_id, receive)
-        event = self._ll_finish(stream, async_finish, kept)
-        out = (recv_x, recv_scales) if use_fp8 else recv_x
-        return out, recv_count, handle, event, hook
+        event = _NO_EVENT if stream is None else self._ll_finish(
+            stream, (x, topk_idx, recv_x, recv_scales, words, recv_stats, wait_stats))
+        return ((recv_x, recv_scales) if shape.use_fp8 else recv_x), recv_count, handle, event, hook
 
-    def _ll_alloc(self, use_fp8: bool, use_ue8m0: bool, num_local: int, rows: int, hidden: int, ints: int,
-                  longs: int):
-        dev = self._device
-        recv_x = torch.empty((num_local, rows, hidden), dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16,
-                             device=dev)
-        recv_scales = None
-        if use_fp8 and use_ue8m0:
-            recv_scales = torch.empty((num_local, hidden // 512, rows), dtype=torch.int32, device=dev).transpose(1, 2)
-        elif use_fp8:
-            recv_scales = torch.empty((num_local, hidden // 128, rows), dtype=torch.float32, device=dev).transpose(1, 2)
-        words = torch.empty((ints + 2 * longs,), dtype=torch.int32, device=dev)
-        return recv_x, recv_scales, words
-
-    def _ll_finish(self, stream: torch.cuda.Stream, async_finish: bool, kept: Tuple[Any, ...]) -> EventOverlap:
-        if not async_finish:
-            return EventOverlap(None)
+    def _ll_finish(self, stream: torch.cuda.Stream, kept: Tuple[Any, ...]) -> EventOverlap:
         tensors = tuple(t for t in kept if isinstance(t, torch.Tensor))
         for tensor in tensors:
             tensor.record_stream(stream)
@@ -231,58 +294,67 @@ class LowLatencyMixin:
                             ) -> Tuple[torch.Tensor, EventOverlap, Any]:
         """Returns (combined_x bf16 [n, H], event, hook): combined_x[t] = sum over k of
         topk_weights[t, k] * (expert output of topk_idx[t, k] for t)."""
-        self._require_low_latency("low_latency_combine")
-        self._ll_launch_mode(async_finish, return_recv_hook)
-        runtime = self._rt()
         handle = self._ll_check_handle(handle)
         src_info, layout_range, max_tokens, hidden, num_experts = handle
+        shape = self._ll_state()["shapes"][handle.shape_key]
         num_ranks = self.group_size
-        num_local = num_experts // num_ranks
-        check_tensor("x", x, torch.bfloat16, self._device, (num_local, num_ranks * max_tokens, hidden))
-        check_aligned("x", x)
-        num_topk = self._check_topk_idx(topk_idx)
-        num_tokens = topk_idx.size(0)
+        if not (self._ll_fast_tensor(x, torch.bfloat16, 3) and x.shape == shape.combine_x_shape):
+            self._require_low_latency("low_latency_combine")
+            check_tensor("x", x, torch.bfloat16, self._device, shape.combine_x_shape)
+            check_aligned("x", x)
+        if not self._ll_fast_tensor(topk_idx, topk_idx_t, 2):
+            self._check_topk_idx(topk_idx)
+        num_tokens, num_topk = topk_idx.shape
         if num_topk != handle.num_topk:
             raise ValueError(f"topk_idx has {num_topk} columns but the dispatch had {handle.num_topk}")
         if num_tokens > max_tokens:
             raise ValueError(f"topk_idx has {num_tokens} tokens but the dispatch's T is {max_tokens}")
-        check_tensor("topk_weights", topk_weights, torch.float32, self._device, (num_tokens, num_topk))
-        if out is not None:
+        if not (self._ll_fast_tensor(topk_weights, torch.float32, 2) and topk_weights.shape == topk_idx.shape):
+            check_tensor("topk_weights", topk_weights, torch.float32, self._device, (num_tokens, num_topk))
+        if out is not None and not (self._ll_fast_tensor(out, torch.bfloat16, 2) and out.shape == (num_tokens, hidden)):
             check_tensor("out", out, torch.bfloat16, self._device, (num_tokens, hidden))
             check_aligned("out", out)
         wait_stats = self._ll_check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats,
                                           torch.int64, num_ranks)
         del use_logfmt  # exact BF16 on the wire (module docstring)
+        runtime = self._rt()
 
-        current = torch.cuda.current_stream(self._device)
-        stream = self._comm_stream if async_finish else current
         if async_finish:
-            stream.wait_stream(current)
-        if out is None and async_finish:
-            with torch.cuda.stream(stream):
+            stream = self._comm_stream
+            stream.wait_stream(torch.cuda.current_stream(self._device))
+            if out is None:
+                with torch.cuda.stream(stream):
+                    out = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=self._device)
+            raw_stream = stream.cuda_stream
+        else:
+            stream = None
+            if out is None:
                 out = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=self._device)
-        elif out is None:
-            out = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=self._device)
-        args = dict(x=x.data_ptr(), zero_copy=bool(zero_copy), topk_idx=topk_idx.data_ptr(),
-                    topk_weights=topk_weights.data_ptr(), num_tokens=num_tokens, src_info=src_info.data_ptr(),
-                    layout_range=layout_range.data_ptr(), plan=handle.plan.data_ptr(), max_tokens=max_tokens,
-                    hidden=hidden, num_experts=num_experts, num_topk=num_topk, out=out.data_ptr(),
-                    wait_stats=0 if wait_stats is None else wait_stats.data_ptr())
+            raw_stream = torch._C._cuda_getCurrentRawStream(self._device_index)
+        base = handle.plan.data_ptr()
+        args = (x.data_ptr(), bool(zero_copy), topk_idx.data_ptr(), topk_weights.data_ptr(), num_tokens,
+                base + shape.src_info_offset, base + shape.layout_range_offset, base + shape.plan_offset, max_tokens,
+                hidden, num_experts, num_topk)
+        tail = (out.data_ptr(), 0 if wait_stats is None else wait_stats.data_ptr())
         call_id = self._ll_begin_send(return_recv_hook)
-        phases = _C.kLowLatencySend if return_recv_hook else _C.kLowLatencyBoth
-        _C.ll_combine(runtime, phases=phases, stream=stream.cuda_stream, **args)
-        kept = (x, topk_idx, topk_weights, out, handle.plan, wait_stats)
+        try:
+            _C.ll_combine(runtime, *args, _C.kLowLatencySend if return_recv_hook else _C.kLowLatencyBoth, *tail,
+                          raw_stream)
+        except BaseException:
+            self._ll_forget(call_id)
+            raise
         hook = None
         if return_recv_hook:
-            receive_args = dict(args, zero_copy=False)
+            receive_args = (x.data_ptr(), False) + args[2:]
+            kept_alive: List[Any] = [x, topk_idx, topk_weights, out, handle.plan, wait_stats]
 
             def receive() -> None:
-                _C.ll_combine(runtime, phases=_C.kLowLatencyReceive,
-                              stream=torch.cuda.current_stream(self._device).cuda_stream, **receive_args)
+                _C.ll_combine(runtime, *receive_args, _C.kLowLatencyReceive, *tail,
+                              torch._C._cuda_getCurrentRawStream(self._device_index))
                 del kept_alive[:]
-            kept_alive: List[Any] = list(kept)
             hook = self._ll_hook(call_id, receive)
-        event = self._ll_finish(stream, async_finish, kept)
+        event = _NO_EVENT if stream is None else self._ll_finish(
+            stream, (x, topk_idx, topk_weights, out, handle.plan, wait_stats))
         return out, event, hook
 
     def get_next_low_latency_combine_buffer(self, handle: Any) -> torch.Tensor:

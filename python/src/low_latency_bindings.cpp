@@ -95,11 +95,12 @@ void bind_low_latency(nb::module_& m) {
         "num_ranks"_a, "num_experts"_a, "Bytes of the low-latency region (get_low_latency_rdma_size_hint).");
   m.def("low_latency_plan_ints", &flashep::low_latency_plan_ints, "num_ranks"_a, "max_tokens"_a, "num_topk"_a,
         "int32 entries of a low-latency handle's combine plan.");
-  m.def("ll_dispatch", &ll_dispatch, "runtime"_a, nb::kw_only(), "x"_a, "topk_idx"_a, "num_tokens"_a, "hidden"_a,
+  // Positional calls are the fast path (the Python layer calls them once per decode step).
+  m.def("ll_dispatch", &ll_dispatch, "runtime"_a, "x"_a, "topk_idx"_a, "num_tokens"_a, "hidden"_a,
         "num_topk"_a, "max_tokens"_a, "num_experts"_a, "use_fp8"_a, "round_scale"_a, "use_ue8m0"_a, "phases"_a,
         "recv_x"_a, "recv_scales"_a, "recv_count"_a, "recv_stats"_a, "wait_stats"_a, "src_info"_a, "layout_range"_a,
         "plan"_a, "stream"_a, release_gil());
-  m.def("ll_combine", &ll_combine, "runtime"_a, nb::kw_only(), "x"_a, "zero_copy"_a, "topk_idx"_a, "topk_weights"_a,
+  m.def("ll_combine", &ll_combine, "runtime"_a, "x"_a, "zero_copy"_a, "topk_idx"_a, "topk_weights"_a,
         "num_tokens"_a, "src_info"_a, "layout_range"_a, "plan"_a, "max_tokens"_a, "hidden"_a, "num_experts"_a,
         "num_topk"_a, "phases"_a, "out"_a, "wait_stats"_a, "stream"_a, release_gil());
   m.def("ll_combine_buffer", &ll_combine_buffer, "runtime"_a, "max_tokens"_a, "hidden"_a, "num_experts"_a,

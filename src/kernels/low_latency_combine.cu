@@ -36,7 +36,7 @@ __device__ __forceinline__ int4 to_bf16x8(const float* acc) {
 }
 
 /// Block-wide send phase. Returns false when the call failed here.
-__device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombineParams& p, int* smem) {
+__device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombineParams& p, int* smem, EntryState& entry) {
   const DeviceComm& c = p.comm;
   const LowLatencyComm& ll = p.ll;
   const LowLatencyLayout& L = ll.layout;
@@ -44,11 +44,10 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int global_warp = blockIdx.x * kWarps + warp, num_global_warps = gridDim.x * kWarps;
   LowLatencyState* st = state_of(ll);
-  const uint32_t seq = ld_volatile_u32(&st->send_seq);
+  const uint32_t seq = entry.send_seq;
   const int half = static_cast<int>(seq & 1u);
   int* s_masked = smem;           // [R]
   int* s_prefix = smem + R;       // [R + 1] plan messages per source
-  load_mask(ll, R, s_masked);
 
   // 1. Our weights to every unmasked rank.
   const int weight_words = p.num_tokens * K;
@@ -171,20 +170,18 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
   return true;
 }
 
-__device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombineParams& p, int* smem) {
+__device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombineParams& p, int* smem, EntryState& entry) {
   const DeviceComm& c = p.comm;
   const LowLatencyComm& ll = p.ll;
   const LowLatencyLayout& L = ll.layout;
   const int R = c.num_ranks, K = p.num_topk, H = L.hidden, num_local = L.num_local_experts();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   LowLatencyState* st = state_of(ll);
-  const uint32_t seq = ld_volatile_u32(&st->recv_seq);
+  const uint32_t seq = entry.recv_seq;
   const int half = static_cast<int>(seq & 1u);
   int* s_masked = smem;      // [R]
   int* s_count = smem + R;   // [R]
-  __shared__ int s_failed;
-  if (threadIdx.x == 0) s_failed = 0;
-  load_mask(ll, R, s_masked);
+  int& s_failed = entry.failed;
 
   const long long wait_start = clock64();
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
@@ -265,9 +262,10 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
 
 __global__ void __launch_bounds__(kThreads, 1) combine(const __grid_constant__ kernels::LowLatencyCombineParams p) {
   extern __shared__ int smem[];
-  if (device::aborted_at_entry(p.comm)) return;
-  if ((p.phases & kLowLatencySend) && !combine_send(p, smem)) return;
-  if (p.phases & kLowLatencyReceive) combine_receive(p, smem);
+  __shared__ EntryState entry;
+  if (!kernel_entry(p.comm, p.ll, smem, entry)) return;
+  if ((p.phases & kLowLatencySend) && !combine_send(p, smem, entry)) return;
+  if (p.phases & kLowLatencyReceive) combine_receive(p, smem, entry);
 }
 
 }  // namespace flashep::ll

@@ -125,11 +125,33 @@ __device__ __forceinline__ bool last_block_done(int* ticket) {
   return is_last != 0;
 }
 
-/// Block-wide: loads the mask of every rank into shared memory.
-__device__ __forceinline__ void load_mask(const LowLatencyComm& ll, int num_ranks, int* s_masked) {
-  for (int r = threadIdx.x; r < num_ranks; r += blockDim.x)
+/// What every block reads once at kernel entry (one round of loads, one barrier).
+struct EntryState {
+  uint32_t send_seq;  // the call whose send phase this kernel runs (if it does)
+  uint32_t recv_seq;  // the call whose receive phase this kernel runs (if it does)
+  int abort;
+  int failed;         // set by any thread of the block that gives up (a wait, bad input)
+};
+
+/// Block-wide kernel entry: the abort word, the sequence numbers and every rank's mask (into
+/// `s_masked`). Returns false (every thread) when the buffer is aborted: nothing may run.
+__device__ __forceinline__ bool kernel_entry(const DeviceComm& c, const LowLatencyComm& ll, int* s_masked,
+                                             EntryState& entry) {
+  if (threadIdx.x == 0) {
+    const LowLatencyState* st = reinterpret_cast<const LowLatencyState*>(ll.local + ll.layout.state());
+    entry.abort = device::abort_value(c);
+    entry.send_seq = ld_volatile_u32(&st->send_seq);
+    entry.recv_seq = ld_volatile_u32(&st->recv_seq);
+    entry.failed = 0;
+  }
+  for (int r = threadIdx.x; r < c.num_ranks; r += blockDim.x)
     s_masked[r] = *reinterpret_cast<const volatile int*>(local_int(ll, ll.layout.mask(r)));
   __syncthreads();
+  if (entry.abort != 0) {
+    if (threadIdx.x == 0) device::stop_if_aborted(c, entry.abort, Phase::kKernelEntry);
+    return false;
+  }
+  return true;
 }
 
 }  // namespace flashep::ll

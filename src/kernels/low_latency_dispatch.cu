@@ -19,20 +19,19 @@ namespace {
 
 /// Block-wide send phase. Returns false when the call failed here (bad expert id).
 template <bool kFp8>
-__device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchParams& p, int* s_masked) {
+__device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchParams& p, int* s_masked,
+                                              EntryState& entry) {
   const DeviceComm& c = p.comm;
   const LowLatencyComm& ll = p.ll;
   const LowLatencyLayout& L = ll.layout;
   const int R = c.num_ranks, E = L.num_experts, num_local = L.num_local_experts(), K = p.num_topk;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   LowLatencyState* st = state_of(ll);
-  const uint32_t seq = ld_volatile_u32(&st->send_seq);
+  const uint32_t seq = entry.send_seq;
   const int half = static_cast<int>(seq & 1u);
 
   // Every block checks every id, so all blocks take the same decision before anything is sent.
-  __shared__ int s_bad;
-  if (threadIdx.x == 0) s_bad = 0;
-  load_mask(ll, R, s_masked);  // (its __syncthreads also publishes s_bad = 0)
+  int& s_bad = entry.failed;
   // Ids in [-1, E), and no expert twice for one token (an expert's R*T rows could not hold more):
   // one thread per token, its K ids loaded together.
   for (int t = threadIdx.x; t < p.num_tokens; t += blockDim.x) {
@@ -224,7 +223,8 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
 
 /// Block-wide receive phase.
 template <bool kFp8>
-__device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispatchParams& p, int* smem) {
+__device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispatchParams& p, int* smem,
+                                                 EntryState& entry) {
   const DeviceComm& c = p.comm;
   const LowLatencyComm& ll = p.ll;
   const LowLatencyLayout& L = ll.layout;
@@ -232,7 +232,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t rows_per_expert = L.rows_per_expert();
   LowLatencyState* st = state_of(ll);
-  const uint32_t seq = ld_volatile_u32(&st->recv_seq);
+  const uint32_t seq = entry.recv_seq;
   const int half = static_cast<int>(seq & 1u);
 
   int* s_masked = smem;                // [R]
@@ -240,9 +240,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   int* s_prefix = s_count + R;         // [R + 1] message prefix
   int* s_begin = s_prefix + R + 1;     // [R][L] rows per (source, expert), then segment begins
   int* s_total = s_begin + R * num_local;  // [L] rows per expert
-  __shared__ int s_failed;
-  if (threadIdx.x == 0) s_failed = 0;
-  load_mask(ll, R, s_masked);
+  int& s_failed = entry.failed;  // 0 here: the send phase (if any) returned early otherwise
 
   // 1. Every source's signal (and, for NVSHMEM sources, the arrival of all its messages).
   const long long wait_start = clock64();
@@ -276,14 +274,14 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   }
   __syncthreads();
   if (s_failed) return;
-  // 2. Rows per (source, expert), then segment begins (sources in rank order inside each expert).
+  // Rows per (source, expert), every thread a few.
   for (int j = threadIdx.x; j < R * num_local; j += blockDim.x) {
     const int r = j / num_local;
-    s_begin[j] = s_masked[r] ? 0
-                             : *reinterpret_cast<volatile int*>(inbox_region(c, ll, r) + L.counts(half, r) +
-                                                                int64_t(4 + j % num_local) * 4);
+    s_begin[j] = s_masked[r] ? 0 : __ldcg(reinterpret_cast<const int*>(inbox_region(c, ll, r) + L.counts(half, r)) + 4 +
+                                          j % num_local);
   }
   __syncthreads();
+  // 2. Segment begins (sources in rank order inside each expert).
   for (int i = threadIdx.x; i < num_local; i += blockDim.x) {
     int64_t total = 0;
     for (int r = 0; r < R; ++r) {
@@ -411,9 +409,10 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
 template <bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1) dispatch(const __grid_constant__ kernels::LowLatencyDispatchParams p) {
   extern __shared__ int smem[];
-  if (device::aborted_at_entry(p.comm)) return;
-  if ((p.phases & kLowLatencySend) && !dispatch_send<kFp8>(p, smem)) return;
-  if (p.phases & kLowLatencyReceive) dispatch_receive<kFp8>(p, smem);
+  __shared__ EntryState entry;
+  if (!kernel_entry(p.comm, p.ll, smem, entry)) return;
+  if ((p.phases & kLowLatencySend) && !dispatch_send<kFp8>(p, smem, entry)) return;
+  if (p.phases & kLowLatencyReceive) dispatch_receive<kFp8>(p, smem, entry);
 }
 
 }  // namespace flashep::ll

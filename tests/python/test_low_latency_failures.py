@@ -1,0 +1,172 @@
+"""GPU failure behaviour of the low-latency mode, 2 ranks (written for any R: the last rank is the
+one that fails), over NVLink stores and (forced) NVSHMEM:
+  * a rank that skips a call: without enable_shrink the others raise FlashepTimeoutError naming
+    the phase and the rank within FLASHEP_TIMEOUT_S (+ slack), and the skipper's next call raises
+    (the abort reached it); with enable_shrink the others mask it (query_mask shows it), finish the
+    call with correct results for the rest (the oracle with that rank masked), and keep serving
+    through later calls; update/clean of the mask work;
+  * an expert id out of range with the host check off: the GPU check fails the call before
+    anything is sent, every rank raises.
+
+    python3 -m pytest -v -s tests/python/test_low_latency_failures.py
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dist_harness as dh  # noqa: E402
+
+TIMEOUT_S = 3
+MUST_RAISE_WITHIN_S = 15
+T, H, E, K = 32, 2048, 16, 4
+
+
+@pytest.mark.parametrize("transport", ("nvlink", "nvshmem"))
+@pytest.mark.parametrize("shrink", (False, True), ids=("no-shrink", "shrink"))
+def test_rank_skips_a_call(shrink, transport):
+    if transport == "nvshmem":
+        from test_low_latency import _require_nvshmem
+        _require_nvshmem()
+    dh.run_world(_skip_worker, 2, args=(shrink, transport), timeout_s=240, grace_s=60, exit_grace_s=60,
+                 env={"FLASHEP_TIMEOUT_S": str(TIMEOUT_S), "NVSHMEM_REMOTE_TRANSPORT": "none"})
+
+
+def test_invalid_expert_found_on_gpu():
+    dh.run_world(_bad_expert_worker, 2, timeout_s=240, grace_s=60,
+                 env={"FLASHEP_TIMEOUT_S": "20", "FLASHEP_CHECK_INPUTS": "0"})
+
+
+def _inputs(torch, rank, R, seed, dev):
+    g = torch.Generator().manual_seed(seed * 100 + rank)
+    x = (torch.randn((T, H), generator=g) * 2).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    w = torch.rand((T, K), generator=g) + 0.1
+    return x.to(dev), idx.to(dev), w.to(dev), x, idx, w
+
+
+def _all_inputs(torch, R, seed, dev):
+    return [_inputs(torch, r, R, seed, dev) for r in range(R)]
+
+
+def _check_against_oracle(torch, buffer, rank, R, seed, masked, dev):
+    """One dispatch + combine among the unmasked ranks; returns a problem description or ''."""
+    from flashep import _C
+    ins = _all_inputs(torch, R, seed, dev)
+    x, idx, w = ins[rank][:3]
+    recv, count, handle, _, _ = buffer.low_latency_dispatch(x, idx, T, E, use_fp8=False)
+    y = recv.clone()  # identity experts
+    out, _, _ = buffer.low_latency_combine(y, idx, w, handle)
+    torch.cuda.synchronize()
+    mask = [1 if r in masked else 0 for r in range(R)]
+    routing = _C.oracle_ll_dispatch_routing([i[4].numpy() for i in ins], E, T, mask)
+    want_count = list(routing[rank][0])
+    if count.cpu().tolist() != want_count:
+        return f"recv_count {count.cpu().tolist()} != oracle {want_count} (masked {masked})"
+    L = E // R
+    x_cpu, idx_cpu, w_cpu = ins[rank][3:]
+    keep = torch.tensor([[int(e) >= 0 and int(e) // L not in masked for e in row] for row in idx_cpu.tolist()])
+    ref = ((w_cpu * keep).sum(1, keepdim=True) * x_cpu.float())
+    if not torch.allclose(out.cpu().float(), ref, rtol=2 ** -7, atol=1e-5):
+        return f"combine off by {float((out.cpu().float() - ref).abs().max())} (masked {masked})"
+    return ""
+
+
+def _skip_worker(rank, world_size, shrink, transport):
+    import torch
+    import torch.distributed as dist
+
+    import flashep
+    R = world_size
+    dev = torch.device("cuda", torch.cuda.current_device())
+    skipper = R - 1
+    buffer = flashep.Buffer(None, 0, flashep.Buffer.get_low_latency_rdma_size_hint(T, H, R, E), low_latency_mode=True,
+                            allow_nvlink_for_low_latency_mode=(transport == "nvlink"), enable_shrink=shrink,
+                            explicitly_destroy=True)
+    problem = _check_against_oracle(torch, buffer, rank, R, 1, set(), dev)
+    assert not problem, f"rank {rank} before the failure: {problem}"
+    dist.barrier()
+    if rank == skipper:
+        # Skips the next call; stays alive (its memory stays mapped) until the others are done.
+        dist.barrier()
+        if not shrink:
+            torch.cuda.synchronize()
+            with pytest.raises((flashep.FlashepPeerFailedError, flashep.FlashepPoisonedError, flashep.FlashepError)):
+                buffer.low_latency_dispatch(*_inputs(torch, rank, R, 2, dev)[:2], T, E, use_fp8=False)
+                torch.cuda.synchronize()
+                buffer.runtime.check()
+        dist.barrier()
+        buffer.destroy() if not shrink else None
+        return True
+    start = time.monotonic()
+    if not shrink:
+        x, idx, _ = _inputs(torch, rank, R, 2, dev)[:3]
+        with pytest.raises(flashep.FlashepTimeoutError) as info:
+            buffer.low_latency_dispatch(x, idx, T, E, use_fp8=False)
+            torch.cuda.synchronize()
+            buffer.runtime.check()
+        elapsed = time.monotonic() - start
+        message = str(info.value)
+        assert "low_latency_dispatch receive" in message and f"rank {skipper}" in message, message
+        assert elapsed < MUST_RAISE_WITHIN_S, f"the error came after {elapsed:.1f} s"
+        dist.barrier()
+        dist.barrier()
+        buffer.destroy()
+        return True
+    # Shrink: the call completes without the skipper, and later calls keep working.
+    problem = _check_against_oracle(torch, buffer, rank, R, 2, {skipper}, dev)
+    elapsed = time.monotonic() - start
+    assert not problem, f"rank {rank} in the masked call: {problem}"
+    assert elapsed < MUST_RAISE_WITHIN_S + TIMEOUT_S, f"the masked call took {elapsed:.1f} s"
+    status = torch.zeros((R,), dtype=torch.int32, device=dev)
+    buffer.low_latency_query_mask_buffer(status)
+    torch.cuda.synchronize()
+    assert status.cpu().tolist() == [1 if r == skipper else 0 for r in range(R)], status.cpu().tolist()
+    for seed in range(3, 8):  # keeps serving; these calls take no timeout (the rank is masked)
+        start = time.monotonic()
+        problem = _check_against_oracle(torch, buffer, rank, R, seed, {skipper}, dev)
+        assert not problem, f"rank {rank} after masking: {problem}"
+        assert time.monotonic() - start < TIMEOUT_S, "a call after masking waited for the masked rank"
+    # The mask API: clear and set by hand.
+    buffer.low_latency_clean_mask_buffer()
+    buffer.low_latency_query_mask_buffer(status)
+    torch.cuda.synchronize()
+    assert status.cpu().tolist() == [0] * R
+    buffer.low_latency_update_mask_buffer(skipper, True)
+    buffer.low_latency_query_mask_buffer(status)
+    torch.cuda.synchronize()
+    assert status.cpu().tolist() == [1 if r == skipper else 0 for r in range(R)]
+    problem = _check_against_oracle(torch, buffer, rank, R, 9, {skipper}, dev)
+    assert not problem, f"rank {rank} after masking by hand: {problem}"
+    torch.cuda.synchronize()
+    dist.barrier()
+    dist.barrier()
+    return True
+
+
+def _bad_expert_worker(rank, world_size):
+    import torch
+    import torch.distributed as dist
+
+    import flashep
+    R = world_size
+    dev = torch.device("cuda", torch.cuda.current_device())
+    buffer = flashep.Buffer(None, 0, flashep.Buffer.get_low_latency_rdma_size_hint(T, H, R, E), low_latency_mode=True,
+                            explicitly_destroy=True)
+    x, idx, _ = _inputs(torch, rank, R, 1, dev)[:3]
+    if rank == 0:
+        idx[3, 1] = E  # out of range
+    with pytest.raises(flashep.FlashepError) as info:
+        buffer.low_latency_dispatch(x, idx, T, E, use_fp8=False)
+        torch.cuda.synchronize()
+        buffer.runtime.check()
+    if rank == 0:
+        assert isinstance(info.value, flashep.FlashepDeviceFaultError), repr(info.value)
+        assert "topk_idx entry" in str(info.value), str(info.value)
+    dist.barrier()
+    buffer.destroy()
+    return True
