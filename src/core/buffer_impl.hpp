@@ -71,6 +71,7 @@ class BufferImpl {
   void low_latency_query_mask(int* mask_out, cudaStream_t stream) const;
   void low_latency_clean_mask(cudaStream_t stream);
   void require_low_latency(const char* op) const;
+  int low_latency_blocks(int max_tokens) const;
   kernels::LowLatencyComm low_latency_comm(int max_tokens, int hidden, int num_experts, const char* op) const;
   void check_low_latency_handle(const LowLatencyHandle& h, const char* op) const;
 

@@ -37,6 +37,12 @@ struct EnvSettings {
   /// FLASHEP_DEBUG_PROFILE (default 0; diagnostics builds only): N > 0 prints, on rank 0, every
   /// N-th dispatch/combine's per-warp phase clocks to stderr.
   int profile_every = 0;
+  /// FLASHEP_DEBUG_LL_BLOCKS (default 0 = ll_num_blocks): blocks of the low-latency kernels
+  /// (testing and tuning; capped at the SM count).
+  int ll_blocks = 0;
+  /// FLASHEP_DEBUG_LL_COOPERATIVE (default 1): 0 launches the low-latency kernels without the
+  /// cooperative attribute (their blocks must still all be resident: tuning experiments only).
+  int ll_cooperative = 1;
 };
 
 inline EnvSettings read() {
@@ -50,6 +56,8 @@ inline EnvSettings read() {
   s.kernel_ranks = std::max(0, int_or("FLASHEP_DEBUG_KERNEL_RANKS", 0));
   s.dispatch_skip = std::max(0, int_or("FLASHEP_DEBUG_DISPATCH_SKIP", 0));
   s.profile_every = std::max(0, int_or("FLASHEP_DEBUG_PROFILE", 0));
+  s.ll_blocks = std::max(0, int_or("FLASHEP_DEBUG_LL_BLOCKS", 0));
+  s.ll_cooperative = int_or("FLASHEP_DEBUG_LL_COOPERATIVE", 1) != 0 ? 1 : 0;
   return s;
 }
 

@@ -1,6 +1,7 @@
 // The low-latency operations of flashep::Buffer: validate -> params -> launch. Everything that can
 // be checked on the host is checked before anything is enqueued (kInvalidArgument); expert ids are
 // checked by the kernel before it sends anything.
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -40,6 +41,11 @@ size_t low_latency_region_bytes_hint(int max_tokens_per_rank, int hidden, int nu
 
 size_t low_latency_plan_ints(int num_ranks, int max_tokens_per_rank, int num_topk) {
   return static_cast<size_t>(ll_plan_ints(num_ranks, max_tokens_per_rank, num_topk));
+}
+
+int BufferImpl::low_latency_blocks(int max_tokens) const {
+  const int blocks = ll_num_blocks(options_.num_ranks, max_tokens, num_device_sms_);
+  return env_.ll_blocks > 0 ? std::min(env_.ll_blocks, num_device_sms_) : blocks;
 }
 
 void BufferImpl::require_low_latency(const char* op) const {
@@ -125,7 +131,8 @@ void BufferImpl::low_latency_dispatch(const LowLatencyDispatchArgs& a, cudaStrea
   a.handle->num_experts = a.num_experts;
   a.handle->num_topk = a.num_topk;
   a.handle->buffer_id = id_;
-  launch_check(kernels::launch_low_latency_dispatch(p, ll_num_blocks(R, a.max_tokens, num_device_sms_), stream), op);
+  launch_check(kernels::launch_low_latency_dispatch(p, low_latency_blocks(a.max_tokens), env_.ll_cooperative != 0, stream),
+               op);
 }
 
 void* BufferImpl::low_latency_combine_buffer(const LowLatencyHandle& h) const {
@@ -164,7 +171,7 @@ void BufferImpl::low_latency_combine(const LowLatencyCombineArgs& a, cudaStream_
   p.plan = h.plan;
   p.out = a.out;
   p.wait_stats = a.combine_wait_recv_cost_stats;
-  launch_check(kernels::launch_low_latency_combine(p, ll_num_blocks(options_.num_ranks, h.max_tokens, num_device_sms_), stream),
+  launch_check(kernels::launch_low_latency_combine(p, low_latency_blocks(h.max_tokens), env_.ll_cooperative != 0, stream),
                op);
 }
 

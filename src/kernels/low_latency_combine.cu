@@ -272,7 +272,8 @@ __global__ void __launch_bounds__(kThreads, 1) combine(const __grid_constant__ k
 
 namespace flashep::kernels {
 
-cudaError_t launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, cudaStream_t stream) {
+cudaError_t launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, bool cooperative,
+                                        cudaStream_t stream) {
   const size_t smem = (size_t(p.comm.num_ranks) * 2 + 1) * sizeof(int);
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(num_blocks);
@@ -283,7 +284,7 @@ cudaError_t launch_low_latency_combine(const LowLatencyCombineParams& p, int num
   attribute.id = cudaLaunchAttributeCooperative;
   attribute.val.cooperative = 1;
   config.attrs = &attribute;
-  config.numAttrs = 1;
+  config.numAttrs = cooperative ? 1 : 0;
   return cudaLaunchKernelEx(&config, ll::combine, p);
 }
 

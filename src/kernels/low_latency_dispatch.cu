@@ -251,14 +251,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
       uint64_t value = 0;
       WaitResult res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.dispatch_total(half, r)), seq,
                                  false, 0, Phase::kLowLatencyDispatchRecv, r, &value);
-      if (res == WaitResult::kArrived) {
-        count = ll_signal_count(value);
-        const int hash = *reinterpret_cast<volatile int*>(inbox + L.counts(half, r));
-        if (hash != p.call_hash) {
-          device::fail(c, Phase::kLowLatencyCallMismatch, r, -1, p.call_hash, hash);
-          res = WaitResult::kFailed;
-        }
-      }
+      if (res == WaitResult::kArrived) count = ll_signal_count(value);
       if (res == WaitResult::kArrived && direct_region(c, ll, r) == nullptr) {
         uint64_t* base = reinterpret_cast<uint64_t*>(ll.local + L.dispatch_base(half, r));
         res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.dispatch_arrival(half, r)), seq, true,
@@ -274,13 +267,22 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   }
   __syncthreads();
   if (s_failed) return;
-  // Rows per (source, expert), every thread a few.
+  // Rows per (source, expert), every thread a few; and each source's call hash.
   for (int j = threadIdx.x; j < R * num_local; j += blockDim.x) {
     const int r = j / num_local;
     s_begin[j] = s_masked[r] ? 0 : __ldcg(reinterpret_cast<const int*>(inbox_region(c, ll, r) + L.counts(half, r)) + 4 +
                                           j % num_local);
   }
+  for (int r = threadIdx.x; r < R; r += blockDim.x) {
+    if (s_masked[r]) continue;
+    const int hash = __ldcg(reinterpret_cast<const int*>(inbox_region(c, ll, r) + L.counts(half, r)));
+    if (hash != p.call_hash) {
+      device::fail(c, Phase::kLowLatencyCallMismatch, r, -1, p.call_hash, hash);
+      s_failed = 1;
+    }
+  }
   __syncthreads();
+  if (s_failed) return;
   // 2. Segment begins (sources in rank order inside each expert).
   for (int i = threadIdx.x; i < num_local; i += blockDim.x) {
     int64_t total = 0;
@@ -331,6 +333,19 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
       const int w = threadIdx.x + u * kThreads;
       v[u] = w < num_int4 ? device::ld_ring(from + w) : make_int4(0, 0, 0, 0);
     }
+    // So do the scales (FP8), one 32-bit word per thread (a float, or 4 packed UE8M0 bytes).
+    const int num_scale_words = kFp8 ? (p.ue8m0 ? num_groups / 4 : num_groups) : 0;
+    uint32_t scale_word = 0;
+    if (static_cast<int>(threadIdx.x) < num_scale_words) {
+      const float* scales = reinterpret_cast<const float*>(msg + m.scale_offset);
+      if (p.ue8m0) {
+#pragma unroll
+        for (int b = 0; b < 4; ++b)
+          scale_word |= ((__float_as_uint(__ldcg(scales + 4 * threadIdx.x + b)) >> 23) & 0xffu) << (8 * b);
+      } else {
+        scale_word = __float_as_uint(__ldcg(scales + threadIdx.x));
+      }
+    }
     if (warp == 0) {
       const int* meta = reinterpret_cast<const int*>(msg + m.meta_offset);
       const int token = __ldcg(meta + kMetaSrcToken);
@@ -372,21 +387,10 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
       for (int u = 0; u < 2; ++u)
         if (threadIdx.x + u * kThreads < num_int4) to[threadIdx.x + u * kThreads] = v[u];
     }
-    if constexpr (kFp8) {
-      const float* scales = reinterpret_cast<const float*>(msg + m.scale_offset);
-      const int num_items = p.ue8m0 ? num_groups / 4 : num_groups;
-      for (int q = threadIdx.x; q < num_items; q += kThreads) {
-        uint32_t word = 0;
-        if (p.ue8m0) {
-#pragma unroll
-          for (int b = 0; b < 4; ++b) word |= ((__float_as_uint(__ldcg(scales + 4 * q + b)) >> 23) & 0xffu) << (8 * b);
-        } else {
-          word = __float_as_uint(__ldcg(scales + q));
-        }
-        for (int i = 0; i < num_rows; ++i) {
-          const int64_t e = s_rows[i] / rows_per_expert, row = s_rows[i] % rows_per_expert;
-          reinterpret_cast<uint32_t*>(p.recv_scales)[(e * num_items + q) * rows_per_expert + row] = word;
-        }
+    if (static_cast<int>(threadIdx.x) < num_scale_words) {
+      for (int i = 0; i < num_rows; ++i) {
+        const int64_t e = s_rows[i] / rows_per_expert, row = s_rows[i] % rows_per_expert;
+        reinterpret_cast<uint32_t*>(p.recv_scales)[(e * num_scale_words + threadIdx.x) * rows_per_expert + row] = scale_word;
       }
     }
     __syncthreads();
@@ -424,7 +428,8 @@ inline size_t ll_dispatch_smem(int num_ranks, int num_experts) {
   return (size_t(num_ranks) * 3 + 1 + size_t(num_experts) + size_t(num_experts / num_ranks)) * sizeof(int);
 }
 
-cudaError_t launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, cudaStream_t stream) {
+cudaError_t launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, bool cooperative,
+                                        cudaStream_t stream) {
   const size_t smem = ll_dispatch_smem(p.comm.num_ranks, p.ll.layout.num_experts);
   void (*kernel)(const LowLatencyDispatchParams) = p.fp8 ? ll::dispatch<true> : ll::dispatch<false>;
   // At most (3 * kMaxRanks + 1 + kMaxLowLatencyExperts * 2) ints: below the default 48 KB.
@@ -437,7 +442,7 @@ cudaError_t launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int n
   attribute.id = cudaLaunchAttributeCooperative;
   attribute.val.cooperative = 1;
   config.attrs = &attribute;
-  config.numAttrs = 1;
+  config.numAttrs = cooperative ? 1 : 0;
   return cudaLaunchKernelEx(&config, kernel, p);
 }
 

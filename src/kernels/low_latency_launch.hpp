@@ -54,8 +54,11 @@ struct LowLatencyCombineParams {
   int64_t* wait_stats;
 };
 
-/// Cooperative launches (every block resident): `num_blocks` <= the SMs.
-cudaError_t launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, cudaStream_t stream);
-cudaError_t launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, cudaStream_t stream);
+/// Cooperative launches (every block resident; `cooperative` false only for experiments):
+/// `num_blocks` <= the SMs.
+cudaError_t launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, bool cooperative,
+                                        cudaStream_t stream);
+cudaError_t launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, bool cooperative,
+                                       cudaStream_t stream);
 
 }  // namespace flashep::kernels

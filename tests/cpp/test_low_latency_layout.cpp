@@ -1,0 +1,160 @@
+// CPU tests of the low-latency region's arithmetic (src/core/low_latency_layout.hpp): the areas do
+// not overlap and stay aligned, the signals and state sit where no (T, H, E) moves them, the signal
+// encoding tells calls apart across the 32-bit wrap, the plan indexing is dense, and the public
+// size hint rejects what the kernels cannot run.
+#include <algorithm>
+#include <stdexcept>
+#include <utility>
+#include <vector>
+
+#include "check.hpp"
+#include "core/low_latency_layout.hpp"
+#include "flashep/errors.hpp"
+#include "flashep/low_latency.hpp"
+
+using namespace flashep;
+
+namespace {
+
+/// Every area [begin, end) of a layout, in address order, with the bytes it must hold.
+std::vector<std::pair<int64_t, int64_t>> areas(const LowLatencyLayout& l) {
+  const int64_t R = l.num_ranks;
+  return {
+      {0, l.signal(5, 0, 0)},
+      {l.state_offset, l.state_offset + int64_t(sizeof(LowLatencyState))},
+      {l.msg_counter_offset, l.msg_counter_offset + 2 * R * 4},
+      {l.expert_counter_offset, l.expert_counter_offset + 2 * int64_t(kMaxLowLatencyExperts) * 4},
+      {l.dispatch_base_offset, l.dispatch_base_offset + 2 * R * 8},
+      {l.combine_base_offset, l.combine_base_offset + 2 * R * 8},
+      {l.mask_offset, l.mask_offset + R * 4},
+      {l.counts_offset, l.counts(2, 0)},
+      {l.weights_offset, l.weights(2, 0)},
+      {l.dispatch_in_offset, l.dispatch_in(2, 0, 0)},
+      {l.combine_in_offset, l.combine_in(2, 0, 0)},
+      {l.dispatch_stage_offset, l.dispatch_stage(2, 0)},
+      {l.counts_stage_offset, l.counts_stage(2, 0)},
+      {l.weights_stage_offset, l.weights_stage(2)},
+      {l.combine_stage_offset, l.combine_stage(2, 0, 0)},
+      {l.zero_copy_offset, l.zero_copy(2)},
+  };
+}
+
+void test_areas_disjoint_and_aligned() {
+  for (int R : {1, 2, 8, 64, 1024})
+    for (int T : {1, 32, 128, 256, 4096})
+      for (int H : {128, 2048, 7168, 8192})
+        for (int E : {R, 2 * R, 288 / R * R}) {
+          if (E < R || E > kMaxLowLatencyExperts || E % R != 0 || E / R > kMaxLocalExperts) continue;
+          const LowLatencyLayout l = make_low_latency_layout(T, H, R, E);
+          const auto a = areas(l);
+          for (size_t i = 0; i < a.size(); ++i) {
+            CHECK(a[i].first % 128 == 0);
+            CHECK(a[i].second >= a[i].first);
+            if (i + 1 < a.size()) CHECK(a[i].second <= a[i + 1].first);
+          }
+          CHECK(a.back().second <= l.end);
+          CHECK(l.end % 128 == 0);
+          CHECK_EQ(l.end, low_latency_region_bytes(T, H, R, E));
+          // Messages and rows stay 16-byte aligned (the kernels move 16-byte words).
+          CHECK(l.msg.stride % 128 == 0);
+          CHECK(l.dispatch_in(1, R - 1, T - 1) % 16 == 0);
+          CHECK(l.combine_in(1, R - 1, T - 1) % 16 == 0);
+          CHECK(l.zero_copy(1) % 16 == 0);
+        }
+}
+
+void test_fixed_part_does_not_move() {
+  // Signals, state, mask and counts depend on R only: calls of other (T, H, E) never reinterpret them.
+  for (int R : {1, 2, 8, 16}) {
+    const LowLatencyLayout a = make_low_latency_layout(1, 128, R, R);
+    const LowLatencyLayout b = make_low_latency_layout(256, 7168, R, 288 / R * R > 0 ? 288 / R * R : R);
+    CHECK_EQ(a.state_offset, b.state_offset);
+    CHECK_EQ(a.mask_offset, b.mask_offset);
+    CHECK_EQ(a.counts_offset, b.counts_offset);
+    CHECK_EQ(a.weights_offset, b.weights_offset);
+    CHECK_EQ(a.dispatch_total(1, R - 1), b.dispatch_total(1, R - 1));
+    CHECK_EQ(a.combine_arrival(1, R - 1), b.combine_arrival(1, R - 1));
+    CHECK_EQ(ll_fixed_bytes(R), a.weights_offset);
+    // The counts block holds the call hash and L counts for every E this R allows.
+    CHECK(ll_count_ints(R) >= 4 + std::min(kMaxLocalExperts, kMaxLowLatencyExperts / R));
+  }
+}
+
+void test_messages() {
+  for (int H : {128, 2048, 7168, 8192}) {
+    const LowLatencyMessage f = make_ll_message(H, true), b = make_ll_message(H, false);
+    CHECK_EQ(f.stride, b.stride);  // one stride for both dtypes
+    CHECK_EQ(f.row_bytes, H);
+    CHECK_EQ(b.row_bytes, 2 * H);
+    CHECK(f.scale_offset >= f.row_bytes && f.meta_offset >= f.scale_offset + H / 128 * 4);
+    CHECK(b.meta_offset >= b.row_bytes);
+    CHECK(f.bytes <= f.stride && b.bytes <= b.stride);
+    CHECK(f.bytes < b.bytes);  // FP8 sends fewer bytes
+    CHECK(f.meta_offset % 16 == 0 && b.meta_offset % 16 == 0);
+  }
+}
+
+void test_signals() {
+  for (uint32_t seq : {0u, 1u, 2u, 0x7fffffffu, 0xfffffffeu, 0xffffffffu}) {
+    for (int count : {0, 1, 255, 0x7fffffff}) {
+      const uint64_t v = ll_signal(seq, count);
+      CHECK(ll_signal_is(v, seq));
+      CHECK_EQ(ll_signal_count(v), count);
+      CHECK(!ll_signal_is(v, seq + 1));
+      CHECK(!ll_signal_is(v, seq - 2));  // the same half, two calls apart
+      CHECK(!ll_signal_is_ahead(v, seq));
+      CHECK(ll_signal_is_ahead(v, seq - 2));  // a peer two calls ahead, across the wrap too
+      CHECK(!ll_signal_is_ahead(v, seq + 2));
+    }
+    CHECK(!ll_signal_is(0, seq));  // a cleaned word is never a call's signal
+    CHECK(!ll_signal_is_ahead(0, seq));
+  }
+}
+
+void test_plan() {
+  for (int R : {1, 2, 8})
+    for (int T : {1, 128})
+      for (int K : {1, 8}) {
+        int64_t expected = R;
+        for (int s = 0; s < R; ++s)
+          for (int j = 0; j < T; ++j) {
+            CHECK_EQ(ll_plan_entry(R, T, K, s, j), expected);
+            expected += K + 1;
+          }
+        CHECK_EQ(ll_plan_ints(R, T, K), expected);
+      }
+}
+
+void test_hint_and_blocks() {
+  // DeepEP's test shape: no larger than DeepEP's 2147 MB.
+  CHECK(low_latency_region_bytes_hint(128, 7168, 2, 288) < size_t(2147) * 1000 * 1000);
+  CHECK(low_latency_region_bytes_hint(128, 7168, 8, 288) < size_t(2147) * 1000 * 1000);
+  CHECK(low_latency_region_bytes_hint(256, 7168, 8, 288) > low_latency_region_bytes_hint(128, 7168, 8, 288));
+  CHECK_THROWS(low_latency_region_bytes_hint(0, 7168, 2, 288), flashep::Error);
+  CHECK_THROWS(low_latency_region_bytes_hint(128, 100, 2, 288), flashep::Error);
+  CHECK_THROWS(low_latency_region_bytes_hint(128, 8192 + 128, 2, 288), flashep::Error);
+  CHECK_THROWS(low_latency_region_bytes_hint(128, 7168, 2, 289), flashep::Error);
+  CHECK_THROWS(low_latency_region_bytes_hint(128, 7168, 2, kMaxLowLatencyExperts + 2), flashep::Error);
+  CHECK_THROWS(low_latency_region_bytes_hint(kMaxLowLatencyTokens + 1, 7168, 2, 288), flashep::Error);
+  CHECK_EQ(low_latency_plan_ints(2, 128, 8), size_t(2 + 2 * 128 * 9));
+  CHECK_EQ(ll_num_blocks(2, 128, 132), 132);
+  CHECK_EQ(ll_num_blocks(2, 1, 132), 2);
+  CHECK_EQ(ll_num_blocks(1, 0, 132), 1);
+  // Call hashes tell the operations and shapes apart.
+  CHECK(ll_call_hash(1, 128, 7168, 288, 8, 1) != ll_call_hash(2, 128, 7168, 288, 8, 0));
+  CHECK(ll_call_hash(1, 128, 7168, 288, 8, 1) != ll_call_hash(1, 128, 7168, 288, 8, 0));
+  CHECK(ll_call_hash(1, 128, 7168, 288, 8, 1) != ll_call_hash(1, 64, 7168, 288, 8, 1));
+  CHECK(ll_call_hash(1, 128, 7168, 288, 8, 1) != 0);
+}
+
+}  // namespace
+
+int main() {
+  test_areas_disjoint_and_aligned();
+  test_fixed_part_does_not_move();
+  test_messages();
+  test_signals();
+  test_plan();
+  test_hint_and_blocks();
+  return check::summary("test_low_latency_layout");
+}
