@@ -574,3 +574,18 @@ def test_ll_routing_and_combine(C):
     a = rng.random(1000).astype(np.float32)
     assert C.oracle_calc_diff(a, a) == 0.0
     assert C.oracle_calc_diff(a, a + np.float32(1e-3)) < 9e-4
+
+
+def test_ll_region_size_hint(C):
+    """get_low_latency_rdma_size_hint: the C++ layout's size; DeepEP's test shape fits in less than
+    DeepEP's 2147 MB; what the kernels cannot run is refused with ValueError."""
+    two = C.low_latency_region_bytes_hint(128, 7168, 2, 288)
+    assert two % 128 == 0 and 0 < two < 2147 * 10**6
+    assert C.low_latency_region_bytes_hint(128, 7168, 8, 288) < 2147 * 10**6
+    assert C.low_latency_region_bytes_hint(256, 7168, 2, 288) > two
+    for bad in ((0, 7168, 2, 288), (128, 100, 2, 288), (128, 8320, 2, 288), (128, 7168, 2, 289),
+                (128, 7168, 2, 4096)):
+        with pytest.raises(ValueError):
+            C.low_latency_region_bytes_hint(*bad)
+    assert C.low_latency_plan_ints(2, 128, 8) == 2 + 2 * 128 * 9
+    assert (C.kLowLatencySend, C.kLowLatencyReceive, C.kLowLatencyBoth) == (1, 2, 3)
