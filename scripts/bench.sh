@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The main job (README): install the package, then benchmark dispatch/combine on all local GPUs
-# next to NCCL's all-to-all. Extra arguments go to `python3 -m flashep.bench` (see its --help).
+# The main job (README): install the package, then benchmark on all local GPUs, next to NCCL's
+# all-to-all: the high-throughput dispatch/combine (`python3 -m flashep.bench`; extra arguments go
+# to it, see its --help), then the low-latency mode (`python3 -m flashep.bench_low_latency`;
+# arguments in BENCH_LL_ARGS).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -13,4 +15,6 @@ else
   "$PYTHON" -m pip install -q .
 fi
 cd /tmp  # import the installed package, not the source folder
-exec "$PYTHON" -m flashep.bench "$@"
+"$PYTHON" -m flashep.bench "$@"
+# shellcheck disable=SC2086
+exec "$PYTHON" -m flashep.bench_low_latency ${BENCH_LL_ARGS:-}

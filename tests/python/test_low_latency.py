@@ -43,6 +43,14 @@ def test_low_latency(world_size, transport):
                       "NVSHMEM_REMOTE_TRANSPORT": "none"})
 
 
+@pytest.mark.parametrize("world_size", dh.WORLD_SIZES, ids=dh.world_ids())
+def test_low_latency_with_high_throughput(world_size):
+    """One buffer for both modes: high-throughput dispatch/combine, clean_low_latency_buffer, then
+    low-latency calls (async_finish, the statistics) and high-throughput again."""
+    dh.run_world(_mixed_worker, world_size, timeout_s=600,
+                 env={"FLASHEP_TIMEOUT_S": os.environ.get("FLASHEP_TIMEOUT_S", "30")})
+
+
 def _require_nvshmem():
     """The NVSHMEM path needs a build with it; strict GPU runs (FLASHEP_TEST_EXPECT_NVSHMEM=1) fail
     instead of skipping."""
@@ -393,6 +401,70 @@ def _bad_inputs(buffer, rank, R, errors):
         except (ValueError, TypeError, RuntimeError):
             pass
     torch.cuda.synchronize()
+
+
+def _mixed_worker(rank, world_size):
+    import torch
+    import flashep
+    R = world_size
+    dev = torch.device("cuda", torch.cuda.current_device())
+    T, H, E, K = 64, 4096, 64, 8
+    nvl = max(c.get_nvl_buffer_size_hint(H * 2, R) for c in (flashep.Buffer.get_dispatch_config(R),
+                                                                flashep.Buffer.get_combine_config(R)))
+    buffer = flashep.Buffer(None, nvl, flashep.Buffer.get_low_latency_rdma_size_hint(T, H, R, E),
+                            low_latency_mode=True, explicitly_destroy=True)
+    errors = []
+
+    def high_throughput(seed):
+        x, idx, w = _fresh(R, T, H, E, K, seed, dev, rank)
+        ntpr, _, ntpe, itir, _ = buffer.get_dispatch_layout(idx, E)
+        recv_x, _, recv_w, _, handle, _ = buffer.dispatch(x, num_tokens_per_rank=ntpr, is_token_in_rank=itir,
+                                                          num_tokens_per_expert=ntpe, topk_idx=idx, topk_weights=w)
+        combined, _, _ = buffer.combine(recv_x, handle, topk_weights=recv_w)
+        want = (x.float() * itir.sum(1, keepdim=True).float()).to(torch.bfloat16)
+        torch.cuda.synchronize()
+        if not torch.equal(combined, want):
+            errors.append(f"rank {rank}: high-throughput round trip {seed} wrong")
+
+    high_throughput(1)
+    buffer.clean_low_latency_buffer(T, H, E)
+    L = E // R
+    recv_stats = torch.zeros((L,), dtype=torch.int32, device=dev)
+    wait_stats = torch.zeros((R,), dtype=torch.int64, device=dev)
+    combine_wait = torch.zeros((R,), dtype=torch.int64, device=dev)
+    total = torch.zeros((L,), dtype=torch.int32, device=dev)
+    for i in range(3):
+        x, idx, w = _fresh(R, T, H, E, K, 100 + i, dev, rank)
+        recv, count, handle, event, hook = buffer.low_latency_dispatch(
+            x, idx, T, E, cumulative_local_expert_recv_stats=recv_stats, dispatch_wait_recv_cost_stats=wait_stats,
+            use_fp8=False, async_finish=True)
+        assert hook is None and event.event is not None
+        event.current_stream_wait()
+        total += count
+        out, event, _ = buffer.low_latency_combine(recv, idx, w, handle, async_finish=True,
+                                                   combine_wait_recv_cost_stats=combine_wait)
+        event.current_stream_wait()
+        torch.cuda.synchronize()
+        ref = (w * (idx >= 0)).sum(1, keepdim=True) * x.float()
+        if not torch.allclose(out.float(), ref, rtol=2 ** -7, atol=1e-5):
+            errors.append(f"rank {rank}: async low-latency round trip {i} off by {float((out.float() - ref).abs().max())}")
+    torch.cuda.synchronize()
+    if not torch.equal(recv_stats, total):
+        errors.append(f"rank {rank}: cumulative_local_expert_recv_stats {recv_stats.tolist()} != {total.tolist()}")
+    if bool((wait_stats < 0).any()) or bool((combine_wait < 0).any()) or int(wait_stats.sum()) == 0:
+        errors.append(f"rank {rank}: wait statistics {wait_stats.tolist()} / {combine_wait.tolist()}")
+    high_throughput(2)
+    buffer.clean_low_latency_buffer(T, H, E)
+    x, idx, w = _fresh(R, T, H, E, K, 200, dev, rank)
+    recv, _, handle, _, _ = buffer.low_latency_dispatch(x, idx, T, E, use_fp8=False)
+    out, _, _ = buffer.low_latency_combine(recv, idx, w, handle)
+    torch.cuda.synchronize()
+    ref = (w * (idx >= 0)).sum(1, keepdim=True) * x.float()
+    if not torch.allclose(out.float(), ref, rtol=2 ** -7, atol=1e-5):
+        errors.append(f"rank {rank}: low-latency after the second clean is wrong")
+    buffer.destroy()
+    assert not errors, "\n".join(errors)
+    return True
 
 
 def _worker(rank, world_size, quick, transport):
