@@ -46,7 +46,7 @@ def main():
                 num_experts=E, use_fp8=True, round_scale=False, use_ue8m0=False, recv_x=recv[0].data_ptr(),
                 recv_scales=recv[1].data_ptr(), recv_count=count.data_ptr(), recv_stats=0, wait_stats=0,
                 src_info=handle[0].data_ptr(), layout_range=handle[1].data_ptr(), plan=handle.plan.data_ptr())
-    rows["_C.ll_dispatch (C++ + launch)"] = per_call(lambda: _C.ll_dispatch(buf.runtime, phases=3, stream=stream, **args))
+    rows["_C.ll_dispatch (C++ + launch)"] = per_call(lambda: _C.ll_dispatch(buf.runtime, phases=3, call_slot=0, stream=stream, **args))
     for name, us in rows.items():
         print(f"{name:40s} {us:8.1f} us")
     dist.destroy_process_group()

@@ -11,8 +11,10 @@
 // exits, and the receive phase, launched later, finishes the call: no SM is held in between. The
 // kernels keep their sequence numbers on the GPU, so every call can be captured in a CUDA graph and
 // replayed. Consecutive calls use alternating halves of the region: at most two calls may be in
-// flight (sent and not yet received), every rank issues the same calls in the same order, and
-// receive phases run in the order of their send phases.
+// flight (sent and not yet received), and every rank issues the same calls in the same order. The
+// send phase leaves its call's number in slot `call_slot` (0..15): the receive phase of the same
+// call passes the same slot, and calls in flight at the same time use different ones (the Python
+// layer passes its call count modulo 16); receive phases may then run in any order.
 #pragma once
 
 #include <cstddef>
@@ -57,6 +59,7 @@ struct LowLatencyDispatchArgs {
   bool round_scale = false;
   bool use_ue8m0 = false;              ///< requires round_scale
   int phases = kLowLatencyBoth;
+  int call_slot = 0;                   ///< [0, 16): see the top of this file
   /// out: fp8 [L, R*T, H] (bf16 without use_fp8); scales float32 [L, R*T, H/128] or, with UE8M0,
   /// int32 [L, R*T, H/512], both with strides (R*T*G, 1, R*T) (column-major in the last two dims).
   void* recv_x = nullptr;
@@ -77,6 +80,7 @@ struct LowLatencyCombineArgs {
   int num_tokens = 0;
   const LowLatencyHandle* handle = nullptr;
   int phases = kLowLatencyBoth;
+  int call_slot = 0;                   ///< [0, 16): see the top of this file
   void* out = nullptr;                             ///< out bf16 [n, H]
   int64_t* combine_wait_recv_cost_stats = nullptr;  ///< [R] += wait cycles, or nullptr
 };

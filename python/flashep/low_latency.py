@@ -14,7 +14,8 @@ send phase is launched on the current stream; calling `hook()` launches the rece
 stream current then. Between the two no SM is held.
 
 Rules the double buffer imposes (checked here, raising before anything is launched): at most two
-calls may be sent and not yet received, and hooks run in the order of their calls, once each.
+calls may be sent and not yet received; each hook runs once (in any order); a combine needs its
+dispatch received (its hook run). Every rank must make the same calls in the same order.
 
 `use_logfmt=True` is accepted and gives a result within DeepEP's bound (it is exact BF16 on the
 wire): the rank-reduced combine already sends fewer bytes than DeepEP's per-expert LogFMT, and the
@@ -39,6 +40,7 @@ class LowLatencyHandle(tuple):
     num_topk: int
     buffer_id: int
     shape_key: tuple
+    pending_call: Optional[int]  # the hooked dispatch that fills it, until its hook has run
 
     def __new__(cls, src_info: torch.Tensor, layout_range: torch.Tensor, max_tokens: int, hidden: int,
                 num_experts: int, plan: torch.Tensor, num_topk: int, buffer_id: int) -> "LowLatencyHandle":
@@ -46,6 +48,7 @@ class LowLatencyHandle(tuple):
         handle.plan = plan
         handle.num_topk = num_topk
         handle.buffer_id = buffer_id
+        handle.pending_call = None
         return handle
 
 
@@ -136,18 +139,18 @@ class LowLatencyMixin:
             self._ll = state
         return state
 
-    def _ll_begin_send(self, hooked: bool) -> Optional[int]:
-        """Before a send phase: refuses a third call in flight; registers a hooked call."""
+    def _ll_begin_send(self, hooked: bool) -> Tuple[Optional[int], int]:
+        """Before a send phase: refuses a third call in flight (the buffer has two halves);
+        registers a hooked call. Returns (its id or None, the call slot of both its phases)."""
         state = self._ll_state()
         if len(state["pending"]) >= 2:
             raise RuntimeError("flashep: two low-latency calls are waiting for their hooks; call a hook before "
                                "another low-latency call (the buffer holds two calls' data at most)")
-        if not hooked:
-            return None
         call_id = state["next_id"]
         state["next_id"] += 1
-        state["pending"].append(call_id)
-        return call_id
+        if hooked:
+            state["pending"].append(call_id)
+        return (call_id if hooked else None), call_id % _C.kLowLatencyCallSlots
 
     def _ll_forget(self, call_id: Optional[int]) -> None:
         """A send that failed to launch holds no slot."""
@@ -159,11 +162,8 @@ class LowLatencyMixin:
             pending = self._ll_state()["pending"]
             if call_id not in pending:
                 raise RuntimeError("flashep: this low-latency hook has run already")
-            if pending[0] != call_id:
-                raise RuntimeError("flashep: low-latency hooks must run in the order of their calls (an earlier "
-                                   "call's hook has not run)")
             launch()
-            pending.pop(0)
+            pending.remove(call_id)
         return hook
 
     # ---- checks ------------------------------------------------------------------------------------
@@ -251,9 +251,10 @@ class LowLatencyMixin:
         outs = (recv_x.data_ptr(), 0 if recv_scales is None else recv_scales.data_ptr(), base,
                 0 if recv_stats is None else recv_stats.data_ptr(), 0 if wait_stats is None else wait_stats.data_ptr(),
                 base + shape.src_info_offset, base + shape.layout_range_offset, base + shape.plan_offset)
-        call_id = self._ll_begin_send(return_recv_hook)
+        call_id, slot = self._ll_begin_send(return_recv_hook)
+        handle.pending_call = call_id
         try:
-            _C.ll_dispatch(runtime, *args, _C.kLowLatencySend if return_recv_hook else _C.kLowLatencyBoth, *outs,
+            _C.ll_dispatch(runtime, *args, _C.kLowLatencySend if return_recv_hook else _C.kLowLatencyBoth, slot, *outs,
                            raw_stream)
         except BaseException:
             self._ll_forget(call_id)
@@ -263,7 +264,7 @@ class LowLatencyMixin:
             kept_alive: List[Any] = [x, topk_idx, recv_x, recv_scales, words, recv_stats, wait_stats]
 
             def receive() -> None:
-                _C.ll_dispatch(runtime, *args, _C.kLowLatencyReceive, *outs,
+                _C.ll_dispatch(runtime, *args, _C.kLowLatencyReceive, slot, *outs,
                                torch._C._cuda_getCurrentRawStream(self._device_index))
                 del kept_alive[:]
             hook = self._ll_hook(call_id, receive)
@@ -284,6 +285,8 @@ class LowLatencyMixin:
             raise ValueError("handle must be the one returned by low_latency_dispatch")
         if handle.buffer_id != self._rt().id:
             raise ValueError("handle was made by another Buffer")
+        if handle.pending_call is not None and handle.pending_call in self._ll_state()["pending"]:
+            raise RuntimeError("flashep: the dispatch that made this handle has not received yet; call its hook first")
         return handle
 
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
@@ -336,9 +339,9 @@ class LowLatencyMixin:
                 base + shape.src_info_offset, base + shape.layout_range_offset, base + shape.plan_offset, max_tokens,
                 hidden, num_experts, num_topk)
         tail = (out.data_ptr(), 0 if wait_stats is None else wait_stats.data_ptr())
-        call_id = self._ll_begin_send(return_recv_hook)
+        call_id, slot = self._ll_begin_send(return_recv_hook)
         try:
-            _C.ll_combine(runtime, *args, _C.kLowLatencySend if return_recv_hook else _C.kLowLatencyBoth, *tail,
+            _C.ll_combine(runtime, *args, _C.kLowLatencySend if return_recv_hook else _C.kLowLatencyBoth, slot, *tail,
                           raw_stream)
         except BaseException:
             self._ll_forget(call_id)
@@ -349,7 +352,7 @@ class LowLatencyMixin:
             kept_alive: List[Any] = [x, topk_idx, topk_weights, out, handle.plan, wait_stats]
 
             def receive() -> None:
-                _C.ll_combine(runtime, *receive_args, _C.kLowLatencyReceive, *tail,
+                _C.ll_combine(runtime, *receive_args, _C.kLowLatencyReceive, slot, *tail,
                               torch._C._cuda_getCurrentRawStream(self._device_index))
                 del kept_alive[:]
             hook = self._ll_hook(call_id, receive)

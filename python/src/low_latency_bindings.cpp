@@ -36,7 +36,7 @@ flashep::LowLatencyHandle make_handle(uintptr_t src_info, uintptr_t layout_range
 }
 
 void ll_dispatch(Buffer& b, uintptr_t x, uintptr_t topk_idx, int num_tokens, int hidden, int num_topk, int max_tokens,
-                 int num_experts, bool use_fp8, bool round_scale, bool use_ue8m0, int phases, uintptr_t recv_x,
+                 int num_experts, bool use_fp8, bool round_scale, bool use_ue8m0, int phases, int call_slot, uintptr_t recv_x,
                  uintptr_t recv_scales, uintptr_t recv_count, uintptr_t recv_stats, uintptr_t wait_stats,
                  uintptr_t src_info, uintptr_t layout_range, uintptr_t plan, uintptr_t stream) {
   flashep::LowLatencyHandle h = make_handle(src_info, layout_range, plan, max_tokens, hidden, num_experts, num_topk, 0);
@@ -52,6 +52,7 @@ void ll_dispatch(Buffer& b, uintptr_t x, uintptr_t topk_idx, int num_tokens, int
   a.round_scale = round_scale;
   a.use_ue8m0 = use_ue8m0;
   a.phases = phases;
+  a.call_slot = call_slot;
   a.recv_x = as_ptr<void>(recv_x);
   a.recv_scales = as_ptr<void>(recv_scales);
   a.recv_count = as_ptr<int>(recv_count);
@@ -63,7 +64,8 @@ void ll_dispatch(Buffer& b, uintptr_t x, uintptr_t topk_idx, int num_tokens, int
 
 void ll_combine(Buffer& b, uintptr_t x, bool zero_copy, uintptr_t topk_idx, uintptr_t topk_weights, int num_tokens,
                 uintptr_t src_info, uintptr_t layout_range, uintptr_t plan, int max_tokens, int hidden,
-                int num_experts, int num_topk, int phases, uintptr_t out, uintptr_t wait_stats, uintptr_t stream) {
+                int num_experts, int num_topk, int phases, int call_slot, uintptr_t out, uintptr_t wait_stats,
+                uintptr_t stream) {
   const flashep::LowLatencyHandle h =
       make_handle(src_info, layout_range, plan, max_tokens, hidden, num_experts, num_topk, b.id());
   flashep::LowLatencyCombineArgs a;
@@ -74,6 +76,7 @@ void ll_combine(Buffer& b, uintptr_t x, bool zero_copy, uintptr_t topk_idx, uint
   a.num_tokens = num_tokens;
   a.handle = &h;
   a.phases = phases;
+  a.call_slot = call_slot;
   a.out = as_ptr<void>(out);
   a.combine_wait_recv_cost_stats = as_ptr<int64_t>(wait_stats);
   b.low_latency_combine(a, as_stream(stream));
@@ -91,6 +94,7 @@ void bind_low_latency(nb::module_& m) {
   m.attr("kLowLatencySend") = static_cast<int>(flashep::kLowLatencySend);
   m.attr("kLowLatencyReceive") = static_cast<int>(flashep::kLowLatencyReceive);
   m.attr("kLowLatencyBoth") = static_cast<int>(flashep::kLowLatencyBoth);
+  m.attr("kLowLatencyCallSlots") = 16;
   m.def("low_latency_region_bytes_hint", &flashep::low_latency_region_bytes_hint, "max_tokens"_a, "hidden"_a,
         "num_ranks"_a, "num_experts"_a, "Bytes of the low-latency region (get_low_latency_rdma_size_hint).");
   m.def("low_latency_plan_ints", &flashep::low_latency_plan_ints, "num_ranks"_a, "max_tokens"_a, "num_topk"_a,
@@ -98,11 +102,11 @@ void bind_low_latency(nb::module_& m) {
   // Positional calls are the fast path (the Python layer calls them once per decode step).
   m.def("ll_dispatch", &ll_dispatch, "runtime"_a, "x"_a, "topk_idx"_a, "num_tokens"_a, "hidden"_a,
         "num_topk"_a, "max_tokens"_a, "num_experts"_a, "use_fp8"_a, "round_scale"_a, "use_ue8m0"_a, "phases"_a,
-        "recv_x"_a, "recv_scales"_a, "recv_count"_a, "recv_stats"_a, "wait_stats"_a, "src_info"_a, "layout_range"_a,
+        "call_slot"_a, "recv_x"_a, "recv_scales"_a, "recv_count"_a, "recv_stats"_a, "wait_stats"_a, "src_info"_a, "layout_range"_a,
         "plan"_a, "stream"_a, release_gil());
   m.def("ll_combine", &ll_combine, "runtime"_a, "x"_a, "zero_copy"_a, "topk_idx"_a, "topk_weights"_a,
         "num_tokens"_a, "src_info"_a, "layout_range"_a, "plan"_a, "max_tokens"_a, "hidden"_a, "num_experts"_a,
-        "num_topk"_a, "phases"_a, "out"_a, "wait_stats"_a, "stream"_a, release_gil());
+        "num_topk"_a, "phases"_a, "call_slot"_a, "out"_a, "wait_stats"_a, "stream"_a, release_gil());
   m.def("ll_combine_buffer", &ll_combine_buffer, "runtime"_a, "max_tokens"_a, "hidden"_a, "num_experts"_a,
         "num_topk"_a, "Device pointer of the zero-copy half the next low-latency combine reads.");
   m.def("ll_clean", [](Buffer& b, uintptr_t stream) { b.clean_low_latency_buffer(as_stream(stream)); }, "runtime"_a,

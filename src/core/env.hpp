@@ -40,9 +40,6 @@ struct EnvSettings {
   /// FLASHEP_DEBUG_LL_BLOCKS (default 0 = ll_num_blocks): blocks of the low-latency kernels
   /// (testing and tuning; capped at the SM count).
   int ll_blocks = 0;
-  /// FLASHEP_DEBUG_LL_COOPERATIVE (default 1): 0 launches the low-latency kernels without the
-  /// cooperative attribute (their blocks must still all be resident: tuning experiments only).
-  int ll_cooperative = 1;
 };
 
 inline EnvSettings read() {
@@ -57,7 +54,6 @@ inline EnvSettings read() {
   s.dispatch_skip = std::max(0, int_or("FLASHEP_DEBUG_DISPATCH_SKIP", 0));
   s.profile_every = std::max(0, int_or("FLASHEP_DEBUG_PROFILE", 0));
   s.ll_blocks = std::max(0, int_or("FLASHEP_DEBUG_LL_BLOCKS", 0));
-  s.ll_cooperative = int_or("FLASHEP_DEBUG_LL_COOPERATIVE", 1) != 0 ? 1 : 0;
   return s;
 }
 

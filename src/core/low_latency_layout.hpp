@@ -16,7 +16,7 @@
 //   state        (this rank only; R only)           sequence numbers, tickets, send counters, the
 //                                                    arrival bases of NVSHMEM sources, the mask
 //   counts       (peers write; R only)              per half and source: call hash + L counts
-//   weights      (peers write)                      per half and source: [T][kMaxTopk] float32
+//   weights      (peers write)                      per half and source: call hash, [n][K] float32
 //   dispatch in  (peers write)                      per half and source: T messages
 //   combine in   (peers write)                      per half and source: T BF16 partial rows
 //   stages       (this rank; NVSHMEM puts read them) dispatch messages, counts, weights, partials
@@ -102,11 +102,16 @@ inline constexpr int kMetaPos = 4 + kLowLatencyTopkSlots;
 // ---- the region ----------------------------------------------------------------------------------
 
 /// This rank's state (the `state` block), at LowLatencyLayout::state().
+inline constexpr int kLowLatencyCallSlots = 16;
 struct LowLatencyState {
   uint32_t send_seq;   // calls whose send phase ran
-  uint32_t recv_seq;   // calls whose receive phase ran
+  uint32_t reserved0;
   int ticket[4];       // blocks done, per kernel phase (kTicket*)
-  int reserved[26];
+  /// The sequence number each call's send phase used, by the host's call slot (call index % 16):
+  /// a receive phase launched later (the hook) reads its own call's number here, so hooks may run
+  /// in any order and a fused call may come between a send and its hook.
+  uint32_t call_seq[kLowLatencyCallSlots];
+  int reserved[10];
   // followed by: int msg_counter[2][R]; int expert_counter[2][kMaxLowLatencyExperts];
   //              uint64 dispatch_base[2][R]; uint64 combine_base[2][R]; int mask[R]
 };
@@ -147,8 +152,10 @@ struct LowLatencyLayout {
   FLASHEP_HD int64_t counts(int half, int src) const {
     return counts_offset + (int64_t(half) * num_ranks + src) * ll_count_ints(num_ranks) * 4;
   }
+  /// A source's combine weights: int32 call hash, 3 reserved, then float32 [n][K].
+  FLASHEP_HD int64_t weights_block_bytes() const { return align_up(int64_t(max_tokens) * kLowLatencyTopkSlots * 4 + 16, 16); }
   FLASHEP_HD int64_t weights(int half, int src) const {
-    return weights_offset + (int64_t(half) * num_ranks + src) * max_tokens * kLowLatencyTopkSlots * 4;
+    return weights_offset + (int64_t(half) * num_ranks + src) * weights_block_bytes();
   }
   FLASHEP_HD int64_t dispatch_in(int half, int src, int slot) const {
     return dispatch_in_offset + ((int64_t(half) * num_ranks + src) * max_tokens + slot) * msg.stride;
@@ -162,9 +169,7 @@ struct LowLatencyLayout {
   FLASHEP_HD int64_t counts_stage(int half, int dst) const {
     return counts_stage_offset + (int64_t(half) * num_ranks + dst) * ll_count_ints(num_ranks) * 4;
   }
-  FLASHEP_HD int64_t weights_stage(int half) const {
-    return weights_stage_offset + int64_t(half) * max_tokens * kLowLatencyTopkSlots * 4;
-  }
+  FLASHEP_HD int64_t weights_stage(int half) const { return weights_stage_offset + int64_t(half) * weights_block_bytes(); }
   FLASHEP_HD int64_t combine_stage(int half, int dst, int slot) const {
     return combine_stage_offset + ((int64_t(half) * num_ranks + dst) * max_tokens + slot) * row_bytes_bf16();
   }
@@ -201,7 +206,7 @@ FLASHEP_HD LowLatencyLayout make_low_latency_layout(int max_tokens, int hidden, 
   at = align_up(at + 2 * R * ll_count_ints(num_ranks) * 4, 128);
   // From here on the offsets depend on (T, H, E).
   l.weights_offset = at;
-  at = align_up(at + 2 * R * T * kLowLatencyTopkSlots * 4, 128);
+  at = align_up(at + 2 * R * l.weights_block_bytes(), 128);
   l.dispatch_in_offset = at;
   at = align_up(at + 2 * R * T * l.msg.stride, 128);
   l.combine_in_offset = at;
@@ -211,7 +216,7 @@ FLASHEP_HD LowLatencyLayout make_low_latency_layout(int max_tokens, int hidden, 
   l.counts_stage_offset = at;
   at = align_up(at + 2 * R * ll_count_ints(num_ranks) * 4, 128);
   l.weights_stage_offset = at;
-  at = align_up(at + 2 * T * kLowLatencyTopkSlots * 4, 128);
+  at = align_up(at + 2 * l.weights_block_bytes(), 128);
   l.combine_stage_offset = at;
   at = align_up(at + 2 * R * T * l.row_bytes_bf16(), 128);
   l.zero_copy_offset = at;

@@ -98,6 +98,8 @@ void BufferImpl::low_latency_dispatch(const LowLatencyDispatchArgs& a, cudaStrea
   require(!a.use_ue8m0 || a.hidden % 512 == 0,
           std::string(op) + ": use_ue8m0 packs 4 scales per int32 and needs hidden % 512 == 0, got " + str(a.hidden));
   require(a.phases >= 1 && a.phases <= 3, std::string(op) + ": phases must be send, receive or both");
+  require(a.call_slot >= 0 && a.call_slot < kLowLatencyCallSlots,
+          std::string(op) + ": call_slot must be in [0, " + str(kLowLatencyCallSlots) + ")");
   require(a.num_tokens == 0 || (a.x != nullptr && a.topk_idx != nullptr), std::string(op) + ": x and topk_idx are required");
   require(a.handle != nullptr, std::string(op) + ": handle is required");
   if (a.phases & kLowLatencyReceive) {
@@ -114,6 +116,7 @@ void BufferImpl::low_latency_dispatch(const LowLatencyDispatchArgs& a, cudaStrea
   p.num_tokens = a.num_tokens;
   p.num_topk = a.num_topk;
   p.phases = a.phases;
+  p.call_slot = a.call_slot;
   p.fp8 = a.use_fp8 ? 1 : 0;
   p.round_scale = a.round_scale ? 1 : 0;
   p.ue8m0 = a.use_ue8m0 ? 1 : 0;
@@ -131,7 +134,7 @@ void BufferImpl::low_latency_dispatch(const LowLatencyDispatchArgs& a, cudaStrea
   a.handle->num_experts = a.num_experts;
   a.handle->num_topk = a.num_topk;
   a.handle->buffer_id = id_;
-  launch_check(kernels::launch_low_latency_dispatch(p, low_latency_blocks(a.max_tokens), env_.ll_cooperative != 0, stream),
+  launch_check(kernels::launch_low_latency_dispatch(p, low_latency_blocks(a.max_tokens), stream),
                op);
 }
 
@@ -149,6 +152,8 @@ void BufferImpl::low_latency_combine(const LowLatencyCombineArgs& a, cudaStream_
   const LowLatencyHandle& h = *a.handle;
   check_low_latency_handle(h, op);
   require(a.phases >= 1 && a.phases <= 3, std::string(op) + ": phases must be send, receive or both");
+  require(a.call_slot >= 0 && a.call_slot < kLowLatencyCallSlots,
+          std::string(op) + ": call_slot must be in [0, " + str(kLowLatencyCallSlots) + ")");
   require(a.num_tokens >= 0 && a.num_tokens <= h.max_tokens,
           std::string(op) + ": " + str(a.num_tokens) + " tokens, but the dispatch's T is " + str(h.max_tokens));
   require(a.num_tokens == 0 || (a.topk_idx != nullptr && a.topk_weights != nullptr),
@@ -167,11 +172,12 @@ void BufferImpl::low_latency_combine(const LowLatencyCombineArgs& a, cudaStream_
   p.num_tokens = a.num_tokens;
   p.num_topk = h.num_topk;
   p.phases = a.phases;
+  p.call_slot = a.call_slot;
   p.call_hash = ll_call_hash(kOpCombine, h.max_tokens, h.hidden, h.num_experts, h.num_topk, 0);
   p.plan = h.plan;
   p.out = a.out;
   p.wait_stats = a.combine_wait_recv_cost_stats;
-  launch_check(kernels::launch_low_latency_combine(p, low_latency_blocks(h.max_tokens), env_.ll_cooperative != 0, stream),
+  launch_check(kernels::launch_low_latency_combine(p, low_latency_blocks(h.max_tokens), stream),
                op);
 }
 

@@ -55,36 +55,46 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
     if (s_masked[r]) continue;
     const uint64_t signal = ll_signal(seq, p.num_tokens);
     char* region = direct_region(c, ll, r);
-    float* to = region != nullptr ? reinterpret_cast<float*>(region + L.weights(half, c.rank))
-                                  : reinterpret_cast<float*>(ll.sym + L.weights_stage(half));
+    int* block = region != nullptr ? reinterpret_cast<int*>(region + L.weights(half, c.rank))
+                                   : reinterpret_cast<int*>(ll.sym + L.weights_stage(half));
+    float* to = reinterpret_cast<float*>(block + 4);
     for (int i = lane; i < weight_words; i += 32) to[i] = __ldg(p.topk_weights + i);
+    if (lane == 0) block[0] = p.call_hash;
     __syncwarp();
     if (region != nullptr) {
       if (lane == 0) {
         __threadfence_system();
         device::st_release_sys_u64(reinterpret_cast<uint64_t*>(region + L.combine_weights(half, c.rank)), signal);
       }
-    } else if (weight_words > 0) {
+    } else {
       // Several warps may stage the same values for different peers: identical bytes, no conflict.
-      warp_put_signal(ll, r, L.weights(half, c.rank), L.weights_stage(half), int64_t(weight_words) * 4,
+      warp_put_signal(ll, r, L.weights(half, c.rank), L.weights_stage(half), 16 + int64_t(weight_words) * 4,
                       L.combine_weights(half, c.rank), signal, false);
-    } else if (lane == 0) {
-      put_signal_only(ll, r, L.combine_weights(half, c.rank), signal);
     }
   }
 
   // 2. The expert side: one weighted sum per message of the dispatch, one block per message.
   // Thread 0 waits for the source's weights (once per source and block), warp 0 gathers the rows
   // and weights, then every thread sums its 16-byte words over the rows (loads first).
+  __shared__ int s_bad_plan;
   if (threadIdx.x == 0) {
     s_prefix[0] = 0;
-    for (int r = 0; r < R; ++r) s_prefix[r + 1] = s_prefix[r] + (s_masked[r] ? 0 : p.plan[r]);
+    s_bad_plan = -1;
+    for (int r = 0; r < R; ++r) {
+      const int n = p.plan[r];
+      if (n < 0 || n > T) s_bad_plan = r;  // not a plan of a finished dispatch of this shape
+      s_prefix[r + 1] = s_prefix[r] + (s_masked[r] || n < 0 || n > T ? 0 : n);
+    }
   }
   __shared__ int s_rows[kMaxTopk];
   __shared__ float s_weights[kMaxTopk];
   __shared__ int s_num_rows, s_token, s_status, s_ready_src;
   if (threadIdx.x == 0) s_ready_src = -1;
   __syncthreads();
+  if (s_bad_plan >= 0) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) device::fail(c, Phase::kLowLatencyBadMessage, s_bad_plan, -1, T, p.plan[s_bad_plan]);
+    return false;
+  }
   const int total = s_prefix[R];
   const int64_t num_rows_x = int64_t(L.num_local_experts()) * L.rows_per_expert();
   const int num_int4 = H / 8;
@@ -95,11 +105,23 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
     char* inbox = inbox_region(c, ll, src);
     if (threadIdx.x == 0) {
       int status = static_cast<int>(WaitResult::kArrived);
-      if (s_ready_src != src) {
+      if (s_masked[src]) {
+        status = static_cast<int>(WaitResult::kMasked);  // masked by this block earlier
+      } else if (s_ready_src != src) {
         uint64_t value = 0;
         status = static_cast<int>(wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.combine_weights(half, src)),
                                             seq, false, 0, Phase::kLowLatencyCombineWeights, src, &value));
-        if (status == static_cast<int>(WaitResult::kArrived)) s_ready_src = src;
+        if (status == static_cast<int>(WaitResult::kArrived)) {
+          const int hash = __ldcg(reinterpret_cast<const int*>(inbox + L.weights(half, src)));
+          if (hash != p.call_hash) {
+            device::fail(c, Phase::kLowLatencyCallMismatch, src, -1, p.call_hash, hash);
+            status = static_cast<int>(WaitResult::kFailed);
+          } else {
+            s_ready_src = src;
+          }
+        } else if (status == static_cast<int>(WaitResult::kMasked)) {
+          s_masked[src] = 1;
+        }
       }
       s_status = status;
     }
@@ -118,7 +140,7 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
       if (valid) {
         const int i = __popc(rows & ((1u << lane) - 1u));
         s_rows[i] = row;
-        s_weights[i] = __ldcg(reinterpret_cast<const float*>(inbox + L.weights(half, src)) + token * K + lane);
+        s_weights[i] = __ldcg(reinterpret_cast<const float*>(inbox + L.weights(half, src) + 16) + token * K + lane);
       }
       if (lane == 0) {
         s_num_rows = (token >= 0 && token < T) ? __popc(rows) : -1;
@@ -154,6 +176,8 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
 
   // 3. The last block tells every source how many sums it sent there.
   if (last_block_done(&st->ticket[kTicketCombineSend])) {
+    reload_mask(c, ll, s_masked);  // a source masked meanwhile gets no signal (its sums were not sent)
+    __syncthreads();
     for (int r = threadIdx.x; r < R; r += blockDim.x) {
       if (s_masked[r]) continue;
       const uint64_t signal = ll_signal(seq, p.plan[r]);
@@ -164,6 +188,7 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
     __syncthreads();
     if (threadIdx.x == 0) {
       st->ticket[kTicketCombineSend] = 0;
+      st->call_seq[p.call_slot] = seq;
       st->send_seq = seq + 1;
     }
   }
@@ -191,7 +216,13 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
       uint64_t value = 0;
       WaitResult res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.combine_total(half, r)), seq,
                                  false, 0, Phase::kLowLatencyCombineRecv, r, &value);
-      if (res == WaitResult::kArrived) count = ll_signal_count(value);
+      if (res == WaitResult::kArrived) {
+        count = ll_signal_count(value);
+        if (count > L.max_tokens) {
+          device::fail(c, Phase::kLowLatencyBadMessage, r, -1, L.max_tokens, count);
+          res = WaitResult::kFailed;
+        }
+      }
       if (res == WaitResult::kArrived && direct_region(c, ll, r) == nullptr) {
         uint64_t* base = reinterpret_cast<uint64_t*>(ll.local + L.combine_base(half, r));
         res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.combine_arrival(half, r)), seq, true,
@@ -206,6 +237,14 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
     s_count[r] = count;
   }
   __syncthreads();
+  if (ll.shrink) {  // one view of the masks in every block (see dispatch_receive)
+    cooperative_groups::this_grid().sync();
+    reload_mask(c, ll, s_masked);
+    __syncthreads();
+    for (int r = threadIdx.x; r < R; r += blockDim.x)
+      if (s_masked[r]) s_count[r] = 0;
+    __syncthreads();
+  }
   if (s_failed) return;
 
   // One block per token: warp 0 finds the ranks its experts live on, then every thread adds its
@@ -251,10 +290,7 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
     for (int r = threadIdx.x; r < R; r += blockDim.x)
       if (direct_region(c, ll, r) == nullptr) *reinterpret_cast<uint64_t*>(ll.local + L.combine_base(half, r)) += s_count[r];
     __syncthreads();
-    if (threadIdx.x == 0) {
-      st->ticket[kTicketCombineRecv] = 0;
-      st->recv_seq = seq + 1;
-    }
+    if (threadIdx.x == 0) st->ticket[kTicketCombineRecv] = 0;
   }
 }
 
@@ -263,7 +299,7 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
 __global__ void __launch_bounds__(kThreads, 1) combine(const __grid_constant__ kernels::LowLatencyCombineParams p) {
   extern __shared__ int smem[];
   __shared__ EntryState entry;
-  if (!kernel_entry(p.comm, p.ll, smem, entry)) return;
+  if (!kernel_entry(p.comm, p.ll, p.phases, p.call_slot, smem, entry)) return;
   if ((p.phases & kLowLatencySend) && !combine_send(p, smem, entry)) return;
   if (p.phases & kLowLatencyReceive) combine_receive(p, smem, entry);
 }
@@ -272,8 +308,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine(const __grid_constant__ k
 
 namespace flashep::kernels {
 
-cudaError_t launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, bool cooperative,
-                                        cudaStream_t stream) {
+cudaError_t launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, cudaStream_t stream) {
   const size_t smem = (size_t(p.comm.num_ranks) * 2 + 1) * sizeof(int);
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(num_blocks);
@@ -284,7 +319,7 @@ cudaError_t launch_low_latency_combine(const LowLatencyCombineParams& p, int num
   attribute.id = cudaLaunchAttributeCooperative;
   attribute.val.cooperative = 1;
   config.attrs = &attribute;
-  config.numAttrs = cooperative ? 1 : 0;
+  config.numAttrs = 1;
   return cudaLaunchKernelEx(&config, ll::combine, p);
 }
 

@@ -2,6 +2,7 @@
 // it (direct stores, or NVSHMEM puts), and the bounded waits that mask a silent peer in shrink mode.
 #pragma once
 
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -98,6 +99,9 @@ __device__ __forceinline__ WaitResult wait_word(const DeviceComm& c, const LowLa
       return WaitResult::kFailed;
     }
     if (spins == 0) start = device::global_timer_ns();
+    // In shrink mode another block (or the user) may have masked the peer meanwhile.
+    if (ll.shrink && (spins & 127) == 64 && *reinterpret_cast<const volatile int*>(local_int(ll, ll.layout.mask(peer))) != 0)
+      return WaitResult::kMasked;
     if ((spins & 127) == 127 && device::global_timer_ns() - start > c.timeout_ns) {
       if (ll.shrink) {
         mask_peer(c, ll, peer, phase);
@@ -125,6 +129,12 @@ __device__ __forceinline__ bool last_block_done(int* ticket) {
   return is_last != 0;
 }
 
+/// Re-reads every rank's mask into `s_masked` (a peer may have been masked meanwhile).
+__device__ __forceinline__ void reload_mask(const DeviceComm& c, const LowLatencyComm& ll, int* s_masked) {
+  for (int r = threadIdx.x; r < c.num_ranks; r += blockDim.x)
+    s_masked[r] = *reinterpret_cast<const volatile int*>(local_int(ll, ll.layout.mask(r)));
+}
+
 /// What every block reads once at kernel entry (one round of loads, one barrier).
 struct EntryState {
   uint32_t send_seq;  // the call whose send phase this kernel runs (if it does)
@@ -135,17 +145,18 @@ struct EntryState {
 
 /// Block-wide kernel entry: the abort word, the sequence numbers and every rank's mask (into
 /// `s_masked`). Returns false (every thread) when the buffer is aborted: nothing may run.
-__device__ __forceinline__ bool kernel_entry(const DeviceComm& c, const LowLatencyComm& ll, int* s_masked,
-                                             EntryState& entry) {
+/// The receive phase's call: the one this kernel's send phase runs (fused), else the number the
+/// call's send phase left in its slot (the hook).
+__device__ __forceinline__ bool kernel_entry(const DeviceComm& c, const LowLatencyComm& ll, int phases, int call_slot,
+                                             int* s_masked, EntryState& entry) {
   if (threadIdx.x == 0) {
     const LowLatencyState* st = reinterpret_cast<const LowLatencyState*>(ll.local + ll.layout.state());
     entry.abort = device::abort_value(c);
     entry.send_seq = ld_volatile_u32(&st->send_seq);
-    entry.recv_seq = ld_volatile_u32(&st->recv_seq);
+    entry.recv_seq = (phases & kLowLatencySend) ? entry.send_seq : ld_volatile_u32(&st->call_seq[call_slot]);
     entry.failed = 0;
   }
-  for (int r = threadIdx.x; r < c.num_ranks; r += blockDim.x)
-    s_masked[r] = *reinterpret_cast<const volatile int*>(local_int(ll, ll.layout.mask(r)));
+  reload_mask(c, ll, s_masked);
   __syncthreads();
   if (entry.abort != 0) {
     if (threadIdx.x == 0) device::stop_if_aborted(c, entry.abort, Phase::kKernelEntry);

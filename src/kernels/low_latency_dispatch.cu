@@ -180,6 +180,8 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
   // The last block sends the counts: per destination the message count (in the signal) and the
   // rows per local expert (in the counts block), then resets this half's counters.
   if (last_block_done(&st->ticket[kTicketDispatchSend])) {
+    reload_mask(c, ll, s_masked);  // a peer masked meanwhile gets no signal
+    __syncthreads();
     // Every thread: some (destination, expert) counts into the counts blocks, counters reset.
     auto counts_block = [&](int d) -> int* {
       char* region = s_masked[d] ? nullptr : direct_region(c, ll, d);
@@ -215,6 +217,7 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
     for (int d = threadIdx.x; d < R; d += blockDim.x) *local_int(ll, L.msg_counter(half, d)) = 0;
     if (threadIdx.x == 0) {
       st->ticket[kTicketDispatchSend] = 0;
+      st->call_seq[p.call_slot] = seq;
       st->send_seq = seq + 1;
     }
   }
@@ -251,7 +254,13 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
       uint64_t value = 0;
       WaitResult res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.dispatch_total(half, r)), seq,
                                  false, 0, Phase::kLowLatencyDispatchRecv, r, &value);
-      if (res == WaitResult::kArrived) count = ll_signal_count(value);
+      if (res == WaitResult::kArrived) {
+        count = ll_signal_count(value);
+        if (count > L.max_tokens) {  // not from a correct peer: nothing may be read past its inbox
+          device::fail(c, Phase::kLowLatencyBadMessage, r, -1, L.max_tokens, count);
+          res = WaitResult::kFailed;
+        }
+      }
       if (res == WaitResult::kArrived && direct_region(c, ll, r) == nullptr) {
         uint64_t* base = reinterpret_cast<uint64_t*>(ll.local + L.dispatch_base(half, r));
         res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.dispatch_arrival(half, r)), seq, true,
@@ -266,6 +275,16 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
     s_count[r] = count;
   }
   __syncthreads();
+  if (ll.shrink) {
+    // Blocks may have masked different peers (a signal landing between their deadlines): after a
+    // grid-wide barrier every block takes the same view, from the mask words.
+    cooperative_groups::this_grid().sync();
+    reload_mask(c, ll, s_masked);
+    __syncthreads();
+    for (int r = threadIdx.x; r < R; r += blockDim.x)
+      if (s_masked[r]) s_count[r] = 0;
+    __syncthreads();
+  }
   if (s_failed) return;
   // Rows per (source, expert), every thread a few; and each source's call hash.
   for (int j = threadIdx.x; j < R * num_local; j += blockDim.x) {
@@ -288,6 +307,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
     int64_t total = 0;
     for (int r = 0; r < R; ++r) {
       const int n = s_begin[r * num_local + i];
+      if (n < 0 || n > L.max_tokens) s_failed = 1;  // not from a correct peer
       if (blockIdx.x == 0) p.layout_range[int64_t(i) * R + r] = (total << 32) | static_cast<uint32_t>(n);
       s_begin[r * num_local + i] = static_cast<int>(total);
       total += n;
@@ -396,15 +416,12 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
     __syncthreads();
   }
 
-  // 4. The last block advances the NVSHMEM arrival bases and the receive sequence.
+  // 4. The last block advances the NVSHMEM arrival bases.
   if (last_block_done(&st->ticket[kTicketDispatchRecv])) {
     for (int r = threadIdx.x; r < R; r += blockDim.x)
       if (direct_region(c, ll, r) == nullptr) *reinterpret_cast<uint64_t*>(ll.local + L.dispatch_base(half, r)) += s_count[r];
     __syncthreads();
-    if (threadIdx.x == 0) {
-      st->ticket[kTicketDispatchRecv] = 0;
-      st->recv_seq = seq + 1;
-    }
+    if (threadIdx.x == 0) st->ticket[kTicketDispatchRecv] = 0;
   }
 }
 
@@ -414,7 +431,7 @@ template <bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1) dispatch(const __grid_constant__ kernels::LowLatencyDispatchParams p) {
   extern __shared__ int smem[];
   __shared__ EntryState entry;
-  if (!kernel_entry(p.comm, p.ll, smem, entry)) return;
+  if (!kernel_entry(p.comm, p.ll, p.phases, p.call_slot, smem, entry)) return;
   if ((p.phases & kLowLatencySend) && !dispatch_send<kFp8>(p, smem, entry)) return;
   if (p.phases & kLowLatencyReceive) dispatch_receive<kFp8>(p, smem, entry);
 }
@@ -428,8 +445,7 @@ inline size_t ll_dispatch_smem(int num_ranks, int num_experts) {
   return (size_t(num_ranks) * 3 + 1 + size_t(num_experts) + size_t(num_experts / num_ranks)) * sizeof(int);
 }
 
-cudaError_t launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, bool cooperative,
-                                        cudaStream_t stream) {
+cudaError_t launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, cudaStream_t stream) {
   const size_t smem = ll_dispatch_smem(p.comm.num_ranks, p.ll.layout.num_experts);
   void (*kernel)(const LowLatencyDispatchParams) = p.fp8 ? ll::dispatch<true> : ll::dispatch<false>;
   // At most (3 * kMaxRanks + 1 + kMaxLowLatencyExperts * 2) ints: below the default 48 KB.
@@ -442,7 +458,7 @@ cudaError_t launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int n
   attribute.id = cudaLaunchAttributeCooperative;
   attribute.val.cooperative = 1;
   config.attrs = &attribute;
-  config.numAttrs = cooperative ? 1 : 0;
+  config.numAttrs = 1;
   return cudaLaunchKernelEx(&config, kernel, p);
 }
 

@@ -29,6 +29,7 @@ struct LowLatencyDispatchParams {
   const void* x;
   const int64_t* topk_idx;
   int num_tokens, num_topk, phases;
+  int call_slot;  // [0, kLowLatencyCallSlots): where the send phase leaves its sequence number
   int fp8, round_scale, ue8m0;
   int call_hash;
   void* recv_x;
@@ -48,17 +49,16 @@ struct LowLatencyCombineParams {
   const int64_t* topk_idx;
   const float* topk_weights;
   int num_tokens, num_topk, phases;
+  int call_slot;
   int call_hash;
   const int* plan;
   void* out;
   int64_t* wait_stats;
 };
 
-/// Cooperative launches (every block resident; `cooperative` false only for experiments):
-/// `num_blocks` <= the SMs.
-cudaError_t launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, bool cooperative,
-                                        cudaStream_t stream);
-cudaError_t launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, bool cooperative,
-                                       cudaStream_t stream);
+/// Cooperative launches (every block resident: blocks wait for each other's signals, and shrink
+/// mode synchronizes the grid): `num_blocks` <= the SMs.
+cudaError_t launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, cudaStream_t stream);
+cudaError_t launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, cudaStream_t stream);
 
 }  // namespace flashep::kernels

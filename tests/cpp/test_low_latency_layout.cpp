@@ -65,6 +65,7 @@ void test_areas_disjoint_and_aligned() {
 
 void test_fixed_part_does_not_move() {
   // Signals, state, mask and counts depend on R only: calls of other (T, H, E) never reinterpret them.
+  static_assert(sizeof(LowLatencyState) <= 128, "the state header fits its 128 bytes");
   for (int R : {1, 2, 8, 16}) {
     const LowLatencyLayout a = make_low_latency_layout(1, 128, R, R);
     const LowLatencyLayout b = make_low_latency_layout(256, 7168, R, 288 / R * R > 0 ? 288 / R * R : R);

@@ -264,36 +264,62 @@ def _run_case(buffer, case, rank, R, seed, errors):
 
 
 def _two_hooks(buffer, rank, R, errors):
-    """Dispatch A, dispatch B, hook A, hook B, combine A, combine B (hooks) against direct calls."""
+    """Hooks out of order and fused calls between a send and its hook: dispatch A (hook), dispatch B
+    (fused), hook A; then dispatch C and D (hooks), hook D, hook C; combines likewise; every result
+    against sum_k w_k * x (identity experts, BF16)."""
     import torch
     dev = torch.device("cuda", torch.cuda.current_device())
     case = Case("two-hooks", T=64, H=2048, K=4, E=32, fp8=False)
     runs = []
-    for seed in (11, 12):
+    for seed in (11, 12, 13, 14):
         xs, idxs, weights, E, K = _inputs(case, R, seed)
         runs.append((xs[rank].to(dev), idxs[rank].to(dev), weights[rank].to(dev), E))
-    a = buffer.low_latency_dispatch(runs[0][0], runs[0][1], 64, runs[0][3], use_fp8=False, return_recv_hook=True)
-    b = buffer.low_latency_dispatch(runs[1][0], runs[1][1], 64, runs[1][3], use_fp8=False, return_recv_hook=True)
+
+    def dispatch(i, hook):
+        x, idx, _, E = runs[i]
+        return buffer.low_latency_dispatch(x, idx, 64, E, use_fp8=False, return_recv_hook=hook)
+
+    def combine(i, d, hook):
+        return buffer.low_latency_combine(d[0].clone(), runs[i][1], runs[i][2], d[2], return_recv_hook=hook)
+
+    def check(i, combined, what):
+        x, idx, w, _ = runs[i]
+        ref = (w * (idx >= 0)).sum(1, keepdim=True) * x.float()
+        if not torch.allclose(combined.float(), ref, rtol=2 ** -7, atol=1e-5):
+            errors.append(f"{what} rank {rank}: combine differs by {float((combined.float() - ref).abs().max())}")
+
+    a = dispatch(0, True)
+    b = dispatch(1, False)  # fused, between A's send and A's hook
     try:
-        buffer.low_latency_dispatch(runs[1][0], runs[1][1], 64, runs[1][3], use_fp8=False)
-        errors.append(f"rank {rank}: a third call with two hooks pending was accepted")
+        combine(0, a, False)
+        errors.append(f"rank {rank}: a combine on a handle whose dispatch hook has not run was accepted")
     except RuntimeError:
         pass
     a[4]()
-    b[4]()
-    ys = []
-    for (x, idx, w, E), res in zip(runs, (a, b)):
-        recv_x = res[0]
-        ys.append(recv_x.clone())  # expert = identity
-    ca = buffer.low_latency_combine(ys[0], runs[0][1], runs[0][2], a[2], return_recv_hook=True)
-    cb = buffer.low_latency_combine(ys[1], runs[1][1], runs[1][2], b[2], return_recv_hook=True)
+    ca = combine(0, a, True)
+    cb = combine(1, b, False)  # fused, between A's combine send and its hook
     ca[2]()
-    cb[2]()
+    c = dispatch(2, True)
+    d = dispatch(3, True)
+    try:
+        dispatch(3, False)
+        errors.append(f"rank {rank}: a third call with two hooks pending was accepted")
+    except RuntimeError:
+        pass
+    d[4]()  # out of order
+    c[4]()
+    cc = combine(2, c, True)
+    cd = combine(3, d, True)
+    cd[2]()
+    cc[2]()
+    try:
+        cc[2]()
+        errors.append(f"rank {rank}: a hook ran twice")
+    except RuntimeError:
+        pass
     torch.cuda.synchronize()
-    for (x, idx, w, E), (combined, _, _) in zip(runs, (ca, cb)):
-        ref = (w * (idx >= 0)).sum(1, keepdim=True) * x.float()
-        if not torch.allclose(combined.float(), ref, rtol=2 ** -7, atol=1e-5):
-            errors.append(f"two-hooks rank {rank}: combine differs by {float((combined.float() - ref).abs().max())}")
+    for i, result in enumerate((ca, cb, cc, cd)):
+        check(i, result[0], f"hooks ({'ABCD'[i]})")
 
 
 def _fresh(R, T, H, E, K, seed, dev, rank):
