@@ -75,6 +75,10 @@ struct LowLatencyCombineArgs {
   /// low_latency_combine_buffer(handle) already).
   const void* x = nullptr;
   bool zero_copy = false;
+  /// The partial sums travel as LogFMT-10 (lossy, ~10 bits a value; within DeepEP's calc_diff <
+  /// 9e-4). Not yet validated on GPUs: honoured only with FLASHEP_DEBUG_LL_LOGFMT=1, else the
+  /// sums travel as exact BF16.
+  bool use_logfmt = false;
   const int64_t* topk_idx = nullptr;    ///< [n, K]: the routing given to the dispatch
   const float* topk_weights = nullptr;  ///< [n, K]
   int num_tokens = 0;

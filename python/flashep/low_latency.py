@@ -17,9 +17,9 @@ Rules the double buffer imposes (checked here, raising before anything is launch
 calls may be sent and not yet received; each hook runs once (in any order); a combine needs its
 dispatch received (its hook run). Every rank must make the same calls in the same order.
 
-`use_logfmt=True` is accepted and gives a result within DeepEP's bound (it is exact BF16 on the
-wire): the rank-reduced combine already sends fewer bytes than DeepEP's per-expert LogFMT, and the
-LogFMT encoder itself is not implemented.
+`use_logfmt=True` is accepted. With FLASHEP_DEBUG_LL_LOGFMT=1 the partial sums travel as LogFMT-10
+(src/core/logfmt.hpp; written and CPU-tested, not yet validated on GPUs); otherwise they travel as
+exact BF16, which is within DeepEP's bound too but saves no bytes.
 """
 from __future__ import annotations
 
@@ -319,7 +319,6 @@ class LowLatencyMixin:
             check_aligned("out", out)
         wait_stats = self._ll_check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats,
                                           torch.int64, num_ranks)
-        del use_logfmt  # exact BF16 on the wire (module docstring)
         runtime = self._rt()
 
         if async_finish:
@@ -335,7 +334,7 @@ class LowLatencyMixin:
                 out = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=self._device)
             raw_stream = torch._C._cuda_getCurrentRawStream(self._device_index)
         base = handle.plan.data_ptr()
-        args = (x.data_ptr(), bool(zero_copy), topk_idx.data_ptr(), topk_weights.data_ptr(), num_tokens,
+        args = (x.data_ptr(), bool(zero_copy), bool(use_logfmt), topk_idx.data_ptr(), topk_weights.data_ptr(), num_tokens,
                 base + shape.src_info_offset, base + shape.layout_range_offset, base + shape.plan_offset, max_tokens,
                 hidden, num_experts, num_topk)
         tail = (out.data_ptr(), 0 if wait_stats is None else wait_stats.data_ptr())
@@ -348,7 +347,7 @@ class LowLatencyMixin:
             raise
         hook = None
         if return_recv_hook:
-            receive_args = (x.data_ptr(), False) + args[2:]
+            receive_args = (x.data_ptr(), False) + args[2:]  # the receive phase reads no x
             kept_alive: List[Any] = [x, topk_idx, topk_weights, out, handle.plan, wait_stats]
 
             def receive() -> None:

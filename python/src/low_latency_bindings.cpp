@@ -62,7 +62,7 @@ void ll_dispatch(Buffer& b, uintptr_t x, uintptr_t topk_idx, int num_tokens, int
   b.low_latency_dispatch(a, as_stream(stream));
 }
 
-void ll_combine(Buffer& b, uintptr_t x, bool zero_copy, uintptr_t topk_idx, uintptr_t topk_weights, int num_tokens,
+void ll_combine(Buffer& b, uintptr_t x, bool zero_copy, bool use_logfmt, uintptr_t topk_idx, uintptr_t topk_weights, int num_tokens,
                 uintptr_t src_info, uintptr_t layout_range, uintptr_t plan, int max_tokens, int hidden,
                 int num_experts, int num_topk, int phases, int call_slot, uintptr_t out, uintptr_t wait_stats,
                 uintptr_t stream) {
@@ -71,6 +71,7 @@ void ll_combine(Buffer& b, uintptr_t x, bool zero_copy, uintptr_t topk_idx, uint
   flashep::LowLatencyCombineArgs a;
   a.x = as_ptr<const void>(x);
   a.zero_copy = zero_copy;
+  a.use_logfmt = use_logfmt;
   a.topk_idx = as_ptr<const int64_t>(topk_idx);
   a.topk_weights = as_ptr<const float>(topk_weights);
   a.num_tokens = num_tokens;
@@ -104,7 +105,7 @@ void bind_low_latency(nb::module_& m) {
         "num_topk"_a, "max_tokens"_a, "num_experts"_a, "use_fp8"_a, "round_scale"_a, "use_ue8m0"_a, "phases"_a,
         "call_slot"_a, "recv_x"_a, "recv_scales"_a, "recv_count"_a, "recv_stats"_a, "wait_stats"_a, "src_info"_a, "layout_range"_a,
         "plan"_a, "stream"_a, release_gil());
-  m.def("ll_combine", &ll_combine, "runtime"_a, "x"_a, "zero_copy"_a, "topk_idx"_a, "topk_weights"_a,
+  m.def("ll_combine", &ll_combine, "runtime"_a, "x"_a, "zero_copy"_a, "use_logfmt"_a, "topk_idx"_a, "topk_weights"_a,
         "num_tokens"_a, "src_info"_a, "layout_range"_a, "plan"_a, "max_tokens"_a, "hidden"_a, "num_experts"_a,
         "num_topk"_a, "phases"_a, "call_slot"_a, "out"_a, "wait_stats"_a, "stream"_a, release_gil());
   m.def("ll_combine_buffer", &ll_combine_buffer, "runtime"_a, "max_tokens"_a, "hidden"_a, "num_experts"_a,

@@ -33,6 +33,7 @@
 #include <cstdint>
 
 #include "core/hd.hpp"
+#include "core/logfmt.hpp"
 #include "flashep/config.hpp"
 
 namespace flashep {
@@ -132,6 +133,8 @@ struct LowLatencyLayout {
 
   FLASHEP_HD int num_local_experts() const { return num_experts / num_ranks; }
   FLASHEP_HD int64_t row_bytes_bf16() const { return int64_t(hidden) * 2; }
+  /// A combine partial on the wire: BF16 (2H bytes) or LogFMT-10 (groups, then metas).
+  FLASHEP_HD int64_t combine_row_bytes() const { return logfmt_row_bytes(hidden); }
   // signals: uint64 [5][2][R]
   FLASHEP_HD int64_t signal(int kind, int half, int rank) const {
     return ((int64_t(kind) * 2 + half) * num_ranks + rank) * 8;
@@ -161,7 +164,7 @@ struct LowLatencyLayout {
     return dispatch_in_offset + ((int64_t(half) * num_ranks + src) * max_tokens + slot) * msg.stride;
   }
   FLASHEP_HD int64_t combine_in(int half, int src, int token) const {
-    return combine_in_offset + ((int64_t(half) * num_ranks + src) * max_tokens + token) * row_bytes_bf16();
+    return combine_in_offset + ((int64_t(half) * num_ranks + src) * max_tokens + token) * combine_row_bytes();
   }
   FLASHEP_HD int64_t dispatch_stage(int half, int token) const {
     return dispatch_stage_offset + (int64_t(half) * max_tokens + token) * msg.stride;
@@ -171,7 +174,7 @@ struct LowLatencyLayout {
   }
   FLASHEP_HD int64_t weights_stage(int half) const { return weights_stage_offset + int64_t(half) * weights_block_bytes(); }
   FLASHEP_HD int64_t combine_stage(int half, int dst, int slot) const {
-    return combine_stage_offset + ((int64_t(half) * num_ranks + dst) * max_tokens + slot) * row_bytes_bf16();
+    return combine_stage_offset + ((int64_t(half) * num_ranks + dst) * max_tokens + slot) * combine_row_bytes();
   }
   /// Rows of one expert in the dispatch output: R * T.
   FLASHEP_HD int64_t rows_per_expert() const { return int64_t(num_ranks) * max_tokens; }
@@ -210,7 +213,7 @@ FLASHEP_HD LowLatencyLayout make_low_latency_layout(int max_tokens, int hidden, 
   l.dispatch_in_offset = at;
   at = align_up(at + 2 * R * T * l.msg.stride, 128);
   l.combine_in_offset = at;
-  at = align_up(at + 2 * R * T * l.row_bytes_bf16(), 128);
+  at = align_up(at + 2 * R * T * l.combine_row_bytes(), 128);
   l.dispatch_stage_offset = at;
   at = align_up(at + 2 * T * l.msg.stride, 128);
   l.counts_stage_offset = at;
@@ -218,7 +221,7 @@ FLASHEP_HD LowLatencyLayout make_low_latency_layout(int max_tokens, int hidden, 
   l.weights_stage_offset = at;
   at = align_up(at + 2 * l.weights_block_bytes(), 128);
   l.combine_stage_offset = at;
-  at = align_up(at + 2 * R * T * l.row_bytes_bf16(), 128);
+  at = align_up(at + 2 * R * T * l.combine_row_bytes(), 128);
   l.zero_copy_offset = at;
   at = align_up(at + 2 * l.zero_copy_half_bytes(), 128);
   l.end = at;

@@ -173,7 +173,9 @@ void BufferImpl::low_latency_combine(const LowLatencyCombineArgs& a, cudaStream_
   p.num_topk = h.num_topk;
   p.phases = a.phases;
   p.call_slot = a.call_slot;
-  p.call_hash = ll_call_hash(kOpCombine, h.max_tokens, h.hidden, h.num_experts, h.num_topk, 0);
+  p.logfmt = a.use_logfmt && env_.ll_logfmt != 0 ? 1 : 0;
+  // Both ends of a combine must agree on the wire format: it is part of the call hash.
+  p.call_hash = ll_call_hash(kOpCombine, h.max_tokens, h.hidden, h.num_experts, h.num_topk, p.logfmt);
   p.plan = h.plan;
   p.out = a.out;
   p.wait_stats = a.combine_wait_recv_cost_stats;

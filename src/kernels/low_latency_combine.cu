@@ -10,6 +10,7 @@
 // the sums of the ranks its experts live on (float32) and writes the BF16 result.
 #include <cuda_bf16.h>
 
+#include "core/logfmt.hpp"
 #include "kernels/low_latency_common.cuh"
 
 namespace flashep::ll {
@@ -33,6 +34,53 @@ __device__ __forceinline__ int4 to_bf16x8(const float* acc) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) h[j] = __floats2bfloat162_rn(acc[2 * j], acc[2 * j + 1]);
   return out;
+}
+
+/// LogFMT-10 (src/core/logfmt.hpp): thread w holds channels 8w..8w+7, run w % 16 of group w / 16;
+/// the 16 threads of a group are one half warp (uniformly active: H % 128 == 0).
+__device__ __forceinline__ void store_logfmt(char* row, int hidden, int w, const float* acc) {
+  float amax = 0.0f, amin = INFINITY;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const float a = fabsf(acc[j]);
+    amax = fmaxf(amax, a);
+    if (a != 0.0f) amin = fminf(amin, a);
+  }
+  const unsigned mask = __activemask();
+#pragma unroll
+  for (int m = 8; m >= 1; m >>= 1) {
+    amax = fmaxf(amax, __shfl_xor_sync(mask, amax, m));
+    amin = fminf(amin, __shfl_xor_sync(mask, amin, m));
+  }
+  const LogfmtParams params = logfmt_params(amax, amin);
+  const int group = w / 16, run = w % 16;
+  if (params.step >= 0.0f) {
+    uint16_t words[5];
+    logfmt_encode8(acc, params, words);
+    uint16_t* to = reinterpret_cast<uint16_t*>(row + int64_t(group) * kLogfmtGroupBytes + run * kLogfmtRunBytes);
+#pragma unroll
+    for (int i = 0; i < 5; ++i) to[i] = words[i];
+  } else {
+    reinterpret_cast<int4*>(row)[w] = to_bf16x8(acc);
+  }
+  if (run == 0) reinterpret_cast<float2*>(row + int64_t(hidden) * 2)[group] = make_float2(params.log_min, params.step);
+}
+
+__device__ __forceinline__ void add_logfmt(float* acc, const char* row, int hidden, int w) {
+  const int group = w / 16, run = w % 16;
+  const float2 meta = __ldcg(reinterpret_cast<const float2*>(row + int64_t(hidden) * 2) + group);
+  if (meta.y >= 0.0f) {
+    const uint16_t* from = reinterpret_cast<const uint16_t*>(row + int64_t(group) * kLogfmtGroupBytes + run * kLogfmtRunBytes);
+    uint16_t words[5];
+#pragma unroll
+    for (int i = 0; i < 5; ++i) words[i] = __ldcg(reinterpret_cast<const unsigned short*>(from + i));
+    float v[8];
+    logfmt_decode8(words, LogfmtParams{meta.x, meta.y}, v);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[j] += v[j];
+  } else {
+    add_bf16x8(acc, device::ld_ring(reinterpret_cast<const int4*>(row) + w));
+  }
 }
 
 /// Block-wide send phase. Returns false when the call failed here.
@@ -166,12 +214,13 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
         for (int k = 0; k < 8; ++k)
           if (k0 + k < num_rows) fma_bf16x8(acc, v[k], s_weights[k0 + k]);
       }
-      reinterpret_cast<int4*>(dst)[w] = to_bf16x8(acc);
+      if (p.logfmt) store_logfmt(dst, H, w, acc);
+      else reinterpret_cast<int4*>(dst)[w] = to_bf16x8(acc);
     }
     __syncthreads();
     if (region == nullptr && warp == 0)
-      warp_put_signal(ll, src, L.combine_in(half, c.rank, token), L.combine_stage(half, src, slot), int64_t(H) * 2,
-                      L.combine_arrival(half, c.rank), 1, true);
+      warp_put_signal(ll, src, L.combine_in(half, c.rank, token), L.combine_stage(half, src, slot),
+                      p.logfmt ? L.combine_row_bytes() : int64_t(H) * 2, L.combine_arrival(half, c.rank), 1, true);
   }
 
   // 3. The last block tells every source how many sums it sent there.
@@ -276,10 +325,13 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
         int4 v[8];
 #pragma unroll
         for (int d = 0; d < 8; ++d)
-          if (d0 + d < num_parts) v[d] = device::ld_ring(s_parts[d0 + d] + w);
+          if (d0 + d < num_parts && !p.logfmt) v[d] = device::ld_ring(s_parts[d0 + d] + w);
 #pragma unroll
-        for (int d = 0; d < 8; ++d)
-          if (d0 + d < num_parts) add_bf16x8(acc, v[d]);
+        for (int d = 0; d < 8; ++d) {
+          if (d0 + d >= num_parts) continue;
+          if (p.logfmt) add_logfmt(acc, reinterpret_cast<const char*>(s_parts[d0 + d]), H, w);
+          else add_bf16x8(acc, v[d]);
+        }
       }
       reinterpret_cast<int4*>(p.out)[int64_t(t) * num_int4 + w] = to_bf16x8(acc);
     }

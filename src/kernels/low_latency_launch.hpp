@@ -51,6 +51,7 @@ struct LowLatencyCombineParams {
   int num_tokens, num_topk, phases;
   int call_slot;
   int call_hash;
+  int logfmt;  // partial sums travel as LogFMT-10 (src/core/logfmt.hpp), else BF16
   const int* plan;
   void* out;
   int64_t* wait_stats;

@@ -51,6 +51,15 @@ def test_low_latency_with_high_throughput(world_size):
                  env={"FLASHEP_TIMEOUT_S": os.environ.get("FLASHEP_TIMEOUT_S", "30")})
 
 
+@pytest.mark.parametrize("world_size", dh.WORLD_SIZES, ids=dh.world_ids())
+def test_low_latency_logfmt(world_size):
+    """use_logfmt=True with the LogFMT-10 wire (FLASHEP_DEBUG_LL_LOGFMT=1): within DeepEP's
+    calc_diff < 9e-4 of the oracle, hooked and not, and lossier than the BF16 wire (so the format
+    really ran)."""
+    dh.run_world(_logfmt_worker, world_size, timeout_s=600,
+                 env={"FLASHEP_TIMEOUT_S": os.environ.get("FLASHEP_TIMEOUT_S", "30"), "FLASHEP_DEBUG_LL_LOGFMT": "1"})
+
+
 def _require_nvshmem():
     """The NVSHMEM path needs a build with it; strict GPU runs (FLASHEP_TEST_EXPECT_NVSHMEM=1) fail
     instead of skipping."""
@@ -427,6 +436,52 @@ def _bad_inputs(buffer, rank, R, errors):
         except (ValueError, TypeError, RuntimeError):
             pass
     torch.cuda.synchronize()
+
+
+def _logfmt_worker(rank, world_size):
+    import numpy as np
+    import torch
+    import flashep
+    from flashep import _C
+    R = world_size
+    dev = torch.device("cuda", torch.cuda.current_device())
+    case = Case("logfmt", T=128, H=7168, K=8, E=288 if 288 % R == 0 else 64 * R, fp8=False)
+    buffer = flashep.Buffer(None, 0, flashep.Buffer.get_low_latency_rdma_size_hint(case.T, case.H, R, case.num_experts(R)),
+                            low_latency_mode=True, explicitly_destroy=True)
+    errors = []
+    for seed, hook in ((1, False), (2, True), (3, False)):
+        xs, idxs, weights, E, K = _inputs(case, R, seed)
+        xs = [(x.float() * 0.02).to(torch.bfloat16) for x in xs]  # partial sums below 1: groups cast
+        x, idx, w = xs[rank].to(dev), idxs[rank].to(dev), weights[rank].to(dev)
+        recv, _, handle, _, h = buffer.low_latency_dispatch(x, idx, case.T, E, use_fp8=False, return_recv_hook=hook)
+        if hook:
+            h()
+        y = recv.clone()  # identity experts: y_k(t) = x[t]
+        outs = {}
+        for logfmt in (True, False):
+            out, _, h = buffer.low_latency_combine(y, idx, w, handle, use_logfmt=logfmt, return_recv_hook=hook)
+            if hook:
+                h()
+            outs[logfmt] = out
+        torch.cuda.synchronize()
+        n = x.size(0)
+        y_src = torch.zeros((n * K, case.H), dtype=torch.bfloat16)
+        for t in range(n):
+            for k in range(K):
+                if int(idxs[rank][t, k]) >= 0:
+                    y_src[t * K + k] = xs[rank][t]
+        ref = torch.from_numpy(_C.oracle_ll_combine(idxs[rank].numpy(), weights[rank].numpy(),
+                                                    y_src.view(torch.int16).numpy().view("uint16"), R, E)
+                               .view("int16")).view(torch.bfloat16).float().flatten().numpy().astype(np.float32)
+        diffs = {k: _C.oracle_calc_diff(v.cpu().float().flatten().numpy(), ref) for k, v in outs.items()}
+        if not diffs[True] < 9e-4:
+            errors.append(f"rank {rank} seed {seed}: LogFMT calc_diff {diffs[True]:.3g} >= 9e-4")
+        if not diffs[True] > diffs[False]:
+            errors.append(f"rank {rank} seed {seed}: LogFMT no lossier than BF16 ({diffs[True]:.3g} vs "
+                          f"{diffs[False]:.3g}): did the format run?")
+    buffer.destroy()
+    assert not errors, "\n".join(errors)
+    return True
 
 
 def _mixed_worker(rank, world_size):
