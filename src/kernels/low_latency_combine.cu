@@ -46,7 +46,9 @@ __device__ __forceinline__ void store_logfmt(char* row, int hidden, int w, const
     amax = fmaxf(amax, a);
     if (a != 0.0f) amin = fminf(amin, a);
   }
-  const unsigned mask = __activemask();
+  // The half warp of this group: all 16 lanes run this together (a half warp is uniformly inside
+  // or outside the row, H being a multiple of 128).
+  const unsigned mask = 0xffffu << (threadIdx.x & 16u);
 #pragma unroll
   for (int m = 8; m >= 1; m >>= 1) {
     amax = fmaxf(amax, __shfl_xor_sync(mask, amax, m));
