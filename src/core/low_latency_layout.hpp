@@ -163,8 +163,11 @@ struct LowLatencyLayout {
   FLASHEP_HD int64_t dispatch_in(int half, int src, int slot) const {
     return dispatch_in_offset + ((int64_t(half) * num_ranks + src) * max_tokens + slot) * msg.stride;
   }
-  FLASHEP_HD int64_t combine_in(int half, int src, int token) const {
-    return combine_in_offset + ((int64_t(half) * num_ranks + src) * max_tokens + token) * combine_row_bytes();
+  /// Rows of a call's partial sums sit `combine_stride(logfmt)` apart: 2H for BF16 (the area holds
+  /// the wider LogFMT rows too).
+  FLASHEP_HD int64_t combine_stride(bool logfmt) const { return logfmt ? combine_row_bytes() : row_bytes_bf16(); }
+  FLASHEP_HD int64_t combine_in(int half, int src, int token, bool logfmt = true) const {
+    return combine_in_offset + ((int64_t(half) * num_ranks + src) * max_tokens + token) * combine_stride(logfmt);
   }
   FLASHEP_HD int64_t dispatch_stage(int half, int token) const {
     return dispatch_stage_offset + (int64_t(half) * max_tokens + token) * msg.stride;
@@ -173,8 +176,8 @@ struct LowLatencyLayout {
     return counts_stage_offset + (int64_t(half) * num_ranks + dst) * ll_count_ints(num_ranks) * 4;
   }
   FLASHEP_HD int64_t weights_stage(int half) const { return weights_stage_offset + int64_t(half) * weights_block_bytes(); }
-  FLASHEP_HD int64_t combine_stage(int half, int dst, int slot) const {
-    return combine_stage_offset + ((int64_t(half) * num_ranks + dst) * max_tokens + slot) * combine_row_bytes();
+  FLASHEP_HD int64_t combine_stage(int half, int dst, int slot, bool logfmt = true) const {
+    return combine_stage_offset + ((int64_t(half) * num_ranks + dst) * max_tokens + slot) * combine_stride(logfmt);
   }
   /// Rows of one expert in the dispatch output: R * T.
   FLASHEP_HD int64_t rows_per_expert() const { return int64_t(num_ranks) * max_tokens; }

@@ -204,7 +204,8 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
       return false;
     }
     char* region = direct_region(c, ll, src);
-    char* dst = region != nullptr ? region + L.combine_in(half, c.rank, token) : ll.sym + L.combine_stage(half, src, slot);
+    char* dst = region != nullptr ? region + L.combine_in(half, c.rank, token, p.logfmt)
+                                  : ll.sym + L.combine_stage(half, src, slot, p.logfmt);
     for (int w = threadIdx.x; w < num_int4; w += kThreads) {
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       for (int k0 = 0; k0 < num_rows; k0 += 8) {
@@ -221,7 +222,7 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
     }
     __syncthreads();
     if (region == nullptr && warp == 0)
-      warp_put_signal(ll, src, L.combine_in(half, c.rank, token), L.combine_stage(half, src, slot),
+      warp_put_signal(ll, src, L.combine_in(half, c.rank, token, p.logfmt), L.combine_stage(half, src, slot, p.logfmt),
                       p.logfmt ? L.combine_row_bytes() : int64_t(H) * 2, L.combine_arrival(half, c.rank), 1, true);
   }
 
@@ -316,7 +317,7 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
       const unsigned dests = __ballot_sync(0xffffffffu, first);
       if (first)
         s_parts[__popc(dests & ((1u << lane) - 1u))] =
-            reinterpret_cast<const int4*>(inbox_region(c, ll, dst) + L.combine_in(half, dst, t));
+            reinterpret_cast<const int4*>(inbox_region(c, ll, dst) + L.combine_in(half, dst, t, p.logfmt));
       if (lane == 0) s_num_parts = __popc(dests);
     }
     __syncthreads();

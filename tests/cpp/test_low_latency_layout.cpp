@@ -59,6 +59,9 @@ void test_areas_disjoint_and_aligned() {
           CHECK(l.msg.stride % 128 == 0);
           CHECK(l.dispatch_in(1, R - 1, T - 1) % 16 == 0);
           CHECK(l.combine_in(1, R - 1, T - 1) % 16 == 0);
+          CHECK(l.combine_in(1, R - 1, T - 1, false) % 16 == 0);
+          CHECK(l.combine_in(1, R - 1, T - 1, false) + l.row_bytes_bf16() <= l.combine_in(2, 0, 0));
+          CHECK(l.combine_stage(1, R - 1, T - 1, false) + l.row_bytes_bf16() <= l.combine_stage(2, 0, 0));
           CHECK(l.zero_copy(1) % 16 == 0);
         }
 }
