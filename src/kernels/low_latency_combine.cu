@@ -239,6 +239,7 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
     }
     __syncthreads();
     if (threadIdx.x == 0) {
+      quiet_puts(ll);
       st->ticket[kTicketCombineSend] = 0;
       st->call_seq[p.call_slot] = seq;
       st->send_seq = seq + 1;

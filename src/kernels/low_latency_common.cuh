@@ -68,6 +68,15 @@ __device__ __forceinline__ void put_signal_only(const LowLatencyComm& ll, int pe
 #endif
 }
 
+/// One thread, after this GPU's last put of a send phase: completes every put this PE issued, so
+/// the staged copies they read may be rewritten by a later call (NVSHMEM's quiet is per PE; the
+/// grid's puts are ordered before it by the phase's ticket). A no-op without NVSHMEM peers.
+__device__ __forceinline__ void quiet_puts(const LowLatencyComm& ll) {
+#if FLASHEP_WITH_NVSHMEM
+  if (ll.sym != nullptr) nvshmem_quiet();
+#endif
+}
+
 enum class WaitResult : int { kArrived = 0, kMasked = 1, kFailed = 2 };
 
 /// Masks `peer` on this rank (shrink mode) and says so once.
