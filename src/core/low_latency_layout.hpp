@@ -166,7 +166,7 @@ struct LowLatencyLayout {
   /// Rows of a call's partial sums sit `combine_stride(logfmt)` apart: 2H for BF16 (the area holds
   /// the wider LogFMT rows too).
   FLASHEP_HD int64_t combine_stride(bool logfmt) const { return logfmt ? combine_row_bytes() : row_bytes_bf16(); }
-  FLASHEP_HD int64_t combine_in(int half, int src, int token, bool logfmt = true) const {
+  FLASHEP_HD int64_t combine_in(int half, int src, int token, bool logfmt) const {
     return combine_in_offset + ((int64_t(half) * num_ranks + src) * max_tokens + token) * combine_stride(logfmt);
   }
   FLASHEP_HD int64_t dispatch_stage(int half, int token) const {
@@ -176,7 +176,7 @@ struct LowLatencyLayout {
     return counts_stage_offset + (int64_t(half) * num_ranks + dst) * ll_count_ints(num_ranks) * 4;
   }
   FLASHEP_HD int64_t weights_stage(int half) const { return weights_stage_offset + int64_t(half) * weights_block_bytes(); }
-  FLASHEP_HD int64_t combine_stage(int half, int dst, int slot, bool logfmt = true) const {
+  FLASHEP_HD int64_t combine_stage(int half, int dst, int slot, bool logfmt) const {
     return combine_stage_offset + ((int64_t(half) * num_ranks + dst) * max_tokens + slot) * combine_stride(logfmt);
   }
   /// Rows of one expert in the dispatch output: R * T.

@@ -42,7 +42,8 @@ __device__ __forceinline__ void store_logfmt(char* row, int hidden, int w, const
   float amax = 0.0f, amin = INFINITY;
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
-    const float a = fabsf(acc[j]);
+    float a = fabsf(acc[j]);
+    if (a != a) a = INFINITY;  // NaN: the group travels as BF16, which keeps it
     amax = fmaxf(amax, a);
     if (a != 0.0f) amin = fminf(amin, a);
   }
@@ -239,7 +240,7 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-      quiet_puts(ll);
+      quiet_puts(ll, s_masked, R);
       st->ticket[kTicketCombineSend] = 0;
       st->call_seq[p.call_slot] = seq;
       st->send_seq = seq + 1;

@@ -71,9 +71,19 @@ __device__ __forceinline__ void put_signal_only(const LowLatencyComm& ll, int pe
 /// One thread, after this GPU's last put of a send phase: completes every put this PE issued, so
 /// the staged copies they read may be rewritten by a later call (NVSHMEM's quiet is per PE; the
 /// grid's puts are ordered before it by the phase's ticket). A no-op without NVSHMEM peers.
-__device__ __forceinline__ void quiet_puts(const LowLatencyComm& ll) {
+/// NVSHMEM's quiet has no time limit: in shrink mode, once a peer is masked (perhaps dead), it is
+/// skipped (the masked peer's data is thrown away anyway; the stages are then reused unchecked).
+__device__ __forceinline__ void quiet_puts(const LowLatencyComm& ll, const int* s_masked, int num_ranks) {
 #if FLASHEP_WITH_NVSHMEM
-  if (ll.sym != nullptr) nvshmem_quiet();
+  if (ll.sym == nullptr) return;
+  if (ll.shrink)
+    for (int r = 0; r < num_ranks; ++r)
+      if (s_masked[r]) return;
+  nvshmem_quiet();
+#else
+  (void)ll;
+  (void)s_masked;
+  (void)num_ranks;
 #endif
 }
 

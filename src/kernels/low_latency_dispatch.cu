@@ -216,7 +216,7 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
     __syncthreads();
     for (int d = threadIdx.x; d < R; d += blockDim.x) *local_int(ll, L.msg_counter(half, d)) = 0;
     if (threadIdx.x == 0) {
-      quiet_puts(ll);
+      quiet_puts(ll, s_masked, R);
       st->ticket[kTicketDispatchSend] = 0;
       st->call_seq[p.call_slot] = seq;
       st->send_seq = seq + 1;

@@ -30,11 +30,11 @@ std::vector<std::pair<int64_t, int64_t>> areas(const LowLatencyLayout& l) {
       {l.counts_offset, l.counts(2, 0)},
       {l.weights_offset, l.weights(2, 0)},
       {l.dispatch_in_offset, l.dispatch_in(2, 0, 0)},
-      {l.combine_in_offset, l.combine_in(2, 0, 0)},
+      {l.combine_in_offset, l.combine_in(2, 0, 0, true)},
       {l.dispatch_stage_offset, l.dispatch_stage(2, 0)},
       {l.counts_stage_offset, l.counts_stage(2, 0)},
       {l.weights_stage_offset, l.weights_stage(2)},
-      {l.combine_stage_offset, l.combine_stage(2, 0, 0)},
+      {l.combine_stage_offset, l.combine_stage(2, 0, 0, true)},
       {l.zero_copy_offset, l.zero_copy(2)},
   };
 }
@@ -58,10 +58,10 @@ void test_areas_disjoint_and_aligned() {
           // Messages and rows stay 16-byte aligned (the kernels move 16-byte words).
           CHECK(l.msg.stride % 128 == 0);
           CHECK(l.dispatch_in(1, R - 1, T - 1) % 16 == 0);
-          CHECK(l.combine_in(1, R - 1, T - 1) % 16 == 0);
+          CHECK(l.combine_in(1, R - 1, T - 1, true) % 16 == 0);
           CHECK(l.combine_in(1, R - 1, T - 1, false) % 16 == 0);
-          CHECK(l.combine_in(1, R - 1, T - 1, false) + l.row_bytes_bf16() <= l.combine_in(2, 0, 0));
-          CHECK(l.combine_stage(1, R - 1, T - 1, false) + l.row_bytes_bf16() <= l.combine_stage(2, 0, 0));
+          CHECK(l.combine_in(1, R - 1, T - 1, false) + l.row_bytes_bf16() <= l.combine_in(2, 0, 0, true));
+          CHECK(l.combine_stage(1, R - 1, T - 1, false) + l.row_bytes_bf16() <= l.combine_stage(2, 0, 0, true));
           CHECK(l.zero_copy(1) % 16 == 0);
         }
 }
