@@ -71,6 +71,36 @@ FLASHEP_HD void send_channel_prefixes(const bool* is_token_in_rank, int num_toke
     for (int c = 1; c < num_channels; ++c) gbl_channel_prefix[r * num_channels + c] += gbl_channel_prefix[r * num_channels + c - 1];
 }
 
+/// Receive side of rank `me`, from the send side of every rank (what the multi-node notify
+/// exchange delivers: `gbl_of(src)` is source src's gbl_channel_prefix [R, C], `rdma_of(src)` its
+/// rdma_channel_prefix [N, C]):
+///   recv_gbl_channel_prefix_matrix [R, C]: per source rank, its channel prefix of tokens to me;
+///   recv_gbl_rank_prefix_sum [R]: inclusive prefix over source ranks of tokens I receive
+///     (DeepEP's handle[-4]);
+///   recv_rdma_channel_prefix_matrix [N, C]: per source node a, the channel prefix of tokens its
+///     GPU with my local index sends to my node (what I forward);
+///   recv_rdma_rank_prefix_sum [N]: inclusive prefix over source nodes of those.
+template <typename GblOf, typename RdmaOf>
+FLASHEP_HD void receive_prefixes(const NodeShape& s, int me, int num_channels, GblOf gbl_of, RdmaOf rdma_of,
+                                 int* recv_gbl_channel_prefix_matrix, int* recv_gbl_rank_prefix_sum,
+                                 int* recv_rdma_channel_prefix_matrix, int* recv_rdma_rank_prefix_sum) {
+  const int C = num_channels, node = s.node_of(me);
+  int running = 0;
+  for (int src = 0; src < s.num_ranks; ++src) {
+    const int* gbl = gbl_of(src);
+    for (int c = 0; c < C; ++c) recv_gbl_channel_prefix_matrix[src * C + c] = gbl[me * C + c];
+    running += gbl[me * C + C - 1];
+    recv_gbl_rank_prefix_sum[src] = running;
+  }
+  running = 0;
+  for (int a = 0; a < s.num_nodes(); ++a) {
+    const int* rdma = rdma_of(s.rank_of(a, s.local_of(me)));
+    for (int c = 0; c < C; ++c) recv_rdma_channel_prefix_matrix[a * C + c] = rdma[node * C + c];
+    running += rdma[node * C + C - 1];
+    recv_rdma_rank_prefix_sum[a] = running;
+  }
+}
+
 /// The row of a received token in the output of its receiver: source `src`'s rows start after
 /// the inclusive prefix of the sources before it, then its channels before `channel`, then the
 /// token's position among the channel's tokens routed to this receiver. `recv_gbl_rank_prefix_sum`

@@ -47,23 +47,23 @@ void check_world(const World& w) {
                           gbl[r].data());
   for (int recv = 0; recv < R; ++recv) {
     // The receiver's handle entries, from the senders' (what the notify exchange will carry).
-    std::vector<int> rank_prefix(R), channel_prefix(size_t(R) * C);
-    int running = 0;
-    for (int src = 0; src < R; ++src) {
-      for (int c = 0; c < C; ++c) channel_prefix[size_t(src) * C + c] = gbl[src][size_t(recv) * C + c];
-      running += gbl[src][size_t(recv) * C + C - 1];
-      rank_prefix[src] = running;
-    }
+    std::vector<int> rank_prefix(R), channel_prefix(size_t(R) * C), rdma_prefix(size_t(N) * C), rdma_rank_prefix(N);
+    receive_prefixes(
+        s, recv, C, [&](int src) { return gbl[src].data(); }, [&](int src) { return rdma[src].data(); },
+        channel_prefix.data(), rank_prefix.data(), rdma_prefix.data(), rdma_rank_prefix.data());
+    const int running = rank_prefix[R - 1];
     // The forwarder role of this GPU: what reaches it over the network, per source node.
     const int node = s.node_of(recv);
-    int forwarded = 0, forwarded_expected = 0;
+    int forwarded = 0;
     for (int a = 0; a < N; ++a) {
       const int src = s.rank_of(a, s.local_of(recv));  // its rail peer on node a
-      forwarded_expected += rdma[src][size_t(node) * C + C - 1];
+      int from_a = 0;
       for (int t = 0; t < w.num_tokens[src]; ++t)
-        forwarded += (token_node_mask(reinterpret_cast<const bool*>(&w.in_rank[src][size_t(t) * R]), s) >> node) & 1u;
+        from_a += (token_node_mask(reinterpret_cast<const bool*>(&w.in_rank[src][size_t(t) * R]), s) >> node) & 1u;
+      forwarded += from_a;
+      CHECK_EQ(rdma_rank_prefix[a], forwarded);
+      CHECK_EQ(rdma_prefix[size_t(a) * C + C - 1], from_a);
     }
-    CHECK_EQ(forwarded, forwarded_expected);
     // Rows: walk the planned path and place each token where the receiver would.
     std::vector<int> row_src(size_t(running), -1), row_token(size_t(running), -1);
     for (int src = 0; src < R; ++src) {
