@@ -121,6 +121,15 @@ inline constexpr int kTicketDispatchRecv = 1;
 inline constexpr int kTicketCombineSend = 2;
 inline constexpr int kTicketCombineRecv = 3;
 
+/// The 64-bit signal words, per half and source (LowLatencyLayout::signal).
+enum LowLatencySignal : int {
+  kSignalDispatchTotal = 0,
+  kSignalDispatchArrival = 1,
+  kSignalCombineWeights = 2,
+  kSignalCombineTotal = 3,
+  kSignalCombineArrival = 4,
+};
+
 struct LowLatencyLayout {
   int num_ranks;         // R
   int num_experts;       // E
@@ -139,11 +148,11 @@ struct LowLatencyLayout {
   FLASHEP_HD int64_t signal(int kind, int half, int rank) const {
     return ((int64_t(kind) * 2 + half) * num_ranks + rank) * 8;
   }
-  FLASHEP_HD int64_t dispatch_total(int half, int src) const { return signal(0, half, src); }
-  FLASHEP_HD int64_t dispatch_arrival(int half, int src) const { return signal(1, half, src); }
-  FLASHEP_HD int64_t combine_weights(int half, int src) const { return signal(2, half, src); }
-  FLASHEP_HD int64_t combine_total(int half, int src) const { return signal(3, half, src); }
-  FLASHEP_HD int64_t combine_arrival(int half, int src) const { return signal(4, half, src); }
+  FLASHEP_HD int64_t dispatch_total(int half, int src) const { return signal(kSignalDispatchTotal, half, src); }
+  FLASHEP_HD int64_t dispatch_arrival(int half, int src) const { return signal(kSignalDispatchArrival, half, src); }
+  FLASHEP_HD int64_t combine_weights(int half, int src) const { return signal(kSignalCombineWeights, half, src); }
+  FLASHEP_HD int64_t combine_total(int half, int src) const { return signal(kSignalCombineTotal, half, src); }
+  FLASHEP_HD int64_t combine_arrival(int half, int src) const { return signal(kSignalCombineArrival, half, src); }
   FLASHEP_HD int64_t state() const { return state_offset; }
   FLASHEP_HD int64_t msg_counter(int half, int dst) const { return msg_counter_offset + (int64_t(half) * num_ranks + dst) * 4; }
   FLASHEP_HD int64_t expert_counter(int half, int expert) const {

@@ -262,44 +262,9 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
   int* s_count = smem + R;   // [R]
   int& s_failed = entry.failed;
 
-  const long long wait_start = clock64();
-  for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    int count = 0;
-    if (!s_masked[r]) {
-      char* inbox = inbox_region(c, ll, r);
-      uint64_t value = 0;
-      WaitResult res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.combine_total(half, r)), seq,
-                                 false, 0, Phase::kLowLatencyCombineRecv, r, &value);
-      if (res == WaitResult::kArrived) {
-        count = ll_signal_count(value);
-        if (count > L.max_tokens) {
-          device::fail(c, Phase::kLowLatencyBadMessage, r, -1, L.max_tokens, count);
-          res = WaitResult::kFailed;
-        }
-      }
-      if (res == WaitResult::kArrived && direct_region(c, ll, r) == nullptr) {
-        uint64_t* base = reinterpret_cast<uint64_t*>(ll.local + L.combine_base(half, r));
-        res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.combine_arrival(half, r)), seq, true,
-                        *base + static_cast<uint64_t>(count), Phase::kLowLatencyCombineRecv, r, &value);
-      }
-      if (res == WaitResult::kFailed) s_failed = 1;
-      if (res != WaitResult::kArrived) count = 0, s_masked[r] = 1;
-      if (blockIdx.x == 0 && p.wait_stats != nullptr)
-        atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_stats + r),
-                  static_cast<unsigned long long>(clock64() - wait_start));
-    }
-    s_count[r] = count;
-  }
-  __syncthreads();
-  if (ll.shrink) {  // one view of the masks in every block (see dispatch_receive)
-    cooperative_groups::this_grid().sync();
-    reload_mask(c, ll, s_masked);
-    __syncthreads();
-    for (int r = threadIdx.x; r < R; r += blockDim.x)
-      if (s_masked[r]) s_count[r] = 0;
-    __syncthreads();
-  }
-  if (s_failed) return;
+  if (!wait_sources(c, ll, seq, kCombineSignals, Phase::kLowLatencyCombineRecv, p.wait_stats, s_masked, s_count,
+                    s_failed))
+    return;
 
   // One block per token: warp 0 finds the ranks its experts live on, then every thread adds its
   // 16-byte words of those ranks' sums (loads first).

@@ -7,16 +7,8 @@
 
 #include <cstdint>
 
-#include "kernels/failure.cuh"
 #include "kernels/low_latency_launch.hpp"
-
-#ifndef FLASHEP_WITH_NVSHMEM
-#define FLASHEP_WITH_NVSHMEM 0
-#endif
-#if FLASHEP_WITH_NVSHMEM
-#include <nvshmem.h>
-#include <nvshmemx.h>
-#endif
+#include "kernels/peer_transport.cuh"  // failure.cuh, and the NVSHMEM headers in builds with it
 
 namespace flashep::ll {
 
@@ -182,6 +174,68 @@ __device__ __forceinline__ bool kernel_entry(const DeviceComm& c, const LowLaten
     return false;
   }
   return true;
+}
+
+/// The signal words of one kind of message: a source's total (seq | count), its NVSHMEM arrival
+/// counter, and this rank's base of that counter (the arrivals consumed before this call).
+struct SourceSignals {
+  int total_kind, arrival_kind;  // LowLatencyLayout::signal kinds
+  bool combine;                  // which base array (dispatch_base or combine_base)
+};
+inline constexpr SourceSignals kDispatchSignals{kSignalDispatchTotal, kSignalDispatchArrival, false};
+inline constexpr SourceSignals kCombineSignals{kSignalCombineTotal, kSignalCombineArrival, true};
+
+/// Block-wide, at the start of a receive phase: waits for every unmasked source's total of call
+/// `seq` and, for an NVSHMEM source, for the arrival of all its messages (bounded; a silent source
+/// is masked in shrink mode, else the call fails). `s_count[r]` gets each source's count (0 when
+/// masked); block 0 adds the waited cycles to `wait_stats`. In shrink mode the grid then
+/// synchronizes and every block takes the same view of the masks (blocks may have masked
+/// different peers when a signal landed between their deadlines). Returns false when the call
+/// failed here.
+__device__ __forceinline__ bool wait_sources(const DeviceComm& c, const LowLatencyComm& ll, uint32_t seq,
+                                             SourceSignals kind, Phase phase, int64_t* wait_stats, int* s_masked,
+                                             int* s_count, int& s_failed) {
+  const LowLatencyLayout& L = ll.layout;
+  const int half = static_cast<int>(seq & 1u);
+  const long long wait_start = clock64();
+  for (int r = threadIdx.x; r < c.num_ranks; r += blockDim.x) {
+    int count = 0;
+    if (!s_masked[r]) {
+      char* inbox = inbox_region(c, ll, r);
+      uint64_t value = 0;
+      WaitResult res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.signal(kind.total_kind, half, r)),
+                                 seq, false, 0, phase, r, &value);
+      if (res == WaitResult::kArrived) {
+        count = ll_signal_count(value);
+        if (count > L.max_tokens) {  // not from a correct peer: nothing may be read past its inbox
+          device::fail(c, Phase::kLowLatencyBadMessage, r, -1, L.max_tokens, count);
+          res = WaitResult::kFailed;
+        }
+      }
+      if (res == WaitResult::kArrived && direct_region(c, ll, r) == nullptr) {
+        const uint64_t* base = reinterpret_cast<const uint64_t*>(
+            ll.local + (kind.combine ? L.combine_base(half, r) : L.dispatch_base(half, r)));
+        res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.signal(kind.arrival_kind, half, r)), seq,
+                        true, *base + static_cast<uint64_t>(count), phase, r, &value);
+      }
+      if (res == WaitResult::kFailed) s_failed = 1;
+      if (res != WaitResult::kArrived) count = 0, s_masked[r] = 1;
+      if (blockIdx.x == 0 && wait_stats != nullptr)
+        atomicAdd(reinterpret_cast<unsigned long long*>(wait_stats + r),
+                  static_cast<unsigned long long>(clock64() - wait_start));
+    }
+    s_count[r] = count;
+  }
+  __syncthreads();
+  if (ll.shrink) {
+    cooperative_groups::this_grid().sync();
+    reload_mask(c, ll, s_masked);
+    __syncthreads();
+    for (int r = threadIdx.x; r < c.num_ranks; r += blockDim.x)
+      if (s_masked[r]) s_count[r] = 0;
+    __syncthreads();
+  }
+  return s_failed == 0;
 }
 
 }  // namespace flashep::ll

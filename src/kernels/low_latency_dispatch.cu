@@ -247,46 +247,9 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   int& s_failed = entry.failed;  // 0 here: the send phase (if any) returned early otherwise
 
   // 1. Every source's signal (and, for NVSHMEM sources, the arrival of all its messages).
-  const long long wait_start = clock64();
-  for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    int count = 0;
-    if (!s_masked[r]) {
-      char* inbox = inbox_region(c, ll, r);
-      uint64_t value = 0;
-      WaitResult res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.dispatch_total(half, r)), seq,
-                                 false, 0, Phase::kLowLatencyDispatchRecv, r, &value);
-      if (res == WaitResult::kArrived) {
-        count = ll_signal_count(value);
-        if (count > L.max_tokens) {  // not from a correct peer: nothing may be read past its inbox
-          device::fail(c, Phase::kLowLatencyBadMessage, r, -1, L.max_tokens, count);
-          res = WaitResult::kFailed;
-        }
-      }
-      if (res == WaitResult::kArrived && direct_region(c, ll, r) == nullptr) {
-        uint64_t* base = reinterpret_cast<uint64_t*>(ll.local + L.dispatch_base(half, r));
-        res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.dispatch_arrival(half, r)), seq, true,
-                        *base + static_cast<uint64_t>(count), Phase::kLowLatencyDispatchRecv, r, &value);
-      }
-      if (res == WaitResult::kFailed) s_failed = 1;
-      if (res != WaitResult::kArrived) count = 0, s_masked[r] = 1;
-      if (blockIdx.x == 0 && p.wait_stats != nullptr)
-        atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_stats + r),
-                  static_cast<unsigned long long>(clock64() - wait_start));
-    }
-    s_count[r] = count;
-  }
-  __syncthreads();
-  if (ll.shrink) {
-    // Blocks may have masked different peers (a signal landing between their deadlines): after a
-    // grid-wide barrier every block takes the same view, from the mask words.
-    cooperative_groups::this_grid().sync();
-    reload_mask(c, ll, s_masked);
-    __syncthreads();
-    for (int r = threadIdx.x; r < R; r += blockDim.x)
-      if (s_masked[r]) s_count[r] = 0;
-    __syncthreads();
-  }
-  if (s_failed) return;
+  if (!wait_sources(c, ll, seq, kDispatchSignals, Phase::kLowLatencyDispatchRecv, p.wait_stats, s_masked, s_count,
+                    s_failed))
+    return;
   // Rows per (source, expert), every thread a few; and each source's call hash.
   for (int j = threadIdx.x; j < R * num_local; j += blockDim.x) {
     const int r = j / num_local;
