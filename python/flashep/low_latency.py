@@ -251,26 +251,37 @@ class LowLatencyMixin:
         outs = (recv_x.data_ptr(), 0 if recv_scales is None else recv_scales.data_ptr(), base,
                 0 if recv_stats is None else recv_stats.data_ptr(), 0 if wait_stats is None else wait_stats.data_ptr(),
                 base + shape.src_info_offset, base + shape.layout_range_offset, base + shape.plan_offset)
+        event, hook = self._ll_launch(_C.ll_dispatch, args, args, outs, return_recv_hook, stream, raw_stream,
+                                      (x, topk_idx, recv_x, recv_scales, words, recv_stats, wait_stats), handle)
+        return ((recv_x, recv_scales) if shape.use_fp8 else recv_x), recv_count, handle, event, hook
+
+    def _ll_launch(self, kernel: Callable[..., None], send_args: Tuple[Any, ...], receive_args: Tuple[Any, ...],
+                   tail: Tuple[Any, ...], return_recv_hook: bool, stream: Optional[torch.cuda.Stream], raw_stream: int,
+                   kept: Tuple[Any, ...], handle: Optional[LowLatencyHandle] = None) -> Tuple[EventOverlap, Any]:
+        """Launches a low-latency call, `kernel(runtime, *args, phases, call_slot, *tail, stream)`:
+        both phases now, or the send phase now and the receive phase in the returned hook (which
+        keeps `kept` alive until it runs). Returns (event, hook)."""
+        runtime = self._rt()
         call_id, slot = self._ll_begin_send(return_recv_hook)
-        handle.pending_call = call_id
+        if handle is not None:
+            handle.pending_call = call_id
         try:
-            _C.ll_dispatch(runtime, *args, _C.kLowLatencySend if return_recv_hook else _C.kLowLatencyBoth, slot, *outs,
-                           raw_stream)
+            kernel(runtime, *send_args, _C.kLowLatencySend if return_recv_hook else _C.kLowLatencyBoth, slot, *tail,
+                   raw_stream)
         except BaseException:
             self._ll_forget(call_id)
             raise
         hook = None
         if return_recv_hook:
-            kept_alive: List[Any] = [x, topk_idx, recv_x, recv_scales, words, recv_stats, wait_stats]
+            kept_alive: List[Any] = list(kept)
 
             def receive() -> None:
-                _C.ll_dispatch(runtime, *args, _C.kLowLatencyReceive, slot, *outs,
-                               torch._C._cuda_getCurrentRawStream(self._device_index))
+                kernel(runtime, *receive_args, _C.kLowLatencyReceive, slot, *tail,
+                       torch._C._cuda_getCurrentRawStream(self._device_index))
                 del kept_alive[:]
             hook = self._ll_hook(call_id, receive)
-        event = _NO_EVENT if stream is None else self._ll_finish(
-            stream, (x, topk_idx, recv_x, recv_scales, words, recv_stats, wait_stats))
-        return ((recv_x, recv_scales) if shape.use_fp8 else recv_x), recv_count, handle, event, hook
+        event = _NO_EVENT if stream is None else self._ll_finish(stream, kept)
+        return event, hook
 
     def _ll_finish(self, stream: torch.cuda.Stream, kept: Tuple[Any, ...]) -> EventOverlap:
         tensors = tuple(t for t in kept if isinstance(t, torch.Tensor))
@@ -319,7 +330,6 @@ class LowLatencyMixin:
             check_aligned("out", out)
         wait_stats = self._ll_check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats,
                                           torch.int64, num_ranks)
-        runtime = self._rt()
 
         if async_finish:
             stream = self._comm_stream
@@ -338,25 +348,9 @@ class LowLatencyMixin:
                 base + shape.src_info_offset, base + shape.layout_range_offset, base + shape.plan_offset, max_tokens,
                 hidden, num_experts, num_topk)
         tail = (out.data_ptr(), 0 if wait_stats is None else wait_stats.data_ptr())
-        call_id, slot = self._ll_begin_send(return_recv_hook)
-        try:
-            _C.ll_combine(runtime, *args, _C.kLowLatencySend if return_recv_hook else _C.kLowLatencyBoth, slot, *tail,
-                          raw_stream)
-        except BaseException:
-            self._ll_forget(call_id)
-            raise
-        hook = None
-        if return_recv_hook:
-            receive_args = (x.data_ptr(), False) + args[2:]  # the receive phase reads no x
-            kept_alive: List[Any] = [x, topk_idx, topk_weights, out, handle.plan, wait_stats]
-
-            def receive() -> None:
-                _C.ll_combine(runtime, *receive_args, _C.kLowLatencyReceive, slot, *tail,
-                              torch._C._cuda_getCurrentRawStream(self._device_index))
-                del kept_alive[:]
-            hook = self._ll_hook(call_id, receive)
-        event = _NO_EVENT if stream is None else self._ll_finish(
-            stream, (x, topk_idx, topk_weights, out, handle.plan, wait_stats))
+        receive_args = (x.data_ptr(), False) + args[2:]  # the receive phase reads no x
+        event, hook = self._ll_launch(_C.ll_combine, args, receive_args, tail, return_recv_hook, stream, raw_stream,
+                                      (x, topk_idx, topk_weights, out, handle.plan, wait_stats))
         return out, event, hook
 
     def get_next_low_latency_combine_buffer(self, handle: Any) -> torch.Tensor:
