@@ -313,18 +313,22 @@ def _free_port() -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parse_args(argv)
+    return launch("flashep.bench", "flashep.bench", _parse_args(argv))
+
+
+def launch(prog: str, module: str, args: argparse.Namespace) -> int:
+    """Runs `module`'s _child on args.num_ranks GPUs (default: all visible) through run_ranks."""
+    import importlib
+
     import torch
 
     available = torch.cuda.device_count()
     R = args.num_ranks or available
     if R < 1 or R > available:
-        print(f"flashep.bench: --num-ranks {R} but {available} GPUs are visible", file=sys.stderr)
+        print(f"{prog}: --num-ranks {R} but {available} GPUs are visible", file=sys.stderr)
         return 2
     # The children unpickle the target by module name: use the importable one, not __main__.
-    from flashep import bench as this_module
-
-    return run_ranks(this_module._child, R, args, args.timeout)
+    return run_ranks(importlib.import_module(module)._child, R, args, args.timeout)
 
 
 def run_ranks(child, R: int, args: argparse.Namespace, timeout_s: float) -> int:

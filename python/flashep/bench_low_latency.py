@@ -33,7 +33,7 @@ import time  # noqa: E402
 import traceback  # noqa: E402
 from typing import List, Optional  # noqa: E402
 
-from .bench import _gbps, _nccl_baseline, _time_stream, run_ranks  # noqa: E402
+from .bench import _gbps, _nccl_baseline, _time_stream, launch  # noqa: E402
 
 PROFILED_CALLS = 30
 
@@ -217,17 +217,7 @@ def _child(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parse_args(argv)
-    import torch
-
-    available = torch.cuda.device_count()
-    R = args.num_ranks or available
-    if R < 1 or R > available:
-        print(f"flashep.bench_low_latency: --num-ranks {R} but {available} GPUs are visible", file=sys.stderr)
-        return 2
-    from flashep import bench_low_latency as this_module
-
-    return run_ranks(this_module._child, R, args, args.timeout)
+    return launch("flashep.bench_low_latency", "flashep.bench_low_latency", _parse_args(argv))
 
 
 if __name__ == "__main__":
