@@ -405,9 +405,8 @@ def _bad_inputs_worker(rank, R):
     del small
     dist.barrier()
 
-    expect("low_latency_mode=True", lambda: deep_ep.Buffer(group, 0, 1 << 26, low_latency_mode=True,
-                                                           num_qps_per_rank=1),
-           ["low.?latency", "not implemented", "not supported"], allowed=NotImplementedError)
+    # (Low-latency bad inputs, a buffer too small for (T, H, R, E) among them, are checked in
+    # test_low_latency.py; the mode exists, so constructing one is no longer an error.)
 
     # The buffer is still healthy: no kernel ran with a bad input and nothing is left half-done.
     torch.cuda.synchronize()
