@@ -53,6 +53,8 @@ def _parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=50, help="timed iterations of the loop")
     parser.add_argument("--out", default="", help="also write the table as markdown here")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds before the run is killed")
+    parser.add_argument("--trace", action="store_true",
+                        help="diagnostics builds (FLASHEP_ENABLE_DIAGNOSTICS=ON): also print the kernels' timeline")
     return parser.parse_args(argv)
 
 
@@ -103,6 +105,7 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
             print("flashep.bench_low_latency: this flashep has no NVSHMEM; the nvshmem path is skipped", flush=True)
         paths.remove("nvshmem")
     rows = []
+    gemm_a = torch.randn((8192, 8192), dtype=torch.bfloat16, device=dev)
     for path in paths:
         size = max(flashep.Buffer.get_low_latency_rdma_size_hint(t, H, R, E) for t in tokens)
         buffer = flashep.Buffer(None, 0, size, low_latency_mode=True,
@@ -120,9 +123,13 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
                 buffer.low_latency_combine(y, idx, w, handle)
 
             def hooked():
+                # DeepEP's method: a large GEMM between the send and the hook, so the receive phase
+                # finds the data there (its time is the receive work, not the transfer).
                 _, _, handle, _, hook = buffer.low_latency_dispatch(x, idx, T, E, return_recv_hook=True)
+                gemm_a @ gemm_a
                 hook()
                 _, _, hook = buffer.low_latency_combine(y, idx, w, handle, return_recv_hook=True)
+                gemm_a @ gemm_a
                 hook()
 
             prof = _profile(torch, dist, dispatch_combine, dev)
@@ -159,6 +166,8 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
             dist.all_gather_object(all_bf16, bf16_bytes)
             nccl_d = _nccl_baseline(torch, dist, [int(b) // R * R for b in all_fp8], rank, R, dev, 5, 30)["stream"][0]
             nccl_c = _nccl_baseline(torch, dist, [int(b) // R * R for b in all_bf16], rank, R, dev, 5, 30)["stream"][0]
+            if args.trace:
+                _print_trace(torch, dist, flashep, dispatch_combine, rank, f"{path} T={T}")
             rows.append(dict(path=path, T=T, dispatch=t_dispatch, combine=t_combine,
                              d_send=statistics.median(d[0::2]), d_recv=statistics.median(d[1::2]),
                              c_send=statistics.median(c[0::2]), c_recv=statistics.median(c[1::2]), loop=t_loop, host=t_host, graph=t_graph,
@@ -180,6 +189,42 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
                 f.write(table + "\n")
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _print_trace(torch, dist, flashep, calls, rank: int, label: str, repeats: int = 20) -> None:
+    """Diagnostics builds: the median timeline of `calls` (dispatch + combine, fused), per kernel and
+    point: us from the first block's entry to the first and to the last block past the point."""
+    take = flashep._C.debug_ll_trace
+    if not take(False) and not take(True):
+        if rank == 0:
+            print("flashep.bench_low_latency --trace: this build has no diagnostics (FLASHEP_ENABLE_DIAGNOSTICS=ON)")
+        return
+    dev = torch.cuda.current_device()
+    one = torch.ones((1,), device=dev)
+    a = torch.randn((8192, 8192), dtype=torch.bfloat16, device=dev)
+    samples = {False: [], True: []}
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        take(False)
+        take(True)
+        a @ a  # as in _profile: the calls are queued before the GPUs get there, lined up by the all-reduce
+        dist.all_reduce(one)
+        calls()
+        torch.cuda.synchronize()
+        for combine in (False, True):
+            samples[combine].append(take(combine))
+    if rank != 0:
+        return
+    for combine in (False, True):
+        names = flashep._C.debug_ll_trace_points(combine)
+        points = len(samples[combine][0]) // 2
+        print(f"[{label}] {'combine' if combine else 'dispatch'} timeline (us from the first entry, median of "
+              f"{repeats}; first block / last block):")
+        for i, name in enumerate(names):
+            first = [s[i] - s[0] for s in samples[combine] if s[points + i] != 0]
+            last = [s[points + i] - s[0] for s in samples[combine] if s[points + i] != 0]
+            if first:
+                print(f"    {name:>18}: {statistics.median(first) / 1e3:7.2f} / {statistics.median(last) / 1e3:7.2f}")
 
 
 def _table(rows, R: int, device_name: str, H: int, K: int, E: int) -> str:

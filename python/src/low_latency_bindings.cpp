@@ -2,11 +2,15 @@
 // and raw device pointers / streams as Python ints. The Python layer (flashep/low_latency.py)
 // checks tensors and keeps the handle.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include <cstdint>
+#include <string>
 
 #include "flashep/buffer.hpp"
 #include "flashep/low_latency.hpp"
+#include "kernels/low_latency_launch.hpp"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -110,6 +114,15 @@ void bind_low_latency(nb::module_& m) {
         "num_topk"_a, "phases"_a, "call_slot"_a, "out"_a, "wait_stats"_a, "stream"_a, release_gil());
   m.def("ll_combine_buffer", &ll_combine_buffer, "runtime"_a, "max_tokens"_a, "hidden"_a, "num_experts"_a,
         "num_topk"_a, "Device pointer of the zero-copy half the next low-latency combine reads.");
+  m.def("debug_ll_trace", &flashep::kernels::take_low_latency_trace, "combine"_a,
+        "Diagnostics builds: the low-latency dispatch (or combine) kernels' timeline since the last take, then "
+        "reset: per point the earliest block's %globaltimer (ns), then the latest block's. Empty otherwise.");
+  m.def("debug_ll_trace_points", [](bool combine) {
+    std::vector<std::string> names;
+    if (combine) for (const char* n : flashep::kernels::kLowLatencyCombineTrace) names.emplace_back(n);
+    else for (const char* n : flashep::kernels::kLowLatencyDispatchTrace) names.emplace_back(n);
+    return names;
+  }, "combine"_a, "Names of the timeline points of debug_ll_trace.");
   m.def("ll_clean", [](Buffer& b, uintptr_t stream) { b.clean_low_latency_buffer(as_stream(stream)); }, "runtime"_a,
         "stream"_a);
   m.def("ll_update_mask", [](Buffer& b, int rank, bool mask, uintptr_t stream) {

@@ -11,12 +11,13 @@
 // adds its partial sums.
 //
 // The region (offsets from its base; the same layout in every allocation that holds one):
-//   signals      (peers write; depend on R only)   per half: dispatch total, dispatch arrival,
+//   signals      (peers write; depend on R only)   per half: dispatch total, (reserved),
 //                                                    combine weights, combine total, combine arrival
 //   state        (this rank only; R only)           sequence numbers, tickets, send counters, the
-//                                                    arrival bases of NVSHMEM sources, the mask
+//                                                    combine arrival bases of NVSHMEM sources, the mask
 //   counts       (peers write; R only)              per half and source: call hash + L counts
 //   weights      (peers write)                      per half and source: call hash, [n][K] float32
+//   dispatch flags (peers write)                    per half, source and slot: the message's signal
 //   dispatch in  (peers write)                      per half and source: T messages
 //   combine in   (peers write)                      per half and source: T BF16 partial rows
 //   stages       (this rank; NVSHMEM puts read them) dispatch messages, counts, weights, partials
@@ -114,7 +115,7 @@ struct LowLatencyState {
   uint32_t call_seq[kLowLatencyCallSlots];
   int reserved[10];
   // followed by: int msg_counter[2][R]; int expert_counter[2][kMaxLowLatencyExperts];
-  //              uint64 dispatch_base[2][R]; uint64 combine_base[2][R]; int mask[R]
+  //              uint64 combine_base[2][R]; int mask[R]
 };
 inline constexpr int kTicketDispatchSend = 0;
 inline constexpr int kTicketDispatchRecv = 1;
@@ -124,7 +125,7 @@ inline constexpr int kTicketCombineRecv = 3;
 /// The 64-bit signal words, per half and source (LowLatencyLayout::signal).
 enum LowLatencySignal : int {
   kSignalDispatchTotal = 0,
-  kSignalDispatchArrival = 1,
+  kSignalReserved = 1,  // (was the dispatch arrival counter: dispatch messages carry their own flags)
   kSignalCombineWeights = 2,
   kSignalCombineTotal = 3,
   kSignalCombineArrival = 4,
@@ -136,8 +137,8 @@ struct LowLatencyLayout {
   int max_tokens;        // T
   int hidden;            // H
   LowLatencyMessage msg; // of the largest form (BF16): the stride is the same for FP8
-  int64_t state_offset, msg_counter_offset, expert_counter_offset, dispatch_base_offset, combine_base_offset,
-      mask_offset, counts_offset, weights_offset, dispatch_in_offset, combine_in_offset, dispatch_stage_offset,
+  int64_t state_offset, msg_counter_offset, expert_counter_offset, combine_base_offset,
+      mask_offset, counts_offset, weights_offset, dispatch_flags_offset, dispatch_in_offset, combine_in_offset, dispatch_stage_offset,
       counts_stage_offset, weights_stage_offset, combine_stage_offset, zero_copy_offset, end;
 
   FLASHEP_HD int num_local_experts() const { return num_experts / num_ranks; }
@@ -149,7 +150,6 @@ struct LowLatencyLayout {
     return ((int64_t(kind) * 2 + half) * num_ranks + rank) * 8;
   }
   FLASHEP_HD int64_t dispatch_total(int half, int src) const { return signal(kSignalDispatchTotal, half, src); }
-  FLASHEP_HD int64_t dispatch_arrival(int half, int src) const { return signal(kSignalDispatchArrival, half, src); }
   FLASHEP_HD int64_t combine_weights(int half, int src) const { return signal(kSignalCombineWeights, half, src); }
   FLASHEP_HD int64_t combine_total(int half, int src) const { return signal(kSignalCombineTotal, half, src); }
   FLASHEP_HD int64_t combine_arrival(int half, int src) const { return signal(kSignalCombineArrival, half, src); }
@@ -158,7 +158,6 @@ struct LowLatencyLayout {
   FLASHEP_HD int64_t expert_counter(int half, int expert) const {
     return expert_counter_offset + (int64_t(half) * kMaxLowLatencyExperts + expert) * 4;
   }
-  FLASHEP_HD int64_t dispatch_base(int half, int src) const { return dispatch_base_offset + (int64_t(half) * num_ranks + src) * 8; }
   FLASHEP_HD int64_t combine_base(int half, int src) const { return combine_base_offset + (int64_t(half) * num_ranks + src) * 8; }
   FLASHEP_HD int64_t mask(int rank) const { return mask_offset + int64_t(rank) * 4; }
   FLASHEP_HD int64_t counts(int half, int src) const {
@@ -168,6 +167,11 @@ struct LowLatencyLayout {
   FLASHEP_HD int64_t weights_block_bytes() const { return align_up(int64_t(max_tokens) * kLowLatencyTopkSlots * 4 + 16, 16); }
   FLASHEP_HD int64_t weights(int half, int src) const {
     return weights_offset + (int64_t(half) * num_ranks + src) * weights_block_bytes();
+  }
+  /// The 64-bit signal of message `slot` from `src` (ll_signal(seq, 0) once the message is there):
+  /// a dispatch message is its own signal, so the receiver expands it as soon as it lands.
+  FLASHEP_HD int64_t dispatch_flag(int half, int src, int slot) const {
+    return dispatch_flags_offset + ((int64_t(half) * num_ranks + src) * max_tokens + slot) * 8;
   }
   FLASHEP_HD int64_t dispatch_in(int half, int src, int slot) const {
     return dispatch_in_offset + ((int64_t(half) * num_ranks + src) * max_tokens + slot) * msg.stride;
@@ -211,8 +215,6 @@ FLASHEP_HD LowLatencyLayout make_low_latency_layout(int max_tokens, int hidden, 
   at = align_up(at + 2 * R * 4, 128);
   l.expert_counter_offset = at;
   at = align_up(at + 2 * kMaxLowLatencyExperts * 4, 128);
-  l.dispatch_base_offset = at;
-  at = align_up(at + 2 * R * 8, 128);
   l.combine_base_offset = at;
   at = align_up(at + 2 * R * 8, 128);
   l.mask_offset = at;
@@ -222,6 +224,8 @@ FLASHEP_HD LowLatencyLayout make_low_latency_layout(int max_tokens, int hidden, 
   // From here on the offsets depend on (T, H, E).
   l.weights_offset = at;
   at = align_up(at + 2 * R * l.weights_block_bytes(), 128);
+  l.dispatch_flags_offset = at;
+  at = align_up(at + 2 * R * T * 8, 128);
   l.dispatch_in_offset = at;
   at = align_up(at + 2 * R * T * l.msg.stride, 128);
   l.combine_in_offset = at;

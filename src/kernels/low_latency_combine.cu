@@ -12,10 +12,14 @@
 
 #include "core/logfmt.hpp"
 #include "kernels/low_latency_common.cuh"
+#include "kernels/low_latency_trace.cuh"
 
 namespace flashep::ll {
 
 namespace {
+
+/// Diagnostics builds: the timeline (kernels::kLowLatencyCombineTrace names the points).
+__device__ TraceStamps g_combine_trace = {{~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull}, {}};
 
 /// Adds 8 BF16 values (16 bytes) times `weight` into acc.
 __device__ __forceinline__ void fma_bf16x8(float* acc, const int4& v, float weight) {
@@ -124,6 +128,7 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
     }
   }
 
+  trace_mark(&g_combine_trace, 1);
   // 2. The expert side: one weighted sum per message of the dispatch, one block per message.
   // Thread 0 waits for the source's weights (once per source and block), warp 0 gathers the rows
   // and weights, then every thread sums its 16-byte words over the rows (loads first).
@@ -146,6 +151,7 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
     if (blockIdx.x == 0 && threadIdx.x == 0) device::fail(c, Phase::kLowLatencyBadMessage, s_bad_plan, -1, T, p.plan[s_bad_plan]);
     return false;
   }
+  trace_mark(&g_combine_trace, 2);
   const int total = s_prefix[R];
   const int64_t num_rows_x = int64_t(L.num_local_experts()) * L.rows_per_expert();
   const int num_int4 = H / 8;
@@ -228,7 +234,9 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
   }
 
   // 3. The last block tells every source how many sums it sent there.
+  trace_mark(&g_combine_trace, 3);
   if (last_block_done(&st->ticket[kTicketCombineSend])) {
+    trace_mark(&g_combine_trace, 4);
     reload_mask(c, ll, s_masked);  // a source masked meanwhile gets no signal (its sums were not sent)
     __syncthreads();
     for (int r = threadIdx.x; r < R; r += blockDim.x) {
@@ -245,6 +253,7 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
       st->call_seq[p.call_slot] = seq;
       st->send_seq = seq + 1;
     }
+    trace_mark(&g_combine_trace, 5);
   }
   return true;
 }
@@ -265,6 +274,7 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
   if (!wait_sources(c, ll, seq, kCombineSignals, Phase::kLowLatencyCombineRecv, p.wait_stats, s_masked, s_count,
                     s_failed))
     return;
+  trace_mark(&g_combine_trace, 6);
 
   // One block per token: warp 0 finds the ranks its experts live on, then every thread adds its
   // 16-byte words of those ranks' sums (loads first).
@@ -308,7 +318,9 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
     __syncthreads();
   }
 
+  trace_mark(&g_combine_trace, 7);
   if (last_block_done(&st->ticket[kTicketCombineRecv])) {
+    trace_mark(&g_combine_trace, 8);
     for (int r = threadIdx.x; r < R; r += blockDim.x)
       if (direct_region(c, ll, r) == nullptr) *reinterpret_cast<uint64_t*>(ll.local + L.combine_base(half, r)) += s_count[r];
     __syncthreads();
@@ -322,6 +334,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine(const __grid_constant__ k
   extern __shared__ int smem[];
   __shared__ EntryState entry;
   if (!kernel_entry(p.comm, p.ll, p.phases, p.call_slot, smem, entry)) return;
+  trace_mark(&g_combine_trace, 0);
   if ((p.phases & kLowLatencySend) && !combine_send(p, smem, entry)) return;
   if (p.phases & kLowLatencyReceive) combine_receive(p, smem, entry);
 }
@@ -344,5 +357,7 @@ cudaError_t launch_low_latency_combine(const LowLatencyCombineParams& p, int num
   config.numAttrs = 1;
   return cudaLaunchKernelEx(&config, ll::combine, p);
 }
+
+std::vector<uint64_t> take_low_latency_combine_trace() { return ll::take_trace_stamps(&ll::g_combine_trace); }
 
 }  // namespace flashep::kernels

@@ -176,17 +176,20 @@ __device__ __forceinline__ bool kernel_entry(const DeviceComm& c, const LowLaten
   return true;
 }
 
-/// The signal words of one kind of message: a source's total (seq | count), its NVSHMEM arrival
-/// counter, and this rank's base of that counter (the arrivals consumed before this call).
+/// The signal words of one kind of message: a source's total (seq | count) and, where the
+/// messages do not carry their own signals, its NVSHMEM arrival counter (with this rank's base of
+/// that counter in combine_base: the arrivals consumed before this call).
 struct SourceSignals {
-  int total_kind, arrival_kind;  // LowLatencyLayout::signal kinds
-  bool combine;                  // which base array (dispatch_base or combine_base)
+  int total_kind;    // LowLatencyLayout::signal kind
+  int arrival_kind;  // -1: none (each message is waited for on its own)
 };
-inline constexpr SourceSignals kDispatchSignals{kSignalDispatchTotal, kSignalDispatchArrival, false};
-inline constexpr SourceSignals kCombineSignals{kSignalCombineTotal, kSignalCombineArrival, true};
+/// Dispatch: the totals (and counts) go out before the messages, each message has its own flag.
+inline constexpr SourceSignals kDispatchSignals{kSignalDispatchTotal, -1};
+inline constexpr SourceSignals kCombineSignals{kSignalCombineTotal, kSignalCombineArrival};
 
 /// Block-wide, at the start of a receive phase: waits for every unmasked source's total of call
-/// `seq` and, for an NVSHMEM source, for the arrival of all its messages (bounded; a silent source
+/// `seq` and, for an NVSHMEM source with an arrival counter, for the arrival of all its messages
+/// (bounded; a silent source
 /// is masked in shrink mode, else the call fails). `s_count[r]` gets each source's count (0 when
 /// masked); block 0 adds the waited cycles to `wait_stats`. In shrink mode the grid then
 /// synchronizes and every block takes the same view of the masks (blocks may have masked
@@ -212,9 +215,8 @@ __device__ __forceinline__ bool wait_sources(const DeviceComm& c, const LowLaten
           res = WaitResult::kFailed;
         }
       }
-      if (res == WaitResult::kArrived && direct_region(c, ll, r) == nullptr) {
-        const uint64_t* base = reinterpret_cast<const uint64_t*>(
-            ll.local + (kind.combine ? L.combine_base(half, r) : L.dispatch_base(half, r)));
+      if (res == WaitResult::kArrived && kind.arrival_kind >= 0 && direct_region(c, ll, r) == nullptr) {
+        const uint64_t* base = reinterpret_cast<const uint64_t*>(ll.local + L.combine_base(half, r));
         res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.signal(kind.arrival_kind, half, r)), seq,
                         true, *base + static_cast<uint64_t>(count), phase, r, &value);
       }

@@ -1,26 +1,34 @@
 // Low-latency dispatch (src/core/low_latency_layout.hpp has the wire format).
 //
-// Send phase: one warp per token. It casts the row once (FP8 per 128 channels, exactly the
-// contract's rule, or BF16 as is), takes a message slot per destination rank and a position per
-// (token, expert) from this rank's counters, and stores the message into every direct
-// destination's inbox; NVSHMEM destinations get one put-with-signal each from a staged copy. The
-// last block to finish then sends every destination its counts (messages and rows per expert)
-// with the call's signal.
-// Receive phase: every block waits for every source's signal (bounded; a silent peer is masked in
-// shrink mode), derives the per-expert segments, and the warps expand the messages into the
-// [L, R*T, H] output, the scales (column-major), src_info, layout_range and the combine plan.
+// Send phase: every block first counts all (token, expert) pairs of the call (checking the ids), so
+// the counts go out at once: block d sends destination d its counts (messages and rows per
+// expert) with the call's signal, before any message. Then one block per token casts the row once
+// (FP8 per 128 channels, exactly the contract's rule, or BF16 as is), takes a message slot per
+// destination rank and a position per (token, expert) from this rank's counters, stores the
+// message into every direct destination's inbox and raises the message's own flag (a system-scope
+// release); NVSHMEM destinations get one put-with-signal each from a staged copy, the signal being
+// the flag. Nothing waits for the last block: it only resets the counters and the sequence.
+// Receive phase: every block waits for every source's counts (bounded; a silent peer is masked in
+// shrink mode) and derives the per-expert segments while the messages are still landing; then one
+// block per message waits for that message's flag and expands it into the [L, R*T, H] output,
+// the scales (column-major), src_info, layout_range and the combine plan.
 #include <cuda_fp8.h>
 
 #include "kernels/low_latency_common.cuh"
+#include "kernels/low_latency_trace.cuh"
 
 namespace flashep::ll {
 
 namespace {
 
+/// Diagnostics builds: the timeline (kernels::kLowLatencyDispatchTrace names the points).
+__device__ TraceStamps g_dispatch_trace = {{~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull}, {}};
+
 /// Block-wide send phase. Returns false when the call failed here (bad expert id).
 template <bool kFp8>
 __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchParams& p, int* s_masked,
                                               EntryState& entry) {
+  // Shared memory: s_masked [R], then the counting pass's [E] + [R] (below).
   const DeviceComm& c = p.comm;
   const LowLatencyComm& ll = p.ll;
   const LowLatencyLayout& L = ll.layout;
@@ -30,18 +38,38 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
   const uint32_t seq = entry.send_seq;
   const int half = static_cast<int>(seq & 1u);
 
-  // Every block checks every id, so all blocks take the same decision before anything is sent.
+  // 1. Every block counts every (token, expert) pair: rows per expert and messages per destination
+  // (unmasked destinations), checking the ids on the way: in [-1, E), and no expert twice for one
+  // token (an expert's R*T rows could not hold more). All blocks take the same decision before
+  // anything is sent. One thread per pair: coalesced loads, the token's earlier ids from L1.
   int& s_bad = entry.failed;
-  // Ids in [-1, E), and no expert twice for one token (an expert's R*T rows could not hold more):
-  // one thread per token, its K ids loaded together.
-  for (int t = threadIdx.x; t < p.num_tokens; t += blockDim.x) {
+  int* s_expert_rows = s_masked + R;      // [E]
+  int* s_dest_msgs = s_expert_rows + E;   // [R]
+  for (int i = threadIdx.x; i < E + R; i += blockDim.x) s_expert_rows[i] = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < p.num_tokens * K; i += blockDim.x) {
+    const int t = i / K, k = i - t * K;
     const int64_t* ids = p.topk_idx + int64_t(t) * K;
-    for (int k = 0; k < K; ++k) {
-      const int64_t e = __ldg(ids + k);
-      bool bad = e < -1 || e >= E;
-      for (int j = 0; j < k && !bad && e >= 0; ++j) bad = __ldg(ids + j) == e;
-      if (bad) atomicExch(&s_bad, t * K + k + 1);
+    const int64_t e = __ldg(ids + k);
+    if (e < -1 || e >= E) {
+      atomicExch(&s_bad, i + 1);
+      continue;
     }
+    if (e < 0) continue;
+    const int dst = static_cast<int>(e / num_local);
+    bool first = true, twice = false;
+    for (int j = 0; j < k; ++j) {
+      const int64_t f = __ldg(ids + j);
+      twice |= f == e;
+      first &= !(f >= 0 && f < E && f / num_local == dst);
+    }
+    if (twice) {
+      atomicExch(&s_bad, i + 1);
+      continue;
+    }
+    if (s_masked[dst]) continue;
+    atomicAdd(s_expert_rows + e, 1);
+    if (first) atomicAdd(s_dest_msgs + dst, 1);
   }
   __syncthreads();
   if (s_bad != 0) {
@@ -49,8 +77,29 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
       device::fail(c, Phase::kLowLatencyInvalidExpert, E, -1, s_bad - 1, static_cast<int>(p.topk_idx[s_bad - 1]));
     return false;
   }
+  trace_mark(&g_dispatch_trace, 1);
 
-  // One block per token: warp 0 takes the slots and positions and writes the meta, then every warp
+  // 2. Block d sends destination d its counts: the call hash and rows per local expert in the counts
+  // block, then the message count in the signal (a release after the block's stores; or one
+  // put-with-signal of the staged block for an NVSHMEM destination).
+  for (int d = blockIdx.x; d < R; d += gridDim.x) {
+    if (s_masked[d]) continue;  // block-uniform
+    char* region = direct_region(c, ll, d);
+    int* counts = reinterpret_cast<int*>(region != nullptr ? region + L.counts(half, c.rank) : ll.sym + L.counts_stage(half, d));
+    for (int j = threadIdx.x; j < num_local; j += blockDim.x) counts[4 + j] = s_expert_rows[d * num_local + j];
+    if (threadIdx.x == 0) counts[0] = p.call_hash;
+    __syncthreads();
+    const uint64_t signal = ll_signal(seq, s_dest_msgs[d]);
+    if (region != nullptr) {
+      if (threadIdx.x == 0) device::st_release_sys_u64(reinterpret_cast<uint64_t*>(region + L.dispatch_total(half, c.rank)), signal);
+    } else if (warp == 0) {
+      warp_put_signal(ll, d, L.counts(half, c.rank), L.counts_stage(half, d), int64_t(4 + num_local) * 4,
+                      L.dispatch_total(half, c.rank), signal, false);
+    }
+  }
+  trace_mark(&g_dispatch_trace, 2);
+
+  // 3. One block per token: warp 0 takes the slots and positions and writes the meta, then every warp
   // casts and stores a share of the row's 256-channel chunks (many loads in flight per token), then
   // warp 0 puts the staged message to the NVSHMEM destinations.
   const LowLatencyMessage m = make_ll_message(L.hidden, kFp8);
@@ -168,53 +217,29 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
       }
     }
     __syncthreads();
-    if (any_remote && warp == 0) {
-      for (int i = 0; i < num_dests; ++i) {
-        if (s_msg[i] != nullptr) continue;
-        warp_put_signal(ll, s_dst[i], L.dispatch_in(half, c.rank, s_slot[i]), L.dispatch_stage(half, t), m.bytes,
-                        L.dispatch_arrival(half, c.rank), 1, true);
-      }
+    // The message's flag, after every thread's stores (the barrier orders them before warp 0's
+    // system-scope releases); NVSHMEM destinations: the put's signal is the flag.
+    if (warp == 0) {
+      const uint64_t flag = ll_signal(seq, 0);
+      if (lane < num_dests && s_msg[lane] != nullptr)
+        device::st_release_sys_u64(
+            reinterpret_cast<uint64_t*>(direct_region(c, ll, s_dst[lane]) + L.dispatch_flag(half, c.rank, s_slot[lane])), flag);
+      if (any_remote)
+        for (int i = 0; i < num_dests; ++i)
+          if (s_msg[i] == nullptr)
+            warp_put_signal(ll, s_dst[i], L.dispatch_in(half, c.rank, s_slot[i]), L.dispatch_stage(half, t), m.bytes,
+                            L.dispatch_flag(half, c.rank, s_slot[i]), flag, false);
     }
   }
 
-  // The last block sends the counts: per destination the message count (in the signal) and the
-  // rows per local expert (in the counts block), then resets this half's counters.
+  // 4. The last block (nobody waits for it) resets this half's counters and advances the sequence.
+  trace_mark(&g_dispatch_trace, 3);
   if (last_block_done(&st->ticket[kTicketDispatchSend])) {
-    reload_mask(c, ll, s_masked);  // a peer masked meanwhile gets no signal
-    __syncthreads();
-    // Every thread: some (destination, expert) counts into the counts blocks, counters reset.
-    auto counts_block = [&](int d) -> int* {
-      char* region = s_masked[d] ? nullptr : direct_region(c, ll, d);
-      return region != nullptr ? reinterpret_cast<int*>(region + L.counts(half, c.rank))
-                               : reinterpret_cast<int*>((ll.sym != nullptr ? ll.sym : ll.local) + L.counts_stage(half, d));
-    };
-    for (int j = threadIdx.x; j < R * num_local; j += blockDim.x) {
-      const int d = j / num_local;
-      int* ec = local_int(ll, L.expert_counter(half, j));
-      counts_block(d)[4 + j % num_local] = *reinterpret_cast<volatile int*>(ec);
-      *ec = 0;
-    }
-    for (int d = threadIdx.x; d < R; d += blockDim.x) counts_block(d)[0] = p.call_hash;
-    __syncthreads();
-    // Then one signal per destination: a system-scope release (direct), or a put of the counts
-    // block with the signal (NVSHMEM, one warp each).
-    __threadfence_system();
-    for (int d = threadIdx.x; d < R; d += blockDim.x) {
-      int* counter = local_int(ll, L.msg_counter(half, d));
-      const int count = *reinterpret_cast<volatile int*>(counter);
-      char* region = direct_region(c, ll, d);
-      if (!s_masked[d] && region != nullptr)
-        device::st_release_sys_u64(reinterpret_cast<uint64_t*>(region + L.dispatch_total(half, c.rank)),
-                                   ll_signal(seq, count));
-    }
-    for (int d = warp; d < R; d += kWarps) {
-      if (s_masked[d] || direct_region(c, ll, d) != nullptr) continue;
-      const int count = *reinterpret_cast<volatile int*>(local_int(ll, L.msg_counter(half, d)));
-      warp_put_signal(ll, d, L.counts(half, c.rank), L.counts_stage(half, d), int64_t(4 + num_local) * 4,
-                      L.dispatch_total(half, c.rank), ll_signal(seq, count), false);
-    }
-    __syncthreads();
+    trace_mark(&g_dispatch_trace, 4);
+    for (int j = threadIdx.x; j < E; j += blockDim.x) *local_int(ll, L.expert_counter(half, j)) = 0;
     for (int d = threadIdx.x; d < R; d += blockDim.x) *local_int(ll, L.msg_counter(half, d)) = 0;
+    reload_mask(c, ll, s_masked);
+    __syncthreads();
     if (threadIdx.x == 0) {
       quiet_puts(ll, s_masked, R);
       st->ticket[kTicketDispatchSend] = 0;
@@ -235,7 +260,6 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   const int R = c.num_ranks, num_local = L.num_local_experts(), K = p.num_topk;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t rows_per_expert = L.rows_per_expert();
-  LowLatencyState* st = state_of(ll);
   const uint32_t seq = entry.recv_seq;
   const int half = static_cast<int>(seq & 1u);
 
@@ -246,10 +270,11 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   int* s_total = s_begin + R * num_local;  // [L] rows per expert
   int& s_failed = entry.failed;  // 0 here: the send phase (if any) returned early otherwise
 
-  // 1. Every source's signal (and, for NVSHMEM sources, the arrival of all its messages).
+  // 1. Every source's counts (sent before its messages).
   if (!wait_sources(c, ll, seq, kDispatchSignals, Phase::kLowLatencyDispatchRecv, p.wait_stats, s_masked, s_count,
                     s_failed))
     return;
+  trace_mark(&g_dispatch_trace, 5);
   // Rows per (source, expert), every thread a few; and each source's call hash.
   for (int j = threadIdx.x; j < R * num_local; j += blockDim.x) {
     const int r = j / num_local;
@@ -295,19 +320,44 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
       device::fail(c, Phase::kLowLatencyBadMessage, -1, -1, static_cast<int>(rows_per_expert), -1);
     return;
   }
+  trace_mark(&g_dispatch_trace, 6);
 
-  // 3. Expand the messages: one block per message. Warp 0 decodes the meta (target rows, plan,
-  // src_info); then every thread copies its 16-byte words of the row to every target row.
+  // 3. Expand the messages: one block per message. Thread 0 waits for the message's flag (bounded;
+  // in shrink mode a source that stops mid-call is masked and its remaining messages skipped: their
+  // rows stay unwritten); warp 0 decodes the meta (target rows, plan, src_info); then every thread
+  // copies its 16-byte words of the row to every target row.
   const LowLatencyMessage m = make_ll_message(L.hidden, kFp8);
   const int num_groups = L.hidden / 128;
   const int total_msgs = s_prefix[R];
   __shared__ int64_t s_rows[32];
-  __shared__ int s_num_rows, s_bad_msg;
+  __shared__ int s_num_rows, s_bad_msg, s_arrival;
   for (int item = blockIdx.x; item < total_msgs; item += gridDim.x) {
     int src = 0;
     while (s_prefix[src + 1] <= item) ++src;
     const int slot = item - s_prefix[src];
-    const char* msg = inbox_region(c, ll, src) + L.dispatch_in(half, src, slot);
+    const char* inbox = inbox_region(c, ll, src);
+    if (threadIdx.x == 0) {
+      WaitResult res = WaitResult::kMasked;
+      if (!s_masked[src]) {
+        const long long wait_start = clock64();
+        uint64_t value = 0;
+        res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.dispatch_flag(half, src, slot)), seq, false, 0,
+                        Phase::kLowLatencyDispatchRecv, src, &value);
+        if (p.wait_stats != nullptr)
+          atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_stats + src),
+                    static_cast<unsigned long long>(clock64() - wait_start));
+        if (res == WaitResult::kMasked) s_masked[src] = 1;
+      }
+      s_arrival = static_cast<int>(res);
+    }
+    __syncthreads();
+    const WaitResult arrival = static_cast<WaitResult>(s_arrival);
+    if (arrival == WaitResult::kFailed) return;
+    if (arrival == WaitResult::kMasked) {
+      __syncthreads();  // s_arrival is rewritten by the next item
+      continue;
+    }
+    const char* msg = inbox + L.dispatch_in(half, src, slot);
     // The row's words load while warp 0 decodes the meta (at most 2 per thread: H <= 8192).
     const int num_int4 = m.row_bytes / 16;
     const int4* from = reinterpret_cast<const int4*>(msg);
@@ -380,13 +430,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
     __syncthreads();
   }
 
-  // 4. The last block advances the NVSHMEM arrival bases.
-  if (last_block_done(&st->ticket[kTicketDispatchRecv])) {
-    for (int r = threadIdx.x; r < R; r += blockDim.x)
-      if (direct_region(c, ll, r) == nullptr) *reinterpret_cast<uint64_t*>(ll.local + L.dispatch_base(half, r)) += s_count[r];
-    __syncthreads();
-    if (threadIdx.x == 0) st->ticket[kTicketDispatchRecv] = 0;
-  }
+  trace_mark(&g_dispatch_trace, 7);
 }
 
 }  // namespace
@@ -396,6 +440,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch(const __grid_constant__ 
   extern __shared__ int smem[];
   __shared__ EntryState entry;
   if (!kernel_entry(p.comm, p.ll, p.phases, p.call_slot, smem, entry)) return;
+  trace_mark(&g_dispatch_trace, 0);
   if ((p.phases & kLowLatencySend) && !dispatch_send<kFp8>(p, smem, entry)) return;
   if (p.phases & kLowLatencyReceive) dispatch_receive<kFp8>(p, smem, entry);
 }
@@ -424,6 +469,10 @@ cudaError_t launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int n
   config.attrs = &attribute;
   config.numAttrs = 1;
   return cudaLaunchKernelEx(&config, kernel, p);
+}
+
+std::vector<uint64_t> take_low_latency_trace(bool combine) {
+  return combine ? take_low_latency_combine_trace() : ll::take_trace_stamps(&ll::g_dispatch_trace);
 }
 
 }  // namespace flashep::kernels

@@ -5,6 +5,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "core/device_comm.hpp"
 #include "core/low_latency_layout.hpp"
@@ -61,5 +62,20 @@ struct LowLatencyCombineParams {
 /// mode synchronizes the grid): `num_blocks` <= the SMs.
 cudaError_t launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, cudaStream_t stream);
 cudaError_t launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, cudaStream_t stream);
+
+/// Diagnostics builds (FLASHEP_ENABLE_DIAGNOSTICS): the timeline of the dispatch (or combine)
+/// kernels since the last take, then reset: kLowLatencyTracePoints earliest-block %globaltimer
+/// stamps (ns; ~0 where no block passed), then as many latest-block stamps (0 where none).
+/// Empty in production builds. Points: kLowLatencyDispatchTrace / kLowLatencyCombineTrace.
+inline constexpr int kLowLatencyTracePoints = 12;
+std::vector<uint64_t> take_low_latency_trace(bool combine);
+std::vector<uint64_t> take_low_latency_combine_trace();  // (the combine half of the above)
+/// Point names, in order (the python bench prints them).
+inline constexpr const char* kLowLatencyDispatchTrace[] = {
+    "entry", "pairs counted", "counts signalled", "tokens sent", "send ticket",
+    "sources counted", "segments", "expanded"};
+inline constexpr const char* kLowLatencyCombineTrace[] = {
+    "entry", "weights sent", "plan read", "sums sent", "send ticket", "totals signalled",
+    "sources arrived", "tokens added", "recv ticket"};
 
 }  // namespace flashep::kernels
