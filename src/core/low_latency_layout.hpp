@@ -16,14 +16,16 @@
 //   state        (this rank only; R only)           sequence numbers, tickets, send counters, the
 //                                                    combine arrival bases of NVSHMEM sources, the mask
 //   counts       (peers write; R only)              per half and source: call hash + L counts
+//   dispatch flags (peers write; R only)            per half, source and slot (up to the largest
+//                                                    T): the message's own signal
 //   weights      (peers write)                      per half and source: call hash, [n][K] float32
-//   dispatch flags (peers write)                    per half, source and slot: the message's signal
 //   dispatch in  (peers write)                      per half and source: T messages
 //   combine in   (peers write)                      per half and source: T BF16 partial rows
 //   stages       (this rank; NVSHMEM puts read them) dispatch messages, counts, weights, partials
 //   zero-copy    (this rank only)                   two halves of [L][R*T][H] BF16
-// Signals and state sit at offsets that do not depend on (T, H, E), so calls of other shapes never
-// reinterpret them.
+// Signals, state and the dispatch flags sit at offsets that do not depend on (T, H, E), so calls of
+// other shapes never reinterpret them (a flag in an area that moves with T could read old data of
+// another shape as a signal).
 //
 // Signals are 64-bit words "sequence number of the call << 32 | valid bit | count": a peer's word of
 // an older call (same half, two calls back) never reads as the current one, a cleaned (zero) word
@@ -171,7 +173,7 @@ struct LowLatencyLayout {
   /// The 64-bit signal of message `slot` from `src` (ll_signal(seq, 0) once the message is there):
   /// a dispatch message is its own signal, so the receiver expands it as soon as it lands.
   FLASHEP_HD int64_t dispatch_flag(int half, int src, int slot) const {
-    return dispatch_flags_offset + ((int64_t(half) * num_ranks + src) * max_tokens + slot) * 8;
+    return dispatch_flags_offset + ((int64_t(half) * num_ranks + src) * kMaxLowLatencyTokens + slot) * 8;
   }
   FLASHEP_HD int64_t dispatch_in(int half, int src, int slot) const {
     return dispatch_in_offset + ((int64_t(half) * num_ranks + src) * max_tokens + slot) * msg.stride;
@@ -221,11 +223,11 @@ FLASHEP_HD LowLatencyLayout make_low_latency_layout(int max_tokens, int hidden, 
   at = align_up(at + R * 4, 128);
   l.counts_offset = at;
   at = align_up(at + 2 * R * ll_count_ints(num_ranks) * 4, 128);
+  l.dispatch_flags_offset = at;
+  at = align_up(at + 2 * R * int64_t(kMaxLowLatencyTokens) * 8, 128);
   // From here on the offsets depend on (T, H, E).
   l.weights_offset = at;
   at = align_up(at + 2 * R * l.weights_block_bytes(), 128);
-  l.dispatch_flags_offset = at;
-  at = align_up(at + 2 * R * T * 8, 128);
   l.dispatch_in_offset = at;
   at = align_up(at + 2 * R * T * l.msg.stride, 128);
   l.combine_in_offset = at;

@@ -21,6 +21,11 @@ namespace {
 /// Diagnostics builds: the timeline (kernels::kLowLatencyCombineTrace names the points).
 __device__ TraceStamps g_combine_trace = {{~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull}, {}};
 
+/// Teams of the expert-side sums: half a block each (a team keeps kMaxLowLatencyHidden / 8 /
+/// kSumTeamThreads words of float32 partial sums per thread).
+constexpr int kSumTeams = 2;
+constexpr int kSumTeamThreads = kThreads / kSumTeams;
+
 /// Adds 8 BF16 values (16 bytes) times `weight` into acc.
 __device__ __forceinline__ void fma_bf16x8(float* acc, const int4& v, float weight) {
   const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
@@ -129,9 +134,10 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
   }
 
   trace_mark(&g_combine_trace, 1);
-  // 2. The expert side: one weighted sum per message of the dispatch, one block per message.
-  // Thread 0 waits for the source's weights (once per source and block), warp 0 gathers the rows
-  // and weights, then every thread sums its 16-byte words over the rows (loads first).
+  // 2. The expert side: one weighted sum per message of the dispatch, one team (half a block) per
+  // message. The team's thread 0 waits for the source's weights (once per source and team), its
+  // warp 0 gathers the rows and weights, then every thread sums its 16-byte words over the rows,
+  // two rows' loads in flight at a time.
   __shared__ int s_bad_plan;
   if (threadIdx.x == 0) {
     s_prefix[0] = 0;
@@ -142,10 +148,11 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
       s_prefix[r + 1] = s_prefix[r] + (s_masked[r] || n < 0 || n > T ? 0 : n);
     }
   }
-  __shared__ int s_rows[kMaxTopk];
-  __shared__ float s_weights[kMaxTopk];
-  __shared__ int s_num_rows, s_token, s_status, s_ready_src;
-  if (threadIdx.x == 0) s_ready_src = -1;
+  const int team = threadIdx.x / kSumTeamThreads, tt = threadIdx.x % kSumTeamThreads;
+  __shared__ int s_rows[kSumTeams][kMaxTopk];
+  __shared__ float s_weights[kSumTeams][kMaxTopk];
+  __shared__ int s_num_rows[kSumTeams], s_token[kSumTeams], s_status[kSumTeams], s_ready_src[kSumTeams];
+  if (tt == 0) s_ready_src[team] = -1;
   __syncthreads();
   if (s_bad_plan >= 0) {
     if (blockIdx.x == 0 && threadIdx.x == 0) device::fail(c, Phase::kLowLatencyBadMessage, s_bad_plan, -1, T, p.plan[s_bad_plan]);
@@ -155,16 +162,18 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
   const int total = s_prefix[R];
   const int64_t num_rows_x = int64_t(L.num_local_experts()) * L.rows_per_expert();
   const int num_int4 = H / 8;
-  for (int item = blockIdx.x; item < total; item += gridDim.x) {
+  constexpr int kWordsPerThread = kMaxLowLatencyHidden / 8 / kSumTeamThreads;
+  // Items spread over the blocks first, so that a few messages still use many SMs.
+  for (int item = blockIdx.x + team * gridDim.x; item < total; item += gridDim.x * kSumTeams) {
     int src = 0;
     while (s_prefix[src + 1] <= item) ++src;
     const int slot = item - s_prefix[src];
     char* inbox = inbox_region(c, ll, src);
-    if (threadIdx.x == 0) {
+    if (tt == 0) {
       int status = static_cast<int>(WaitResult::kArrived);
       if (s_masked[src]) {
         status = static_cast<int>(WaitResult::kMasked);  // masked by this block earlier
-      } else if (s_ready_src != src) {
+      } else if (s_ready_src[team] != src) {
         uint64_t value = 0;
         status = static_cast<int>(wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.combine_weights(half, src)),
                                             seq, false, 0, Phase::kLowLatencyCombineWeights, src, &value));
@@ -174,21 +183,21 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
             device::fail(c, Phase::kLowLatencyCallMismatch, src, -1, p.call_hash, hash);
             status = static_cast<int>(WaitResult::kFailed);
           } else {
-            s_ready_src = src;
+            s_ready_src[team] = src;
           }
         } else if (status == static_cast<int>(WaitResult::kMasked)) {
           s_masked[src] = 1;
         }
       }
-      s_status = status;
+      s_status[team] = status;
     }
-    __syncthreads();
-    if (s_status == static_cast<int>(WaitResult::kFailed)) return false;
-    if (s_status == static_cast<int>(WaitResult::kMasked)) {
-      __syncthreads();
+    team_sync(team, kSumTeamThreads);
+    if (s_status[team] == static_cast<int>(WaitResult::kFailed)) return false;
+    if (s_status[team] == static_cast<int>(WaitResult::kMasked)) {
+      team_sync(team, kSumTeamThreads);  // s_status is rewritten by the next item
       continue;
     }
-    if (warp == 0) {
+    if (tt < 32) {
       const int* entry = p.plan + ll_plan_entry(R, T, K, src, slot);
       const int token = entry[0];
       const int row = lane < K ? entry[1 + lane] : -1;
@@ -196,39 +205,56 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
       const unsigned rows = __ballot_sync(0xffffffffu, valid);
       if (valid) {
         const int i = __popc(rows & ((1u << lane) - 1u));
-        s_rows[i] = row;
-        s_weights[i] = __ldcg(reinterpret_cast<const float*>(inbox + L.weights(half, src) + 16) + token * K + lane);
+        s_rows[team][i] = row;
+        s_weights[team][i] = __ldcg(reinterpret_cast<const float*>(inbox + L.weights(half, src) + 16) + token * K + lane);
       }
       if (lane == 0) {
-        s_num_rows = (token >= 0 && token < T) ? __popc(rows) : -1;
-        s_token = token;
+        s_num_rows[team] = (token >= 0 && token < T) ? __popc(rows) : -1;
+        s_token[team] = token;
       }
     }
-    __syncthreads();
-    const int num_rows = s_num_rows, token = s_token;
+    team_sync(team, kSumTeamThreads);
+    const int num_rows = s_num_rows[team], token = s_token[team];
     if (num_rows < 0) {  // a plan entry outside the tensors: not from our dispatch
-      if (threadIdx.x == 0) device::fail(c, Phase::kLowLatencyBadMessage, src, -1, T, token);
+      if (tt == 0) device::fail(c, Phase::kLowLatencyBadMessage, src, -1, T, token);
       return false;
     }
     char* region = direct_region(c, ll, src);
     char* dst = region != nullptr ? region + L.combine_in(half, c.rank, token, p.logfmt)
                                   : ll.sym + L.combine_stage(half, src, slot, p.logfmt);
-    for (int w = threadIdx.x; w < num_int4; w += kThreads) {
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int k0 = 0; k0 < num_rows; k0 += 8) {
-        int4 v[8];
+    float acc[kWordsPerThread][8];
 #pragma unroll
-        for (int k = 0; k < 8; ++k)
-          if (k0 + k < num_rows) v[k] = device::ld_stream(reinterpret_cast<const int4*>(p.x) + int64_t(s_rows[k0 + k]) * num_int4 + w);
+    for (int u = 0; u < kWordsPerThread; ++u)
 #pragma unroll
-        for (int k = 0; k < 8; ++k)
-          if (k0 + k < num_rows) fma_bf16x8(acc, v[k], s_weights[k0 + k]);
+      for (int j = 0; j < 8; ++j) acc[u][j] = 0.0f;
+    const int4* x = reinterpret_cast<const int4*>(p.x);
+    for (int k = 0; k < num_rows; k += 2) {
+      const bool second = k + 1 < num_rows;
+      const int4* row0 = x + int64_t(s_rows[team][k]) * num_int4;
+      const int4* row1 = x + int64_t(s_rows[team][second ? k + 1 : k]) * num_int4;
+      int4 v0[kWordsPerThread], v1[kWordsPerThread];
+#pragma unroll
+      for (int u = 0; u < kWordsPerThread; ++u) {
+        const int w = tt + u * kSumTeamThreads;
+        v0[u] = w < num_int4 ? device::ld_stream(row0 + w) : make_int4(0, 0, 0, 0);
+        v1[u] = w < num_int4 && second ? device::ld_stream(row1 + w) : make_int4(0, 0, 0, 0);
       }
-      if (p.logfmt) store_logfmt(dst, H, w, acc);
-      else reinterpret_cast<int4*>(dst)[w] = to_bf16x8(acc);
+      const float w0 = s_weights[team][k], w1 = second ? s_weights[team][k + 1] : 0.0f;
+#pragma unroll
+      for (int u = 0; u < kWordsPerThread; ++u) {
+        fma_bf16x8(acc[u], v0[u], w0);
+        if (second) fma_bf16x8(acc[u], v1[u], w1);
+      }
     }
-    __syncthreads();
-    if (region == nullptr && warp == 0)
+#pragma unroll
+    for (int u = 0; u < kWordsPerThread; ++u) {
+      const int w = tt + u * kSumTeamThreads;
+      if (w >= num_int4) continue;  // uniform per half warp (H % 128 == 0)
+      if (p.logfmt) store_logfmt(dst, H, w, acc[u]);
+      else reinterpret_cast<int4*>(dst)[w] = to_bf16x8(acc[u]);
+    }
+    team_sync(team, kSumTeamThreads);
+    if (region == nullptr && tt < 32)
       warp_put_signal(ll, src, L.combine_in(half, c.rank, token, p.logfmt), L.combine_stage(half, src, slot, p.logfmt),
                       p.logfmt ? L.combine_row_bytes() : int64_t(H) * 2, L.combine_arrival(half, c.rank), 1, true);
   }

@@ -16,6 +16,15 @@ using kernels::LowLatencyComm;
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
+/// Teams: kTeamThreads consecutive threads (whole warps) of a block that work on one item on their
+/// own, so a block has kTeams items in flight (a message's few kilobytes cannot keep 512 threads'
+/// loads in flight, and items one after another cost a round trip each).
+constexpr int kTeams = 4;
+constexpr int kTeamThreads = kThreads / kTeams;
+/// Barrier of team `team`'s `threads` threads only (named barriers 1..; 0 is __syncthreads).
+__device__ __forceinline__ void team_sync(int team, int threads = kTeamThreads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(team + 1), "r"(threads) : "memory");
+}
 
 /// This rank's region for `peer`'s writes when `peer` is reached directly (this rank's or an
 /// NVLink-domain peer's mapped region), else nullptr (an NVSHMEM peer).

@@ -21,6 +21,11 @@ namespace flashep::ll {
 
 namespace {
 
+/// Ids per chunk of the send phase's counting pass (shared memory).
+constexpr int kCountChunk = 2048;
+/// A top-k id outside [-1, E), as the counting pass keeps it.
+constexpr int kBadId = -2;
+
 /// Diagnostics builds: the timeline (kernels::kLowLatencyDispatchTrace names the points).
 __device__ TraceStamps g_dispatch_trace = {{~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull}, {}};
 
@@ -41,37 +46,47 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
   // 1. Every block counts every (token, expert) pair: rows per expert and messages per destination
   // (unmasked destinations), checking the ids on the way: in [-1, E), and no expert twice for one
   // token (an expert's R*T rows could not hold more). All blocks take the same decision before
-  // anything is sent. One thread per pair: coalesced loads, the token's earlier ids from L1.
+  // anything is sent. The ids come in chunks of whole tokens through shared memory (coalesced
+  // loads, all in flight), then one thread per pair compares with its token's earlier ids there.
   int& s_bad = entry.failed;
   int* s_expert_rows = s_masked + R;      // [E]
   int* s_dest_msgs = s_expert_rows + E;   // [R]
+  int* s_ids = s_dest_msgs + R;           // [kCountChunk]
   for (int i = threadIdx.x; i < E + R; i += blockDim.x) s_expert_rows[i] = 0;
   __syncthreads();
-  for (int i = threadIdx.x; i < p.num_tokens * K; i += blockDim.x) {
-    const int t = i / K, k = i - t * K;
-    const int64_t* ids = p.topk_idx + int64_t(t) * K;
-    const int64_t e = __ldg(ids + k);
-    if (e < -1 || e >= E) {
-      atomicExch(&s_bad, i + 1);
-      continue;
+  const int chunk_tokens = kCountChunk / K;
+  for (int t0 = 0; t0 < p.num_tokens; t0 += chunk_tokens) {
+    const int n = min(chunk_tokens, p.num_tokens - t0) * K;
+    const int64_t* ids = p.topk_idx + int64_t(t0) * K;
+#pragma unroll 4
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      const int64_t e = __ldg(ids + i);
+      s_ids[i] = (e < -1 || e >= E) ? kBadId : static_cast<int>(e);
     }
-    if (e < 0) continue;
-    const int dst = static_cast<int>(e / num_local);
-    bool first = true, twice = false;
-    for (int j = 0; j < k; ++j) {
-      const int64_t f = __ldg(ids + j);
-      twice |= f == e;
-      first &= !(f >= 0 && f < E && f / num_local == dst);
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      const int e = s_ids[i];
+      if (e < 0) {
+        if (e == kBadId) atomicExch(&s_bad, t0 * K + i + 1);
+        continue;
+      }
+      const int dst = e / num_local;
+      bool first = true, twice = false;
+      for (int j = i - i % K; j < i; ++j) {
+        const int f = s_ids[j];
+        twice |= f == e;
+        first &= !(f >= 0 && f / num_local == dst);
+      }
+      if (twice) {
+        atomicExch(&s_bad, t0 * K + i + 1);
+        continue;
+      }
+      if (s_masked[dst]) continue;
+      atomicAdd(s_expert_rows + e, 1);
+      if (first) atomicAdd(s_dest_msgs + dst, 1);
     }
-    if (twice) {
-      atomicExch(&s_bad, i + 1);
-      continue;
-    }
-    if (s_masked[dst]) continue;
-    atomicAdd(s_expert_rows + e, 1);
-    if (first) atomicAdd(s_dest_msgs + dst, 1);
+    __syncthreads();
   }
-  __syncthreads();
   if (s_bad != 0) {
     if (blockIdx.x == 0 && threadIdx.x == 0)
       device::fail(c, Phase::kLowLatencyInvalidExpert, E, -1, s_bad - 1, static_cast<int>(p.topk_idx[s_bad - 1]));
@@ -258,7 +273,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   const LowLatencyComm& ll = p.ll;
   const LowLatencyLayout& L = ll.layout;
   const int R = c.num_ranks, num_local = L.num_local_experts(), K = p.num_topk;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int lane = threadIdx.x % 32;
   const int64_t rows_per_expert = L.rows_per_expert();
   const uint32_t seq = entry.recv_seq;
   const int half = static_cast<int>(seq & 1u);
@@ -322,21 +337,28 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   }
   trace_mark(&g_dispatch_trace, 6);
 
-  // 3. Expand the messages: one block per message. Thread 0 waits for the message's flag (bounded;
-  // in shrink mode a source that stops mid-call is masked and its remaining messages skipped: their
-  // rows stay unwritten); warp 0 decodes the meta (target rows, plan, src_info); then every thread
-  // copies its 16-byte words of the row to every target row.
+  // 3. Expand the messages: one team per message (kTeams per block). The team's thread 0 waits for
+  // the message's flag (bounded; in shrink mode a source that stops mid-call is masked and its
+  // remaining messages skipped: their rows stay unwritten); the team's warp 0 decodes the meta
+  // (target rows, plan, src_info) while every thread's words of the row load; then every thread
+  // stores its words to every target row.
   const LowLatencyMessage m = make_ll_message(L.hidden, kFp8);
   const int num_groups = L.hidden / 128;
   const int total_msgs = s_prefix[R];
-  __shared__ int64_t s_rows[32];
-  __shared__ int s_num_rows, s_bad_msg, s_arrival;
-  for (int item = blockIdx.x; item < total_msgs; item += gridDim.x) {
+  const int team = threadIdx.x / kTeamThreads, tt = threadIdx.x % kTeamThreads;
+  constexpr int kWordsPerThread = kMaxLowLatencyHidden * 2 / 16 / kTeamThreads;  // a BF16 row of the largest H
+  const int num_int4 = m.row_bytes / 16;
+  // The scales (FP8): one 32-bit word per thread (a float, or 4 packed UE8M0 bytes).
+  const int num_scale_words = kFp8 ? (p.ue8m0 ? num_groups / 4 : num_groups) : 0;
+  __shared__ int64_t s_rows[kTeams][32];
+  __shared__ int s_num_rows[kTeams], s_bad_msg[kTeams], s_arrival[kTeams];
+  // Items spread over the blocks first, so that a few messages still use many SMs.
+  for (int item = blockIdx.x + team * gridDim.x; item < total_msgs; item += gridDim.x * kTeams) {
     int src = 0;
     while (s_prefix[src + 1] <= item) ++src;
     const int slot = item - s_prefix[src];
     const char* inbox = inbox_region(c, ll, src);
-    if (threadIdx.x == 0) {
+    if (tt == 0) {
       WaitResult res = WaitResult::kMasked;
       if (!s_masked[src]) {
         const long long wait_start = clock64();
@@ -348,39 +370,35 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
                     static_cast<unsigned long long>(clock64() - wait_start));
         if (res == WaitResult::kMasked) s_masked[src] = 1;
       }
-      s_arrival = static_cast<int>(res);
+      s_arrival[team] = static_cast<int>(res);
     }
-    __syncthreads();
-    const WaitResult arrival = static_cast<WaitResult>(s_arrival);
+    team_sync(team);
+    const WaitResult arrival = static_cast<WaitResult>(s_arrival[team]);
     if (arrival == WaitResult::kFailed) return;
     if (arrival == WaitResult::kMasked) {
-      __syncthreads();  // s_arrival is rewritten by the next item
+      team_sync(team);  // s_arrival is rewritten by the next item
       continue;
     }
     const char* msg = inbox + L.dispatch_in(half, src, slot);
-    // The row's words load while warp 0 decodes the meta (at most 2 per thread: H <= 8192).
-    const int num_int4 = m.row_bytes / 16;
     const int4* from = reinterpret_cast<const int4*>(msg);
-    int4 v[2];
+    int4 v[kWordsPerThread];
 #pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      const int w = threadIdx.x + u * kThreads;
+    for (int u = 0; u < kWordsPerThread; ++u) {
+      const int w = tt + u * kTeamThreads;
       v[u] = w < num_int4 ? device::ld_ring(from + w) : make_int4(0, 0, 0, 0);
     }
-    // So do the scales (FP8), one 32-bit word per thread (a float, or 4 packed UE8M0 bytes).
-    const int num_scale_words = kFp8 ? (p.ue8m0 ? num_groups / 4 : num_groups) : 0;
     uint32_t scale_word = 0;
-    if (static_cast<int>(threadIdx.x) < num_scale_words) {
+    if (tt < num_scale_words) {
       const float* scales = reinterpret_cast<const float*>(msg + m.scale_offset);
       if (p.ue8m0) {
 #pragma unroll
         for (int b = 0; b < 4; ++b)
-          scale_word |= ((__float_as_uint(__ldcg(scales + 4 * threadIdx.x + b)) >> 23) & 0xffu) << (8 * b);
+          scale_word |= ((__float_as_uint(__ldcg(scales + 4 * tt + b)) >> 23) & 0xffu) << (8 * b);
       } else {
-        scale_word = __float_as_uint(__ldcg(scales + threadIdx.x));
+        scale_word = __float_as_uint(__ldcg(scales + tt));
       }
     }
-    if (warp == 0) {
+    if (tt < 32) {
       const int* meta = reinterpret_cast<const int*>(msg + m.meta_offset);
       const int token = __ldcg(meta + kMetaSrcToken);
       const int expert = lane < K ? __ldcg(meta + kMetaExpert + lane) : -1;
@@ -402,32 +420,32 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
         if (lane < K) plan[1 + lane] = static_cast<int>(out_row);
         if (out_row >= 0) {
           p.src_info[out_row] = token;
-          s_rows[__popc(targets & ((1u << lane) - 1u))] = out_row;
+          s_rows[team][__popc(targets & ((1u << lane) - 1u))] = out_row;
         }
       } else if (lane == 0) {
         device::fail(c, Phase::kLowLatencyBadMessage, src, -1, static_cast<int>(rows_per_expert), pos);
       }
       if (lane == 0) {
-        s_num_rows = __popc(targets);
-        s_bad_msg = bad ? 1 : 0;
+        s_num_rows[team] = __popc(targets);
+        s_bad_msg[team] = bad ? 1 : 0;
       }
     }
-    __syncthreads();
-    if (s_bad_msg) return;
-    const int num_rows = s_num_rows;
+    team_sync(team);
+    if (s_bad_msg[team]) return;
+    const int num_rows = s_num_rows[team];
     for (int i = 0; i < num_rows; ++i) {
-      int4* to = reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + s_rows[i] * m.row_bytes);
+      int4* to = reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + s_rows[team][i] * m.row_bytes);
 #pragma unroll
-      for (int u = 0; u < 2; ++u)
-        if (threadIdx.x + u * kThreads < num_int4) to[threadIdx.x + u * kThreads] = v[u];
+      for (int u = 0; u < kWordsPerThread; ++u)
+        if (tt + u * kTeamThreads < num_int4) to[tt + u * kTeamThreads] = v[u];
     }
-    if (static_cast<int>(threadIdx.x) < num_scale_words) {
+    if (tt < num_scale_words) {
       for (int i = 0; i < num_rows; ++i) {
-        const int64_t e = s_rows[i] / rows_per_expert, row = s_rows[i] % rows_per_expert;
-        reinterpret_cast<uint32_t*>(p.recv_scales)[(e * num_scale_words + threadIdx.x) * rows_per_expert + row] = scale_word;
+        const int64_t e = s_rows[team][i] / rows_per_expert, row = s_rows[team][i] % rows_per_expert;
+        reinterpret_cast<uint32_t*>(p.recv_scales)[(e * num_scale_words + tt) * rows_per_expert + row] = scale_word;
       }
     }
-    __syncthreads();
+    team_sync(team);
   }
 
   trace_mark(&g_dispatch_trace, 7);
@@ -449,15 +467,19 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch(const __grid_constant__ 
 
 namespace flashep::kernels {
 
-/// Shared memory of the receive phase: mask, counts, prefix, and the (source, expert) table.
+/// Shared memory: the receive phase's mask, counts, prefix and (source, expert) table, or the send
+/// phase's mask, counts per expert and destination, and id chunk, whichever is larger.
 inline size_t ll_dispatch_smem(int num_ranks, int num_experts) {
-  return (size_t(num_ranks) * 3 + 1 + size_t(num_experts) + size_t(num_experts / num_ranks)) * sizeof(int);
+  const size_t receive = size_t(num_ranks) * 3 + 1 + size_t(num_experts) + size_t(num_experts / num_ranks);
+  const size_t send = size_t(num_ranks) * 2 + size_t(num_experts) + size_t(ll::kCountChunk);
+  return (receive > send ? receive : send) * sizeof(int);
 }
 
 cudaError_t launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, cudaStream_t stream) {
   const size_t smem = ll_dispatch_smem(p.comm.num_ranks, p.ll.layout.num_experts);
   void (*kernel)(const LowLatencyDispatchParams) = p.fp8 ? ll::dispatch<true> : ll::dispatch<false>;
-  // At most (3 * kMaxRanks + 1 + kMaxLowLatencyExperts * 2) ints: below the default 48 KB.
+  // At most (3 * kMaxRanks + 1 + kMaxLowLatencyExperts * 2) or (2 * kMaxRanks + kMaxLowLatencyExperts +
+  // kCountChunk) ints: below the default 48 KB.
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(num_blocks);
   config.blockDim = dim3(ll::kThreads);

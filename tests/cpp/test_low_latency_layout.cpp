@@ -27,8 +27,8 @@ std::vector<std::pair<int64_t, int64_t>> areas(const LowLatencyLayout& l) {
       {l.combine_base_offset, l.combine_base_offset + 2 * R * 8},
       {l.mask_offset, l.mask_offset + R * 4},
       {l.counts_offset, l.counts(2, 0)},
-      {l.weights_offset, l.weights(2, 0)},
       {l.dispatch_flags_offset, l.dispatch_flag(2, 0, 0)},
+      {l.weights_offset, l.weights(2, 0)},
       {l.dispatch_in_offset, l.dispatch_in(2, 0, 0)},
       {l.combine_in_offset, l.combine_in(2, 0, 0, true)},
       {l.dispatch_stage_offset, l.dispatch_stage(2, 0)},
@@ -75,6 +75,7 @@ void test_fixed_part_does_not_move() {
     CHECK_EQ(a.state_offset, b.state_offset);
     CHECK_EQ(a.mask_offset, b.mask_offset);
     CHECK_EQ(a.counts_offset, b.counts_offset);
+    CHECK_EQ(a.dispatch_flag(1, R - 1, 7), b.dispatch_flag(1, R - 1, 7));
     CHECK_EQ(a.weights_offset, b.weights_offset);
     CHECK_EQ(a.dispatch_total(1, R - 1), b.dispatch_total(1, R - 1));
     CHECK_EQ(a.combine_arrival(1, R - 1), b.combine_arrival(1, R - 1));
