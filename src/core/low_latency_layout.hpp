@@ -10,20 +10,24 @@
 // per token (float32, weighted), and sends one BF16 partial sum per (token, rank) back; the source
 // adds its partial sums.
 //
+// Every message is its own signal: dispatch sends its counts first (the total, with the call's
+// signal), then each message raises its own flag; combine sends its weights first (with a signal),
+// then each partial sum raises its own flag. A receiver works on each message as it lands; no
+// sender waits for its last block before signalling.
+//
 // The region (offsets from its base; the same layout in every allocation that holds one):
-//   signals      (peers write; depend on R only)   per half: dispatch total, (reserved),
-//                                                    combine weights, combine total, combine arrival
-//   state        (this rank only; R only)           sequence numbers, tickets, send counters, the
-//                                                    combine arrival bases of NVSHMEM sources, the mask
+//   signals      (peers write; depend on R only)   per half and source: dispatch total, combine
+//                                                    weights
+//   state        (this rank only; R only)           sequence numbers, tickets, send counters, mask
 //   counts       (peers write; R only)              per half and source: call hash + L counts
-//   dispatch flags (peers write; R only)            per half, source and slot (up to the largest
-//                                                    T): the message's own signal
+//   flags        (peers write; R only)              per half, source and slot or token (up to the
+//                                                    largest T): dispatch messages, combine partials
 //   weights      (peers write)                      per half and source: call hash, [n][K] float32
 //   dispatch in  (peers write)                      per half and source: T messages
 //   combine in   (peers write)                      per half and source: T BF16 partial rows
 //   stages       (this rank; NVSHMEM puts read them) dispatch messages, counts, weights, partials
 //   zero-copy    (this rank only)                   two halves of [L][R*T][H] BF16
-// Signals, state and the dispatch flags sit at offsets that do not depend on (T, H, E), so calls of
+// Signals, state and the flags sit at offsets that do not depend on (T, H, E), so calls of
 // other shapes never reinterpret them (a flag in an area that moves with T could read old data of
 // another shape as a signal).
 //
@@ -116,21 +120,16 @@ struct LowLatencyState {
   /// in any order and a fused call may come between a send and its hook.
   uint32_t call_seq[kLowLatencyCallSlots];
   int reserved[10];
-  // followed by: int msg_counter[2][R]; int expert_counter[2][kMaxLowLatencyExperts];
-  //              uint64 combine_base[2][R]; int mask[R]
+  // followed by: int msg_counter[2][R]; int expert_counter[2][kMaxLowLatencyExperts]; int mask[R]
 };
 inline constexpr int kTicketDispatchSend = 0;
-inline constexpr int kTicketDispatchRecv = 1;
 inline constexpr int kTicketCombineSend = 2;
-inline constexpr int kTicketCombineRecv = 3;
 
 /// The 64-bit signal words, per half and source (LowLatencyLayout::signal).
 enum LowLatencySignal : int {
-  kSignalDispatchTotal = 0,
-  kSignalReserved = 1,  // (was the dispatch arrival counter: dispatch messages carry their own flags)
-  kSignalCombineWeights = 2,
-  kSignalCombineTotal = 3,
-  kSignalCombineArrival = 4,
+  kSignalDispatchTotal = 0,   // seq | messages this source sent (its counts block is there)
+  kSignalCombineWeights = 1,  // seq | tokens (its weights block is there)
+  kLowLatencySignalKinds = 2,
 };
 
 struct LowLatencyLayout {
@@ -139,28 +138,25 @@ struct LowLatencyLayout {
   int max_tokens;        // T
   int hidden;            // H
   LowLatencyMessage msg; // of the largest form (BF16): the stride is the same for FP8
-  int64_t state_offset, msg_counter_offset, expert_counter_offset, combine_base_offset,
-      mask_offset, counts_offset, weights_offset, dispatch_flags_offset, dispatch_in_offset, combine_in_offset, dispatch_stage_offset,
+  int64_t state_offset, msg_counter_offset, expert_counter_offset,
+      mask_offset, counts_offset, dispatch_flags_offset, combine_flags_offset, weights_offset, dispatch_in_offset, combine_in_offset, dispatch_stage_offset,
       counts_stage_offset, weights_stage_offset, combine_stage_offset, zero_copy_offset, end;
 
   FLASHEP_HD int num_local_experts() const { return num_experts / num_ranks; }
   FLASHEP_HD int64_t row_bytes_bf16() const { return int64_t(hidden) * 2; }
   /// A combine partial on the wire: BF16 (2H bytes) or LogFMT-10 (groups, then metas).
   FLASHEP_HD int64_t combine_row_bytes() const { return logfmt_row_bytes(hidden); }
-  // signals: uint64 [5][2][R]
+  // signals: uint64 [kLowLatencySignalKinds][2][R]
   FLASHEP_HD int64_t signal(int kind, int half, int rank) const {
     return ((int64_t(kind) * 2 + half) * num_ranks + rank) * 8;
   }
   FLASHEP_HD int64_t dispatch_total(int half, int src) const { return signal(kSignalDispatchTotal, half, src); }
   FLASHEP_HD int64_t combine_weights(int half, int src) const { return signal(kSignalCombineWeights, half, src); }
-  FLASHEP_HD int64_t combine_total(int half, int src) const { return signal(kSignalCombineTotal, half, src); }
-  FLASHEP_HD int64_t combine_arrival(int half, int src) const { return signal(kSignalCombineArrival, half, src); }
   FLASHEP_HD int64_t state() const { return state_offset; }
   FLASHEP_HD int64_t msg_counter(int half, int dst) const { return msg_counter_offset + (int64_t(half) * num_ranks + dst) * 4; }
   FLASHEP_HD int64_t expert_counter(int half, int expert) const {
     return expert_counter_offset + (int64_t(half) * kMaxLowLatencyExperts + expert) * 4;
   }
-  FLASHEP_HD int64_t combine_base(int half, int src) const { return combine_base_offset + (int64_t(half) * num_ranks + src) * 8; }
   FLASHEP_HD int64_t mask(int rank) const { return mask_offset + int64_t(rank) * 4; }
   FLASHEP_HD int64_t counts(int half, int src) const {
     return counts_offset + (int64_t(half) * num_ranks + src) * ll_count_ints(num_ranks) * 4;
@@ -174,6 +170,10 @@ struct LowLatencyLayout {
   /// a dispatch message is its own signal, so the receiver expands it as soon as it lands.
   FLASHEP_HD int64_t dispatch_flag(int half, int src, int slot) const {
     return dispatch_flags_offset + ((int64_t(half) * num_ranks + src) * kMaxLowLatencyTokens + slot) * 8;
+  }
+  /// The 64-bit signal of `src`'s partial sum for our token `token` (ll_signal(seq, 0) once there).
+  FLASHEP_HD int64_t combine_flag(int half, int src, int token) const {
+    return combine_flags_offset + ((int64_t(half) * num_ranks + src) * kMaxLowLatencyTokens + token) * 8;
   }
   FLASHEP_HD int64_t dispatch_in(int half, int src, int slot) const {
     return dispatch_in_offset + ((int64_t(half) * num_ranks + src) * max_tokens + slot) * msg.stride;
@@ -210,20 +210,20 @@ FLASHEP_HD LowLatencyLayout make_low_latency_layout(int max_tokens, int hidden, 
   l.hidden = hidden;
   l.msg = make_ll_message(hidden, false);
   const int64_t R = num_ranks, T = max_tokens;
-  int64_t at = align_up(5 * 2 * R * 8, 128);
+  int64_t at = align_up(int64_t(kLowLatencySignalKinds) * 2 * R * 8, 128);
   l.state_offset = at;
   at += 128;
   l.msg_counter_offset = at;
   at = align_up(at + 2 * R * 4, 128);
   l.expert_counter_offset = at;
   at = align_up(at + 2 * kMaxLowLatencyExperts * 4, 128);
-  l.combine_base_offset = at;
-  at = align_up(at + 2 * R * 8, 128);
   l.mask_offset = at;
   at = align_up(at + R * 4, 128);
   l.counts_offset = at;
   at = align_up(at + 2 * R * ll_count_ints(num_ranks) * 4, 128);
   l.dispatch_flags_offset = at;
+  at = align_up(at + 2 * R * int64_t(kMaxLowLatencyTokens) * 8, 128);
+  l.combine_flags_offset = at;
   at = align_up(at + 2 * R * int64_t(kMaxLowLatencyTokens) * 8, 128);
   // From here on the offsets depend on (T, H, E).
   l.weights_offset = at;

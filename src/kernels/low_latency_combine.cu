@@ -1,13 +1,14 @@
 // Low-latency combine (src/core/low_latency_layout.hpp has the wire format).
 //
-// Send phase: every rank first sends its top-k weights [n, K] to every unmasked rank (a few KB).
-// Then, on the expert side, one warp per message of the dispatch (the plan in the handle): once
-// that source's weights are there (a bounded wait), it adds the rows of this rank's experts for
-// that token, each times its weight (float32, top-k slots in order), and sends the BF16 sum to
-// the source, at the token's row of its inbox. The last block signals each source how many sums
-// it sent.
-// Receive phase: every block waits for every unmasked rank's signal; then one warp per token adds
-// the sums of the ranks its experts live on (float32) and writes the BF16 result.
+// Send phase: block r first sends rank r our top-k weights [n, K] (a few KB, with a signal). Then,
+// on the expert side, one team (half a block) per message of the dispatch (the plan in the
+// handle): once that source's weights are there (a bounded wait), it adds the rows of this rank's
+// experts for that token, each times its weight (float32, top-k slots in order), and sends the
+// BF16 sum to the source, at the token's row of its inbox, then raises the row's own flag. The
+// last block only advances the sequence: no signal waits for it.
+// Receive phase: one block per token; lanes of warp 0 wait for the flags of the ranks its experts
+// live on (bounded; a silent rank is masked in shrink mode and its term left out), then every
+// thread adds those ranks' sums (float32) and writes the BF16 result.
 #include <cuda_bf16.h>
 
 #include "core/logfmt.hpp"
@@ -102,37 +103,34 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
   const LowLatencyLayout& L = ll.layout;
   const int R = c.num_ranks, K = p.num_topk, T = L.max_tokens, H = L.hidden;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int global_warp = blockIdx.x * kWarps + warp, num_global_warps = gridDim.x * kWarps;
   LowLatencyState* st = state_of(ll);
   const uint32_t seq = entry.send_seq;
   const int half = static_cast<int>(seq & 1u);
   int* s_masked = smem;           // [R]
   int* s_prefix = smem + R;       // [R + 1] plan messages per source
 
-  // 1. Our weights to every unmasked rank.
+  // 1. Our weights: block r to rank r (every thread a few words), then the signal (a release after
+  // the block's stores, or one put-with-signal of the staged block).
   const int weight_words = p.num_tokens * K;
-  for (int r = global_warp; r < R; r += num_global_warps) {
-    if (s_masked[r]) continue;
-    const uint64_t signal = ll_signal(seq, p.num_tokens);
+  for (int r = blockIdx.x; r < R; r += gridDim.x) {
+    if (s_masked[r]) continue;  // block-uniform
     char* region = direct_region(c, ll, r);
-    int* block = region != nullptr ? reinterpret_cast<int*>(region + L.weights(half, c.rank))
-                                   : reinterpret_cast<int*>(ll.sym + L.weights_stage(half));
+    // NVSHMEM peers share one staged copy: blocks of several peers store identical bytes.
+    int* block = reinterpret_cast<int*>(region != nullptr ? region + L.weights(half, c.rank) : ll.sym + L.weights_stage(half));
     float* to = reinterpret_cast<float*>(block + 4);
-    for (int i = lane; i < weight_words; i += 32) to[i] = __ldg(p.topk_weights + i);
-    if (lane == 0) block[0] = p.call_hash;
-    __syncwarp();
+#pragma unroll 4
+    for (int i = threadIdx.x; i < weight_words; i += blockDim.x) to[i] = __ldg(p.topk_weights + i);
+    if (threadIdx.x == 0) block[0] = p.call_hash;
+    __syncthreads();
+    const uint64_t signal = ll_signal(seq, p.num_tokens);
     if (region != nullptr) {
-      if (lane == 0) {
-        __threadfence_system();
+      if (threadIdx.x == 0)
         device::st_release_sys_u64(reinterpret_cast<uint64_t*>(region + L.combine_weights(half, c.rank)), signal);
-      }
-    } else {
-      // Several warps may stage the same values for different peers: identical bytes, no conflict.
+    } else if (warp == 0) {
       warp_put_signal(ll, r, L.weights(half, c.rank), L.weights_stage(half), 16 + int64_t(weight_words) * 4,
                       L.combine_weights(half, c.rank), signal, false);
     }
   }
-
   trace_mark(&g_combine_trace, 1);
   // 2. The expert side: one weighted sum per message of the dispatch, one team (half a block) per
   // message. The team's thread 0 waits for the source's weights (once per source and team), its
@@ -176,7 +174,7 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
       } else if (s_ready_src[team] != src) {
         uint64_t value = 0;
         status = static_cast<int>(wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.combine_weights(half, src)),
-                                            seq, false, 0, Phase::kLowLatencyCombineWeights, src, &value));
+                                            seq, Phase::kLowLatencyCombineWeights, src, &value));
         if (status == static_cast<int>(WaitResult::kArrived)) {
           const int hash = __ldcg(reinterpret_cast<const int*>(inbox + L.weights(half, src)));
           if (hash != p.call_hash) {
@@ -254,24 +252,22 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
       else reinterpret_cast<int4*>(dst)[w] = to_bf16x8(acc[u]);
     }
     team_sync(team, kSumTeamThreads);
-    if (region == nullptr && tt < 32)
+    // The row's flag, after every thread's stores (the team barrier orders them before the
+    // system-scope release); NVSHMEM sources: the put's signal is the flag.
+    const uint64_t flag = ll_signal(seq, 0);
+    if (region != nullptr) {
+      if (tt == 0) device::st_release_sys_u64(reinterpret_cast<uint64_t*>(region + L.combine_flag(half, c.rank, token)), flag);
+    } else if (tt < 32) {
       warp_put_signal(ll, src, L.combine_in(half, c.rank, token, p.logfmt), L.combine_stage(half, src, slot, p.logfmt),
-                      p.logfmt ? L.combine_row_bytes() : int64_t(H) * 2, L.combine_arrival(half, c.rank), 1, true);
+                      p.logfmt ? L.combine_row_bytes() : int64_t(H) * 2, L.combine_flag(half, c.rank, token), flag, false);
+    }
   }
 
-  // 3. The last block tells every source how many sums it sent there.
+  // 3. The last block (nobody waits for it) advances the sequence.
   trace_mark(&g_combine_trace, 3);
   if (last_block_done(&st->ticket[kTicketCombineSend])) {
     trace_mark(&g_combine_trace, 4);
-    reload_mask(c, ll, s_masked);  // a source masked meanwhile gets no signal (its sums were not sent)
-    __syncthreads();
-    for (int r = threadIdx.x; r < R; r += blockDim.x) {
-      if (s_masked[r]) continue;
-      const uint64_t signal = ll_signal(seq, p.plan[r]);
-      char* region = direct_region(c, ll, r);
-      if (region != nullptr) device::st_release_sys_u64(reinterpret_cast<uint64_t*>(region + L.combine_total(half, c.rank)), signal);
-      else put_signal_only(ll, r, L.combine_total(half, c.rank), signal);
-    }
+    reload_mask(c, ll, s_masked);
     __syncthreads();
     if (threadIdx.x == 0) {
       quiet_puts(ll, s_masked, R);
@@ -279,7 +275,6 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
       st->call_seq[p.call_slot] = seq;
       st->send_seq = seq + 1;
     }
-    trace_mark(&g_combine_trace, 5);
   }
   return true;
 }
@@ -288,25 +283,18 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
   const DeviceComm& c = p.comm;
   const LowLatencyComm& ll = p.ll;
   const LowLatencyLayout& L = ll.layout;
-  const int R = c.num_ranks, K = p.num_topk, H = L.hidden, num_local = L.num_local_experts();
+  const int K = p.num_topk, H = L.hidden, num_local = L.num_local_experts();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  LowLatencyState* st = state_of(ll);
   const uint32_t seq = entry.recv_seq;
   const int half = static_cast<int>(seq & 1u);
-  int* s_masked = smem;      // [R]
-  int* s_count = smem + R;   // [R]
-  int& s_failed = entry.failed;
+  int* s_masked = smem;  // [R]
 
-  if (!wait_sources(c, ll, seq, kCombineSignals, Phase::kLowLatencyCombineRecv, p.wait_stats, s_masked, s_count,
-                    s_failed))
-    return;
-  trace_mark(&g_combine_trace, 6);
-
-  // One block per token: warp 0 finds the ranks its experts live on, then every thread adds its
-  // 16-byte words of those ranks' sums (loads first).
+  // One block per token: lane k of warp 0 takes top-k slot k; the first lane of each rank its
+  // experts live on waits for that rank's partial sum (bounded; in shrink mode a silent rank is
+  // masked and its term left out), then every thread adds its 16-byte words of the sums that came.
   const int num_int4 = H / 8;
   __shared__ const int4* s_parts[32];
-  __shared__ int s_num_parts;
+  __shared__ int s_num_parts, s_part_failed;
   for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
     if (warp == 0) {
       const int64_t expert = lane < K ? __ldg(p.topk_idx + int64_t(t) * K + lane) : -1;
@@ -317,13 +305,30 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
         const int other = __shfl_sync(0xffffffffu, dst, k);
         if (k < lane && other == dst) first = false;
       }
-      const unsigned dests = __ballot_sync(0xffffffffu, first);
-      if (first)
-        s_parts[__popc(dests & ((1u << lane) - 1u))] =
+      WaitResult res = WaitResult::kMasked;
+      if (first) {
+        const char* inbox = inbox_region(c, ll, dst);
+        const long long wait_start = clock64();
+        uint64_t value = 0;
+        res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.combine_flag(half, dst, t)), seq,
+                        Phase::kLowLatencyCombineRecv, dst, &value);
+        if (p.wait_stats != nullptr)
+          atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_stats + dst),
+                    static_cast<unsigned long long>(clock64() - wait_start));
+        if (res == WaitResult::kMasked) s_masked[dst] = 1;
+      }
+      const unsigned came = __ballot_sync(0xffffffffu, res == WaitResult::kArrived);
+      const bool failed = __any_sync(0xffffffffu, res == WaitResult::kFailed);
+      if (res == WaitResult::kArrived)
+        s_parts[__popc(came & ((1u << lane) - 1u))] =
             reinterpret_cast<const int4*>(inbox_region(c, ll, dst) + L.combine_in(half, dst, t, p.logfmt));
-      if (lane == 0) s_num_parts = __popc(dests);
+      if (lane == 0) {
+        s_num_parts = __popc(came);
+        s_part_failed = failed ? 1 : 0;
+      }
     }
     __syncthreads();
+    if (s_part_failed) return;
     const int num_parts = s_num_parts;
     for (int w = threadIdx.x; w < num_int4; w += kThreads) {
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -343,15 +348,7 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
     }
     __syncthreads();
   }
-
-  trace_mark(&g_combine_trace, 7);
-  if (last_block_done(&st->ticket[kTicketCombineRecv])) {
-    trace_mark(&g_combine_trace, 8);
-    for (int r = threadIdx.x; r < R; r += blockDim.x)
-      if (direct_region(c, ll, r) == nullptr) *reinterpret_cast<uint64_t*>(ll.local + L.combine_base(half, r)) += s_count[r];
-    __syncthreads();
-    if (threadIdx.x == 0) st->ticket[kTicketCombineRecv] = 0;
-  }
+  trace_mark(&g_combine_trace, 5);
 }
 
 }  // namespace
@@ -370,7 +367,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine(const __grid_constant__ k
 namespace flashep::kernels {
 
 cudaError_t launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, cudaStream_t stream) {
-  const size_t smem = (size_t(p.comm.num_ranks) * 2 + 1) * sizeof(int);
+  const size_t smem = (size_t(p.comm.num_ranks) * 2 + 1) * sizeof(int);  // mask, plan prefix
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(num_blocks);
   config.blockDim = dim3(ll::kThreads);

@@ -61,14 +61,6 @@ __device__ __forceinline__ void warp_put_signal(const LowLatencyComm& ll, int pe
                                   add ? NVSHMEM_SIGNAL_ADD : NVSHMEM_SIGNAL_SET, peer);
 #endif
 }
-/// One thread: sets `peer`'s 64-bit word at `signal_offset` (symmetric region) to `value`.
-__device__ __forceinline__ void put_signal_only(const LowLatencyComm& ll, int peer, int64_t signal_offset,
-                                                uint64_t value) {
-#if FLASHEP_WITH_NVSHMEM
-  nvshmemx_signal_op(reinterpret_cast<uint64_t*>(ll.sym + signal_offset), value, NVSHMEM_SIGNAL_SET, peer);
-#endif
-}
-
 /// One thread, after this GPU's last put of a send phase: completes every put this PE issued, so
 /// the staged copies they read may be rewritten by a later call (NVSHMEM's quiet is per PE; the
 /// grid's puts are ordered before it by the phase's ticket). A no-op without NVSHMEM peers.
@@ -99,22 +91,22 @@ __device__ __forceinline__ void mask_peer(const DeviceComm& c, const LowLatencyC
                                                                                      : "low_latency_combine");
 }
 
-/// One thread: spins until `word` (our memory) holds the signal of call `seq` (tag mode) or, with
-/// `arrival_target` > 0... (arrival mode) reaches `arrival_target`. Bounded: past the timeout the
-/// peer is masked (shrink) or the call fails; an abort stops it at once. `*value` gets the word.
+/// One thread: spins until `word` (our memory) holds the signal of call `seq`. Bounded: past the
+/// timeout the peer is masked (shrink) or the call fails; an abort stops it at once, and so does a
+/// signal of a later call (more calls in flight than the double buffer holds). `*value` gets the
+/// word.
 __device__ __forceinline__ WaitResult wait_word(const DeviceComm& c, const LowLatencyComm& ll, const uint64_t* word,
-                                                uint32_t seq, bool arrival, uint64_t arrival_target, Phase phase,
-                                                int peer, uint64_t* value) {
+                                                uint32_t seq, Phase phase, int peer, uint64_t* value) {
   uint64_t start = 0;
   for (uint32_t spins = 0;; ++spins) {
     const int abort = (spins & 127) == 0 ? device::abort_value(c) : 0;
     const uint64_t v = device::ld_acquire_sys_u64(word);
     if (device::stop_if_aborted(c, abort, phase)) return WaitResult::kFailed;
-    if (arrival ? seq_reached64(v, arrival_target) : ll_signal_is(v, seq)) {
+    if (ll_signal_is(v, seq)) {
       *value = v;
       return WaitResult::kArrived;
     }
-    if (!arrival && ll_signal_is_ahead(v, seq)) {
+    if (ll_signal_is_ahead(v, seq)) {
       device::fail(c, Phase::kLowLatencyOverrun, peer, -1, static_cast<int>(seq), static_cast<int>(v >> 32));
       return WaitResult::kFailed;
     }
@@ -127,7 +119,7 @@ __device__ __forceinline__ WaitResult wait_word(const DeviceComm& c, const LowLa
         mask_peer(c, ll, peer, phase);
         return WaitResult::kMasked;
       }
-      device::fail(c, phase, peer, -1, static_cast<int>(arrival ? arrival_target : seq), static_cast<int>(v));
+      device::fail(c, phase, peer, -1, static_cast<int>(seq), static_cast<int>(v >> 32));
       return WaitResult::kFailed;
     }
   }
@@ -185,27 +177,14 @@ __device__ __forceinline__ bool kernel_entry(const DeviceComm& c, const LowLaten
   return true;
 }
 
-/// The signal words of one kind of message: a source's total (seq | count) and, where the
-/// messages do not carry their own signals, its NVSHMEM arrival counter (with this rank's base of
-/// that counter in combine_base: the arrivals consumed before this call).
-struct SourceSignals {
-  int total_kind;    // LowLatencyLayout::signal kind
-  int arrival_kind;  // -1: none (each message is waited for on its own)
-};
-/// Dispatch: the totals (and counts) go out before the messages, each message has its own flag.
-inline constexpr SourceSignals kDispatchSignals{kSignalDispatchTotal, -1};
-inline constexpr SourceSignals kCombineSignals{kSignalCombineTotal, kSignalCombineArrival};
-
-/// Block-wide, at the start of a receive phase: waits for every unmasked source's total of call
-/// `seq` and, for an NVSHMEM source with an arrival counter, for the arrival of all its messages
-/// (bounded; a silent source
-/// is masked in shrink mode, else the call fails). `s_count[r]` gets each source's count (0 when
-/// masked); block 0 adds the waited cycles to `wait_stats`. In shrink mode the grid then
-/// synchronizes and every block takes the same view of the masks (blocks may have masked
-/// different peers when a signal landed between their deadlines). Returns false when the call
-/// failed here.
+/// Block-wide, at the start of dispatch's receive phase: waits for every unmasked source's total
+/// of call `seq` (bounded; a silent source is masked in shrink mode, else the call fails).
+/// `s_count[r]` gets each source's count (0 when masked); block 0 adds the waited cycles to
+/// `wait_stats`. In shrink mode the grid then synchronizes and every block takes the same view of
+/// the masks (blocks may have masked different peers when a signal landed between their
+/// deadlines). Returns false when the call failed here.
 __device__ __forceinline__ bool wait_sources(const DeviceComm& c, const LowLatencyComm& ll, uint32_t seq,
-                                             SourceSignals kind, Phase phase, int64_t* wait_stats, int* s_masked,
+                                             int total_kind, Phase phase, int64_t* wait_stats, int* s_masked,
                                              int* s_count, int& s_failed) {
   const LowLatencyLayout& L = ll.layout;
   const int half = static_cast<int>(seq & 1u);
@@ -213,21 +192,15 @@ __device__ __forceinline__ bool wait_sources(const DeviceComm& c, const LowLaten
   for (int r = threadIdx.x; r < c.num_ranks; r += blockDim.x) {
     int count = 0;
     if (!s_masked[r]) {
-      char* inbox = inbox_region(c, ll, r);
       uint64_t value = 0;
-      WaitResult res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.signal(kind.total_kind, half, r)),
-                                 seq, false, 0, phase, r, &value);
+      WaitResult res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox_region(c, ll, r) + L.signal(total_kind, half, r)),
+                                 seq, phase, r, &value);
       if (res == WaitResult::kArrived) {
         count = ll_signal_count(value);
         if (count > L.max_tokens) {  // not from a correct peer: nothing may be read past its inbox
           device::fail(c, Phase::kLowLatencyBadMessage, r, -1, L.max_tokens, count);
           res = WaitResult::kFailed;
         }
-      }
-      if (res == WaitResult::kArrived && kind.arrival_kind >= 0 && direct_region(c, ll, r) == nullptr) {
-        const uint64_t* base = reinterpret_cast<const uint64_t*>(ll.local + L.combine_base(half, r));
-        res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.signal(kind.arrival_kind, half, r)), seq,
-                        true, *base + static_cast<uint64_t>(count), phase, r, &value);
       }
       if (res == WaitResult::kFailed) s_failed = 1;
       if (res != WaitResult::kArrived) count = 0, s_masked[r] = 1;

@@ -64,26 +64,35 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
       s_ids[i] = (e < -1 || e >= E) ? kBadId : static_cast<int>(e);
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-      const int e = s_ids[i];
-      if (e < 0) {
-        if (e == kBadId) atomicExch(&s_bad, t0 * K + i + 1);
-        continue;
+    // Whole warps per round (the counts are added once per warp and value: many pairs of a warp
+    // share a destination, and all of them one expert when everything goes there).
+    for (int i0 = 0; i0 < n; i0 += blockDim.x) {
+      const int i = i0 + static_cast<int>(threadIdx.x);
+      int counted_expert = -1, counted_dst = -1;
+      if (i < n) {
+        const int e = s_ids[i];
+        if (e == kBadId) {
+          atomicExch(&s_bad, t0 * K + i + 1);
+        } else if (e >= 0) {
+          const int dst = e / num_local;
+          bool first = true, twice = false;
+          for (int j = i - i % K; j < i; ++j) {
+            const int f = s_ids[j];
+            twice |= f == e;
+            first &= !(f >= 0 && f / num_local == dst);
+          }
+          if (twice) {
+            atomicExch(&s_bad, t0 * K + i + 1);
+          } else if (!s_masked[dst]) {
+            counted_expert = e;
+            counted_dst = first ? dst : -1;
+          }
+        }
       }
-      const int dst = e / num_local;
-      bool first = true, twice = false;
-      for (int j = i - i % K; j < i; ++j) {
-        const int f = s_ids[j];
-        twice |= f == e;
-        first &= !(f >= 0 && f / num_local == dst);
-      }
-      if (twice) {
-        atomicExch(&s_bad, t0 * K + i + 1);
-        continue;
-      }
-      if (s_masked[dst]) continue;
-      atomicAdd(s_expert_rows + e, 1);
-      if (first) atomicAdd(s_dest_msgs + dst, 1);
+      const unsigned same_expert = __match_any_sync(0xffffffffu, counted_expert);
+      if (counted_expert >= 0 && __ffs(same_expert) - 1 == lane) atomicAdd(s_expert_rows + counted_expert, __popc(same_expert));
+      const unsigned same_dst = __match_any_sync(0xffffffffu, counted_dst);
+      if (counted_dst >= 0 && __ffs(same_dst) - 1 == lane) atomicAdd(s_dest_msgs + counted_dst, __popc(same_dst));
     }
     __syncthreads();
   }
@@ -286,7 +295,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   int& s_failed = entry.failed;  // 0 here: the send phase (if any) returned early otherwise
 
   // 1. Every source's counts (sent before its messages).
-  if (!wait_sources(c, ll, seq, kDispatchSignals, Phase::kLowLatencyDispatchRecv, p.wait_stats, s_masked, s_count,
+  if (!wait_sources(c, ll, seq, kSignalDispatchTotal, Phase::kLowLatencyDispatchRecv, p.wait_stats, s_masked, s_count,
                     s_failed))
     return;
   trace_mark(&g_dispatch_trace, 5);
@@ -363,7 +372,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
       if (!s_masked[src]) {
         const long long wait_start = clock64();
         uint64_t value = 0;
-        res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.dispatch_flag(half, src, slot)), seq, false, 0,
+        res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.dispatch_flag(half, src, slot)), seq,
                         Phase::kLowLatencyDispatchRecv, src, &value);
         if (p.wait_stats != nullptr)
           atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_stats + src),

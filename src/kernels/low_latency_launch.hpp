@@ -75,7 +75,6 @@ inline constexpr const char* kLowLatencyDispatchTrace[] = {
     "entry", "pairs counted", "counts signalled", "tokens sent", "send ticket",
     "sources counted", "segments", "expanded"};
 inline constexpr const char* kLowLatencyCombineTrace[] = {
-    "entry", "weights sent", "plan read", "sums sent", "send ticket", "totals signalled",
-    "sources arrived", "tokens added", "recv ticket"};
+    "entry", "weights sent", "plan read", "sums sent", "send ticket", "tokens added"};
 
 }  // namespace flashep::kernels

@@ -20,14 +20,14 @@ namespace {
 std::vector<std::pair<int64_t, int64_t>> areas(const LowLatencyLayout& l) {
   const int64_t R = l.num_ranks;
   return {
-      {0, l.signal(5, 0, 0)},
+      {0, l.signal(kLowLatencySignalKinds, 0, 0)},
       {l.state_offset, l.state_offset + int64_t(sizeof(LowLatencyState))},
       {l.msg_counter_offset, l.msg_counter_offset + 2 * R * 4},
       {l.expert_counter_offset, l.expert_counter_offset + 2 * int64_t(kMaxLowLatencyExperts) * 4},
-      {l.combine_base_offset, l.combine_base_offset + 2 * R * 8},
       {l.mask_offset, l.mask_offset + R * 4},
       {l.counts_offset, l.counts(2, 0)},
       {l.dispatch_flags_offset, l.dispatch_flag(2, 0, 0)},
+      {l.combine_flags_offset, l.combine_flag(2, 0, 0)},
       {l.weights_offset, l.weights(2, 0)},
       {l.dispatch_in_offset, l.dispatch_in(2, 0, 0)},
       {l.combine_in_offset, l.combine_in(2, 0, 0, true)},
@@ -78,7 +78,8 @@ void test_fixed_part_does_not_move() {
     CHECK_EQ(a.dispatch_flag(1, R - 1, 7), b.dispatch_flag(1, R - 1, 7));
     CHECK_EQ(a.weights_offset, b.weights_offset);
     CHECK_EQ(a.dispatch_total(1, R - 1), b.dispatch_total(1, R - 1));
-    CHECK_EQ(a.combine_arrival(1, R - 1), b.combine_arrival(1, R - 1));
+    CHECK_EQ(a.combine_weights(1, R - 1), b.combine_weights(1, R - 1));
+    CHECK_EQ(a.combine_flag(1, R - 1, 7), b.combine_flag(1, R - 1, 7));
     CHECK_EQ(ll_fixed_bytes(R), a.weights_offset);
     // The counts block holds the call hash and L counts for every E this R allows.
     CHECK(ll_count_ints(R) >= 4 + std::min(kMaxLocalExperts, kMaxLowLatencyExperts / R));
