@@ -167,7 +167,7 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
             nccl_d = _nccl_baseline(torch, dist, [int(b) // R * R for b in all_fp8], rank, R, dev, 5, 30)["stream"][0]
             nccl_c = _nccl_baseline(torch, dist, [int(b) // R * R for b in all_bf16], rank, R, dev, 5, 30)["stream"][0]
             if args.trace:
-                _print_trace(torch, dist, flashep, dispatch_combine, rank, f"{path} T={T}")
+                _print_trace(torch, dist, flashep, buffer, (x, idx, T, E, y, w), rank, f"{path} T={T}")
             rows.append(dict(path=path, T=T, dispatch=t_dispatch, combine=t_combine,
                              d_send=statistics.median(d[0::2]), d_recv=statistics.median(d[1::2]),
                              c_send=statistics.median(c[0::2]), c_recv=statistics.median(c[1::2]), loop=t_loop, host=t_host, graph=t_graph,
@@ -191,38 +191,62 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
     dist.destroy_process_group()
 
 
-def _print_trace(torch, dist, flashep, calls, rank: int, label: str, repeats: int = 20) -> None:
-    """Diagnostics builds: the median timeline of `calls` (dispatch + combine, fused), per kernel and
-    point: us from the first block's entry to the first and to the last block past the point."""
+def _print_trace(torch, dist, flashep, buffer, inputs, rank: int, label: str, repeats: int = 20) -> None:
+    """Diagnostics builds: the median timeline of the kernels of one dispatch + combine, fused and
+    with the hook (each hook after a GEMM, DeepEP's method), per kernel and point: us from the
+    first block's start to the first and to the last block past the point."""
     take = flashep._C.debug_ll_trace
     if not take(False) and not take(True):
         if rank == 0:
             print("flashep.bench_low_latency --trace: this build has no diagnostics (FLASHEP_ENABLE_DIAGNOSTICS=ON)")
         return
+    x, idx, T, E, y, w = inputs
     dev = torch.cuda.current_device()
     one = torch.ones((1,), device=dev)
     a = torch.randn((8192, 8192), dtype=torch.bfloat16, device=dev)
-    samples = {False: [], True: []}
-    for _ in range(repeats):
+    kernels = ("fused dispatch", "fused combine", "dispatch send", "dispatch hook", "combine send", "combine hook")
+    samples = {k: [] for k in kernels}
+
+    def lined_up():  # as in _profile: the call is queued before the GPUs get there, lined up by the all-reduce
         torch.cuda.synchronize()
         take(False)
         take(True)
-        a @ a  # as in _profile: the calls are queued before the GPUs get there, lined up by the all-reduce
+        a @ a
         dist.all_reduce(one)
-        calls()
+
+    def taken(name, combine):
         torch.cuda.synchronize()
-        for combine in (False, True):
-            samples[combine].append(take(combine))
+        samples[name].append(take(combine))
+
+    for _ in range(repeats):
+        lined_up()
+        _, _, handle, _, _ = buffer.low_latency_dispatch(x, idx, T, E)
+        buffer.low_latency_combine(y, idx, w, handle)
+        taken("fused dispatch", False)
+        taken("fused combine", True)
+        lined_up()
+        _, _, handle, _, hook = buffer.low_latency_dispatch(x, idx, T, E, return_recv_hook=True)
+        taken("dispatch send", False)
+        a @ a
+        hook()
+        taken("dispatch hook", False)
+        lined_up()
+        _, _, hook = buffer.low_latency_combine(y, idx, w, handle, return_recv_hook=True)
+        taken("combine send", True)
+        a @ a
+        hook()
+        taken("combine hook", True)
     if rank != 0:
         return
-    for combine in (False, True):
+    for kernel in kernels:
+        combine = "combine" in kernel
         names = flashep._C.debug_ll_trace_points(combine)
-        points = len(samples[combine][0]) // 2
-        print(f"[{label}] {'combine' if combine else 'dispatch'} timeline (us from the first entry, median of "
-              f"{repeats}; first block / last block):")
+        runs = samples[kernel]
+        points = len(runs[0]) // 2
+        print(f"[{label}] {kernel} timeline (us from the first block's start, median of {repeats}; first / last block):")
         for i, name in enumerate(names):
-            first = [s[i] - s[0] for s in samples[combine] if s[points + i] != 0]
-            last = [s[points + i] - s[0] for s in samples[combine] if s[points + i] != 0]
+            first = [s[i] - s[0] for s in runs if s[points + i] != 0]
+            last = [s[points + i] - s[0] for s in runs if s[points + i] != 0]
             if first:
                 print(f"    {name:>18}: {statistics.median(first) / 1e3:7.2f} / {statistics.median(last) / 1e3:7.2f}")
 

@@ -17,9 +17,8 @@ Rules the double buffer imposes (checked here, raising before anything is launch
 calls may be sent and not yet received; each hook runs once (in any order); a combine needs its
 dispatch received (its hook run). Every rank must make the same calls in the same order.
 
-`use_logfmt=True` is accepted. With FLASHEP_DEBUG_LL_LOGFMT=1 the partial sums travel as LogFMT-10
-(src/core/logfmt.hpp; written and CPU-tested, not yet validated on GPUs); otherwise they travel as
-exact BF16, which is within DeepEP's bound too but saves no bytes.
+`use_logfmt=True` sends the partial sums as LogFMT-10 (src/core/logfmt.hpp; within DeepEP's
+calc_diff < 9e-4, tested on 2 and 4 GPUs); FLASHEP_DEBUG_LL_LOGFMT=0 sends exact BF16 instead.
 """
 from __future__ import annotations
 

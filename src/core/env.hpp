@@ -40,9 +40,9 @@ struct EnvSettings {
   /// FLASHEP_DEBUG_LL_BLOCKS (default 0 = ll_num_blocks): blocks of the low-latency kernels
   /// (testing and tuning; capped at the SM count).
   int ll_blocks = 0;
-  /// FLASHEP_DEBUG_LL_LOGFMT (default 0): 1 honours low_latency_combine(use_logfmt=True) with the
-  /// LogFMT-10 wire format (not yet validated on GPUs); 0 sends exact BF16 either way.
-  int ll_logfmt = 0;
+  /// FLASHEP_DEBUG_LL_LOGFMT (default 1): low_latency_combine(use_logfmt=True) sends the partial
+  /// sums as LogFMT-10; 0 sends exact BF16 either way (an escape hatch, and the tests' reference).
+  int ll_logfmt = 1;
 };
 
 inline EnvSettings read() {
@@ -57,7 +57,7 @@ inline EnvSettings read() {
   s.dispatch_skip = std::max(0, int_or("FLASHEP_DEBUG_DISPATCH_SKIP", 0));
   s.profile_every = std::max(0, int_or("FLASHEP_DEBUG_PROFILE", 0));
   s.ll_blocks = std::max(0, int_or("FLASHEP_DEBUG_LL_BLOCKS", 0));
-  s.ll_logfmt = int_or("FLASHEP_DEBUG_LL_LOGFMT", 0) != 0 ? 1 : 0;
+  s.ll_logfmt = int_or("FLASHEP_DEBUG_LL_LOGFMT", 1) != 0 ? 1 : 0;
   return s;
 }
 

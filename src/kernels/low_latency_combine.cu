@@ -131,7 +131,7 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
                       L.combine_weights(half, c.rank), signal, false);
     }
   }
-  trace_mark(&g_combine_trace, 1);
+  trace_mark(&g_combine_trace, 2);
   // 2. The expert side: one weighted sum per message of the dispatch, one team (half a block) per
   // message. The team's thread 0 waits for the source's weights (once per source and team), its
   // warp 0 gathers the rows and weights, then every thread sums its 16-byte words over the rows,
@@ -156,7 +156,7 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
     if (blockIdx.x == 0 && threadIdx.x == 0) device::fail(c, Phase::kLowLatencyBadMessage, s_bad_plan, -1, T, p.plan[s_bad_plan]);
     return false;
   }
-  trace_mark(&g_combine_trace, 2);
+  trace_mark(&g_combine_trace, 3);
   const int total = s_prefix[R];
   const int64_t num_rows_x = int64_t(L.num_local_experts()) * L.rows_per_expert();
   const int num_int4 = H / 8;
@@ -264,9 +264,9 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
   }
 
   // 3. The last block (nobody waits for it) advances the sequence.
-  trace_mark(&g_combine_trace, 3);
+  trace_mark(&g_combine_trace, 4);
   if (last_block_done(&st->ticket[kTicketCombineSend])) {
-    trace_mark(&g_combine_trace, 4);
+    trace_mark(&g_combine_trace, 5);
     reload_mask(c, ll, s_masked);
     __syncthreads();
     if (threadIdx.x == 0) {
@@ -348,7 +348,7 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
     }
     __syncthreads();
   }
-  trace_mark(&g_combine_trace, 5);
+  trace_mark(&g_combine_trace, 6);
 }
 
 }  // namespace
@@ -356,10 +356,12 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
 __global__ void __launch_bounds__(kThreads, 1) combine(const __grid_constant__ kernels::LowLatencyCombineParams p) {
   extern __shared__ int smem[];
   __shared__ EntryState entry;
-  if (!kernel_entry(p.comm, p.ll, p.phases, p.call_slot, smem, entry)) return;
   trace_mark(&g_combine_trace, 0);
+  if (!kernel_entry(p.comm, p.ll, p.phases, p.call_slot, smem, entry)) return;
+  trace_mark(&g_combine_trace, 1);
   if ((p.phases & kLowLatencySend) && !combine_send(p, smem, entry)) return;
   if (p.phases & kLowLatencyReceive) combine_receive(p, smem, entry);
+  trace_mark(&g_combine_trace, 7);
 }
 
 }  // namespace flashep::ll

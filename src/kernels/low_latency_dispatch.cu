@@ -101,7 +101,7 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
       device::fail(c, Phase::kLowLatencyInvalidExpert, E, -1, s_bad - 1, static_cast<int>(p.topk_idx[s_bad - 1]));
     return false;
   }
-  trace_mark(&g_dispatch_trace, 1);
+  trace_mark(&g_dispatch_trace, 2);
 
   // 2. Block d sends destination d its counts: the call hash and rows per local expert in the counts
   // block, then the message count in the signal (a release after the block's stores; or one
@@ -121,7 +121,7 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
                       L.dispatch_total(half, c.rank), signal, false);
     }
   }
-  trace_mark(&g_dispatch_trace, 2);
+  trace_mark(&g_dispatch_trace, 3);
 
   // 3. One block per token: warp 0 takes the slots and positions and writes the meta, then every warp
   // casts and stores a share of the row's 256-channel chunks (many loads in flight per token), then
@@ -257,9 +257,9 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
   }
 
   // 4. The last block (nobody waits for it) resets this half's counters and advances the sequence.
-  trace_mark(&g_dispatch_trace, 3);
+  trace_mark(&g_dispatch_trace, 4);
   if (last_block_done(&st->ticket[kTicketDispatchSend])) {
-    trace_mark(&g_dispatch_trace, 4);
+    trace_mark(&g_dispatch_trace, 5);
     for (int j = threadIdx.x; j < E; j += blockDim.x) *local_int(ll, L.expert_counter(half, j)) = 0;
     for (int d = threadIdx.x; d < R; d += blockDim.x) *local_int(ll, L.msg_counter(half, d)) = 0;
     reload_mask(c, ll, s_masked);
@@ -298,7 +298,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   if (!wait_sources(c, ll, seq, kSignalDispatchTotal, Phase::kLowLatencyDispatchRecv, p.wait_stats, s_masked, s_count,
                     s_failed))
     return;
-  trace_mark(&g_dispatch_trace, 5);
+  trace_mark(&g_dispatch_trace, 6);
   // Rows per (source, expert), every thread a few; and each source's call hash.
   for (int j = threadIdx.x; j < R * num_local; j += blockDim.x) {
     const int r = j / num_local;
@@ -344,7 +344,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
       device::fail(c, Phase::kLowLatencyBadMessage, -1, -1, static_cast<int>(rows_per_expert), -1);
     return;
   }
-  trace_mark(&g_dispatch_trace, 6);
+  trace_mark(&g_dispatch_trace, 7);
 
   // 3. Expand the messages: one team per message (kTeams per block). The team's thread 0 waits for
   // the message's flag (bounded; in shrink mode a source that stops mid-call is masked and its
@@ -457,7 +457,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
     team_sync(team);
   }
 
-  trace_mark(&g_dispatch_trace, 7);
+  trace_mark(&g_dispatch_trace, 8);
 }
 
 }  // namespace
@@ -466,10 +466,12 @@ template <bool kFp8>
 __global__ void __launch_bounds__(kThreads, 1) dispatch(const __grid_constant__ kernels::LowLatencyDispatchParams p) {
   extern __shared__ int smem[];
   __shared__ EntryState entry;
-  if (!kernel_entry(p.comm, p.ll, p.phases, p.call_slot, smem, entry)) return;
   trace_mark(&g_dispatch_trace, 0);
+  if (!kernel_entry(p.comm, p.ll, p.phases, p.call_slot, smem, entry)) return;
+  trace_mark(&g_dispatch_trace, 1);
   if ((p.phases & kLowLatencySend) && !dispatch_send<kFp8>(p, smem, entry)) return;
   if (p.phases & kLowLatencyReceive) dispatch_receive<kFp8>(p, smem, entry);
+  trace_mark(&g_dispatch_trace, 9);
 }
 
 }  // namespace flashep::ll

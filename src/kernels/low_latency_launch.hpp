@@ -72,9 +72,9 @@ std::vector<uint64_t> take_low_latency_trace(bool combine);
 std::vector<uint64_t> take_low_latency_combine_trace();  // (the combine half of the above)
 /// Point names, in order (the python bench prints them).
 inline constexpr const char* kLowLatencyDispatchTrace[] = {
-    "entry", "pairs counted", "counts signalled", "tokens sent", "send ticket",
-    "sources counted", "segments", "expanded"};
+    "kernel start", "entry", "pairs counted", "counts signalled", "tokens sent", "send ticket",
+    "sources counted", "segments", "expanded", "exit"};
 inline constexpr const char* kLowLatencyCombineTrace[] = {
-    "entry", "weights sent", "plan read", "sums sent", "send ticket", "tokens added"};
+    "kernel start", "entry", "weights sent", "plan read", "sums sent", "send ticket", "tokens added", "exit"};
 
 }  // namespace flashep::kernels

@@ -53,7 +53,7 @@ def test_low_latency_with_high_throughput(world_size):
 
 @pytest.mark.parametrize("world_size", dh.WORLD_SIZES, ids=dh.world_ids())
 def test_low_latency_logfmt(world_size):
-    """use_logfmt=True with the LogFMT-10 wire (FLASHEP_DEBUG_LL_LOGFMT=1): within DeepEP's
+    """use_logfmt=True with the LogFMT-10 wire (the default; FLASHEP_DEBUG_LL_LOGFMT=1): within DeepEP's
     calc_diff < 9e-4 of the oracle, hooked and not, and lossier than the BF16 wire (so the format
     really ran)."""
     dh.run_world(_logfmt_worker, world_size, timeout_s=600,
