@@ -51,7 +51,8 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
   int& s_bad = entry.failed;
   int* s_expert_rows = s_masked + R;      // [E]
   int* s_dest_msgs = s_expert_rows + E;   // [R]
-  int* s_ids = s_dest_msgs + R;           // [kCountChunk]
+  int* s_ids = s_dest_msgs + R;           // [kCountChunk] the chunk's ids (kBadId: out of range)
+  int* s_id_dst = s_ids + kCountChunk;    // [kCountChunk] their destination ranks (-1: none)
   for (int i = threadIdx.x; i < E + R; i += blockDim.x) s_expert_rows[i] = 0;
   __syncthreads();
   const int chunk_tokens = kCountChunk / K;
@@ -61,7 +62,9 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
 #pragma unroll 4
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
       const int64_t e = __ldg(ids + i);
+      const bool valid = e >= 0 && e < E;
       s_ids[i] = (e < -1 || e >= E) ? kBadId : static_cast<int>(e);
+      s_id_dst[i] = valid ? static_cast<int>(e) / num_local : -1;  // one division per pair, not per comparison
     }
     __syncthreads();
     // Whole warps per round (the counts are added once per warp and value: many pairs of a warp
@@ -74,12 +77,11 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
         if (e == kBadId) {
           atomicExch(&s_bad, t0 * K + i + 1);
         } else if (e >= 0) {
-          const int dst = e / num_local;
+          const int dst = s_id_dst[i];
           bool first = true, twice = false;
           for (int j = i - i % K; j < i; ++j) {
-            const int f = s_ids[j];
-            twice |= f == e;
-            first &= !(f >= 0 && f / num_local == dst);
+            twice |= s_ids[j] == e;
+            first &= s_id_dst[j] != dst;
           }
           if (twice) {
             atomicExch(&s_bad, t0 * K + i + 1);
@@ -482,7 +484,7 @@ namespace flashep::kernels {
 /// phase's mask, counts per expert and destination, and id chunk, whichever is larger.
 inline size_t ll_dispatch_smem(int num_ranks, int num_experts) {
   const size_t receive = size_t(num_ranks) * 3 + 1 + size_t(num_experts) + size_t(num_experts / num_ranks);
-  const size_t send = size_t(num_ranks) * 2 + size_t(num_experts) + size_t(ll::kCountChunk);
+  const size_t send = size_t(num_ranks) * 2 + size_t(num_experts) + 2 * size_t(ll::kCountChunk);
   return (receive > send ? receive : send) * sizeof(int);
 }
 
@@ -490,7 +492,7 @@ cudaError_t launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int n
   const size_t smem = ll_dispatch_smem(p.comm.num_ranks, p.ll.layout.num_experts);
   void (*kernel)(const LowLatencyDispatchParams) = p.fp8 ? ll::dispatch<true> : ll::dispatch<false>;
   // At most (3 * kMaxRanks + 1 + kMaxLowLatencyExperts * 2) or (2 * kMaxRanks + kMaxLowLatencyExperts +
-  // kCountChunk) ints: below the default 48 KB.
+  // 2 * kCountChunk) ints: below the default 48 KB.
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(num_blocks);
   config.blockDim = dim3(ll::kThreads);
