@@ -47,8 +47,9 @@ __device__ __forceinline__ int4 to_bf16x8(const float* acc) {
 }
 
 /// LogFMT-10 (src/core/logfmt.hpp): thread w holds channels 8w..8w+7, run w % 16 of group w / 16;
-/// the 16 threads of a group are one half warp (uniformly active: H % 128 == 0).
-__device__ __forceinline__ void store_logfmt(char* row, int hidden, int w, const float* acc) {
+/// the 16 threads of a group are one half warp (uniformly active: H % 128 == 0). Out of line (both
+/// functions): the BF16 path, inlined, stays short (the kernels run from a cold instruction cache).
+static __device__ __noinline__ void store_logfmt(char* row, int hidden, int w, const float* acc) {
   float amax = 0.0f, amin = INFINITY;
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
@@ -79,7 +80,7 @@ __device__ __forceinline__ void store_logfmt(char* row, int hidden, int w, const
   if (run == 0) reinterpret_cast<float2*>(row + int64_t(hidden) * 2)[group] = make_float2(params.log_min, params.step);
 }
 
-__device__ __forceinline__ void add_logfmt(float* acc, const char* row, int hidden, int w) {
+static __device__ __noinline__ void add_logfmt(float* acc, const char* row, int hidden, int w) {
   const int group = w / 16, run = w % 16;
   const float2 meta = __ldcg(reinterpret_cast<const float2*>(row + int64_t(hidden) * 2) + group);
   if (meta.y >= 0.0f) {
@@ -153,7 +154,7 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
   if (tt == 0) s_ready_src[team] = -1;
   __syncthreads();
   if (s_bad_plan >= 0) {
-    if (blockIdx.x == 0 && threadIdx.x == 0) device::fail(c, Phase::kLowLatencyBadMessage, s_bad_plan, -1, T, p.plan[s_bad_plan]);
+    if (blockIdx.x == 0 && threadIdx.x == 0) ll_fail(c, Phase::kLowLatencyBadMessage, s_bad_plan, -1, T, p.plan[s_bad_plan]);
     return false;
   }
   trace_mark(&g_combine_trace, 3);
@@ -178,7 +179,7 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
         if (status == static_cast<int>(WaitResult::kArrived)) {
           const int hash = __ldcg(reinterpret_cast<const int*>(inbox + L.weights(half, src)));
           if (hash != p.call_hash) {
-            device::fail(c, Phase::kLowLatencyCallMismatch, src, -1, p.call_hash, hash);
+            ll_fail(c, Phase::kLowLatencyCallMismatch, src, -1, p.call_hash, hash);
             status = static_cast<int>(WaitResult::kFailed);
           } else {
             s_ready_src[team] = src;
@@ -214,7 +215,7 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
     team_sync(team, kSumTeamThreads);
     const int num_rows = s_num_rows[team], token = s_token[team];
     if (num_rows < 0) {  // a plan entry outside the tensors: not from our dispatch
-      if (tt == 0) device::fail(c, Phase::kLowLatencyBadMessage, src, -1, T, token);
+      if (tt == 0) ll_fail(c, Phase::kLowLatencyBadMessage, src, -1, T, token);
       return false;
     }
     char* region = direct_region(c, ll, src);

@@ -14,6 +14,27 @@ namespace flashep::ll {
 
 using kernels::LowLatencyComm;
 
+// Cold paths out of line. The low-latency kernels run once per call from a cold instruction cache
+// (a GEMM runs in between), so every byte of code between the hot instructions costs fetch time;
+// the failure paths (error record, abort of the peers, the shrink-mode warning) are called, not
+// inlined at each of their sites. The kernels take their parameters as __grid_constant__, so the
+// references passed here point into the parameter space (no copy).
+
+/// This rank's own failure (device::fail, out of line).
+static __device__ __noinline__ void ll_fail(const DeviceComm& c, Phase phase, int peer, int channel, int expected, int observed) {
+  device::fail(c, phase, peer, channel, expected, observed);
+}
+/// Records (once) that this rank stopped in `phase` because a peer aborted (out of line).
+static __device__ __noinline__ void ll_record_abort(const DeviceComm& c, int abort, Phase phase) {
+  device::stop_if_aborted(c, abort, phase);
+}
+/// device::stop_if_aborted with the record out of line.
+__device__ __forceinline__ bool ll_stop_if_aborted(const DeviceComm& c, int abort, Phase phase) {
+  if (abort == 0) return false;
+  ll_record_abort(c, abort, phase);
+  return true;
+}
+
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 /// Teams: kTeamThreads consecutive threads (whole warps) of a block that work on one item on their
@@ -83,7 +104,7 @@ __device__ __forceinline__ void quiet_puts(const LowLatencyComm& ll, const int* 
 enum class WaitResult : int { kArrived = 0, kMasked = 1, kFailed = 2 };
 
 /// Masks `peer` on this rank (shrink mode) and says so once.
-__device__ __forceinline__ void mask_peer(const DeviceComm& c, const LowLatencyComm& ll, int peer, Phase phase) {
+static __device__ __noinline__ void mask_peer(const DeviceComm& c, const LowLatencyComm& ll, int peer, Phase phase) {
   if (atomicExch(local_int(ll, ll.layout.mask(peer)), 1) == 0)
     printf("flashep: rank %d masks rank %d: no answer within %.1f s in %s (enable_shrink)\n", c.rank, peer,
            double(c.timeout_ns) * 1e-9, phase == Phase::kLowLatencyDispatchRecv     ? "low_latency_dispatch"
@@ -95,19 +116,20 @@ __device__ __forceinline__ void mask_peer(const DeviceComm& c, const LowLatencyC
 /// timeout the peer is masked (shrink) or the call fails; an abort stops it at once, and so does a
 /// signal of a later call (more calls in flight than the double buffer holds). `*value` gets the
 /// word.
-__device__ __forceinline__ WaitResult wait_word(const DeviceComm& c, const LowLatencyComm& ll, const uint64_t* word,
+/// Out of line: called from several sites of each kernel, one copy of the code.
+static __device__ __noinline__ WaitResult wait_word(const DeviceComm& c, const LowLatencyComm& ll, const uint64_t* word,
                                                 uint32_t seq, Phase phase, int peer, uint64_t* value) {
   uint64_t start = 0;
   for (uint32_t spins = 0;; ++spins) {
     const int abort = (spins & 127) == 0 ? device::abort_value(c) : 0;
     const uint64_t v = device::ld_acquire_sys_u64(word);
-    if (device::stop_if_aborted(c, abort, phase)) return WaitResult::kFailed;
+    if (ll_stop_if_aborted(c, abort, phase)) return WaitResult::kFailed;
     if (ll_signal_is(v, seq)) {
       *value = v;
       return WaitResult::kArrived;
     }
     if (ll_signal_is_ahead(v, seq)) {
-      device::fail(c, Phase::kLowLatencyOverrun, peer, -1, static_cast<int>(seq), static_cast<int>(v >> 32));
+      ll_fail(c, Phase::kLowLatencyOverrun, peer, -1, static_cast<int>(seq), static_cast<int>(v >> 32));
       return WaitResult::kFailed;
     }
     if (spins == 0) start = device::global_timer_ns();
@@ -119,7 +141,7 @@ __device__ __forceinline__ WaitResult wait_word(const DeviceComm& c, const LowLa
         mask_peer(c, ll, peer, phase);
         return WaitResult::kMasked;
       }
-      device::fail(c, phase, peer, -1, static_cast<int>(seq), static_cast<int>(v >> 32));
+      ll_fail(c, phase, peer, -1, static_cast<int>(seq), static_cast<int>(v >> 32));
       return WaitResult::kFailed;
     }
   }
@@ -171,7 +193,7 @@ __device__ __forceinline__ bool kernel_entry(const DeviceComm& c, const LowLaten
   reload_mask(c, ll, s_masked);
   __syncthreads();
   if (entry.abort != 0) {
-    if (threadIdx.x == 0) device::stop_if_aborted(c, entry.abort, Phase::kKernelEntry);
+    if (threadIdx.x == 0) ll_stop_if_aborted(c, entry.abort, Phase::kKernelEntry);
     return false;
   }
   return true;
@@ -198,7 +220,7 @@ __device__ __forceinline__ bool wait_sources(const DeviceComm& c, const LowLaten
       if (res == WaitResult::kArrived) {
         count = ll_signal_count(value);
         if (count > L.max_tokens) {  // not from a correct peer: nothing may be read past its inbox
-          device::fail(c, Phase::kLowLatencyBadMessage, r, -1, L.max_tokens, count);
+          ll_fail(c, Phase::kLowLatencyBadMessage, r, -1, L.max_tokens, count);
           res = WaitResult::kFailed;
         }
       }

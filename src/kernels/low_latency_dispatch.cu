@@ -100,7 +100,7 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
   }
   if (s_bad != 0) {
     if (blockIdx.x == 0 && threadIdx.x == 0)
-      device::fail(c, Phase::kLowLatencyInvalidExpert, E, -1, s_bad - 1, static_cast<int>(p.topk_idx[s_bad - 1]));
+      ll_fail(c, Phase::kLowLatencyInvalidExpert, E, -1, s_bad - 1, static_cast<int>(p.topk_idx[s_bad - 1]));
     return false;
   }
   trace_mark(&g_dispatch_trace, 2);
@@ -190,14 +190,17 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
     const bool any_remote = s_any_remote != 0;
     {
       const int base = warp;
-#pragma unroll
+      // Not unrolled: one copy of the cast's code (the kernels run from a cold instruction cache);
+      // the loads of both chunks were issued above.
+#pragma unroll 1
       for (int u = 0; u < 2; ++u) {
         const int chunk = base + u * kWarps;
         if (chunk >= num_chunks) break;  // warp-uniform
         const int channel = chunk * 256 + lane * 8;
         const bool active = channel < L.hidden;
+        const int4 word = u == 0 ? in[0] : in[1];
         if constexpr (kFp8) {
-          const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&in[u]);
+          const __nv_bfloat16* v = reinterpret_cast<const __nv_bfloat16*>(&word);
           float f[8];
           float amax = 0.0f;
 #pragma unroll
@@ -237,8 +240,8 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
           }
         } else if (active) {
           for (int i = 0; i < num_dests; ++i)
-            if (s_msg[i] != nullptr) *reinterpret_cast<int4*>(s_msg[i] + int64_t(channel) * 2) = in[u];
-          if (any_remote) *reinterpret_cast<int4*>(stage + int64_t(channel) * 2) = in[u];
+            if (s_msg[i] != nullptr) *reinterpret_cast<int4*>(s_msg[i] + int64_t(channel) * 2) = word;
+          if (any_remote) *reinterpret_cast<int4*>(stage + int64_t(channel) * 2) = word;
         }
       }
     }
@@ -311,7 +314,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
     if (s_masked[r]) continue;
     const int hash = __ldcg(reinterpret_cast<const int*>(inbox_region(c, ll, r) + L.counts(half, r)));
     if (hash != p.call_hash) {
-      device::fail(c, Phase::kLowLatencyCallMismatch, r, -1, p.call_hash, hash);
+      ll_fail(c, Phase::kLowLatencyCallMismatch, r, -1, p.call_hash, hash);
       s_failed = 1;
     }
   }
@@ -343,7 +346,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   __syncthreads();
   if (s_failed) {
     if (blockIdx.x == 0 && threadIdx.x == 0)
-      device::fail(c, Phase::kLowLatencyBadMessage, -1, -1, static_cast<int>(rows_per_expert), -1);
+      ll_fail(c, Phase::kLowLatencyBadMessage, -1, -1, static_cast<int>(rows_per_expert), -1);
     return;
   }
   trace_mark(&g_dispatch_trace, 7);
@@ -357,7 +360,8 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   const int num_groups = L.hidden / 128;
   const int total_msgs = s_prefix[R];
   const int team = threadIdx.x / kTeamThreads, tt = threadIdx.x % kTeamThreads;
-  constexpr int kWordsPerThread = kMaxLowLatencyHidden * 2 / 16 / kTeamThreads;  // a BF16 row of the largest H
+  // 16-byte words of a row of the largest H per team thread (FP8 rows are half as long).
+  constexpr int kWordsPerThread = kMaxLowLatencyHidden * (kFp8 ? 1 : 2) / 16 / kTeamThreads;
   const int num_int4 = m.row_bytes / 16;
   // The scales (FP8): one 32-bit word per thread (a float, or 4 packed UE8M0 bytes).
   const int num_scale_words = kFp8 ? (p.ue8m0 ? num_groups / 4 : num_groups) : 0;
@@ -434,7 +438,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
           s_rows[team][__popc(targets & ((1u << lane) - 1u))] = out_row;
         }
       } else if (lane == 0) {
-        device::fail(c, Phase::kLowLatencyBadMessage, src, -1, static_cast<int>(rows_per_expert), pos);
+        ll_fail(c, Phase::kLowLatencyBadMessage, src, -1, static_cast<int>(rows_per_expert), pos);
       }
       if (lane == 0) {
         s_num_rows[team] = __popc(targets);
