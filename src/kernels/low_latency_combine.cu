@@ -49,7 +49,14 @@ __device__ __forceinline__ int4 to_bf16x8(const float* acc) {
 /// LogFMT-10 (src/core/logfmt.hpp): thread w holds channels 8w..8w+7, run w % 16 of group w / 16;
 /// the 16 threads of a group are one half warp (uniformly active: H % 128 == 0). Out of line (both
 /// functions): the BF16 path, inlined, stays short (the kernels run from a cold instruction cache).
-static __device__ __noinline__ void store_logfmt(char* row, int hidden, int w, const float* acc) {
+/// Eight float32 values by value: the out-of-line LogFMT functions take and return them in
+/// registers (a pointer would put the callers' sums on the stack, BF16 path included).
+struct Floats8 {
+  float v[8];
+};
+
+static __device__ __noinline__ void store_logfmt(char* row, int hidden, int w, Floats8 sums) {
+  const float* acc = sums.v;
   float amax = 0.0f, amin = INFINITY;
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
@@ -80,7 +87,9 @@ static __device__ __noinline__ void store_logfmt(char* row, int hidden, int w, c
   if (run == 0) reinterpret_cast<float2*>(row + int64_t(hidden) * 2)[group] = make_float2(params.log_min, params.step);
 }
 
-static __device__ __noinline__ void add_logfmt(float* acc, const char* row, int hidden, int w) {
+/// The eight values of channels 8w..8w+7 of a LogFMT-10 row.
+static __device__ __noinline__ Floats8 load_logfmt(const char* row, int hidden, int w) {
+  Floats8 out;
   const int group = w / 16, run = w % 16;
   const float2 meta = __ldcg(reinterpret_cast<const float2*>(row + int64_t(hidden) * 2) + group);
   if (meta.y >= 0.0f) {
@@ -88,13 +97,14 @@ static __device__ __noinline__ void add_logfmt(float* acc, const char* row, int 
     uint16_t words[5];
 #pragma unroll
     for (int i = 0; i < 5; ++i) words[i] = __ldcg(reinterpret_cast<const unsigned short*>(from + i));
-    float v[8];
-    logfmt_decode8(words, LogfmtParams{meta.x, meta.y}, v);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) acc[j] += v[j];
+    logfmt_decode8(words, LogfmtParams{meta.x, meta.y}, out.v);
   } else {
-    add_bf16x8(acc, device::ld_ring(reinterpret_cast<const int4*>(row) + w));
+    const int4 v = device::ld_ring(reinterpret_cast<const int4*>(row) + w);
+    const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out.v[j] = __bfloat162float(h[j]);
   }
+  return out;
 }
 
 /// Block-wide send phase. Returns false when the call failed here.
@@ -249,7 +259,12 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
     for (int u = 0; u < kWordsPerThread; ++u) {
       const int w = tt + u * kSumTeamThreads;
       if (w >= num_int4) continue;  // uniform per half warp (H % 128 == 0)
-      if (p.logfmt) store_logfmt(dst, H, w, acc[u]);
+      if (p.logfmt) {
+        Floats8 sums;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) sums.v[j] = acc[u][j];
+        store_logfmt(dst, H, w, sums);
+      }
       else reinterpret_cast<int4*>(dst)[w] = to_bf16x8(acc[u]);
     }
     team_sync(team, kSumTeamThreads);
@@ -341,7 +356,11 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
 #pragma unroll
         for (int d = 0; d < 8; ++d) {
           if (d0 + d >= num_parts) continue;
-          if (p.logfmt) add_logfmt(acc, reinterpret_cast<const char*>(s_parts[d0 + d]), H, w);
+          if (p.logfmt) {
+            const Floats8 part = load_logfmt(reinterpret_cast<const char*>(s_parts[d0 + d]), H, w);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[j] += part.v[j];
+          }
           else add_bf16x8(acc, v[d]);
         }
       }
