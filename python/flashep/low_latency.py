@@ -138,23 +138,32 @@ class LowLatencyMixin:
             self._ll = state
         return state
 
-    def _ll_begin_send(self, hooked: bool) -> Tuple[Optional[int], int]:
-        """Before a send phase: refuses a third call in flight (the buffer has two halves);
-        registers a hooked call. Returns (its id or None, the call slot of both its phases)."""
+    def _ll_begin_send(self, hooked: bool, layout: tuple) -> Tuple[Optional[int], int]:
+        """Before a send phase: refuses a third call in flight (the buffer has two halves) and a call
+        whose region layout (T, H, E) differs from a call still waiting for its hook (the areas of
+        one layout overlap the other's); registers a hooked call. Returns (its id or None, the call
+        slot of both its phases)."""
         state = self._ll_state()
         if len(state["pending"]) >= 2:
             raise RuntimeError("flashep: two low-latency calls are waiting for their hooks; call a hook before "
                                "another low-latency call (the buffer holds two calls' data at most)")
+        layouts = state.setdefault("layouts", {})
+        for other in state["pending"]:
+            if layouts.get(other, layout) != layout:
+                raise ValueError(f"flashep: a low-latency call with (T, H, E) = {layouts[other]} is waiting for its hook; "
+                                 f"a call with {layout} would overwrite its data: run that hook first")
         call_id = state["next_id"]
         state["next_id"] += 1
         if hooked:
             state["pending"].append(call_id)
+            layouts[call_id] = layout
         return (call_id if hooked else None), call_id % _C.kLowLatencyCallSlots
 
     def _ll_forget(self, call_id: Optional[int]) -> None:
         """A send that failed to launch holds no slot."""
         if call_id is not None and call_id in self._ll_state()["pending"]:
             self._ll_state()["pending"].remove(call_id)
+            self._ll_state().get("layouts", {}).pop(call_id, None)
 
     def _ll_hook(self, call_id: int, launch: Callable[[], None]) -> Callable[[], None]:
         def hook() -> None:
@@ -163,6 +172,7 @@ class LowLatencyMixin:
                 raise RuntimeError("flashep: this low-latency hook has run already")
             launch()
             pending.remove(call_id)
+            self._ll_state().get("layouts", {}).pop(call_id, None)
         return hook
 
     # ---- checks ------------------------------------------------------------------------------------
@@ -251,17 +261,18 @@ class LowLatencyMixin:
                 0 if recv_stats is None else recv_stats.data_ptr(), 0 if wait_stats is None else wait_stats.data_ptr(),
                 base + shape.src_info_offset, base + shape.layout_range_offset, base + shape.plan_offset)
         event, hook = self._ll_launch(_C.ll_dispatch, args, args, outs, return_recv_hook, stream, raw_stream,
-                                      (x, topk_idx, recv_x, recv_scales, words, recv_stats, wait_stats), handle)
+                                      (x, topk_idx, recv_x, recv_scales, words, recv_stats, wait_stats),
+                                      (shape.max_tokens, hidden, shape.num_experts), handle)
         return ((recv_x, recv_scales) if shape.use_fp8 else recv_x), recv_count, handle, event, hook
 
     def _ll_launch(self, kernel: Callable[..., None], send_args: Tuple[Any, ...], receive_args: Tuple[Any, ...],
                    tail: Tuple[Any, ...], return_recv_hook: bool, stream: Optional[torch.cuda.Stream], raw_stream: int,
-                   kept: Tuple[Any, ...], handle: Optional[LowLatencyHandle] = None) -> Tuple[EventOverlap, Any]:
+                   kept: Tuple[Any, ...], layout: tuple, handle: Optional[LowLatencyHandle] = None) -> Tuple[EventOverlap, Any]:
         """Launches a low-latency call, `kernel(runtime, *args, phases, call_slot, *tail, stream)`:
         both phases now, or the send phase now and the receive phase in the returned hook (which
         keeps `kept` alive until it runs). Returns (event, hook)."""
         runtime = self._rt()
-        call_id, slot = self._ll_begin_send(return_recv_hook)
+        call_id, slot = self._ll_begin_send(return_recv_hook, layout)
         if handle is not None:
             handle.pending_call = call_id
         try:
@@ -349,7 +360,8 @@ class LowLatencyMixin:
         tail = (out.data_ptr(), 0 if wait_stats is None else wait_stats.data_ptr())
         receive_args = (x.data_ptr(), False) + args[2:]  # the receive phase reads no x
         event, hook = self._ll_launch(_C.ll_combine, args, receive_args, tail, return_recv_hook, stream, raw_stream,
-                                      (x, topk_idx, topk_weights, out, handle.plan, wait_stats))
+                                      (x, topk_idx, topk_weights, out, handle.plan, wait_stats),
+                                      (handle[2], handle[3], handle[4]))  # (T, H, E) of its dispatch
         return out, event, hook
 
     def get_next_low_latency_combine_buffer(self, handle: Any) -> torch.Tensor:
@@ -378,6 +390,7 @@ class LowLatencyMixin:
         torch.cuda.synchronize(self._device)
         dist.barrier(group=self.group)
         self._ll_state()["pending"].clear()
+        self._ll_state().get("layouts", {}).clear()
 
     def _require_shrink(self, op: str) -> None:
         if not self.enable_shrink:

@@ -113,7 +113,7 @@ inline constexpr int kMetaPos = 4 + kLowLatencyTopkSlots;
 inline constexpr int kLowLatencyCallSlots = 16;
 struct LowLatencyState {
   uint32_t send_seq;   // calls whose send phase ran
-  uint32_t reserved0;
+  uint32_t barrier_generation;  // grid_barrier's (shrink mode)
   int ticket[4];       // blocks done, per kernel phase (kTicket*)
   /// The sequence number each call's send phase used, by the host's call slot (call index % 16):
   /// a receive phase launched later (the hook) reads its own call's number here, so hooks may run
@@ -123,6 +123,7 @@ struct LowLatencyState {
   // followed by: int msg_counter[2][R]; int expert_counter[2][kMaxLowLatencyExperts]; int mask[R]
 };
 inline constexpr int kTicketDispatchSend = 0;
+inline constexpr int kTicketGridBarrier = 1;  // arrivals at grid_barrier
 inline constexpr int kTicketCombineSend = 2;
 
 /// The 64-bit signal words, per half and source (LowLatencyLayout::signal).

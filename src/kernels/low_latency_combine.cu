@@ -161,7 +161,10 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
   __shared__ int s_rows[kSumTeams][kMaxTopk];
   __shared__ float s_weights[kSumTeams][kMaxTopk];
   __shared__ int s_num_rows[kSumTeams], s_token[kSumTeams], s_status[kSumTeams], s_ready_src[kSumTeams];
+  __shared__ int s_weight_tokens[kSumTeams];  // tokens in s_ready_src's weights (its combine's n)
+  __shared__ int s_send_failed;               // any team failed: the whole block stops (below)
   if (tt == 0) s_ready_src[team] = -1;
+  if (threadIdx.x == 0) s_send_failed = 0;
   __syncthreads();
   if (s_bad_plan >= 0) {
     if (blockIdx.x == 0 && threadIdx.x == 0) ll_fail(c, Phase::kLowLatencyBadMessage, s_bad_plan, -1, T, p.plan[s_bad_plan]);
@@ -185,7 +188,8 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
       } else if (s_ready_src[team] != src) {
         uint64_t value = 0;
         status = static_cast<int>(wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.combine_weights(half, src)),
-                                            seq, Phase::kLowLatencyCombineWeights, src, &value));
+                                            seq, Phase::kLowLatencyCombineWeights, src, &value,
+                                            direct_region(c, ll, src) == nullptr));
         if (status == static_cast<int>(WaitResult::kArrived)) {
           const int hash = __ldcg(reinterpret_cast<const int*>(inbox + L.weights(half, src)));
           if (hash != p.call_hash) {
@@ -193,6 +197,8 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
             status = static_cast<int>(WaitResult::kFailed);
           } else {
             s_ready_src[team] = src;
+            const int n = ll_signal_count(value);
+            s_weight_tokens[team] = n < T ? n : T;
           }
         } else if (status == static_cast<int>(WaitResult::kMasked)) {
           s_masked[src] = 1;
@@ -201,7 +207,10 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
       s_status[team] = status;
     }
     team_sync(team, kSumTeamThreads);
-    if (s_status[team] == static_cast<int>(WaitResult::kFailed)) return false;
+    if (s_status[team] == static_cast<int>(WaitResult::kFailed)) {  // team-uniform
+      if (tt == 0) s_send_failed = 1;
+      break;
+    }
     if (s_status[team] == static_cast<int>(WaitResult::kMasked)) {
       team_sync(team, kSumTeamThreads);  // s_status is rewritten by the next item
       continue;
@@ -210,7 +219,9 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
       const int* entry = p.plan + ll_plan_entry(R, T, K, src, slot);
       const int token = entry[0];
       const int row = lane < K ? entry[1 + lane] : -1;
-      const bool valid = row >= 0 && row < num_rows_x && token >= 0 && token < T;
+      // The token must be one of the source's combine (its weights' n), not only of the dispatch.
+      const int num_tokens = s_weight_tokens[team];
+      const bool valid = row >= 0 && row < num_rows_x && token >= 0 && token < num_tokens;
       const unsigned rows = __ballot_sync(0xffffffffu, valid);
       if (valid) {
         const int i = __popc(rows & ((1u << lane) - 1u));
@@ -218,15 +229,18 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
         s_weights[team][i] = __ldcg(reinterpret_cast<const float*>(inbox + L.weights(half, src) + 16) + token * K + lane);
       }
       if (lane == 0) {
-        s_num_rows[team] = (token >= 0 && token < T) ? __popc(rows) : -1;
+        s_num_rows[team] = (token >= 0 && token < num_tokens) ? __popc(rows) : -1;
         s_token[team] = token;
       }
     }
     team_sync(team, kSumTeamThreads);
     const int num_rows = s_num_rows[team], token = s_token[team];
-    if (num_rows < 0) {  // a plan entry outside the tensors: not from our dispatch
-      if (tt == 0) ll_fail(c, Phase::kLowLatencyBadMessage, src, -1, T, token);
-      return false;
+    if (num_rows < 0) {  // a plan entry outside the tensors, or a token the source's combine lacks
+      if (tt == 0) {
+        ll_fail(c, Phase::kLowLatencyBadMessage, src, -1, s_weight_tokens[team], token);
+        s_send_failed = 1;
+      }
+      break;  // team-uniform
     }
     char* region = direct_region(c, ll, src);
     char* dst = region != nullptr ? region + L.combine_in(half, c.rank, token, p.logfmt)
@@ -279,6 +293,11 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
     }
   }
 
+  // A team that failed stops the whole block here (the other team's waits end on the abort it
+  // raised): no half block may go on to the receive phase with its shared state unset.
+  __syncthreads();
+  if (s_send_failed) return false;
+
   // 3. The last block (nobody waits for it) advances the sequence.
   trace_mark(&g_combine_trace, 4);
   if (last_block_done(&st->ticket[kTicketCombineSend])) {
@@ -327,7 +346,7 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
         const long long wait_start = clock64();
         uint64_t value = 0;
         res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.combine_flag(half, dst, t)), seq,
-                        Phase::kLowLatencyCombineRecv, dst, &value);
+                        Phase::kLowLatencyCombineRecv, dst, &value, direct_region(c, ll, dst) == nullptr);
         if (p.wait_stats != nullptr)
           atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_stats + dst),
                     static_cast<unsigned long long>(clock64() - wait_start));

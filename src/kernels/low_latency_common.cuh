@@ -2,7 +2,6 @@
 // it (direct stores, or NVSHMEM puts), and the bounded waits that mask a silent peer in shrink mode.
 #pragma once
 
-#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -115,10 +114,13 @@ static __device__ __noinline__ void mask_peer(const DeviceComm& c, const LowLate
 /// One thread: spins until `word` (our memory) holds the signal of call `seq`. Bounded: past the
 /// timeout the peer is masked (shrink) or the call fails; an abort stops it at once, and so does a
 /// signal of a later call (more calls in flight than the double buffer holds). `*value` gets the
-/// word.
+/// word. A word written by an NVSHMEM peer (`nvshmem_peer`) then gets one NVSHMEM test, which runs
+/// NVSHMEM's post-wait consistency step (proxy transports need it before the data is read; its own
+/// waits have no time limit, so the spinning is ours).
 /// Out of line: called from several sites of each kernel, one copy of the code.
 static __device__ __noinline__ WaitResult wait_word(const DeviceComm& c, const LowLatencyComm& ll, const uint64_t* word,
-                                                uint32_t seq, Phase phase, int peer, uint64_t* value) {
+                                                uint32_t seq, Phase phase, int peer, uint64_t* value,
+                                                bool nvshmem_peer) {
   uint64_t start = 0;
   for (uint32_t spins = 0;; ++spins) {
     const int abort = (spins & 127) == 0 ? device::abort_value(c) : 0;
@@ -126,6 +128,11 @@ static __device__ __noinline__ WaitResult wait_word(const DeviceComm& c, const L
     if (ll_stop_if_aborted(c, abort, phase)) return WaitResult::kFailed;
     if (ll_signal_is(v, seq)) {
       *value = v;
+#if FLASHEP_WITH_NVSHMEM
+      if (nvshmem_peer) nvshmem_uint64_test(const_cast<uint64_t*>(word), NVSHMEM_CMP_EQ, v);
+#else
+      (void)nvshmem_peer;
+#endif
       return WaitResult::kArrived;
     }
     if (ll_signal_is_ahead(v, seq)) {
@@ -167,6 +174,43 @@ __device__ __forceinline__ bool last_block_done(int* ticket) {
 __device__ __forceinline__ void reload_mask(const DeviceComm& c, const LowLatencyComm& ll, int* s_masked) {
   for (int r = threadIdx.x; r < c.num_ranks; r += blockDim.x)
     s_masked[r] = *reinterpret_cast<const volatile int*>(local_int(ll, ll.layout.mask(r)));
+}
+
+/// Block-wide: every block of the grid arrives before any leaves. Bounded (timeout) and given up
+/// on abort, unlike cooperative_groups' grid sync: a block that saw the abort at its entry returned
+/// and never arrives. Returns false (every thread) when it gave up. The arrival counter is reset by
+/// the last block to arrive, which then advances the generation the others wait on.
+__device__ __forceinline__ bool grid_barrier(const DeviceComm& c, const LowLatencyComm& ll, Phase phase) {
+  __shared__ int ok;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    LowLatencyState* st = reinterpret_cast<LowLatencyState*>(ll.local + ll.layout.state());
+    uint32_t* generation = &st->barrier_generation;
+    const uint32_t before = ld_volatile_u32(generation);
+    __threadfence();  // the generation is read before this block's arrival counts
+    ok = 1;
+    if (atomicAdd(&st->ticket[kTicketGridBarrier], 1) == static_cast<int>(gridDim.x) - 1) {
+      st->ticket[kTicketGridBarrier] = 0;
+      __threadfence();
+      atomicAdd(generation, 1u);
+    } else {
+      const uint64_t start = device::global_timer_ns();
+      for (uint32_t spins = 0; ld_volatile_u32(generation) == before; ++spins) {
+        if ((spins & 127) == 0 && ll_stop_if_aborted(c, device::abort_value(c), phase)) {
+          ok = 0;
+          break;
+        }
+        if ((spins & 127) == 127 && device::global_timer_ns() - start > c.timeout_ns) {
+          ll_fail(c, phase, c.rank, -1, static_cast<int>(gridDim.x), -1);
+          ok = 0;
+          break;
+        }
+      }
+    }
+    __threadfence();
+  }
+  __syncthreads();
+  return ok != 0;
 }
 
 /// What every block reads once at kernel entry (one round of loads, one barrier).
@@ -216,7 +260,7 @@ __device__ __forceinline__ bool wait_sources(const DeviceComm& c, const LowLaten
     if (!s_masked[r]) {
       uint64_t value = 0;
       WaitResult res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox_region(c, ll, r) + L.signal(total_kind, half, r)),
-                                 seq, phase, r, &value);
+                                 seq, phase, r, &value, direct_region(c, ll, r) == nullptr);
       if (res == WaitResult::kArrived) {
         count = ll_signal_count(value);
         if (count > L.max_tokens) {  // not from a correct peer: nothing may be read past its inbox
@@ -234,7 +278,10 @@ __device__ __forceinline__ bool wait_sources(const DeviceComm& c, const LowLaten
   }
   __syncthreads();
   if (ll.shrink) {
-    cooperative_groups::this_grid().sync();
+    if (!grid_barrier(c, ll, phase)) {
+      s_failed = 1;
+      return false;
+    }
     reload_mask(c, ll, s_masked);
     __syncthreads();
     for (int r = threadIdx.x; r < c.num_ranks; r += blockDim.x)

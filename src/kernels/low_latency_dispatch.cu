@@ -379,7 +379,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
         const long long wait_start = clock64();
         uint64_t value = 0;
         res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.dispatch_flag(half, src, slot)), seq,
-                        Phase::kLowLatencyDispatchRecv, src, &value);
+                        Phase::kLowLatencyDispatchRecv, src, &value, direct_region(c, ll, src) == nullptr);
         if (p.wait_stats != nullptr)
           atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_stats + src),
                     static_cast<unsigned long long>(clock64() - wait_start));

@@ -316,6 +316,14 @@ def _two_hooks(buffer, rank, R, errors):
     except RuntimeError:
         pass
     d[4]()  # out of order
+    # A call of another region layout (T, H, E) while C's hook is pending would overwrite C's data.
+    x_other, idx_other, _, E_other = runs[1]
+    try:
+        buffer.low_latency_dispatch(x_other, idx_other, 65, E_other, use_fp8=False)
+        errors.append(f"rank {rank}: a call of another shape with a hook pending was accepted")
+    except ValueError as error:
+        if "waiting for its hook" not in str(error):
+            errors.append(f"rank {rank}: a call of another shape with a hook pending: wrong error: {error}")
     c[4]()
     cc = combine(2, c, True)
     cd = combine(3, d, True)
