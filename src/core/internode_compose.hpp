@@ -1,0 +1,128 @@
+// The first multi-node path, composed of stages (docs/design.md, "Multi-node: the first version"):
+// a rail stage (each rank sends each token once per destination node to its rail peer over
+// NVSHMEM), the single-node NVLink dispatch run inside each node on what the rail peers received,
+// and a local reordering into the contract's order. This header holds the host+device arithmetic
+// of that composition, which the CPU tests check against the single-node contract before any
+// kernel exists: the rail stage's message and region layout, the forwarded token order, the remap
+// of expert ids to node-local ids, and the row permutation.
+//
+// Ranks: N nodes of M GPUs, rank = node * M + local (NodeShape in internode_routing.hpp).
+#pragma once
+
+#include <cstdint>
+
+#include "core/hd.hpp"
+#include "core/internode_routing.hpp"
+#include "core/layouts.hpp"
+
+namespace flashep {
+
+// ---- the rail stage's wire -----------------------------------------------------------------------
+
+/// One rail message (a token for one destination node): [row][scales (FP8)][top-k ids, node-local
+/// or -1][top-k weights][meta: source token, local-rank mask of the node]. `stride` is a multiple of
+/// 128 (16-byte rows, and messages that start on cache lines).
+struct RailMessage {
+  int row_bytes;      // H * element size
+  int scale_offset;   // float32 [H / 128] (FP8 only)
+  int topk_offset;    // int32 [K]
+  int weight_offset;  // float32 [K]
+  int meta_offset;    // int32 {source token, local mask, 0, 0}
+  int bytes;          // what travels
+  int stride;         // bytes between messages
+};
+FLASHEP_HD RailMessage make_rail_message(int hidden, int num_topk, bool fp8) {
+  RailMessage m{};
+  m.row_bytes = hidden * (fp8 ? 1 : 2);
+  m.scale_offset = static_cast<int>(align_up(m.row_bytes, 16));
+  m.topk_offset = static_cast<int>(align_up(m.scale_offset + (fp8 ? (hidden / 128) * 4 : 0), 16));
+  m.weight_offset = static_cast<int>(align_up(m.topk_offset + num_topk * 4, 16));
+  m.meta_offset = static_cast<int>(align_up(m.weight_offset + num_topk * 4, 16));
+  m.bytes = m.meta_offset + 16;
+  m.stride = static_cast<int>(align_up(m.bytes, 128));
+  return m;
+}
+inline constexpr int kRailMetaSrcToken = 0;
+inline constexpr int kRailMetaLocalMask = 1;
+
+/// The rail stage's inbox on each rank (in the NVSHMEM symmetric heap): per source node a, a
+/// 64-bit count signal ("seq | count", as the low-latency signals), then `max_tokens` message
+/// slots. A rank receives at most max_tokens messages from each source node (its rail peer there
+/// sends each of its tokens at most once per node).
+struct RailRegion {
+  int num_nodes;
+  int max_tokens;
+  RailMessage msg;
+  int64_t signals_offset;  // uint64 [N]
+  int64_t slots_offset;    // [N][max_tokens] messages
+  int64_t stage_offset;    // [max_tokens] staged messages of ours (puts read them)
+  int64_t end;
+
+  FLASHEP_HD int64_t signal(int src_node) const { return signals_offset + int64_t(src_node) * 8; }
+  FLASHEP_HD int64_t slot(int src_node, int index) const {
+    return slots_offset + (int64_t(src_node) * max_tokens + index) * msg.stride;
+  }
+  FLASHEP_HD int64_t stage(int index) const { return stage_offset + int64_t(index) * msg.stride; }
+};
+FLASHEP_HD RailRegion make_rail_region(int num_nodes, int max_tokens, int hidden, int num_topk, bool fp8) {
+  RailRegion r{};
+  r.num_nodes = num_nodes;
+  r.max_tokens = max_tokens;
+  r.msg = make_rail_message(hidden, num_topk, fp8);
+  int64_t at = 0;
+  r.signals_offset = at;
+  at = align_up(at + int64_t(num_nodes) * 8, 128);
+  r.slots_offset = at;
+  at = align_up(at + int64_t(num_nodes) * max_tokens * r.msg.stride, 128);
+  r.stage_offset = at;
+  at = align_up(at + int64_t(max_tokens) * r.msg.stride, 128);
+  r.end = at;
+  return r;
+}
+
+// ---- the forwarded tokens ------------------------------------------------------------------------
+
+/// Where a token sits in what a forwarder received: tokens from source node a come after those of
+/// the source nodes before it (`forwarded_prefix` [N], inclusive over source nodes), in the
+/// source's token order (`index` among that source's tokens for this node).
+FLASHEP_HD int forwarded_index(const int* forwarded_prefix, int src_node, int index) {
+  return (src_node == 0 ? 0 : forwarded_prefix[src_node - 1]) + index;
+}
+
+/// A global expert id as the node-local NVLink stage sees it: the experts of `node`'s ranks are
+/// numbered from 0 (local rank j holds [j * L, (j + 1) * L)); every other expert, and -1, is -1.
+FLASHEP_HD int node_local_expert(int64_t expert, int node, int nvl_size, int num_local_experts) {
+  const int64_t first = int64_t(node) * nvl_size * num_local_experts;
+  const int64_t local = expert - first;
+  return (expert >= 0 && local >= 0 && local < int64_t(nvl_size) * num_local_experts) ? static_cast<int>(local) : -1;
+}
+
+// ---- the row permutation -------------------------------------------------------------------------
+
+/// What one receiver gets, by forwarder (its node's local rank i) and source node a:
+/// `counts[i * N + a]` rows, all from global source rank a * M + i. The NVLink stage delivers them
+/// by forwarder, then (the forwarded order) by source node, then by token; the contract wants
+/// them by global source rank (a * M + i), then by token. These give both positions of the k-th
+/// row of (i, a).
+FLASHEP_HD int64_t composed_nvlink_row(const int* counts, const NodeShape& s, int forwarder, int src_node, int k) {
+  const int N = s.num_nodes(), M = s.nvl_size;
+  int64_t row = 0;
+  for (int i = 0; i < M; ++i)
+    for (int a = 0; a < N; ++a) {
+      if (i == forwarder && a == src_node) return row + k;
+      row += counts[i * N + a];
+    }
+  return row + k;  // not reached for valid (forwarder, src_node)
+}
+FLASHEP_HD int64_t composed_final_row(const int* counts, const NodeShape& s, int forwarder, int src_node, int k) {
+  const int N = s.num_nodes(), M = s.nvl_size;
+  int64_t row = 0;
+  for (int a = 0; a < N; ++a)
+    for (int i = 0; i < M; ++i) {
+      if (i == forwarder && a == src_node) return row + k;
+      row += counts[i * N + a];
+    }
+  return row + k;
+}
+
+}  // namespace flashep
