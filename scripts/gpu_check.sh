@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # flashep: build, install and check everything on the GPU machine (no network needed).
 #
-#   scripts/gpu_check.sh [--gpus N] [--quick] [--sanitize] [--no-tests] [--no-bench] [--no-install]
-#                        [--no-cpp] [-- extra pytest arguments]
+#   scripts/gpu_check.sh [--gpus N] [--quick] [--sanitize] [--ll-trace] [--no-tests] [--no-bench]
+#                        [--no-install] [--no-cpp] [-- extra pytest arguments]
 #
 # A GPU machine that cannot run the GPU tests is a failure here, never a pass with skips (issue 7):
 # the machine is expected to have N GPUs (--gpus N; default: the GPUs `nvidia-smi -L` lists; no
@@ -23,6 +23,10 @@
 #                domains (FLASHEP_DEBUG_KERNEL_RANKS), so fewer GPUs test that code too (+ skip check)
 #   4. bench     python3 -m flashep.bench [--out $OUT/bench.md], then
 #                python3 -m flashep.bench_low_latency [--out $OUT/bench_low_latency.md]
+#   4b. ll_trace (--ll-trace) the low-latency kernels' timeline: installs a diagnostics build
+#                (-Ccmake.define.FLASHEP_ENABLE_DIAGNOSTICS=ON), runs
+#                python3 -m flashep.bench_low_latency --trace --tokens 1,128 --paths nvlink, then
+#                installs the normal build again (so the sanitizer step runs production kernels)
 #   5. sanitize  (--sanitize) compute-sanitizer memcheck on the 2-rank intranode test, quick grid,
 #                on the foundation's bad-input and transport tests (test_foundation.py) and on the
 #                2-rank low-latency test (quick grid, both transports);
@@ -32,6 +36,7 @@
 #                     set it when CUDA_VISIBLE_DEVICES hides some of what nvidia-smi lists)
 #        --quick      smaller test grids (FLASHEP_TEST_QUICK=1)
 #        --sanitize   add step 5
+#        --ll-trace   add step 4b
 #        --no-tests   skip steps 2, 3, 3b (and 5)
 #        --no-bench   skip step 4
 #        --no-install reuse the installed package (skip step 1)
@@ -48,7 +53,7 @@ cd "$ROOT"
 
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
-QUICK=0 SANITIZE=0 RUN_TESTS=1 RUN_BENCH=1 RUN_INSTALL=1 RUN_CPP=1
+QUICK=0 SANITIZE=0 LL_TRACE=0 RUN_TESTS=1 RUN_BENCH=1 RUN_INSTALL=1 RUN_CPP=1
 EXPECT_GPUS=""
 PYTEST_EXTRA=()
 while [[ $# -gt 0 ]]; do
@@ -58,6 +63,7 @@ while [[ $# -gt 0 ]]; do
     --gpus=*) EXPECT_GPUS="${1#--gpus=}" ;;
     --quick) QUICK=1 ;;
     --sanitize) SANITIZE=1 ;;
+    --ll-trace) LL_TRACE=1 ;;
     --no-tests) RUN_TESTS=0 ;;
     --no-bench) RUN_BENCH=0 ;;
     --no-install) RUN_INSTALL=0 ;;
@@ -261,6 +267,19 @@ elif [[ $RUN_BENCH -eq 1 ]]; then
   skip_step bench "install failed"
 else
   skip_step bench "--no-bench"
+fi
+
+# ---- 4b. the low-latency kernels' timeline (diagnostics build), then the production build again
+if [[ $LL_TRACE -eq 1 && $INSTALL_OK -eq 1 ]]; then
+  ll_trace() {
+    local rc=0
+    CMAKE_BUILD_PARALLEL_LEVEL="$NPROC" "$PY" -m pip install --no-build-isolation --no-deps \
+      -Ccmake.define.FLASHEP_ENABLE_DIAGNOSTICS=ON . || return 1
+    (cd /tmp && "$PY" -m flashep.bench_low_latency --trace --tokens 1,128 --paths nvlink) || rc=$?
+    CMAKE_BUILD_PARALLEL_LEVEL="$NPROC" "$PY" -m pip install --no-build-isolation --no-deps . || rc=1
+    return "$rc"
+  }
+  run_step ll_trace ll_trace || true
 fi
 
 # ---- 5. compute-sanitizer memcheck on the 2-rank intranode test (quick grid, short stress loop)
