@@ -37,6 +37,8 @@ enum class Phase : int {
   kLowLatencyCallMismatch,    // low-latency: a peer's call differs (T, H, E, K, dtype or operation)
   kLowLatencyBadMessage,      // low-latency: a message names a row outside its segment
   kLowLatencyOverrun,         // low-latency: a peer is two calls ahead (more than two calls in flight)
+  kRailReceive,               // multi-node rail stage: waiting for a source node's tokens
+  kRailBadCount,              // multi-node rail stage: a source node's count exceeds what fits
 };
 
 /// Why the record was written.
@@ -91,6 +93,8 @@ inline const char* phase_name(Phase phase) {
     case Phase::kLowLatencyCallMismatch: return "low-latency call check";
     case Phase::kLowLatencyBadMessage: return "low_latency_dispatch receive (a message names a row outside its segment)";
     case Phase::kLowLatencyOverrun: return "low-latency call (a peer is two calls ahead)";
+    case Phase::kRailReceive: return "multi-node rail stage (waiting for a source node's tokens)";
+    case Phase::kRailBadCount: return "multi-node rail stage (a source node sent more tokens than fit)";
   }
   return "unknown";
 }
@@ -108,6 +112,7 @@ inline ErrorKind kind_of(const DeviceErrorRecord& r) {
     case Phase::kNotifyBadExpertCount:
     case Phase::kLowLatencyInvalidExpert:
     case Phase::kLowLatencyBadMessage:
+    case Phase::kRailBadCount:
       return ErrorKind::kDeviceFault;
     case Phase::kCallMismatch:
     case Phase::kLowLatencyCallMismatch:

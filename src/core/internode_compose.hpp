@@ -19,9 +19,10 @@ namespace flashep {
 
 // ---- the rail stage's wire -----------------------------------------------------------------------
 
-/// One rail message (a token for one destination node): [row][scales (FP8)][top-k ids, node-local
-/// or -1][top-k weights][meta: source token, local-rank mask of the node]. `stride` is a multiple of
-/// 128 (16-byte rows, and messages that start on cache lines).
+/// One rail message (a token, the same bytes for every destination node, so it is staged once):
+/// [row][scales (FP8)][top-k ids (global, or -1)][top-k weights][meta: source token, 3 reserved,
+/// then the token's row of is_token_in_rank as R bits]. The receiving forwarder derives its node's
+/// local ids and local-rank mask from it. `stride` is a multiple of 128.
 struct RailMessage {
   int row_bytes;      // H * element size
   int scale_offset;   // float32 [H / 128] (FP8 only)
@@ -31,47 +32,71 @@ struct RailMessage {
   int bytes;          // what travels
   int stride;         // bytes between messages
 };
-FLASHEP_HD RailMessage make_rail_message(int hidden, int num_topk, bool fp8) {
+FLASHEP_HD int rail_mask_words(int num_ranks) { return (num_ranks + 31) / 32; }
+FLASHEP_HD RailMessage make_rail_message(int hidden, int num_topk, bool fp8, int num_ranks) {
   RailMessage m{};
   m.row_bytes = hidden * (fp8 ? 1 : 2);
   m.scale_offset = static_cast<int>(align_up(m.row_bytes, 16));
   m.topk_offset = static_cast<int>(align_up(m.scale_offset + (fp8 ? (hidden / 128) * 4 : 0), 16));
   m.weight_offset = static_cast<int>(align_up(m.topk_offset + num_topk * 4, 16));
   m.meta_offset = static_cast<int>(align_up(m.weight_offset + num_topk * 4, 16));
-  m.bytes = m.meta_offset + 16;
+  m.bytes = m.meta_offset + 16 + 4 * rail_mask_words(num_ranks);
   m.stride = static_cast<int>(align_up(m.bytes, 128));
   return m;
 }
 inline constexpr int kRailMetaSrcToken = 0;
-inline constexpr int kRailMetaLocalMask = 1;
+inline constexpr int kRailMetaMask = 4;  // first of the mask words
 
-/// The rail stage's inbox on each rank (in the NVSHMEM symmetric heap): per source node a, a
-/// 64-bit count signal ("seq | count", as the low-latency signals), then `max_tokens` message
-/// slots. A rank receives at most max_tokens messages from each source node (its rail peer there
-/// sends each of its tokens at most once per node).
+/// The rail stage's own state (this rank only), at RailRegion::state_offset.
+struct RailState {
+  uint32_t seq;         // calls whose rail receive finished (the next call's sequence number)
+  int send_ticket;      // blocks done with the send
+  int receive_ticket;   // blocks done with the receive
+  int reserved[29];
+};
+
+/// Largest token count per rank of the multi-node path (the rail flags are sized for it, so that
+/// they sit at offsets no shape moves).
+inline constexpr int kMaxRailTokens = 16384;
+
+/// The rail stage's inbox on each rank (at the start of the NVSHMEM symmetric region). Fixed part
+/// (offsets depend on N only): the state (the call sequence), per source node a 64-bit count
+/// signal ("seq << 32 | valid | count", the low-latency encoding), and per (source node, slot) the
+/// message's own flag. Then, per shape: `max_tokens` message slots per source node, and our staged
+/// messages (the puts read them). A rank receives at most max_tokens messages from each source
+/// node (its rail peer there sends each of its tokens at most once per node).
 struct RailRegion {
   int num_nodes;
   int max_tokens;
   RailMessage msg;
+  int64_t state_offset;    // RailState (128 bytes)
   int64_t signals_offset;  // uint64 [N]
+  int64_t flags_offset;    // uint64 [N][kMaxRailTokens]
   int64_t slots_offset;    // [N][max_tokens] messages
   int64_t stage_offset;    // [max_tokens] staged messages of ours (puts read them)
   int64_t end;
 
   FLASHEP_HD int64_t signal(int src_node) const { return signals_offset + int64_t(src_node) * 8; }
+  FLASHEP_HD int64_t flag(int src_node, int index) const {
+    return flags_offset + (int64_t(src_node) * kMaxRailTokens + index) * 8;
+  }
   FLASHEP_HD int64_t slot(int src_node, int index) const {
     return slots_offset + (int64_t(src_node) * max_tokens + index) * msg.stride;
   }
   FLASHEP_HD int64_t stage(int index) const { return stage_offset + int64_t(index) * msg.stride; }
 };
-FLASHEP_HD RailRegion make_rail_region(int num_nodes, int max_tokens, int hidden, int num_topk, bool fp8) {
+FLASHEP_HD RailRegion make_rail_region(int num_nodes, int max_tokens, int hidden, int num_topk, bool fp8, int num_ranks) {
   RailRegion r{};
   r.num_nodes = num_nodes;
   r.max_tokens = max_tokens;
-  r.msg = make_rail_message(hidden, num_topk, fp8);
+  r.msg = make_rail_message(hidden, num_topk, fp8, num_ranks);
   int64_t at = 0;
+  r.state_offset = at;
+  at += 128;
   r.signals_offset = at;
   at = align_up(at + int64_t(num_nodes) * 8, 128);
+  r.flags_offset = at;
+  at = align_up(at + int64_t(num_nodes) * kMaxRailTokens * 8, 128);
   r.slots_offset = at;
   at = align_up(at + int64_t(num_nodes) * max_tokens * r.msg.stride, 128);
   r.stage_offset = at;

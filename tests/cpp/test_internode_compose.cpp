@@ -17,18 +17,26 @@ namespace {
 
 void test_rail_layout() {
   for (int N : {1, 2, 4, 16})
-    for (int T : {1, 128, 4096})
+    for (int T : {1, 128, 4096, kMaxRailTokens})
       for (int H : {128, 2048, 7168})
         for (int K : {1, 8, 32})
           for (bool fp8 : {false, true}) {
-            const RailRegion r = make_rail_region(N, T, H, K, fp8);
+            const RailRegion r = make_rail_region(N, T, H, K, fp8, 8 * N);
             const RailMessage& m = r.msg;
             CHECK(m.scale_offset >= m.row_bytes && m.scale_offset % 16 == 0);
             CHECK(m.topk_offset >= m.scale_offset + (fp8 ? H / 128 * 4 : 0) && m.topk_offset % 16 == 0);
             CHECK(m.weight_offset >= m.topk_offset + 4 * K && m.weight_offset % 16 == 0);
             CHECK(m.meta_offset >= m.weight_offset + 4 * K && m.meta_offset % 16 == 0);
+            CHECK(m.bytes == m.meta_offset + 16 + 4 * rail_mask_words(8 * N) && m.bytes % 4 == 0);
             CHECK(m.bytes <= m.stride && m.stride % 128 == 0);
-            CHECK(r.signal(N - 1) + 8 <= r.slots_offset);
+            CHECK(r.state_offset + 128 <= r.signals_offset);
+            CHECK(r.signal(N - 1) + 8 <= r.flags_offset);
+            CHECK(r.flag(N - 1, kMaxRailTokens - 1) + 8 <= r.slots_offset);
+            // The fixed part does not move with the shape.
+            const RailRegion other = make_rail_region(N, 7, 256, 2, !fp8, 8 * N);
+            static_assert(sizeof(RailState) == 128, "the rail state fills its 128 bytes");
+            CHECK_EQ(other.flag(N - 1, 3), r.flag(N - 1, 3));
+            CHECK_EQ(other.signal(N - 1), r.signal(N - 1));
             CHECK(r.slots_offset % 128 == 0 && r.stage_offset % 128 == 0 && r.end % 128 == 0);
             CHECK(r.slot(N - 1, T - 1) + m.stride <= r.stage_offset);
             CHECK(r.stage(T - 1) + m.stride <= r.end);

@@ -1,0 +1,291 @@
+// The multi-node rail stage (src/kernels/rail_launch.hpp has the contract; the wire and the region
+// are in src/core/internode_compose.hpp). Not yet called by the host: the first multi-node version
+// (docs/design.md) wires it in front of the single-node dispatch; written 2026-11-30, compiled, not
+// yet run on GPUs.
+//
+// Every token crosses the network once per destination node, to the rank with the same local index
+// there (its rail peer). The message is the same for every node (row, scales, global top-k ids and
+// weights, the token's row of is_token_in_rank as bits), so it is staged once in our symmetric
+// region and put once per node. The counts go out first, each message carries its own flag (the
+// put's signal), and the receiver waits per message: no sender waits for its last block before
+// signalling (the low-latency mode's protocol, docs/design.md).
+#include "core/low_latency_layout.hpp"  // the signal encoding: seq << 32 | valid | count
+#include "kernels/peer_transport.cuh"
+#include "kernels/rail_launch.hpp"
+
+namespace flashep::kernels {
+namespace {
+
+__device__ __forceinline__ RailState* rail_state(const DeviceComm& c, const RailRegion& g) {
+  return reinterpret_cast<RailState*>(c.sym_base + g.state_offset);
+}
+
+/// One thread: `value` into `peer`'s 64-bit word at `offset` of the symmetric region (ours when
+/// `peer` is this rank: a release store).
+__device__ __forceinline__ void rail_signal(const DeviceComm& c, int peer, int64_t offset, uint64_t value) {
+  if (peer == c.rank) {
+    device::st_release_sys_u64(reinterpret_cast<uint64_t*>(c.sym_base + offset), value);
+    return;
+  }
+#if FLASHEP_WITH_NVSHMEM
+  nvshmemx_signal_op(reinterpret_cast<uint64_t*>(c.sym_base + offset), value, NVSHMEM_SIGNAL_SET, peer);
+#endif
+}
+
+/// One thread: spins until our word at `word` holds call `seq`'s signal. Bounded by the timeout,
+/// given up on abort; a word written through NVSHMEM then gets one NVSHMEM test (its post-wait
+/// consistency step). Returns false when it gave up (the reason is recorded).
+__device__ __noinline__ bool rail_wait(const DeviceComm& c, const uint64_t* word, uint32_t seq, int peer, bool nvshmem,
+                                       uint64_t* value) {
+  uint64_t start = 0;
+  for (uint32_t spins = 0;; ++spins) {
+    const int abort = (spins & 127) == 0 ? device::abort_value(c) : 0;
+    const uint64_t v = device::ld_acquire_sys_u64(word);
+    if (device::stop_if_aborted(c, abort, Phase::kRailReceive)) return false;
+    if (ll_signal_is(v, seq)) {
+      *value = v;
+#if FLASHEP_WITH_NVSHMEM
+      if (nvshmem) nvshmem_uint64_test(const_cast<uint64_t*>(word), NVSHMEM_CMP_EQ, v);
+#else
+      (void)nvshmem;
+#endif
+      return true;
+    }
+    if (spins == 0) start = device::global_timer_ns();
+    if ((spins & 127) == 127 && device::global_timer_ns() - start > c.timeout_ns) {
+      device::fail(c, Phase::kRailReceive, peer, -1, static_cast<int>(seq), static_cast<int>(v >> 32));
+      return false;
+    }
+  }
+}
+
+/// Plan: block b = destination node b. The token's slot at b's rail peer is the number of earlier
+/// tokens that go to node b (a block-wide scan over the tokens, in token order).
+__global__ void __launch_bounds__(kRailThreads) rail_plan_kernel(const __grid_constant__ RailPlanParams p) {
+  const NodeShape& s = p.shape;
+  const int b = blockIdx.x, M = s.nvl_size, N = s.num_nodes(), R = s.num_ranks;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, num_warps = blockDim.x / 32;
+  __shared__ int s_warp_count[kRailThreads / 32];
+  __shared__ int s_base;
+  if (threadIdx.x == 0) s_base = 0;
+  __syncthreads();
+  for (int t0 = 0; t0 < p.num_tokens; t0 += blockDim.x) {  // block-uniform trip count
+    const int t = t0 + static_cast<int>(threadIdx.x);
+    bool goes = false;
+    if (t < p.num_tokens) {
+      const bool* row = p.is_token_in_rank + int64_t(t) * R + int64_t(b) * M;
+      for (int j = 0; j < M; ++j) goes |= row[j];
+    }
+    const unsigned ballot = __ballot_sync(0xffffffffu, goes);
+    if (lane == 0) s_warp_count[warp] = __popc(ballot);
+    __syncthreads();
+    int before = s_base;
+    for (int w = 0; w < warp; ++w) before += s_warp_count[w];
+    if (t < p.num_tokens)
+      p.rail_slot[int64_t(t) * N + b] = goes ? before + __popc(ballot & ((1u << lane) - 1u)) : -1;
+    __syncthreads();
+    if (threadIdx.x == 0)
+      for (int w = 0; w < num_warps; ++w) s_base += s_warp_count[w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) p.rail_count[b] = s_base;
+}
+
+/// Send: the counts to every node's rail peer, then one block per token stages its message and
+/// puts it to the rail peer of every node it goes to (warp w serves nodes w, w + warps, ...).
+__global__ void __launch_bounds__(kRailThreads) rail_send_kernel(const __grid_constant__ RailSendParams p) {
+  const DeviceComm& c = p.comm;
+  if (device::aborted_at_entry(c)) return;
+  const NodeShape& s = p.shape;
+  const RailRegion& g = p.region;
+  const RailMessage& m = g.msg;
+  const int N = s.num_nodes(), R = s.num_ranks, K = p.num_topk, my_node = s.node_of(c.rank);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, num_warps = blockDim.x / 32;
+  RailState* st = rail_state(c, g);
+  __shared__ uint32_t s_seq;
+  if (threadIdx.x == 0) s_seq = *reinterpret_cast<volatile uint32_t*>(&st->seq);
+  __syncthreads();
+  const uint32_t seq = s_seq;
+
+  // 1. Counts first (block b % blocks for node b).
+  if (threadIdx.x == 0)
+    for (int b = blockIdx.x; b < N; b += gridDim.x)
+      rail_signal(c, s.rail_peer(c.rank, b), g.signal(my_node), ll_signal(seq, p.rail_count[b]));
+
+  // 2. Messages.
+  const int words = static_cast<int>(align_up(int64_t(m.bytes), 16) / 16);
+  const int mask_words = rail_mask_words(R);
+  for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
+    char* stage = c.sym_base + g.stage(t);
+    const int4* row = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + int64_t(t) * m.row_bytes);
+    for (int i = threadIdx.x; i < m.row_bytes / 16; i += blockDim.x) reinterpret_cast<int4*>(stage)[i] = device::ld_stream(row + i);
+    if (p.fp8)
+      for (int i = threadIdx.x; i < p.hidden / 128; i += blockDim.x)
+        reinterpret_cast<float*>(stage + m.scale_offset)[i] =
+            p.x_scales[int64_t(t) * p.scale_token_stride + int64_t(i) * p.scale_hidden_stride];
+    for (int k = threadIdx.x; k < K; k += blockDim.x) {
+      reinterpret_cast<int*>(stage + m.topk_offset)[k] = p.topk_idx != nullptr ? static_cast<int>(p.topk_idx[int64_t(t) * K + k]) : -1;
+      reinterpret_cast<float*>(stage + m.weight_offset)[k] = p.topk_weights != nullptr ? p.topk_weights[int64_t(t) * K + k] : 0.0f;
+    }
+    int* meta = reinterpret_cast<int*>(stage + m.meta_offset);
+    if (threadIdx.x < kRailMetaMask) meta[threadIdx.x] = threadIdx.x == kRailMetaSrcToken ? t : 0;
+    for (int w = threadIdx.x; w < mask_words; w += blockDim.x) {
+      uint32_t bits = 0;
+      for (int j = 0; j < 32 && w * 32 + j < R; ++j) bits |= p.is_token_in_rank[int64_t(t) * R + w * 32 + j] ? (1u << j) : 0u;
+      meta[kRailMetaMask + w] = static_cast<int>(bits);
+    }
+    __syncthreads();
+    const uint64_t flag = ll_signal(seq, 0);
+    for (int b = warp; b < N; b += num_warps) {
+      const int slot = p.rail_slot[int64_t(t) * N + b];
+      if (slot < 0) continue;  // warp-uniform
+      const int peer = s.rail_peer(c.rank, b);
+      if (peer == c.rank) {  // our own node: a local copy into our inbox, then the flag
+        int4* to = reinterpret_cast<int4*>(c.sym_base + g.slot(my_node, slot));
+        for (int i = lane; i < words; i += 32) to[i] = reinterpret_cast<const int4*>(stage)[i];
+        __syncwarp();
+        if (lane == 0) rail_signal(c, peer, g.flag(my_node, slot), flag);
+        __syncwarp();
+      } else {
+#if FLASHEP_WITH_NVSHMEM
+        nvshmemx_putmem_signal_nbi_warp(c.sym_base + g.slot(my_node, slot), stage, static_cast<size_t>(words) * 16,
+                                        reinterpret_cast<uint64_t*>(c.sym_base + g.flag(my_node, slot)), flag,
+                                        NVSHMEM_SIGNAL_SET, peer);
+#endif
+      }
+    }
+  }
+
+  // 3. The last block completes every put of this PE (the stages are rewritten by the next call).
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(&st->send_ticket, 1) == static_cast<int>(gridDim.x) - 1) {
+      __threadfence();
+#if FLASHEP_WITH_NVSHMEM
+      nvshmem_quiet();
+#endif
+      st->send_ticket = 0;
+    }
+  }
+}
+
+/// Receive: every source node's count, then one block per forwarded token (by source node, then
+/// token) waits for its flag and lays it out as the NVLink stage's input. The last block advances
+/// the sequence.
+__global__ void __launch_bounds__(kRailThreads) rail_receive_kernel(const __grid_constant__ RailReceiveParams p) {
+  const DeviceComm& c = p.comm;
+  if (device::aborted_at_entry(c)) return;
+  const NodeShape& s = p.shape;
+  const RailRegion& g = p.region;
+  const RailMessage& m = g.msg;
+  const int N = s.num_nodes(), M = s.nvl_size, K = p.num_topk, my_node = s.node_of(c.rank), me = s.local_of(c.rank);
+  RailState* st = rail_state(c, g);
+  __shared__ uint32_t s_seq;
+  __shared__ int s_prefix[kMaxNodes + 1];
+  __shared__ int s_failed, s_arrived;
+  if (threadIdx.x == 0) {
+    s_seq = *reinterpret_cast<volatile uint32_t*>(&st->seq);
+    s_failed = 0;
+  }
+  __syncthreads();
+  const uint32_t seq = s_seq;
+
+  // 1. Counts.
+  for (int a = threadIdx.x; a < N; a += blockDim.x) {
+    const int src = s.rank_of(a, me);
+    uint64_t value = 0;
+    int count = 0;
+    if (!rail_wait(c, reinterpret_cast<const uint64_t*>(c.sym_base + g.signal(a)), seq, src, src != c.rank, &value)) {
+      s_failed = 1;
+    } else {
+      count = ll_signal_count(value);
+      if (count > g.max_tokens) {
+        device::fail(c, Phase::kRailBadCount, src, -1, g.max_tokens, count);
+        s_failed = 1;
+        count = 0;
+      }
+    }
+    s_prefix[a + 1] = count;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0 && !s_failed) {
+    s_prefix[0] = 0;
+    for (int a = 0; a < N; ++a) s_prefix[a + 1] += s_prefix[a];
+    if (s_prefix[N] > p.max_forwarded) {
+      device::fail(c, Phase::kRailBadCount, -1, -1, p.max_forwarded, s_prefix[N]);
+      s_failed = 1;
+    }
+  }
+  __syncthreads();
+  if (s_failed) return;
+  if (blockIdx.x == 0)
+    for (int a = threadIdx.x; a < N; a += blockDim.x) p.fwd_counts[a] = s_prefix[a + 1] - s_prefix[a];
+
+  // 2. The forwarded tokens.
+  const int total = s_prefix[N];
+  const int row_words = m.row_bytes / 16;
+  for (int f = blockIdx.x; f < total; f += gridDim.x) {
+    int a = 0;
+    while (s_prefix[a + 1] <= f) ++a;
+    const int index = f - s_prefix[a];
+    if (threadIdx.x == 0) {
+      const int src = s.rank_of(a, me);
+      uint64_t value = 0;
+      s_arrived = rail_wait(c, reinterpret_cast<const uint64_t*>(c.sym_base + g.flag(a, index)), seq, src, src != c.rank,
+                            &value) ? 1 : 0;
+    }
+    __syncthreads();
+    if (!s_arrived) return;
+    const char* msg = c.sym_base + g.slot(a, index);
+    int4* out_row = reinterpret_cast<int4*>(static_cast<char*>(p.fwd_x) + int64_t(f) * m.row_bytes);
+    for (int i = threadIdx.x; i < row_words; i += blockDim.x) out_row[i] = device::ld_ring(reinterpret_cast<const int4*>(msg) + i);
+    if (p.fp8)
+      for (int i = threadIdx.x; i < p.hidden / 128; i += blockDim.x)
+        p.fwd_scales[int64_t(f) * (p.hidden / 128) + i] = __ldcg(reinterpret_cast<const float*>(msg + m.scale_offset) + i);
+    for (int k = threadIdx.x; k < K; k += blockDim.x) {
+      const int expert = __ldcg(reinterpret_cast<const int*>(msg + m.topk_offset) + k);
+      p.fwd_topk_idx[int64_t(f) * K + k] = node_local_expert(expert, my_node, M, p.num_local_experts);
+      if (p.fwd_topk_weights != nullptr)
+        p.fwd_topk_weights[int64_t(f) * K + k] = __ldcg(reinterpret_cast<const float*>(msg + m.weight_offset) + k);
+    }
+    const int* meta = reinterpret_cast<const int*>(msg + m.meta_offset);
+    for (int j = threadIdx.x; j < M; j += blockDim.x) {
+      const int bit = my_node * M + j;
+      const uint32_t bits = static_cast<uint32_t>(__ldcg(meta + kRailMetaMask + bit / 32));
+      p.fwd_in_rank[int64_t(f) * M + j] = (bits >> (bit % 32)) & 1u;
+    }
+    if (threadIdx.x == 0) {
+      p.fwd_source[int64_t(f) * 2] = a;
+      p.fwd_source[int64_t(f) * 2 + 1] = __ldcg(meta + kRailMetaSrcToken);
+    }
+    __syncthreads();  // s_arrived is rewritten by the next token
+  }
+
+  // 3. The last block advances the sequence (the next call's send reads it).
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(&st->receive_ticket, 1) == static_cast<int>(gridDim.x) - 1) {
+      st->receive_ticket = 0;
+      st->seq = seq + 1;
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_rail_plan(const RailPlanParams& p, cudaStream_t stream) {
+  rail_plan_kernel<<<p.shape.num_nodes(), kRailThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+cudaError_t launch_rail_send(const RailSendParams& p, int num_blocks, cudaStream_t stream) {
+  rail_send_kernel<<<num_blocks, kRailThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+cudaError_t launch_rail_receive(const RailReceiveParams& p, int num_blocks, cudaStream_t stream) {
+  rail_receive_kernel<<<num_blocks, kRailThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace flashep::kernels
