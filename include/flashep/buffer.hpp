@@ -190,6 +190,37 @@ struct CombineArgs {
   Config config;
 };
 
+/// The first stage of the multi-node dispatch (docs/design.md, "Multi-node: the first version"):
+/// every token once per destination node to the rank with the same local index there (its rail
+/// peer, over NVSHMEM), laid out on arrival as the NVLink stage's input: by source node, then
+/// token. Exposed for its tests until the multi-node dispatch calls it. Needs several NVLink
+/// domains and an NVSHMEM region of at least internode_rail_bytes(). Not yet run on GPUs.
+struct RailExchangeArgs {
+  const void* x = nullptr;  ///< [n, H] contiguous rows: bf16, or fp8 e4m3 with x_scales
+  DType dtype = DType::kBFloat16;
+  int hidden = 0;
+  const float* x_scales = nullptr;  ///< fp8: [n, H/128] of any strides
+  int64_t scale_token_stride = 0, scale_hidden_stride = 0;
+  const int64_t* topk_idx = nullptr;      ///< [n, K], -1 = empty slot (K = 0: none)
+  const float* topk_weights = nullptr;    ///< [n, K] or nullptr
+  int num_topk = 0;
+  int num_experts = 0;                    ///< E (a multiple of the world size)
+  const bool* is_token_in_rank = nullptr; ///< [n, R]
+  int num_tokens = 0;
+  int max_tokens = 0;   ///< the bound of num_tokens on every rank (the same everywhere): sizes the inbox
+  int* rail_slot = nullptr;   ///< scratch [n, N]
+  int* rail_count = nullptr;  ///< scratch [N]
+  /// Outputs of max_forwarded = N * max_tokens rows: the forwarded tokens by source node, then token.
+  void* fwd_x = nullptr;                 ///< [F, H]
+  float* fwd_scales = nullptr;           ///< fp8: [F, H/128] row-major
+  int64_t* fwd_topk_idx = nullptr;       ///< [F, K]: this node's experts numbered from 0, others -1
+  float* fwd_topk_weights = nullptr;     ///< [F, K] or nullptr
+  bool* fwd_in_rank = nullptr;           ///< [F, M]: the token's ranks on this node
+  int* fwd_source = nullptr;             ///< [F, 2]: source node, source token
+  int* fwd_counts = nullptr;             ///< [N]: tokens from each source node
+  int num_sms = 0;                       ///< blocks of the send and receive kernels (0: the device's SMs)
+};
+
 /// How this rank reaches a peer.
 enum class PeerTransport : int {
   kSelf = 0,
@@ -277,6 +308,12 @@ class Buffer {
   /// and checks what arrived. Uses the NVLink rings (NVLink peers) and the RDMA region (NVSHMEM
   /// peers) as scratch: no other operation may be in flight. Synchronizes.
   std::vector<PeerCheck> check_transports(size_t bytes_per_peer);
+
+  /// The multi-node rail stage (RailExchangeArgs). Collective: every rank calls it.
+  void internode_rail_exchange(const RailExchangeArgs& args, cudaStream_t stream);
+  /// Bytes of the NVSHMEM region the rail stage needs (num_rdma_bytes must be at least this).
+  static size_t internode_rail_bytes(int num_ranks, int nvl_domain_size, int max_tokens, int hidden, DType dtype,
+                                     int num_topk);
 
   /// Throws if a kernel of this buffer recorded an error (or the buffer is poisoned).
   void check() const;

@@ -564,6 +564,7 @@ void bind_runtime(nb::module_& m) {
 
 void bind_low_latency_oracle(nb::module_& m);  // oracle_low_latency.cpp
 void bind_low_latency(nb::module_& m);         // low_latency_bindings.cpp
+void bind_internode(nb::module_& m);           // internode_bindings.cpp
 
 namespace {
 
@@ -647,6 +648,7 @@ NB_MODULE(_C, m) {
   bind_oracle(m);
   bind_low_latency_oracle(m);
   bind_low_latency(m);
+  bind_internode(m);
   m.attr("kMaxNvlRanks") = flashep::kMaxNvlRanks;
   m.attr("kMaxTopk") = flashep::kMaxTopk;
   m.attr("kMaxLocalExperts") = flashep::kMaxLocalExperts;

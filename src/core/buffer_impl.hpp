@@ -1,6 +1,7 @@
 // flashep::Buffer's implementation object, shared by the files that implement it:
 //   buffer.cpp          lifetime, resources, bootstrap, the error state (check, poison, abort)
 //   intranode_ops.cpp   the intranode operations: validate -> params -> launch
+//   internode_ops.cpp   the multi-node stages (the rail stage so far)
 #pragma once
 
 #include <memory>
@@ -49,6 +50,8 @@ class BufferImpl {
   DeviceComm device_comm() const;
   PeerTransport peer_transport(int peer) const;
   std::vector<PeerCheck> check_transports(size_t bytes_per_peer);
+  // ---- the multi-node rail stage (internode_ops.cpp) -------------------------------------------------
+  void internode_rail_exchange(const RailExchangeArgs& a, cudaStream_t stream);
 
   // ---- intranode operations (intranode_ops.cpp) ----------------------------------------------------
   void get_dispatch_layout(const LayoutArgs& a, cudaStream_t stream);
