@@ -192,8 +192,10 @@ struct CombineArgs {
 
 /// The first stage of the multi-node dispatch (docs/design.md, "Multi-node: the first version"):
 /// every token once per destination node to the rank with the same local index there (its rail
-/// peer, over NVSHMEM), laid out on arrival as the NVLink stage's input: by source node, then
-/// token. Exposed for its tests until the multi-node dispatch calls it. Needs several NVLink
+/// peer, over NVSHMEM), laid out on arrival as the NVLink stage's input: source node a's tokens at
+/// rows [a * T, a * T + count_a) in token order (T = max_tokens), the other rows going nowhere, so
+/// the NVLink stage always sees N * T rows. Exposed for its tests until the multi-node dispatch
+/// calls it. Needs several NVLink
 /// domains and an NVSHMEM region of at least internode_rail_bytes(). Not yet run on GPUs.
 struct RailExchangeArgs {
   const void* x = nullptr;  ///< [n, H] contiguous rows: bf16, or fp8 e4m3 with x_scales
@@ -210,7 +212,8 @@ struct RailExchangeArgs {
   int max_tokens = 0;   ///< the bound of num_tokens on every rank (the same everywhere): sizes the inbox
   int* rail_slot = nullptr;   ///< scratch [n, N]
   int* rail_count = nullptr;  ///< scratch [N]
-  /// Outputs of max_forwarded = N * max_tokens rows: the forwarded tokens by source node, then token.
+  /// Outputs of F = N * max_tokens rows (see above; rows that go nowhere get an empty local mask,
+  /// top-k ids -1 and source -1, their x rows are not written).
   void* fwd_x = nullptr;                 ///< [F, H]
   float* fwd_scales = nullptr;           ///< fp8: [F, H/128] row-major
   int64_t* fwd_topk_idx = nullptr;       ///< [F, K]: this node's experts numbered from 0, others -1

@@ -89,7 +89,6 @@ void BufferImpl::internode_rail_exchange(const RailExchangeArgs& a, cudaStream_t
   receive.num_topk = a.num_topk;
   receive.num_local_experts = a.num_experts / options_.num_ranks;
   receive.fp8 = send.fp8;
-  receive.max_forwarded = num_nodes_ * a.max_tokens;
   receive.fwd_x = a.fwd_x;
   receive.fwd_scales = a.fwd_scales;
   receive.fwd_topk_idx = a.fwd_topk_idx;

@@ -170,8 +170,10 @@ __global__ void __launch_bounds__(kRailThreads) rail_send_kernel(const __grid_co
   }
 }
 
-/// Receive: every source node's count, then one block per forwarded token (by source node, then
-/// token) waits for its flag and lays it out as the NVLink stage's input. The last block advances
+/// Receive: every source node's count, then one block per forwarded row. Rows sit at a fixed
+/// place, source node a's tokens at rows [a * T, a * T + count_a), so the NVLink stage always sees
+/// N * T rows (a number the host knows: no wait for the counts, graph capturable); the rows past
+/// each count go nowhere (an empty local mask, top-k ids -1, source -1). The last block advances
 /// the sequence.
 __global__ void __launch_bounds__(kRailThreads) rail_receive_kernel(const __grid_constant__ RailReceiveParams p) {
   const DeviceComm& c = p.comm;
@@ -179,10 +181,11 @@ __global__ void __launch_bounds__(kRailThreads) rail_receive_kernel(const __grid
   const NodeShape& s = p.shape;
   const RailRegion& g = p.region;
   const RailMessage& m = g.msg;
-  const int N = s.num_nodes(), M = s.nvl_size, K = p.num_topk, my_node = s.node_of(c.rank), me = s.local_of(c.rank);
+  const int N = s.num_nodes(), M = s.nvl_size, K = p.num_topk, T = g.max_tokens, my_node = s.node_of(c.rank),
+            me = s.local_of(c.rank);
   RailState* st = rail_state(c, g);
   __shared__ uint32_t s_seq;
-  __shared__ int s_prefix[kMaxNodes + 1];
+  __shared__ int s_count[kMaxNodes];
   __shared__ int s_failed, s_arrived;
   if (threadIdx.x == 0) {
     s_seq = *reinterpret_cast<volatile uint32_t*>(&st->seq);
@@ -200,35 +203,29 @@ __global__ void __launch_bounds__(kRailThreads) rail_receive_kernel(const __grid
       s_failed = 1;
     } else {
       count = ll_signal_count(value);
-      if (count > g.max_tokens) {
-        device::fail(c, Phase::kRailBadCount, src, -1, g.max_tokens, count);
+      if (count > T) {
+        device::fail(c, Phase::kRailBadCount, src, -1, T, count);
         s_failed = 1;
         count = 0;
       }
     }
-    s_prefix[a + 1] = count;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0 && !s_failed) {
-    s_prefix[0] = 0;
-    for (int a = 0; a < N; ++a) s_prefix[a + 1] += s_prefix[a];
-    if (s_prefix[N] > p.max_forwarded) {
-      device::fail(c, Phase::kRailBadCount, -1, -1, p.max_forwarded, s_prefix[N]);
-      s_failed = 1;
-    }
+    s_count[a] = count;
   }
   __syncthreads();
   if (s_failed) return;
   if (blockIdx.x == 0)
-    for (int a = threadIdx.x; a < N; a += blockDim.x) p.fwd_counts[a] = s_prefix[a + 1] - s_prefix[a];
+    for (int a = threadIdx.x; a < N; a += blockDim.x) p.fwd_counts[a] = s_count[a];
 
-  // 2. The forwarded tokens.
-  const int total = s_prefix[N];
+  // 2. The forwarded rows.
   const int row_words = m.row_bytes / 16;
-  for (int f = blockIdx.x; f < total; f += gridDim.x) {
-    int a = 0;
-    while (s_prefix[a + 1] <= f) ++a;
-    const int index = f - s_prefix[a];
+  for (int f = blockIdx.x; f < N * T; f += gridDim.x) {
+    const int a = f / T, index = f - a * T;
+    if (index >= s_count[a]) {  // block-uniform: a row that goes nowhere
+      for (int j = threadIdx.x; j < M; j += blockDim.x) p.fwd_in_rank[int64_t(f) * M + j] = false;
+      for (int k = threadIdx.x; k < K; k += blockDim.x) p.fwd_topk_idx[int64_t(f) * K + k] = -1;
+      if (threadIdx.x == 0) p.fwd_source[int64_t(f) * 2] = p.fwd_source[int64_t(f) * 2 + 1] = -1;
+      continue;
+    }
     if (threadIdx.x == 0) {
       const int src = s.rank_of(a, me);
       uint64_t value = 0;
@@ -259,7 +256,7 @@ __global__ void __launch_bounds__(kRailThreads) rail_receive_kernel(const __grid
       p.fwd_source[int64_t(f) * 2] = a;
       p.fwd_source[int64_t(f) * 2 + 1] = __ldcg(meta + kRailMetaSrcToken);
     }
-    __syncthreads();  // s_arrived is rewritten by the next token
+    __syncthreads();  // s_arrived is rewritten by the next row
   }
 
   // 3. The last block advances the sequence (the next call's send reads it).

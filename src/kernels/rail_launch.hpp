@@ -47,7 +47,8 @@ struct RailReceiveParams {
   NodeShape shape;
   RailRegion region;
   int hidden, num_topk, num_local_experts, fp8;
-  int max_forwarded;          // rows of the fwd_* outputs
+  // Outputs of F = N * T rows: source node a's tokens at rows [a * T, a * T + count_a), the rest
+  // go nowhere (empty local mask, ids -1, source -1; their x rows are left as they are).
   void* fwd_x;                // [F, H]
   float* fwd_scales;          // fp8: [F, H/128] row-major
   int64_t* fwd_topk_idx;      // [F, K]: node-local expert ids (node_local_expert), or -1

@@ -7,7 +7,8 @@ local-rank mask.
 One process group per (world size, NVLink domain size): 2 GPUs as 2 nodes of 1; 4 GPUs as 2 x 2 and
 4 x 1; 8 GPUs as 2 x 4 and 4 x 2. Every rank checks its forwarded rows against a reference built from
 every rank's inputs (all-gathered): bytes of the rows and scales, node-local ids, weights, the local
-masks, the sources and the counts. Cases: BF16 and FP8 (column-major scales), top-k or none, 0, 1
+masks, the sources and the counts; source node a's tokens sit at rows [a * T, a * T + count), the
+rows past the count go nowhere. Cases: BF16 and FP8 (column-major scales), top-k or none, 0, 1
 and T tokens, random routing, everything to one node, several calls in a row (the sequence) and a
 change of shape between calls.
 
@@ -135,8 +136,8 @@ def _worker(rank, R, M):
                          0, stream)
         torch.cuda.synchronize()
         buffer.runtime.check()
-        # Reference: from source node a, the tokens of rank (a, me) that go to any rank of my node.
-        f = 0
+        # Reference: from source node a, the tokens of rank (a, me) that go to any rank of my node, at
+        # rows a * T + k; the other rows go nowhere.
         got_x, got_in, got_src = fwd_x.cpu(), fwd_in.cpu(), fwd_src.cpu()
         got_idx, got_w = fwd_idx.cpu(), fwd_w.cpu()
         got_s = fwd_scales.cpu() if fp8 else None
@@ -148,7 +149,13 @@ def _worker(rank, R, M):
             if int(fwd_counts[a]) != len(expected):
                 errors.append(f"{name} rank {rank}: {int(fwd_counts[a])} tokens from node {a}, expected {len(expected)}")
                 break
-            for t in expected:
+            for k in range(len(expected), T):
+                f = a * T + k
+                if bool(got_in[f].any()) or got_src[f].tolist() != [-1, -1] or (K and got_idx[f].tolist() != [-1] * K):
+                    errors.append(f"{name} rank {rank}: row {f} past node {a}'s count is not empty")
+                    break
+            for k, t in enumerate(expected):
+                f = a * T + k
                 row_ok = torch.equal(got_x[f].view(torch.uint8).flatten(), data["x"][t].flatten())
                 if not row_ok:
                     errors.append(f"{name} rank {rank}: row {f} (node {a} token {t}) differs")
@@ -165,7 +172,6 @@ def _worker(rank, R, M):
                     errors.append(f"{name} rank {rank}: local mask of row {f} differs")
                 if got_src[f].tolist() != [a, t]:
                     errors.append(f"{name} rank {rank}: source of row {f}: {got_src[f].tolist()} != {[a, t]}")
-                f += 1
                 if len(errors) > 20:
                     break
         dh.log0(rank, f"[R{R} M{M}] {name} (seed {seed}): {'ok' if not errors else 'FAILED'}")
