@@ -39,6 +39,7 @@ enum class Phase : int {
   kLowLatencyOverrun,         // low-latency: a peer is two calls ahead (more than two calls in flight)
   kRailReceive,               // multi-node rail stage: waiting for a source node's tokens
   kRailBadCount,              // multi-node rail stage: a source node's count exceeds what fits
+  kRailReturn,                // multi-node combine: waiting for a destination node's returned row
 };
 
 /// Why the record was written.
@@ -95,6 +96,7 @@ inline const char* phase_name(Phase phase) {
     case Phase::kLowLatencyOverrun: return "low-latency call (a peer is two calls ahead)";
     case Phase::kRailReceive: return "multi-node rail stage (waiting for a source node's tokens)";
     case Phase::kRailBadCount: return "multi-node rail stage (a source node sent more tokens than fit)";
+    case Phase::kRailReturn: return "multi-node combine (waiting for a destination node's returned row)";
   }
   return "unknown";
 }

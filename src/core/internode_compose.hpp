@@ -49,10 +49,13 @@ inline constexpr int kRailMetaMask = 4;  // first of the mask words
 
 /// The rail stage's own state (this rank only), at RailRegion::state_offset.
 struct RailState {
-  uint32_t seq;         // calls whose rail receive finished (the next call's sequence number)
+  uint32_t seq;         // dispatches whose rail receive finished (the next one's sequence number)
   int send_ticket;      // blocks done with the send
   int receive_ticket;   // blocks done with the receive
-  int reserved[29];
+  uint32_t return_seq;  // combines whose return receive finished
+  int return_send_ticket;
+  int return_receive_ticket;
+  int reserved[26];
 };
 
 /// Largest token count per rank of the multi-node path (the rail flags are sized for it, so that
@@ -72,14 +75,25 @@ struct RailRegion {
   int64_t state_offset;    // RailState (128 bytes)
   int64_t signals_offset;  // uint64 [N]
   int64_t flags_offset;    // uint64 [N][kMaxRailTokens]
+  int64_t return_flags_offset;  // uint64 [N][kMaxRailTokens]: combine's returned rows
   int64_t slots_offset;    // [N][max_tokens] messages
   int64_t stage_offset;    // [max_tokens] staged messages of ours (puts read them)
+  int return_stride;       // bytes between returned rows: BF16 row + K float32 weights, multiple of 128
+  int64_t return_slots_offset;  // [N][max_tokens] returned rows (combine, at the source)
+  int64_t return_stage_offset;  // [N][max_tokens] our staged returns (at the forwarder)
   int64_t end;
 
   FLASHEP_HD int64_t signal(int src_node) const { return signals_offset + int64_t(src_node) * 8; }
   FLASHEP_HD int64_t flag(int src_node, int index) const {
     return flags_offset + (int64_t(src_node) * kMaxRailTokens + index) * 8;
   }
+  FLASHEP_HD int64_t return_flag(int node, int index) const {
+    return return_flags_offset + (int64_t(node) * kMaxRailTokens + index) * 8;
+  }
+  FLASHEP_HD int64_t return_slot(int node, int index) const {
+    return return_slots_offset + (int64_t(node) * max_tokens + index) * return_stride;
+  }
+  FLASHEP_HD int64_t return_stage(int row) const { return return_stage_offset + int64_t(row) * return_stride; }
   FLASHEP_HD int64_t slot(int src_node, int index) const {
     return slots_offset + (int64_t(src_node) * max_tokens + index) * msg.stride;
   }
@@ -97,10 +111,17 @@ FLASHEP_HD RailRegion make_rail_region(int num_nodes, int max_tokens, int hidden
   at = align_up(at + int64_t(num_nodes) * 8, 128);
   r.flags_offset = at;
   at = align_up(at + int64_t(num_nodes) * kMaxRailTokens * 8, 128);
+  r.return_flags_offset = at;
+  at = align_up(at + int64_t(num_nodes) * kMaxRailTokens * 8, 128);
   r.slots_offset = at;
   at = align_up(at + int64_t(num_nodes) * max_tokens * r.msg.stride, 128);
   r.stage_offset = at;
   at = align_up(at + int64_t(max_tokens) * r.msg.stride, 128);
+  r.return_stride = static_cast<int>(align_up(int64_t(hidden) * 2 + int64_t(num_topk) * 4, 128));
+  r.return_slots_offset = at;
+  at = align_up(at + int64_t(num_nodes) * max_tokens * r.return_stride, 128);
+  r.return_stage_offset = at;
+  at = align_up(at + int64_t(num_nodes) * max_tokens * r.return_stride, 128);
   r.end = at;
   return r;
 }

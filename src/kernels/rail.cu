@@ -9,6 +9,8 @@
 // region and put once per node. The counts go out first, each message carries its own flag (the
 // put's signal), and the receiver waits per message: no sender waits for its last block before
 // signalling (the low-latency mode's protocol, docs/design.md).
+#include <cuda_bf16.h>
+
 #include "core/low_latency_layout.hpp"  // the signal encoding: seq << 32 | valid | count
 #include "kernels/peer_transport.cuh"
 #include "kernels/rail_launch.hpp"
@@ -36,12 +38,12 @@ __device__ __forceinline__ void rail_signal(const DeviceComm& c, int peer, int64
 /// given up on abort; a word written through NVSHMEM then gets one NVSHMEM test (its post-wait
 /// consistency step). Returns false when it gave up (the reason is recorded).
 __device__ __noinline__ bool rail_wait(const DeviceComm& c, const uint64_t* word, uint32_t seq, int peer, bool nvshmem,
-                                       uint64_t* value) {
+                                       uint64_t* value, Phase phase = Phase::kRailReceive) {
   uint64_t start = 0;
   for (uint32_t spins = 0;; ++spins) {
     const int abort = (spins & 127) == 0 ? device::abort_value(c) : 0;
     const uint64_t v = device::ld_acquire_sys_u64(word);
-    if (device::stop_if_aborted(c, abort, Phase::kRailReceive)) return false;
+    if (device::stop_if_aborted(c, abort, phase)) return false;
     if (ll_signal_is(v, seq)) {
       *value = v;
 #if FLASHEP_WITH_NVSHMEM
@@ -53,7 +55,7 @@ __device__ __noinline__ bool rail_wait(const DeviceComm& c, const uint64_t* word
     }
     if (spins == 0) start = device::global_timer_ns();
     if ((spins & 127) == 127 && device::global_timer_ns() - start > c.timeout_ns) {
-      device::fail(c, Phase::kRailReceive, peer, -1, static_cast<int>(seq), static_cast<int>(v >> 32));
+      device::fail(c, phase, peer, -1, static_cast<int>(seq), static_cast<int>(v >> 32));
       return false;
     }
   }
@@ -270,6 +272,137 @@ __global__ void __launch_bounds__(kRailThreads) rail_receive_kernel(const __grid
   }
 }
 
+/// Combine, forwarder side (RailReturnSendParams): one block per forwarded row that came.
+__global__ void __launch_bounds__(kRailThreads) rail_return_send_kernel(const __grid_constant__ RailReturnSendParams p) {
+  const DeviceComm& c = p.comm;
+  if (device::aborted_at_entry(c)) return;
+  const NodeShape& s = p.shape;
+  const RailRegion& g = p.region;
+  const int N = s.num_nodes(), T = g.max_tokens, K = p.num_topk, my_node = s.node_of(c.rank), me = s.local_of(c.rank);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  RailState* st = rail_state(c, g);
+  __shared__ uint32_t s_seq;
+  __shared__ int s_count[kMaxNodes];
+  if (threadIdx.x == 0) s_seq = *reinterpret_cast<volatile uint32_t*>(&st->return_seq);
+  for (int a = threadIdx.x; a < N; a += blockDim.x) s_count[a] = p.fwd_counts[a];
+  __syncthreads();
+  const uint32_t seq = s_seq;
+  const int row_words = p.hidden * 2 / 16, words = g.return_stride / 16;
+  for (int f = blockIdx.x; f < N * T; f += gridDim.x) {
+    const int a = f / T, index = f - a * T;
+    if (index >= s_count[a]) continue;  // block-uniform
+    char* stage = c.sym_base + g.return_stage(f);
+    const int4* row = reinterpret_cast<const int4*>(static_cast<const char*>(p.combined_x) + int64_t(f) * p.hidden * 2);
+    for (int i = threadIdx.x; i < row_words; i += blockDim.x) reinterpret_cast<int4*>(stage)[i] = device::ld_stream(row + i);
+    for (int k = threadIdx.x; k < K; k += blockDim.x)
+      reinterpret_cast<float*>(stage + int64_t(p.hidden) * 2)[k] =
+          p.combined_weights != nullptr ? p.combined_weights[int64_t(f) * K + k] : 0.0f;
+    __syncthreads();
+    if (warp == 0) {
+      const int peer = s.rank_of(a, me);
+      const uint64_t flag = ll_signal(seq, 0);
+      if (peer == c.rank) {
+        int4* to = reinterpret_cast<int4*>(c.sym_base + g.return_slot(my_node, index));
+        for (int i = lane; i < words; i += 32) to[i] = reinterpret_cast<const int4*>(stage)[i];
+        __syncwarp();
+        if (lane == 0) rail_signal(c, peer, g.return_flag(my_node, index), flag);
+        __syncwarp();
+      } else {
+#if FLASHEP_WITH_NVSHMEM
+        nvshmemx_putmem_signal_nbi_warp(c.sym_base + g.return_slot(my_node, index), stage, static_cast<size_t>(words) * 16,
+                                        reinterpret_cast<uint64_t*>(c.sym_base + g.return_flag(my_node, index)), flag,
+                                        NVSHMEM_SIGNAL_SET, peer);
+#endif
+      }
+    }
+    __syncthreads();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(&st->return_send_ticket, 1) == static_cast<int>(gridDim.x) - 1) {
+      __threadfence();
+#if FLASHEP_WITH_NVSHMEM
+      nvshmem_quiet();
+#endif
+      st->return_send_ticket = 0;
+    }
+  }
+}
+
+/// Combine, source side (RailReturnReceiveParams): one block per token; thread 0 waits for the
+/// flag of each node the token went to (ascending node), then every thread adds its words.
+__global__ void __launch_bounds__(kRailThreads) rail_return_receive_kernel(const __grid_constant__ RailReturnReceiveParams p) {
+  const DeviceComm& c = p.comm;
+  if (device::aborted_at_entry(c)) return;
+  const NodeShape& s = p.shape;
+  const RailRegion& g = p.region;
+  const int N = s.num_nodes(), K = p.num_topk, me = s.local_of(c.rank);
+  RailState* st = rail_state(c, g);
+  __shared__ uint32_t s_seq;
+  __shared__ int s_slot[kMaxNodes];
+  __shared__ int s_arrived;
+  if (threadIdx.x == 0) s_seq = *reinterpret_cast<volatile uint32_t*>(&st->return_seq);
+  __syncthreads();
+  const uint32_t seq = s_seq;
+  const int words = p.hidden / 8;  // 16-byte words of a BF16 row
+  for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
+    for (int b = threadIdx.x; b < N; b += blockDim.x) s_slot[b] = p.rail_slot[int64_t(t) * N + b];
+    if (threadIdx.x == 0) s_arrived = 1;
+    __syncthreads();
+    if (threadIdx.x == 0)
+      for (int b = 0; b < N && s_arrived; ++b) {
+        if (s_slot[b] < 0) continue;
+        const int peer = s.rank_of(b, me);
+        uint64_t value = 0;
+        if (!rail_wait(c, reinterpret_cast<const uint64_t*>(c.sym_base + g.return_flag(b, s_slot[b])), seq, peer,
+                       peer != c.rank, &value, Phase::kRailReturn))
+          s_arrived = 0;
+      }
+    __syncthreads();
+    if (!s_arrived) return;
+    for (int w = threadIdx.x; w < words; w += blockDim.x) {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int b = 0; b < N; ++b) {
+        if (s_slot[b] < 0) continue;
+        const int4 v = device::ld_ring(reinterpret_cast<const int4*>(c.sym_base + g.return_slot(b, s_slot[b])) + w);
+        const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[j] += __bfloat162float(h[j]);
+      }
+      for (const void* bias : {p.bias0, p.bias1}) {
+        if (bias == nullptr) continue;
+        const int4 v = device::ld_stream(reinterpret_cast<const int4*>(static_cast<const char*>(bias) + int64_t(t) * p.hidden * 2) + w);
+        const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[j] += __bfloat162float(h[j]);
+      }
+      int4 out;
+      __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) o[j] = __floats2bfloat162_rn(acc[2 * j], acc[2 * j + 1]);
+      reinterpret_cast<int4*>(static_cast<char*>(p.combined_x) + int64_t(t) * p.hidden * 2)[w] = out;
+    }
+    if (p.combined_weights != nullptr)
+      for (int k = threadIdx.x; k < K; k += blockDim.x) {
+        float sum = 0.0f;
+        for (int b = 0; b < N; ++b)
+          if (s_slot[b] >= 0)
+            sum += __ldcg(reinterpret_cast<const float*>(c.sym_base + g.return_slot(b, s_slot[b]) + int64_t(p.hidden) * 2) + k);
+        p.combined_weights[int64_t(t) * K + k] = sum;
+      }
+    __syncthreads();  // s_slot and s_arrived are rewritten by the next token
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(&st->return_receive_ticket, 1) == static_cast<int>(gridDim.x) - 1) {
+      st->return_receive_ticket = 0;
+      st->return_seq = seq + 1;
+    }
+  }
+}
+
 }  // namespace
 
 cudaError_t launch_rail_plan(const RailPlanParams& p, cudaStream_t stream) {
@@ -282,6 +415,15 @@ cudaError_t launch_rail_send(const RailSendParams& p, int num_blocks, cudaStream
 }
 cudaError_t launch_rail_receive(const RailReceiveParams& p, int num_blocks, cudaStream_t stream) {
   rail_receive_kernel<<<num_blocks, kRailThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_rail_return_send(const RailReturnSendParams& p, int num_blocks, cudaStream_t stream) {
+  rail_return_send_kernel<<<num_blocks, kRailThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+cudaError_t launch_rail_return_receive(const RailReturnReceiveParams& p, int num_blocks, cudaStream_t stream) {
+  rail_return_receive_kernel<<<num_blocks, kRailThreads, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -58,11 +58,40 @@ struct RailReceiveParams {
   int* fwd_counts;            // out [N]: tokens from each source node (their order in fwd_*)
 };
 
+/// Combine, forwarder side: the NVLink stage's combined row of every forwarded token goes back to
+/// its source (the rail peer on the token's source node), at the slot the dispatch's plan gave it
+/// there, with the token's combined weights and its own flag.
+struct RailReturnSendParams {
+  DeviceComm comm;
+  NodeShape shape;
+  RailRegion region;
+  const void* combined_x;          // [N * T, H] bf16, in the forwarded rows' order
+  const float* combined_weights;   // [N * T, K] or nullptr
+  const int* fwd_counts;           // [N] (the dispatch's rail receive)
+  int hidden, num_topk;
+};
+
+/// Combine, source side: every token adds the rows its destination nodes returned (float32,
+/// ascending node), and the bias, into the BF16 result; likewise the weights.
+struct RailReturnReceiveParams {
+  DeviceComm comm;
+  NodeShape shape;
+  RailRegion region;
+  const int* rail_slot;            // [n, N] (the dispatch's plan)
+  int num_tokens, hidden, num_topk;
+  const void* bias0;               // [n, H] bf16 or nullptr
+  const void* bias1;               // [n, H] bf16 or nullptr
+  void* combined_x;                // out [n, H] bf16
+  float* combined_weights;         // out [n, K] or nullptr
+};
+
 /// Threads per block of the rail kernels.
 inline constexpr int kRailThreads = 512;
 
 cudaError_t launch_rail_plan(const RailPlanParams& p, cudaStream_t stream);
 cudaError_t launch_rail_send(const RailSendParams& p, int num_blocks, cudaStream_t stream);
 cudaError_t launch_rail_receive(const RailReceiveParams& p, int num_blocks, cudaStream_t stream);
+cudaError_t launch_rail_return_send(const RailReturnSendParams& p, int num_blocks, cudaStream_t stream);
+cudaError_t launch_rail_return_receive(const RailReturnReceiveParams& p, int num_blocks, cudaStream_t stream);
 
 }  // namespace flashep::kernels

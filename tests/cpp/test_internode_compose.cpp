@@ -31,15 +31,20 @@ void test_rail_layout() {
             CHECK(m.bytes <= m.stride && m.stride % 128 == 0);
             CHECK(r.state_offset + 128 <= r.signals_offset);
             CHECK(r.signal(N - 1) + 8 <= r.flags_offset);
-            CHECK(r.flag(N - 1, kMaxRailTokens - 1) + 8 <= r.slots_offset);
+            CHECK(r.flag(N - 1, kMaxRailTokens - 1) + 8 <= r.return_flags_offset);
+            CHECK(r.return_flag(N - 1, kMaxRailTokens - 1) + 8 <= r.slots_offset);
+            CHECK(r.stage(T - 1) + m.stride <= r.return_slots_offset);
+            CHECK(r.return_stride % 128 == 0 && r.return_stride >= 2 * H + 4 * K);
+            CHECK(r.return_slot(N - 1, T - 1) + r.return_stride <= r.return_stage_offset);
+            CHECK(r.return_stage(N * T - 1) + r.return_stride <= r.end);
             // The fixed part does not move with the shape.
             const RailRegion other = make_rail_region(N, 7, 256, 2, !fp8, 8 * N);
             static_assert(sizeof(RailState) == 128, "the rail state fills its 128 bytes");
             CHECK_EQ(other.flag(N - 1, 3), r.flag(N - 1, 3));
             CHECK_EQ(other.signal(N - 1), r.signal(N - 1));
+            CHECK_EQ(other.return_flag(N - 1, 3), r.return_flag(N - 1, 3));
             CHECK(r.slots_offset % 128 == 0 && r.stage_offset % 128 == 0 && r.end % 128 == 0);
             CHECK(r.slot(N - 1, T - 1) + m.stride <= r.stage_offset);
-            CHECK(r.stage(T - 1) + m.stride <= r.end);
           }
 }
 
