@@ -21,6 +21,13 @@
 // (CUDA-graph capturable). A cached dispatch reuses the handle of an earlier dispatch (no notify).
 // combine() takes the handle of the dispatch it reverses.
 //
+// On a buffer that spans several NVLink domains, notify_dispatch / dispatch / combine run inside
+// this rank's domain: ranks, experts, is_token_in_rank and the handle are those of the domain (M
+// ranks, the domain's experts numbered from 0). They are the NVLink stage of the composed
+// multi-node path (docs/design.md, "Multi-node: the first version"), which the Python package
+// builds from them, internode_rail_exchange, the reordering and internode_rail_return; not yet run
+// on GPUs.
+//
 // Errors (flashep/errors.hpp): bad arguments throw kInvalidArgument before anything is enqueued.
 // A failure found later (a GPU wait past the timeout, bad input found on the GPU, ranks that
 // disagree, a host poll past the timeout) aborts the buffer on every rank: the failing rank writes
@@ -224,6 +231,59 @@ struct RailExchangeArgs {
   int num_sms = 0;                       ///< blocks of the send and receive kernels (0: the device's SMs)
 };
 
+/// The reordering of the composed multi-node dispatch: the NVLink stage delivers a receiver's rows
+/// by forwarder, then source node, then token; the contract wants them by global source rank, then
+/// token. The plan gives every row its final place and the receive prefix over global source ranks
+/// (DeepEP's recv_gbl_rank_prefix_sum); the copy moves rows either way. Not yet run on GPUs.
+struct InternodeReorderPlanArgs {
+  const int* rank_prefix_matrix = nullptr;  ///< [M, M] of the NVLink stage's handle
+  const int* recv_src_idx = nullptr;        ///< [rows] of the NVLink stage's handle
+  int max_tokens = 0;                       ///< T of the rail stage
+  int rows = 0;                             ///< rows of the NVLink stage's output
+  int* final_row = nullptr;                 ///< out [rows] (-1 past the real rows)
+  int* recv_gbl_rank_prefix_sum = nullptr;  ///< out [R]
+};
+struct InternodeReorderCopyArgs {
+  const int* final_row = nullptr;  ///< [rows] (plan)
+  int rows = 0;
+  int hidden = 0;
+  DType dtype = DType::kBFloat16;
+  int num_topk = 0;
+  bool forward = true;  ///< NVLink order -> contract order (dispatch), else back (before combine)
+  const void* src_x = nullptr;
+  void* dst_x = nullptr;
+  const float* src_scales = nullptr;  ///< fp8: [rows, H/128] row-major
+  float* dst_scales = nullptr;
+  const int64_t* src_topk_idx = nullptr;  ///< [rows, K] or nullptr
+  int64_t* dst_topk_idx = nullptr;
+  const float* src_topk_weights = nullptr;  ///< [rows, K] or nullptr
+  float* dst_topk_weights = nullptr;
+};
+
+/// The combine's rail stage: each forwarder sends every forwarded token's combined row (and
+/// weights) back to its source, and each source adds what its tokens' destination nodes returned
+/// (float32, ascending node) with the biases. Collective. Not yet run on GPUs.
+struct RailReturnArgs {
+  // forwarder side
+  const void* combined_x = nullptr;         ///< [N * T, H] bf16, the NVLink stage's combine output
+  const float* combined_weights = nullptr;  ///< [N * T, K] or nullptr
+  const int* fwd_counts = nullptr;          ///< [N] of the dispatch's rail exchange
+  // source side
+  const int* rail_slot = nullptr;           ///< [n, N] of the dispatch's rail exchange
+  int num_tokens = 0;
+  const void* bias0 = nullptr;              ///< [n, H] bf16 or nullptr
+  const void* bias1 = nullptr;
+  void* out_x = nullptr;                    ///< out [n, H] bf16
+  float* out_weights = nullptr;             ///< out [n, K] or nullptr
+  int hidden = 0;
+  int num_topk = 0;
+  /// The dispatch's rail exchange (they size the rail region): T, dtype, top-k (num_topk is 0 or this).
+  int max_tokens = 0;
+  DType dispatch_dtype = DType::kBFloat16;
+  int dispatch_num_topk = 0;
+  int num_sms = 0;
+};
+
 /// How this rank reaches a peer.
 enum class PeerTransport : int {
   kSelf = 0,
@@ -314,6 +374,9 @@ class Buffer {
 
   /// The multi-node rail stage (RailExchangeArgs). Collective: every rank calls it.
   void internode_rail_exchange(const RailExchangeArgs& args, cudaStream_t stream);
+  void internode_reorder_plan(const InternodeReorderPlanArgs& args, cudaStream_t stream);
+  void internode_reorder_copy(const InternodeReorderCopyArgs& args, cudaStream_t stream);
+  void internode_rail_return(const RailReturnArgs& args, cudaStream_t stream);
   /// Bytes of the NVSHMEM region the rail stage needs (num_rdma_bytes must be at least this).
   static size_t internode_rail_bytes(int num_ranks, int nvl_domain_size, int max_tokens, int hidden, DType dtype,
                                      int num_topk);

@@ -52,6 +52,9 @@ class BufferImpl {
   std::vector<PeerCheck> check_transports(size_t bytes_per_peer);
   // ---- the multi-node rail stage (internode_ops.cpp) -------------------------------------------------
   void internode_rail_exchange(const RailExchangeArgs& a, cudaStream_t stream);
+  void internode_reorder_plan(const InternodeReorderPlanArgs& a, cudaStream_t stream);
+  void internode_reorder_copy(const InternodeReorderCopyArgs& a, cudaStream_t stream);
+  void internode_rail_return(const RailReturnArgs& a, cudaStream_t stream);
 
   // ---- intranode operations (intranode_ops.cpp) ----------------------------------------------------
   void get_dispatch_layout(const LayoutArgs& a, cudaStream_t stream);

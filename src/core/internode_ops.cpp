@@ -6,6 +6,7 @@
 #include "core/buffer_impl.hpp"
 #include "core/cuda_check.hpp"
 #include "core/internode_compose.hpp"
+#include "kernels/compose_launch.hpp"
 #include "kernels/rail_launch.hpp"
 
 namespace flashep {
@@ -99,10 +100,123 @@ void BufferImpl::internode_rail_exchange(const RailExchangeArgs& a, cudaStream_t
   launch_check(kernels::launch_rail_receive(receive, blocks, stream), op);
 }
 
+void BufferImpl::internode_reorder_plan(const InternodeReorderPlanArgs& a, cudaStream_t stream) {
+  const char* op = "internode_reorder_plan";
+  require_usable(op);
+  const std::string o(op);
+  require(num_nodes_ <= kMaxNodes, o + ": more than " + str(kMaxNodes) + " nodes");
+  require(a.max_tokens >= 1 && a.max_tokens <= kMaxRailTokens, o + ": max_tokens out of range");
+  require(a.rows >= 0, o + ": rows must be >= 0");
+  require(a.rank_prefix_matrix && a.final_row && a.recv_gbl_rank_prefix_sum && (a.rows == 0 || a.recv_src_idx),
+          o + ": a pointer is null");
+  kernels::ComposePlanParams p{};
+  p.comm = device_comm();
+  p.rank_prefix_matrix = a.rank_prefix_matrix;
+  p.recv_src_idx = a.recv_src_idx;
+  p.nvl_rank = options_.rank % nvl_domain_size_;
+  p.nvl_size = nvl_domain_size_;
+  p.num_nodes = num_nodes_;
+  p.max_tokens = a.max_tokens;
+  p.rows = a.rows;
+  p.final_row = a.final_row;
+  p.recv_gbl_rank_prefix_sum = a.recv_gbl_rank_prefix_sum;
+  FLASHEP_CUDA_CHECK(cudaSetDevice(device_));
+  launch_check(kernels::launch_compose_plan(p, stream), op);
+}
+
+void BufferImpl::internode_reorder_copy(const InternodeReorderCopyArgs& a, cudaStream_t stream) {
+  const char* op = "internode_reorder_copy";
+  require_usable(op);
+  const std::string o(op);
+  const bool fp8 = a.dtype == DType::kFloat8E4M3;
+  require(a.rows >= 0 && a.hidden > 0 && a.hidden * dtype_size(a.dtype) % 16 == 0 && (!fp8 || a.hidden % 128 == 0),
+          o + ": bad rows or hidden");
+  require(a.num_topk >= 0 && a.num_topk <= kMaxTopk, o + ": num_topk out of range");
+  require(a.rows == 0 || (a.final_row && a.src_x && a.dst_x), o + ": a pointer is null");
+  require(!fp8 || a.rows == 0 || (a.src_scales && a.dst_scales), o + ": fp8 rows need scales");
+  require((a.src_topk_idx == nullptr) == (a.dst_topk_idx == nullptr) &&
+              (a.src_topk_weights == nullptr) == (a.dst_topk_weights == nullptr),
+          o + ": top-k sources and destinations come in pairs");
+  kernels::ComposeCopyParams p{};
+  p.final_row = a.final_row;
+  p.rows = a.rows;
+  p.row_bytes = a.hidden * dtype_size(a.dtype);
+  p.num_scales = fp8 ? a.hidden / 128 : 0;
+  p.num_topk = a.num_topk;
+  p.forward = a.forward;
+  p.src_x = a.src_x;
+  p.dst_x = a.dst_x;
+  p.src_scales = a.src_scales;
+  p.dst_scales = a.dst_scales;
+  p.src_topk_idx = a.src_topk_idx;
+  p.dst_topk_idx = a.dst_topk_idx;
+  p.src_topk_weights = a.src_topk_weights;
+  p.dst_topk_weights = a.dst_topk_weights;
+  FLASHEP_CUDA_CHECK(cudaSetDevice(device_));
+  launch_check(kernels::launch_compose_copy(p, num_device_sms_, stream), op);
+}
+
+void BufferImpl::internode_rail_return(const RailReturnArgs& a, cudaStream_t stream) {
+  const char* op = "internode_rail_return";
+  require_usable(op);
+  const std::string o(op);
+  if (num_nodes_ < 2 || !sym_)
+    throw_error(ErrorKind::kUnsupported, o + ": needs several NVLink domains and an NVSHMEM region");
+  require(a.hidden > 0 && a.hidden % 128 == 0, o + ": hidden must be a positive multiple of 128");
+  require(a.max_tokens >= 1 && a.max_tokens <= kMaxRailTokens, o + ": max_tokens out of range");
+  require(a.num_tokens >= 0 && a.num_tokens <= a.max_tokens, o + ": num_tokens out of [0, max_tokens]");
+  require(a.dispatch_num_topk >= 0 && a.dispatch_num_topk <= kMaxTopk &&
+              (a.num_topk == 0 || a.num_topk == a.dispatch_num_topk),
+          o + ": num_topk must be 0 or the dispatch's");
+  require(a.combined_x && a.fwd_counts && a.rail_slot && (a.num_tokens == 0 || a.out_x), o + ": a pointer is null");
+  require(a.num_sms >= 0 && a.num_sms <= num_device_sms_, o + ": num_sms must be in [0, the device's SMs]");
+  const RailRegion region =
+      rail_region_for(options_.num_ranks, nvl_domain_size_, a.max_tokens, a.hidden, a.dispatch_dtype, a.dispatch_num_topk);
+  require(region.end <= rdma_layout_.data_bytes, o + ": num_rdma_bytes is too small for this shape");
+  const NodeShape shape{options_.num_ranks, nvl_domain_size_};
+  const int blocks = a.num_sms > 0 ? a.num_sms : num_device_sms_;
+  FLASHEP_CUDA_CHECK(cudaSetDevice(device_));
+
+  kernels::RailReturnSendParams send{};
+  send.comm = device_comm();
+  send.shape = shape;
+  send.region = region;
+  send.combined_x = a.combined_x;
+  send.combined_weights = a.num_topk > 0 ? a.combined_weights : nullptr;
+  send.fwd_counts = a.fwd_counts;
+  send.hidden = a.hidden;
+  send.num_topk = a.dispatch_num_topk;
+  launch_check(kernels::launch_rail_return_send(send, blocks, stream), op);
+
+  kernels::RailReturnReceiveParams receive{};
+  receive.comm = send.comm;
+  receive.shape = shape;
+  receive.region = region;
+  receive.rail_slot = a.rail_slot;
+  receive.num_tokens = a.num_tokens;
+  receive.hidden = a.hidden;
+  receive.num_topk = a.dispatch_num_topk;
+  receive.bias0 = a.bias0;
+  receive.bias1 = a.bias1;
+  receive.combined_x = a.out_x;
+  receive.combined_weights = a.num_topk > 0 ? a.out_weights : nullptr;
+  launch_check(kernels::launch_rail_return_receive(receive, blocks, stream), op);
+}
+
 // ---- Buffer forwarding ---------------------------------------------------------------------------
 
 void Buffer::internode_rail_exchange(const RailExchangeArgs& args, cudaStream_t stream) {
   impl_->internode_rail_exchange(args, stream);
+}
+
+void Buffer::internode_reorder_plan(const InternodeReorderPlanArgs& args, cudaStream_t stream) {
+  impl_->internode_reorder_plan(args, stream);
+}
+void Buffer::internode_reorder_copy(const InternodeReorderCopyArgs& args, cudaStream_t stream) {
+  impl_->internode_reorder_copy(args, stream);
+}
+void Buffer::internode_rail_return(const RailReturnArgs& args, cudaStream_t stream) {
+  impl_->internode_rail_return(args, stream);
 }
 
 size_t Buffer::internode_rail_bytes(int num_ranks, int nvl_domain_size, int max_tokens, int hidden, DType dtype,

@@ -32,11 +32,10 @@ constexpr int kMaxBlockSmem = 226 * 1024;
 // ---- checks ----------------------------------------------------------------------------------------
 
 void BufferImpl::require_intranode(const char* op) const {
+  // On a buffer of several NVLink domains the intranode operations run inside this rank's domain
+  // (ranks, experts and handles numbered within it): the NVLink stage of the composed multi-node
+  // path (docs/design.md). The whole multi-node dispatch is composed by the caller (Python).
   require_usable(op);
-  if (num_nodes_ > 1)
-    throw_error(ErrorKind::kUnsupported,
-                std::string(op) + ": multi-node mode (num_ranks " + str(options_.num_ranks) + " in NVLink domains of " +
-                    str(nvl_domain_size_) + ") is not implemented yet");
 }
 
 void BufferImpl::validate_config(const Config& config, const char* op) const {

@@ -2,7 +2,7 @@
 // arithmetic is composed_nvlink_row / composed_final_row of src/core/internode_compose.hpp, which
 // the CPU tests check). Written 2026-11-30; not yet called by the host, not run on GPUs.
 #include "kernels/compose_launch.hpp"
-#include "kernels/device_utils.cuh"
+#include "kernels/failure.cuh"
 #include "core/internode_routing.hpp"  // kMaxNodes
 #include "flashep/config.hpp"          // kMaxNvlRanks
 
@@ -56,7 +56,8 @@ __global__ void __launch_bounds__(kComposeThreads) compose_plan_kernel(const __g
         row += s_count[i * N + a];
         p.recv_gbl_rank_prefix_sum[a * M + i] = row;
       }
-    *p.bad_rows = s_bad + (s_start[M] > p.rows ? 1 : 0);
+    if (s_bad != 0 || s_start[M] > p.rows)  // not the handle of an NVLink stage of this shape
+      device::fail(p.comm, Phase::kDispatchBadHandle, -1, -1, p.rows, s_start[M] > p.rows ? s_start[M] : -s_bad);
   }
   __syncthreads();
   for (int r = threadIdx.x; r < p.rows; r += blockDim.x) {

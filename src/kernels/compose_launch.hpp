@@ -8,18 +8,20 @@
 
 #include <cstdint>
 
+#include "core/device_comm.hpp"
+
 namespace flashep::kernels {
 
 /// One block: the final row of every row of the NVLink stage's output, and the receive prefix over
 /// global source ranks (DeepEP's recv_gbl_rank_prefix_sum, handle[-4]).
 struct ComposePlanParams {
+  DeviceComm comm;                // a row whose source index is out of range fails the call (kDispatchBadHandle)
   const int* rank_prefix_matrix;  // [M, M] of the NVLink stage's handle (inclusive prefix over forwarders)
   const int* recv_src_idx;        // [rows]: the row's index among its forwarder's N * T forwarded rows
   int nvl_rank, nvl_size, num_nodes, max_tokens;  // me, M, N, T
   int rows;                       // rows of the NVLink stage's output (num_worst_tokens in worst-case mode)
   int* final_row;                 // out [rows]: the row's place in the contract's order, -1 past the real rows
   int* recv_gbl_rank_prefix_sum;  // out [N * M]
-  int* bad_rows;                  // out [1]: rows whose source index is out of range (0 when all is well)
 };
 
 /// Many blocks, one warp per row: moves rows between the NVLink stage's order and the contract's,
