@@ -35,6 +35,8 @@ struct Config {
   /// NVLink domain and rows of `hidden_bytes` (= H * max(element size, 2)). Multiple of 128.
   size_t get_nvl_buffer_size_hint(size_t hidden_bytes, int num_ranks) const;
   /// Bytes of RDMA buffer; 0 when all `num_ranks` fit in one NVLink domain of `nvl_domain_size`.
+  /// Multi-node: what the rail stage needs for 4096 tokens per rank (FLASHEP_INTERNODE_MAX_TOKENS'
+  /// default) of BF16 rows and any top-k; fewer bytes lower the tokens a call may send.
   size_t get_rdma_buffer_size_hint(size_t hidden_bytes, int num_ranks, int nvl_domain_size = 8) const;
   /// Throws std::invalid_argument when a field is out of range (odd values allowed; see docs).
   void validate() const;

@@ -3,8 +3,9 @@
 Implemented now: one NVLink domain ("single node") high-throughput path, i.e. get_dispatch_layout,
 dispatch (BF16 or FP8 with scales, normal / worst-case / cached) and combine, and the low-latency
 mode (flashep/low_latency.py) over NVLink stores and NVSHMEM. A high-throughput buffer whose ranks
-span several NVLink domains can be created (it allocates its NVSHMEM region), and get_dispatch_layout
-works on it; its dispatch/combine raise NotImplementedError (the multi-node mode comes later).
+span several NVLink domains runs the multi-node path of flashep/internode.py (a first version
+composed of stages: a rail stage over NVSHMEM, this module's single-node dispatch inside each node,
+a reordering; written 2026-11-30, not yet run on GPUs).
 
 Errors: bad arguments raise ValueError/TypeError here or from the C++ core, before anything runs;
 runtime failures raise a FlashepError subclass (FlashepTimeoutError, FlashepPeerMismatchError,
@@ -30,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from . import _C, env
+from .internode import InternodeMixin
 from .low_latency import LowLatencyHandle, LowLatencyMixin
 from .utils import (
     DeviceMemory,
@@ -144,7 +146,7 @@ def _ptr(tensor: Optional[torch.Tensor]) -> int:
     return 0 if tensor is None else tensor.data_ptr()
 
 
-class Buffer(LowLatencyMixin):
+class Buffer(LowLatencyMixin, InternodeMixin):
     """The expert-parallel communication buffer of one rank (DeepEP V1 `deep_ep.Buffer`).
 
     Construction is collective over `group`: every rank allocates its NVLink buffer and the ranks
@@ -193,7 +195,7 @@ class Buffer(LowLatencyMixin):
     @staticmethod
     def _resolve_nvl_domain_size(group_size: int, requested: Optional[int] = None) -> int:
         """Ranks per NVLink domain: FLASHEP_NVL_DOMAIN_SIZE, else min(group size, 8). A size below the
-        group size makes the buffer multi-node (its operations come with the multi-node mode)."""
+        group size makes the buffer multi-node (flashep/internode.py)."""
         if requested is not None:
             requested = check_int("nvl_domain_size", requested, minimum=1)
         requested = requested or env.nvl_domain_size() or min(group_size, _DEFAULT_NVL_DOMAIN)
@@ -338,12 +340,6 @@ class Buffer(LowLatencyMixin):
         self.runtime = None
 
     # ---- argument checks (no C++ call launches anything here) --------------------------------------
-
-    def _require_single_node(self, op: str) -> None:
-        if self.nvl_domain_size < self.group_size:
-            raise NotImplementedError(
-                f"flashep: {op} across NVLink domains (multi-node mode: {self.group_size} ranks in domains of "
-                f"{self.nvl_domain_size}) is not implemented yet")
 
     def _config(self, config: Optional[Config], default: Callable[[int], Config]) -> Config:
         if config is None:
@@ -498,13 +494,19 @@ class Buffer(LowLatencyMixin):
         (fp8, scales) when x is. With `handle` (cached mode): (recv_x, None, None, None, None, event).
         `num_tokens_per_rdma_rank` is unused on one node."""
         self._rt()
-        self._require_single_node("dispatch")
         config = self._config(config, Buffer.get_dispatch_config)
         payload = self._check_payload(x)
         self._check_buffer_size(config, payload.hidden_bytes)
+        if handle is not None and (topk_idx is not None or topk_weights is not None):
+            raise ValueError("a cached dispatch (handle given) takes no topk_idx/topk_weights")
+        if self._is_internode():  # several NVLink domains: the composed multi-node path (internode.py)
+            if handle is not None:
+                return self._internode_cached_dispatch(payload, handle, config, previous_event, async_finish,
+                                                       allocate_on_comm_stream)
+            return self._internode_dispatch(payload, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
+                                            topk_idx, topk_weights, expert_alignment, num_worst_tokens, config,
+                                            previous_event, async_finish, allocate_on_comm_stream)
         if handle is not None:
-            if topk_idx is not None or topk_weights is not None:
-                raise ValueError("a cached dispatch (handle given) takes no topk_idx/topk_weights")
             parts = self._check_handle(handle, config, payload.num_tokens)
             return self._cached_dispatch(payload, parts, config, previous_event, async_finish,
                                          allocate_on_comm_stream)
@@ -528,7 +530,7 @@ class Buffer(LowLatencyMixin):
     def _fresh_dispatch(self, payload, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
                         topk_weights, expert_alignment, num_worst_tokens, config, previous_event, async_finish,
                         allocate_on_comm_stream):
-        runtime = self._rt()
+        self._rt()
         num_tokens, num_ranks = payload.num_tokens, self.group_size
         for name, value in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
                             ("num_tokens_per_expert", num_tokens_per_expert)):
@@ -550,6 +552,23 @@ class Buffer(LowLatencyMixin):
         num_worst_tokens = check_int("num_worst_tokens", num_worst_tokens, minimum=0)
 
         launch = _Launch(self, previous_event, async_finish, allocate_on_comm_stream)
+        out_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle = self._nvlink_dispatch(
+            launch, payload, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
+            num_topk, num_experts, num_ranks, expert_alignment, num_worst_tokens, config)
+        event = launch.finish(payload, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
+                              topk_weights)
+        return out_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event
+
+    def _nvlink_dispatch(self, launch: _Launch, payload: _Payload, num_tokens_per_rank: torch.Tensor,
+                         is_token_in_rank: torch.Tensor, num_tokens_per_expert: torch.Tensor,
+                         topk_idx: Optional[torch.Tensor], topk_weights: Optional[torch.Tensor], num_topk: int,
+                         num_experts: int, num_ranks: int, expert_alignment: int, num_worst_tokens: int,
+                         config: Config):
+        """Notify, (host wait,) allocate, dispatch inside this rank's NVLink domain of `num_ranks`
+        ranks (the whole group on one node; the NVLink stage of the multi-node path). Returns
+        (recv_x or (recv_x, scales), recv_topk_idx, recv_topk_weights, list, 6-tuple handle)."""
+        runtime = self._rt()
+        num_tokens = payload.num_tokens
         num_channels = runtime.num_channels(config)
         rank_prefix_matrix = launch.empty((num_ranks, num_ranks), torch.int32)
         channel_prefix_matrix = launch.empty((num_ranks, num_channels), torch.int32)
@@ -581,19 +600,22 @@ class Buffer(LowLatencyMixin):
             recv_x_scales=_ptr(recv_x_scales), recv_topk_idx=_ptr(recv_topk_idx),
             recv_topk_weights=_ptr(recv_topk_weights), recv_src_idx=recv_src_idx.data_ptr(),
             send_head=send_head.data_ptr(), config=config, stream=launch.stream)
-        event = launch.finish(payload, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
-                              topk_weights)
-
         handle = (rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
                   is_token_in_rank, send_head)
         out_x = recv_x if recv_x_scales is None else (recv_x, recv_x_scales)
-        return out_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle, event
+        return out_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle
 
     def _cached_dispatch(self, payload: _Payload, parts: _Handle, config: Config, previous_event, async_finish,
                          allocate_on_comm_stream):
+        launch = _Launch(self, previous_event, async_finish, allocate_on_comm_stream)
+        out_x = self._nvlink_cached_dispatch(launch, payload, parts, config)
+        event = launch.finish(payload, parts)
+        return out_x, None, None, None, None, event
+
+    def _nvlink_cached_dispatch(self, launch: _Launch, payload: _Payload, parts: _Handle, config: Config):
+        """A cached dispatch inside this rank's NVLink domain; returns recv_x or (recv_x, scales)."""
         runtime = self._rt()
         rows = parts.recv_src_idx.size(0)
-        launch = _Launch(self, previous_event, async_finish, allocate_on_comm_stream)
         recv_x, recv_x_scales = self._recv_payload(launch, payload, rows)
         runtime.dispatch(
             **self._payload_args(payload), is_token_in_rank=parts.is_token_in_rank.data_ptr(),
@@ -602,9 +624,7 @@ class Buffer(LowLatencyMixin):
             recv_channel_prefix_matrix=parts.recv_channel_prefix_matrix.data_ptr(), num_output_rows=rows,
             worst_case_mode=False, cached=True, recv_x=recv_x.data_ptr(), recv_x_scales=_ptr(recv_x_scales),
             config=config, stream=launch.stream)  # cached: recv_src_idx and send_head are neither read nor written
-        event = launch.finish(payload, parts)
-        out_x = recv_x if recv_x_scales is None else (recv_x, recv_x_scales)
-        return out_x, None, None, None, None, event
+        return recv_x if recv_x_scales is None else (recv_x, recv_x_scales)
 
     # ---- combine -----------------------------------------------------------------------------------
 
@@ -622,9 +642,11 @@ class Buffer(LowLatencyMixin):
         """Reverse of the dispatch that made `handle`: combined_x[t] = bias0[t] + bias1[t] + the sum of
         the rows of t on every rank that received it (float32 accumulation, no top-k weighting).
         Returns (combined_x bf16[n, H], combined_topk_weights float32[n, K] or None, event)."""
-        runtime = self._rt()
-        self._require_single_node("combine")
+        self._rt()
         config = self._config(config, Buffer.get_combine_config)
+        if self._is_internode():
+            return self._internode_combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
+                                           allocate_on_comm_stream)
         parts = self._check_handle(handle, config)
         num_tokens, num_recv = parts.is_token_in_rank.size(0), parts.recv_src_idx.size(0)
         check_tensor("x", x, torch.bfloat16, self._device, (num_recv, None))
@@ -644,6 +666,16 @@ class Buffer(LowLatencyMixin):
         self._check_buffer_size(config, hidden * 2)
 
         launch = _Launch(self, previous_event, async_finish, allocate_on_comm_stream)
+        combined_x, combined_topk_weights = self._nvlink_combine(launch, x, parts, topk_weights, num_topk, bias0,
+                                                                 bias1, config)
+        event = launch.finish(x, topk_weights, bias0, bias1, parts)
+        return combined_x, combined_topk_weights, event
+
+    def _nvlink_combine(self, launch: _Launch, x: torch.Tensor, parts: _Handle, topk_weights: Optional[torch.Tensor],
+                        num_topk: int, bias0: Optional[torch.Tensor], bias1: Optional[torch.Tensor], config: Config):
+        """A combine inside this rank's NVLink domain; returns (combined_x, combined_topk_weights)."""
+        runtime = self._rt()
+        num_tokens, num_recv, hidden = parts.is_token_in_rank.size(0), parts.recv_src_idx.size(0), x.size(1)
         combined_x = launch.empty((num_tokens, hidden), torch.bfloat16)
         combined_topk_weights = launch.empty((num_tokens, num_topk), torch.float32) if num_topk else None
         runtime.combine(
@@ -655,5 +687,4 @@ class Buffer(LowLatencyMixin):
             is_token_in_rank=parts.is_token_in_rank.data_ptr(), send_head=parts.send_head.data_ptr(),
             num_tokens=num_tokens, num_channels=parts.channel_prefix_matrix.size(1), combined_x=combined_x.data_ptr(),
             combined_topk_weights=_ptr(combined_topk_weights), config=config, stream=launch.stream)
-        event = launch.finish(x, topk_weights, bias0, bias1, parts)
-        return combined_x, combined_topk_weights, event
+        return combined_x, combined_topk_weights

@@ -64,7 +64,15 @@ VARIABLES: Dict[str, EnvVar] = {
             0,
             _parse_non_negative_int,
             "Ranks per NVLink domain ('node'). 0 means min(group size, 8). Set it to e.g. 4 to run one "
-            "8-GPU host as two nodes (the multi-node path, a later milestone).",
+            "8-GPU host as two nodes (the multi-node path: first version, not yet run on GPUs).",
+        ),
+        EnvVar(
+            "FLASHEP_INTERNODE_MAX_TOKENS",
+            4096,
+            _parse_non_negative_int,
+            "Multi-node dispatch: the most tokens a rank may send in one call (every rank must use the "
+            "same value). It sizes the rail stage (each forwarder lays out nodes x this many rows for "
+            "the NVLink stage); the NVSHMEM region (num_rdma_bytes) may lower it further.",
         ),
         EnvVar(
             "FLASHEP_DEBUG_INITIAL_COUNTER",
@@ -111,6 +119,10 @@ def debug_initial_counter() -> int:
     if value >= 2 ** 32:
         raise ValueError(f"environment variable FLASHEP_DEBUG_INITIAL_COUNTER={value}: must be < 2**32")
     return value
+
+
+def internode_max_tokens() -> int:
+    return get("FLASHEP_INTERNODE_MAX_TOKENS")
 
 
 def check_inputs() -> bool:

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include "core/internode_compose.hpp"
 #include "flashep/buffer.hpp"
 
 namespace nb = nanobind;
@@ -110,6 +111,7 @@ void rail_return(Buffer& b, uintptr_t combined_x, uintptr_t combined_weights, ui
 
 void bind_internode(nb::module_& m) {
   using release_gil = nb::call_guard<nb::gil_scoped_release>;
+  m.attr("kMaxRailTokens") = flashep::kMaxRailTokens;
   m.def("rail_exchange", &rail_exchange, "runtime"_a, "x"_a, "fp8"_a, "hidden"_a, "x_scales"_a,
         "scale_token_stride"_a, "scale_hidden_stride"_a, "topk_idx"_a, "topk_weights"_a, "num_topk"_a,
         "num_experts"_a, "is_token_in_rank"_a, "num_tokens"_a, "max_tokens"_a, "rail_slot"_a, "rail_count"_a,

@@ -5,6 +5,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "core/internode_compose.hpp"
 #include "core/launch_policy.hpp"
 #include "core/layouts.hpp"
 
@@ -38,12 +39,13 @@ size_t Config::get_nvl_buffer_size_hint(size_t hidden_bytes, int num_ranks) cons
 size_t Config::get_rdma_buffer_size_hint(size_t hidden_bytes, int num_ranks, int nvl_domain_size) const {
   validate();
   if (nvl_domain_size <= 0 || num_ranks <= nvl_domain_size) return 0;
-  // Multi-node layout (later milestone): one RDMA ring per (channel, node) for sending and
-  // receiving, each num_max_rdma_chunked_recv_tokens slots.
-  const int64_t num_nodes = (num_ranks + nvl_domain_size - 1) / nvl_domain_size;
-  const int64_t bytes = int64_t(2) * num_channels(num_sms, nvl_domain_size) * num_nodes *
-                        num_max_rdma_chunked_recv_tokens * max_slot_bytes(hidden_bytes);
-  return static_cast<size_t>(align_up(bytes, 128));
+  // The multi-node path's rail stage (docs/design.md, "Multi-node: the first version"): its inbox,
+  // stages and return area for kDefaultInternodeMaxTokens tokens per rank (FLASHEP_INTERNODE_MAX_TOKENS'
+  // default) of hidden_bytes (as BF16 rows: the larger dtype) and the largest top-k.
+  if (num_ranks % nvl_domain_size != 0) return 0;
+  const int hidden = static_cast<int>(align_up(int64_t(hidden_bytes), 256) / 2);
+  return static_cast<size_t>(
+      make_rail_region(num_ranks / nvl_domain_size, kDefaultInternodeMaxTokens, hidden, kMaxTopk, false, num_ranks).end);
 }
 
 void Config::validate() const {

@@ -58,6 +58,10 @@ struct RailState {
   int reserved[26];
 };
 
+/// Tokens per rank the multi-node buffer hint (Config::get_rdma_buffer_size_hint) sizes the rail
+/// stage for: FLASHEP_INTERNODE_MAX_TOKENS' default.
+inline constexpr int kDefaultInternodeMaxTokens = 4096;
+
 /// Largest token count per rank of the multi-node path (the rail flags are sized for it, so that
 /// they sit at offsets no shape moves).
 inline constexpr int kMaxRailTokens = 16384;

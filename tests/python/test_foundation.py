@@ -314,13 +314,13 @@ def _nvshmem_check_worker(rank, R):
                 assert transport == expected and wrong == 0, f"round {round_}, {size} B: peer {peer}: {transport}, " \
                                                              f"{wrong} words wrong"
             lines.append(f"round {round_}: NVSHMEM check of {size} B with every peer: {checks}")
-        # The multi-node operations come later: a clear NotImplementedError, not a hang.
+        # The multi-node dispatch checks its arguments before anything runs (no layout: ValueError).
         try:
             buffer.dispatch(torch.zeros((4, 2048), dtype=torch.bfloat16, device=torch.device("cuda", rank)))
-        except NotImplementedError as error:
-            lines.append(f"round {round_}: dispatch across domains: NotImplementedError: {error}")
+        except ValueError as error:
+            lines.append(f"round {round_}: dispatch across domains without a layout: ValueError: {error}")
         else:
-            raise AssertionError("dispatch across NVLink domains did not raise NotImplementedError")
+            raise AssertionError("a multi-node dispatch without a layout did not raise ValueError")
         torch.cuda.synchronize()
         dist.barrier()
         buffer.destroy()
