@@ -209,6 +209,12 @@ def test_rdma_hint_multi_node(C):
     assert hint > 0 and hint % 128 == 0, f"rdma hint for 16 ranks (2 nodes of 8) is {hint}"
     hint4 = cfg.get_rdma_buffer_size_hint(7168 * 2, 8, 4)
     assert hint4 > 0 and hint4 % 128 == 0, f"rdma hint for 8 ranks in NVLink domains of 4 is {hint4}"
+    # The multi-node path's rail stage fits 4096 tokens per rank (FLASHEP_INTERNODE_MAX_TOKENS' default)
+    # of BF16 rows with any top-k, FP8 too.
+    for fp8 in (False, True):
+        for topk in (1, 8, C.kMaxTopk):
+            assert hint >= C.internode_rail_bytes(16, 8, 4096, 7168, fp8, topk)
+            assert hint4 >= C.internode_rail_bytes(8, 4, 4096, 7168, fp8, topk)
 
 
 def test_config_validation(C):
