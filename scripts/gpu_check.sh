@@ -19,6 +19,8 @@
 #                example (build/examples/flashep_example: all local GPUs, torch-free)
 #   3. pytest    python3 -m pytest -x -v -s tests/python   (GPU tests adapt to the GPU count), then
 #                the skip check of its junit xml
+#   3a. internode the multi-node tests (test_internode_rail.py, test_internode.py), apart from step 3 so
+#                that a failure of the newest path does not stop the others' tests (+ skip check)
 #   3b. kernels16 the intranode tests again (quick grid) on the kernels built for 8- and 16-rank
 #                domains (FLASHEP_DEBUG_KERNEL_RANKS), so fewer GPUs test that code too (+ skip check)
 #   4. bench     python3 -m flashep.bench [--out $OUT/bench.md], then
@@ -228,9 +230,15 @@ fi
 #         needing <= EXPECT_GPUS may skip)
 if [[ $RUN_TESTS -eq 1 && $INSTALL_OK -eq 1 ]]; then
   py_tests() {
-    pytest_checked "$XMLDIR/pytest.xml" -x -v -s -rfEs -p no:cacheprovider tests/python "${PYTEST_EXTRA[@]}"
+    pytest_checked "$XMLDIR/pytest.xml" -x -v -s -rfEs -p no:cacheprovider tests/python \
+      --ignore=tests/python/test_internode.py --ignore=tests/python/test_internode_rail.py "${PYTEST_EXTRA[@]}"
   }
   run_step pytest py_tests || true
+  internode_tests() {
+    pytest_checked "$XMLDIR/pytest-internode.xml" -v -s -rfEs -p no:cacheprovider \
+      tests/python/test_internode_rail.py tests/python/test_internode.py "${PYTEST_EXTRA[@]}"
+  }
+  run_step internode internode_tests || true
 elif [[ $RUN_TESTS -eq 1 ]]; then
   skip_step pytest "install failed"
 else
