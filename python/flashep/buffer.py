@@ -352,12 +352,13 @@ class Buffer(LowLatencyMixin, InternodeMixin):
         return config
 
     def _check_buffer_size(self, config: Config, hidden_bytes: int) -> None:
-        needed = config.get_nvl_buffer_size_hint(hidden_bytes, self.group_size)
+        # The rings serve the NVLink domain (the whole group on one node).
+        needed = config.get_nvl_buffer_size_hint(hidden_bytes, self.nvl_domain_size)
         if needed > self.num_nvl_bytes:
             raise RuntimeError(
                 f"flashep: this call needs num_nvl_bytes >= {needed} (hidden_bytes={hidden_bytes}, "
-                f"{self.group_size} ranks, {config}) but the Buffer has {self.num_nvl_bytes}; size it with "
-                "config.get_nvl_buffer_size_hint(hidden_bytes, num_ranks)")
+                f"NVLink domains of {self.nvl_domain_size} ranks, {config}) but the Buffer has {self.num_nvl_bytes}; "
+                "size it with config.get_nvl_buffer_size_hint(hidden_bytes, num_ranks)")
 
     def _check_num_experts(self, num_experts: Any, name: str = "num_experts") -> int:
         num_experts = check_int(name, num_experts, minimum=1)

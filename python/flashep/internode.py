@@ -20,7 +20,7 @@ from typing import Any, Optional, Tuple
 import torch
 
 from . import _C, env
-from .utils import EventOverlap, check_int, check_tensor
+from .utils import EventOverlap, check_aligned, check_int, check_tensor
 
 topk_idx_t = torch.int64
 
@@ -107,8 +107,8 @@ class InternodeMixin:
         with torch.cuda.stream(launch.comm):
             nv_per_rank = fwd_in.sum(0, dtype=torch.int32)
             nv_per_expert = torch.zeros((M * L + 1,), dtype=torch.int32, device=self._device)
-            if K:
-                nv_per_expert.scatter_add_(0, (fwd_idx + 1).flatten(),
+            if K:  # (clamped: after a failed rail stage the ids are garbage, and the error comes later)
+                nv_per_expert.scatter_add_(0, (fwd_idx + 1).clamp(0, M * L).flatten(),
                                            torch.ones((fwd_idx.numel(),), dtype=torch.int32, device=self._device))
             nv_per_expert = nv_per_expert[1:]
         from .buffer import _Payload
@@ -196,7 +196,7 @@ class InternodeMixin:
         recv_scales = launch.empty((rows, H // 128), torch.float32) if fp8 else None
         _C.reorder_copy(runtime, handle[5].data_ptr(), rows, H, fp8, 0, True, nv_recv_x.data_ptr(), recv_x.data_ptr(),
                         _ptr(nv_recv_scales), _ptr(recv_scales), 0, 0, 0, 0, launch.stream)
-        event = launch.finish(payload, handle)
+        event = launch.finish(payload, handle, handle.nvlink)
         out_x = recv_x if recv_scales is None else (recv_x, recv_scales)
         return out_x, None, None, None, None, event
 
@@ -212,12 +212,15 @@ class InternodeMixin:
         rows = handle[5].size(0)
         n = handle[0].size(0)
         check_tensor("x", x, torch.bfloat16, self._device, (rows, handle.hidden))
+        check_aligned("x", x)
         H = x.size(1)
         K = 0
         if topk_weights is not None:
             check_tensor("topk_weights", topk_weights, torch.float32, self._device, (rows, Kd))
             K = Kd
         bias0, bias1 = self._check_bias(bias, n, H)
+        check_aligned("bias[0]", bias0)
+        check_aligned("bias[1]", bias1)
         launch = _Launch(self, previous_event, async_finish, allocate_on_comm_stream)
         # Back into the NVLink stage's order, its combine (one row per forwarded token), the return.
         nv_x = launch.empty((rows, H), torch.bfloat16)
@@ -232,5 +235,5 @@ class InternodeMixin:
                        _ptr(bias0), _ptr(bias1), out_x.data_ptr(), _ptr(out_w), H, K, T, handle.fp8, Kd, 0,
                        launch.stream)
         assert combined.size(0) == N * T
-        event = launch.finish(x, topk_weights, bias0, bias1, handle)
+        event = launch.finish(x, topk_weights, bias0, bias1, handle, handle.nvlink)
         return out_x, out_w, event

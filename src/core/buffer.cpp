@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "core/buffer_impl.hpp"
+#include "core/internode_compose.hpp"
 #include "core/cuda_check.hpp"
 
 namespace flashep {
@@ -381,6 +382,11 @@ std::vector<PeerCheck> BufferImpl::check_transports(size_t bytes_per_peer) {
   if (status == cudaSuccess)
     status = cudaMemcpy(host.data(), mismatches, sizeof(long long) * R, cudaMemcpyDeviceToHost);
   cudaFree(mismatches);
+  // The check used the start of the symmetric region as scratch: reset the multi-node rail stage's
+  // fixed part (state, signals, flags) on every rank (the call is collective), so their sequence
+  // numbers start again in step. The low-latency region (also at the start) is the user's to clean.
+  if (status == cudaSuccess && sym_ && num_nodes_ > 1 && !options_.low_latency_mode)
+    status = cudaMemset(sym_->local_base(), 0, static_cast<size_t>(rail_fixed_bytes(num_nodes_)));
   if (status != cudaSuccess) launch_check(status, "check_transports");
   check();
   std::vector<PeerCheck> result(R);

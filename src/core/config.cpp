@@ -29,9 +29,11 @@ int max_slot_bytes(size_t hidden_bytes) {
 
 size_t Config::get_nvl_buffer_size_hint(size_t hidden_bytes, int num_ranks) const {
   validate();
-  if (num_ranks < 1 || num_ranks > kMaxNvlRanks)
-    throw std::invalid_argument("get_nvl_buffer_size_hint: num_ranks must be in [1, " + std::to_string(kMaxNvlRanks) +
-                                "], got " + std::to_string(num_ranks));
+  if (num_ranks < 1)
+    throw std::invalid_argument("get_nvl_buffer_size_hint: num_ranks must be >= 1, got " + std::to_string(num_ranks));
+  // DeepEP's callers pass the group size; beyond one NVLink domain the rings serve the default
+  // domain of 8 ranks (a multi-node group).
+  if (num_ranks > kMaxNvlRanks) num_ranks = 8;
   return static_cast<size_t>(ring_region_bytes(num_ranks, num_channels(num_sms, num_ranks),
                                                num_max_nvl_chunked_recv_tokens, max_slot_bytes(hidden_bytes)));
 }

@@ -28,6 +28,8 @@ void BufferImpl::internode_rail_exchange(const RailExchangeArgs& a, cudaStream_t
     throw_error(ErrorKind::kUnsupported, o + ": needs several NVLink domains (num_ranks " + str(options_.num_ranks) +
                                              ", domains of " + str(nvl_domain_size_) +
                                              ") and an NVSHMEM region (num_rdma_bytes > 0, a build with NVSHMEM)");
+  if (options_.low_latency_mode)  // the low-latency region starts where the rail region does
+    throw_error(ErrorKind::kUnsupported, o + ": not on a low-latency buffer (low_latency_mode=True): use a separate Buffer");
   require(num_nodes_ <= kMaxNodes, o + ": more than " + str(kMaxNodes) + " nodes");
   require(a.hidden > 0 && a.hidden % 128 == 0, o + ": hidden must be a positive multiple of 128, got " + str(a.hidden));
   require(a.max_tokens >= 1 && a.max_tokens <= kMaxRailTokens,
@@ -80,6 +82,7 @@ void BufferImpl::internode_rail_exchange(const RailExchangeArgs& a, cudaStream_t
   send.hidden = a.hidden;
   send.num_topk = a.num_topk;
   send.fp8 = a.dtype == DType::kFloat8E4M3 ? 1 : 0;
+  send.call_hash = rail_call_hash(1, a.max_tokens, a.hidden, send.fp8, a.num_topk);
   launch_check(kernels::launch_rail_send(send, blocks, stream), op);
 
   kernels::RailReceiveParams receive{};
@@ -90,6 +93,7 @@ void BufferImpl::internode_rail_exchange(const RailExchangeArgs& a, cudaStream_t
   receive.num_topk = a.num_topk;
   receive.num_local_experts = a.num_experts / options_.num_ranks;
   receive.fp8 = send.fp8;
+  receive.call_hash = send.call_hash;
   receive.fwd_x = a.fwd_x;
   receive.fwd_scales = a.fwd_scales;
   receive.fwd_topk_idx = a.fwd_topk_idx;
@@ -107,7 +111,8 @@ void BufferImpl::internode_reorder_plan(const InternodeReorderPlanArgs& a, cudaS
   require(num_nodes_ <= kMaxNodes, o + ": more than " + str(kMaxNodes) + " nodes");
   require(a.max_tokens >= 1 && a.max_tokens <= kMaxRailTokens, o + ": max_tokens out of range");
   require(a.rows >= 0, o + ": rows must be >= 0");
-  require(a.rank_prefix_matrix && a.final_row && a.recv_gbl_rank_prefix_sum && (a.rows == 0 || a.recv_src_idx),
+  // (A rank that receives nothing has rows == 0 and empty tensors, whose pointers may be null.)
+  require(a.rank_prefix_matrix && a.recv_gbl_rank_prefix_sum && (a.rows == 0 || (a.final_row && a.recv_src_idx)),
           o + ": a pointer is null");
   kernels::ComposePlanParams p{};
   p.comm = device_comm();
@@ -160,8 +165,9 @@ void BufferImpl::internode_rail_return(const RailReturnArgs& a, cudaStream_t str
   const char* op = "internode_rail_return";
   require_usable(op);
   const std::string o(op);
-  if (num_nodes_ < 2 || !sym_)
-    throw_error(ErrorKind::kUnsupported, o + ": needs several NVLink domains and an NVSHMEM region");
+  if (num_nodes_ < 2 || !sym_ || options_.low_latency_mode)
+    throw_error(ErrorKind::kUnsupported, o + ": needs several NVLink domains, an NVSHMEM region and a buffer that is "
+                                             "not in low-latency mode");
   require(a.hidden > 0 && a.hidden % 128 == 0, o + ": hidden must be a positive multiple of 128");
   require(a.max_tokens >= 1 && a.max_tokens <= kMaxRailTokens, o + ": max_tokens out of range");
   require(a.num_tokens >= 0 && a.num_tokens <= a.max_tokens, o + ": num_tokens out of [0, max_tokens]");

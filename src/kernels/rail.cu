@@ -34,6 +34,24 @@ __device__ __forceinline__ void rail_signal(const DeviceComm& c, int peer, int64
 #endif
 }
 
+/// One thread: the 16-byte check block {hash} into `peer`'s symmetric region at `check_offset`,
+/// then `value` into its word at `signal_offset`, ordered after the block (a release store for
+/// ourselves; one put-with-signal from our staged copy at `stage_offset` otherwise).
+__device__ __forceinline__ void rail_check_and_signal(const DeviceComm& c, int peer, int64_t stage_offset,
+                                                      int64_t check_offset, int64_t signal_offset, uint32_t hash,
+                                                      uint64_t value) {
+  if (peer == c.rank) {
+    *reinterpret_cast<int4*>(c.sym_base + check_offset) = make_int4(static_cast<int>(hash), 0, 0, 0);
+    device::st_release_sys_u64(reinterpret_cast<uint64_t*>(c.sym_base + signal_offset), value);
+    return;
+  }
+  *reinterpret_cast<int4*>(c.sym_base + stage_offset) = make_int4(static_cast<int>(hash), 0, 0, 0);
+#if FLASHEP_WITH_NVSHMEM
+  nvshmem_putmem_signal_nbi(c.sym_base + check_offset, c.sym_base + stage_offset, 16,
+                            reinterpret_cast<uint64_t*>(c.sym_base + signal_offset), value, NVSHMEM_SIGNAL_SET, peer);
+#endif
+}
+
 /// One thread: spins until our word at `word` holds call `seq`'s signal. Bounded by the timeout,
 /// given up on abort; a word written through NVSHMEM then gets one NVSHMEM test (its post-wait
 /// consistency step). Returns false when it gave up (the reason is recorded).
@@ -52,6 +70,10 @@ __device__ __noinline__ bool rail_wait(const DeviceComm& c, const uint64_t* word
       (void)nvshmem;
 #endif
       return true;
+    }
+    if (ll_signal_is_ahead(v, seq)) {  // two calls ahead: the halves cannot hold it (a protocol breach)
+      device::fail(c, Phase::kLowLatencyOverrun, peer, -1, static_cast<int>(seq), static_cast<int>(v >> 32));
+      return false;
     }
     if (spins == 0) start = device::global_timer_ns();
     if ((spins & 127) == 127 && device::global_timer_ns() - start > c.timeout_ns) {
@@ -108,11 +130,14 @@ __global__ void __launch_bounds__(kRailThreads) rail_send_kernel(const __grid_co
   if (threadIdx.x == 0) s_seq = *reinterpret_cast<volatile uint32_t*>(&st->seq);
   __syncthreads();
   const uint32_t seq = s_seq;
+  const int half = static_cast<int>(seq & 1u);
 
-  // 1. Counts first (block b % blocks for node b).
+  // 1. Counts first (block b % blocks for node b): the check block (the call hash) and the count as
+  // its signal.
   if (threadIdx.x == 0)
     for (int b = blockIdx.x; b < N; b += gridDim.x)
-      rail_signal(c, s.rail_peer(c.rank, b), g.signal(my_node), ll_signal(seq, p.rail_count[b]));
+      rail_check_and_signal(c, s.rail_peer(c.rank, b), g.check_stage(b), g.check(half, my_node),
+                            g.signal(half, my_node), p.call_hash, ll_signal(seq, p.rail_count[b]));
 
   // 2. Messages.
   const int words = static_cast<int>(align_up(int64_t(m.bytes), 16) / 16);
@@ -143,15 +168,15 @@ __global__ void __launch_bounds__(kRailThreads) rail_send_kernel(const __grid_co
       if (slot < 0) continue;  // warp-uniform
       const int peer = s.rail_peer(c.rank, b);
       if (peer == c.rank) {  // our own node: a local copy into our inbox, then the flag
-        int4* to = reinterpret_cast<int4*>(c.sym_base + g.slot(my_node, slot));
+        int4* to = reinterpret_cast<int4*>(c.sym_base + g.slot(half, my_node, slot));
         for (int i = lane; i < words; i += 32) to[i] = reinterpret_cast<const int4*>(stage)[i];
         __syncwarp();
-        if (lane == 0) rail_signal(c, peer, g.flag(my_node, slot), flag);
+        if (lane == 0) rail_signal(c, peer, g.flag(half, my_node, slot), flag);
         __syncwarp();
       } else {
 #if FLASHEP_WITH_NVSHMEM
-        nvshmemx_putmem_signal_nbi_warp(c.sym_base + g.slot(my_node, slot), stage, static_cast<size_t>(words) * 16,
-                                        reinterpret_cast<uint64_t*>(c.sym_base + g.flag(my_node, slot)), flag,
+        nvshmemx_putmem_signal_nbi_warp(c.sym_base + g.slot(half, my_node, slot), stage, static_cast<size_t>(words) * 16,
+                                        reinterpret_cast<uint64_t*>(c.sym_base + g.flag(half, my_node, slot)), flag,
                                         NVSHMEM_SIGNAL_SET, peer);
 #endif
       }
@@ -195,13 +220,18 @@ __global__ void __launch_bounds__(kRailThreads) rail_receive_kernel(const __grid
   }
   __syncthreads();
   const uint32_t seq = s_seq;
+  const int half = static_cast<int>(seq & 1u);
 
-  // 1. Counts.
+  // 1. Counts (and each source's call hash).
   for (int a = threadIdx.x; a < N; a += blockDim.x) {
     const int src = s.rank_of(a, me);
     uint64_t value = 0;
     int count = 0;
-    if (!rail_wait(c, reinterpret_cast<const uint64_t*>(c.sym_base + g.signal(a)), seq, src, src != c.rank, &value)) {
+    if (!rail_wait(c, reinterpret_cast<const uint64_t*>(c.sym_base + g.signal(half, a)), seq, src, src != c.rank, &value)) {
+      s_failed = 1;
+    } else if (const uint32_t hash = static_cast<uint32_t>(__ldcg(reinterpret_cast<const int*>(c.sym_base + g.check(half, a))));
+               hash != p.call_hash) {
+      device::fail(c, Phase::kCallMismatch, src, -1, static_cast<int>(p.call_hash), static_cast<int>(hash));
       s_failed = 1;
     } else {
       count = ll_signal_count(value);
@@ -231,12 +261,12 @@ __global__ void __launch_bounds__(kRailThreads) rail_receive_kernel(const __grid
     if (threadIdx.x == 0) {
       const int src = s.rank_of(a, me);
       uint64_t value = 0;
-      s_arrived = rail_wait(c, reinterpret_cast<const uint64_t*>(c.sym_base + g.flag(a, index)), seq, src, src != c.rank,
-                            &value) ? 1 : 0;
+      s_arrived = rail_wait(c, reinterpret_cast<const uint64_t*>(c.sym_base + g.flag(half, a, index)), seq, src,
+                            src != c.rank, &value) ? 1 : 0;
     }
     __syncthreads();
     if (!s_arrived) return;
-    const char* msg = c.sym_base + g.slot(a, index);
+    const char* msg = c.sym_base + g.slot(half, a, index);
     int4* out_row = reinterpret_cast<int4*>(static_cast<char*>(p.fwd_x) + int64_t(f) * m.row_bytes);
     for (int i = threadIdx.x; i < row_words; i += blockDim.x) out_row[i] = device::ld_ring(reinterpret_cast<const int4*>(msg) + i);
     if (p.fp8)
@@ -287,6 +317,7 @@ __global__ void __launch_bounds__(kRailThreads) rail_return_send_kernel(const __
   for (int a = threadIdx.x; a < N; a += blockDim.x) s_count[a] = p.fwd_counts[a];
   __syncthreads();
   const uint32_t seq = s_seq;
+  const int half = static_cast<int>(seq & 1u);
   const int row_words = p.hidden * 2 / 16, words = g.return_stride / 16;
   for (int f = blockIdx.x; f < N * T; f += gridDim.x) {
     const int a = f / T, index = f - a * T;
@@ -302,16 +333,17 @@ __global__ void __launch_bounds__(kRailThreads) rail_return_send_kernel(const __
       const int peer = s.rank_of(a, me);
       const uint64_t flag = ll_signal(seq, 0);
       if (peer == c.rank) {
-        int4* to = reinterpret_cast<int4*>(c.sym_base + g.return_slot(my_node, index));
+        int4* to = reinterpret_cast<int4*>(c.sym_base + g.return_slot(half, my_node, index));
         for (int i = lane; i < words; i += 32) to[i] = reinterpret_cast<const int4*>(stage)[i];
         __syncwarp();
-        if (lane == 0) rail_signal(c, peer, g.return_flag(my_node, index), flag);
+        if (lane == 0) rail_signal(c, peer, g.return_flag(half, my_node, index), flag);
         __syncwarp();
       } else {
 #if FLASHEP_WITH_NVSHMEM
-        nvshmemx_putmem_signal_nbi_warp(c.sym_base + g.return_slot(my_node, index), stage, static_cast<size_t>(words) * 16,
-                                        reinterpret_cast<uint64_t*>(c.sym_base + g.return_flag(my_node, index)), flag,
-                                        NVSHMEM_SIGNAL_SET, peer);
+        nvshmemx_putmem_signal_nbi_warp(c.sym_base + g.return_slot(half, my_node, index), stage,
+                                        static_cast<size_t>(words) * 16,
+                                        reinterpret_cast<uint64_t*>(c.sym_base + g.return_flag(half, my_node, index)),
+                                        flag, NVSHMEM_SIGNAL_SET, peer);
 #endif
       }
     }
@@ -345,6 +377,7 @@ __global__ void __launch_bounds__(kRailThreads) rail_return_receive_kernel(const
   if (threadIdx.x == 0) s_seq = *reinterpret_cast<volatile uint32_t*>(&st->return_seq);
   __syncthreads();
   const uint32_t seq = s_seq;
+  const int half = static_cast<int>(seq & 1u);
   const int words = p.hidden / 8;  // 16-byte words of a BF16 row
   for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
     for (int b = threadIdx.x; b < N; b += blockDim.x) s_slot[b] = p.rail_slot[int64_t(t) * N + b];
@@ -355,7 +388,7 @@ __global__ void __launch_bounds__(kRailThreads) rail_return_receive_kernel(const
         if (s_slot[b] < 0) continue;
         const int peer = s.rank_of(b, me);
         uint64_t value = 0;
-        if (!rail_wait(c, reinterpret_cast<const uint64_t*>(c.sym_base + g.return_flag(b, s_slot[b])), seq, peer,
+        if (!rail_wait(c, reinterpret_cast<const uint64_t*>(c.sym_base + g.return_flag(half, b, s_slot[b])), seq, peer,
                        peer != c.rank, &value, Phase::kRailReturn))
           s_arrived = 0;
       }
@@ -365,7 +398,7 @@ __global__ void __launch_bounds__(kRailThreads) rail_return_receive_kernel(const
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       for (int b = 0; b < N; ++b) {
         if (s_slot[b] < 0) continue;
-        const int4 v = device::ld_ring(reinterpret_cast<const int4*>(c.sym_base + g.return_slot(b, s_slot[b])) + w);
+        const int4 v = device::ld_ring(reinterpret_cast<const int4*>(c.sym_base + g.return_slot(half, b, s_slot[b])) + w);
         const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
 #pragma unroll
         for (int j = 0; j < 8; ++j) acc[j] += __bfloat162float(h[j]);
@@ -388,7 +421,7 @@ __global__ void __launch_bounds__(kRailThreads) rail_return_receive_kernel(const
         float sum = 0.0f;
         for (int b = 0; b < N; ++b)
           if (s_slot[b] >= 0)
-            sum += __ldcg(reinterpret_cast<const float*>(c.sym_base + g.return_slot(b, s_slot[b]) + int64_t(p.hidden) * 2) + k);
+            sum += __ldcg(reinterpret_cast<const float*>(c.sym_base + g.return_slot(half, b, s_slot[b]) + int64_t(p.hidden) * 2) + k);
         p.combined_weights[int64_t(t) * K + k] = sum;
       }
     __syncthreads();  // s_slot and s_arrived are rewritten by the next token

@@ -40,6 +40,7 @@ struct RailSendParams {
   const int* rail_slot;           // [n, N] (plan)
   const int* rail_count;          // [N] (plan)
   int num_tokens, hidden, num_topk, fp8;
+  uint32_t call_hash;             // rail_call_hash of the exchange (travels with the counts)
 };
 
 struct RailReceiveParams {
@@ -47,6 +48,7 @@ struct RailReceiveParams {
   NodeShape shape;
   RailRegion region;
   int hidden, num_topk, num_local_experts, fp8;
+  uint32_t call_hash;         // what every source's counts must carry
   // Outputs of F = N * T rows: source node a's tokens at rows [a * T, a * T + count_a), the rest
   // go nowhere (empty local mask, ids -1, source -1; their x rows are left as they are).
   void* fwd_x;                // [F, H]

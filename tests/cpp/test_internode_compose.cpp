@@ -29,23 +29,42 @@ void test_rail_layout() {
             CHECK(m.meta_offset >= m.weight_offset + 4 * K && m.meta_offset % 16 == 0);
             CHECK(m.bytes == m.meta_offset + 16 + 4 * rail_mask_words(8 * N) && m.bytes % 4 == 0);
             CHECK(m.bytes <= m.stride && m.stride % 128 == 0);
-            CHECK(r.state_offset + 128 <= r.signals_offset);
-            CHECK(r.signal(N - 1) + 8 <= r.flags_offset);
-            CHECK(r.flag(N - 1, kMaxRailTokens - 1) + 8 <= r.return_flags_offset);
-            CHECK(r.return_flag(N - 1, kMaxRailTokens - 1) + 8 <= r.slots_offset);
-            CHECK(r.stage(T - 1) + m.stride <= r.return_slots_offset);
-            CHECK(r.return_stride % 128 == 0 && r.return_stride >= 2 * H + 4 * K);
-            CHECK(r.return_slot(N - 1, T - 1) + r.return_stride <= r.return_stage_offset);
-            CHECK(r.return_stage(N * T - 1) + r.return_stride <= r.end);
-            // The fixed part does not move with the shape.
-            const RailRegion other = make_rail_region(N, 7, 256, 2, !fp8, 8 * N);
+            // Areas in address order, disjoint, aligned.
+            const int64_t areas[][2] = {
+                {r.state_offset, r.state_offset + 128},
+                {r.signals_offset, r.signal(1, N - 1) + 8},
+                {r.checks_offset, r.check(1, N - 1) + 16},
+                {r.flags_offset, r.flag(1, N - 1, kMaxRailTokens - 1) + 8},
+                {r.return_flags_offset, r.return_flag(1, N - 1, kMaxRailTokens - 1) + 8},
+                {r.slots_offset, r.slot(1, N - 1, T - 1) + m.stride},
+                {r.stage_offset, r.stage(T - 1) + m.stride},
+                {r.check_stage_offset, r.check_stage(N - 1) + 16},
+                {r.return_slots_offset, r.return_slot(1, N - 1, T - 1) + r.return_stride},
+                {r.return_stage_offset, r.return_stage(N * T - 1) + r.return_stride},
+            };
+            const int num_areas = sizeof(areas) / sizeof(areas[0]);
+            for (int i = 0; i < num_areas; ++i) {
+              CHECK(areas[i][0] % 128 == 0);
+              CHECK(i + 1 == num_areas ? areas[i][1] <= r.end : areas[i][1] <= areas[i + 1][0]);
+            }
+            CHECK(r.end % 128 == 0);
+            CHECK(r.return_stride % 128 == 0 && r.return_stride >= 2 * H + 4 * kMaxTopk);
+            // The fixed part, and the slots, do not move with the dtype or the top-k of a call (a peer
+            // one call ahead writes the other half while this rank reads one).
+            const RailRegion other = make_rail_region(N, T, H, K == 1 ? 32 : 1, !fp8, 8 * N);
             static_assert(sizeof(RailState) == 128, "the rail state fills its 128 bytes");
-            CHECK_EQ(other.flag(N - 1, 3), r.flag(N - 1, 3));
-            CHECK_EQ(other.signal(N - 1), r.signal(N - 1));
-            CHECK_EQ(other.return_flag(N - 1, 3), r.return_flag(N - 1, 3));
-            CHECK(r.slots_offset % 128 == 0 && r.stage_offset % 128 == 0 && r.end % 128 == 0);
-            CHECK(r.slot(N - 1, T - 1) + m.stride <= r.stage_offset);
+            CHECK_EQ(other.flag(1, N - 1, 3), r.flag(1, N - 1, 3));
+            CHECK_EQ(other.signal(1, N - 1), r.signal(1, N - 1));
+            CHECK_EQ(other.return_flag(1, N - 1, 3), r.return_flag(1, N - 1, 3));
+            CHECK_EQ(other.slot(1, N - 1, T - 1), r.slot(1, N - 1, T - 1));
+            CHECK_EQ(other.return_slot(1, N - 1, T - 1), r.return_slot(1, N - 1, T - 1));
+            CHECK_EQ(other.end, r.end);
+            CHECK_EQ(rail_fixed_bytes(N), r.slots_offset);
           }
+  // Every rank agrees on a call's hash only when the call is the same.
+  CHECK(rail_call_hash(1, 4096, 7168, 1, 8) != rail_call_hash(1, 4096, 7168, 0, 8));
+  CHECK(rail_call_hash(1, 4096, 7168, 1, 8) != rail_call_hash(1, 4096, 7168, 1, 0));
+  CHECK_EQ(rail_call_hash(1, 4096, 7168, 1, 8), rail_call_hash(1, 4096, 7168, 1, 8));
 }
 
 void test_node_local_experts() {

@@ -9,8 +9,9 @@ everything to one expert, a silent rank, stream modes, SM counts, cached and wor
 Checks, per rank: the layout (num_tokens_per_rdma_rank too) and the dispatch outputs bit for bit
 against the oracle, the handle's two public entries (handle[0] = is_token_in_rank, handle[-4] =
 recv_gbl_rank_prefix_sum), the cached dispatch against the first, and combine within
-|got - oracle| <= 2^-7 * (the oracle's sum of |terms|) + 1e-6 (the nodes' partial sums are rounded to
-BF16 before the sum over nodes: two roundings instead of one); combined_topk_weights exactly.
+|got - oracle| <= 2^-6 * (the oracle's sum of |terms|) + 1e-6 (the nodes' partial sums are rounded to
+BF16 before the sum over nodes: two roundings instead of one, at most 3 * 2^-8 of it); combined_topk_weights
+exactly.
 Not yet here: the CUDA-graph replays and the 1000-iteration loop of issue 9.
 
     python3 -m pytest -v -s tests/python/test_internode.py
@@ -199,9 +200,9 @@ def _run_case(env, case, seed, cfg, E, K, H):
                f"combine: combined_x {combined.dtype} {tuple(combined.shape)}, expected bf16 ({n}, {H})"):
         got = to_f(ti.bf16_np(combined.cpu()))
         err = np.abs(got - to_f(ref["combined_x"]))
-        bound = 2.0 ** -7 * to_f(mag["combined_x"]) + 1e-6
+        bound = 2.0 ** -6 * to_f(mag["combined_x"]) + 1e-6
         bad = err > bound
-        ck.true(not bad.any(), f"combine: {int(bad.sum())} of {bad.size} values outside 2^-7 of the sum of |terms| "
+        ck.true(not bad.any(), f"combine: {int(bad.sum())} of {bad.size} values outside 2^-6 of the sum of |terms| "
                                f"(max error {float(err.max()) if err.size else 0.0:.4g})")
     if case.topk:
         if ck.true(combined_w is not None, "combine with topk_weights returned combined_topk_weights None"):
