@@ -369,7 +369,9 @@ class Buffer {
   /// Collective diagnostic: every rank sends `bytes_per_peer` bytes (a multiple of 16) of a pattern
   /// to every peer through the transport chosen for it, with a signal, waits for the peers' (bounded)
   /// and checks what arrived. Uses the NVLink rings (NVLink peers) and the RDMA region (NVSHMEM
-  /// peers) as scratch: no other operation may be in flight. Synchronizes.
+  /// peers) as scratch: no other operation may be in flight, on any rank, until every rank's check
+  /// has returned (a barrier of the caller's). Resets the multi-node rail stage's state.
+  /// Synchronizes.
   std::vector<PeerCheck> check_transports(size_t bytes_per_peer);
 
   /// The multi-node rail stage (RailExchangeArgs). Collective: every rank calls it.
