@@ -2,6 +2,7 @@
 SM count, next to an NCCL all_to_all_single baseline moving the same bytes.
 
     python3 -m flashep.bench [--num-ranks N] [--sms 8,12,16,24,32] [--shapes all|deepep] [--out FILE]
+                             [--nvl-domain-size M]   (M < N: the multi-node path, N/M "nodes" on one host)
 
 One process per GPU (default: every visible GPU), one Buffer sized for every config used. Per shape
 (tokens per rank, hidden, top-k, experts; routing: each token picks top-k distinct experts uniformly
@@ -66,6 +67,9 @@ def _parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="warm-up iterations (>= 5)")
     parser.add_argument("--iters", type=int, default=20, help="timed iterations (>= 20)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds before the run is killed")
+    parser.add_argument("--nvl-domain-size", type=int, default=0,
+                        help="ranks per NVLink domain: below the rank count the multi-node path runs (on one host, "
+                             "its 'RDMA' traffic is NVSHMEM over NVLink, not a NIC); default: one domain")
     parser.add_argument("--chunks", default="",
                         help="ring configs to sweep, 'send:recv' comma-separated (both dispatch and combine; "
                              "default: Buffer.get_dispatch_config / get_combine_config)")
@@ -163,6 +167,9 @@ def _nccl_baseline(torch, dist, recv_bytes_all: List[int], rank: int, R: int, de
 
 
 def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
+    if args.nvl_domain_size:
+        os.environ["FLASHEP_NVL_DOMAIN_SIZE"] = str(args.nvl_domain_size)
+        os.environ.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")  # one host: NVSHMEM over NVLink P2P
     import torch
     import torch.distributed as dist
 
@@ -186,7 +193,12 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
     num_nvl_bytes = max(c.get_nvl_buffer_size_hint(max_hidden_bytes, R) for pair in configs.values() for c in pair)
     d_send, d_recv = chunk_pairs[0][0]
     c_send, c_recv = chunk_pairs[0][1]
-    buffer = flashep.Buffer(dist.group.WORLD, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=0)
+    M = args.nvl_domain_size or R
+    num_rdma_bytes = 0
+    if M < R:  # the multi-node path: the rail stage of the largest shape, BF16 or FP8
+        num_rdma_bytes = max(flashep._C.internode_rail_bytes(R, M, s.tokens, s.hidden, fp8, s.topk)
+                             for s in shapes for fp8 in (False, True))
+    buffer = flashep.Buffer(dist.group.WORLD, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes)
     if rank == 0:
         print(f"flashep.bench: {R} ranks on {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, "
               f"buffer {num_nvl_bytes / 2 ** 20:.1f} MiB; dispatch chunks (send {d_send}, recv {d_recv}), "
@@ -196,6 +208,8 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
     records = []  # (shape, op, dtype, scales, timing, sms, chunks, time_us, bytes, nccl_us, nccl_bytes) of this rank
     for shape in shapes:
         H = shape.hidden
+        if M < R:  # the rail stage sized for this shape's tokens (every rank the same)
+            os.environ["FLASHEP_INTERNODE_MAX_TOKENS"] = str(shape.tokens)
         x_bf16, x_fp8, x_fp8_rows, topk_idx, topk_weights = _make_inputs(torch, shape, rank, dev)
         ntpr, _, ntpe, itir, _ = buffer.get_dispatch_layout(topk_idx, shape.experts)
         layout = dict(num_tokens_per_rank=ntpr, is_token_in_rank=itir, num_tokens_per_expert=ntpe,
@@ -244,6 +258,15 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
                     ("dispatch (cached)", "bf16", "-", "stream", chunks, t_cached_s, bf16_bytes),
                     ("combine", "bf16", "-", "stream", c_chunks_s, t_comb_s, bf16_bytes)):
                 records.append((shape.name, op, dtype, scales, timing, sms, ch, t_us, nbytes) + nccl[dtype][timing])
+            if rank == 0 and M < R:
+                # DeepEP's "RDMA" bandwidth: the bytes of the rows that cross to other nodes (once per
+                # node), over the call's time. On one host this is NVSHMEM over NVLink.
+                nodes = itir.view(itir.size(0), R // M, M).any(-1)
+                crossing = int(nodes.sum()) - int(nodes[:, rank // M].sum())
+                print(f"  {shape.name} SMs {sms:3d} multi-node ({R // M} x {M}): rows crossing nodes {crossing}; "
+                      f"'RDMA' GB/s dispatch fp8 {_gbps(crossing * (H + H // 128 * 4), t_fp8):6.1f}, bf16 "
+                      f"{_gbps(crossing * H * 2, t_bf16):6.1f}, combine {_gbps(crossing * H * 2, t_comb):6.1f}",
+                      flush=True)
             if rank == 0:
                 print(f"  {shape.name} SMs {sms:3d} chunks {chunks}: dispatch fp8 {t_fp8:8.1f} us "
                       f"{_gbps(fp8_bytes, t_fp8):6.1f} GB/s, bf16 {t_bf16:8.1f} us {_gbps(bf16_bytes, t_bf16):6.1f} GB/s, "
