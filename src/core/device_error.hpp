@@ -94,9 +94,9 @@ inline const char* phase_name(Phase phase) {
     case Phase::kLowLatencyCallMismatch: return "low-latency call check";
     case Phase::kLowLatencyBadMessage: return "low_latency_dispatch receive (a message names a row outside its segment)";
     case Phase::kLowLatencyOverrun: return "low-latency call (a peer is two calls ahead)";
-    case Phase::kRailReceive: return "multi-node rail stage (waiting for a source node's tokens)";
-    case Phase::kRailBadCount: return "multi-node rail stage (a source node sent more tokens than fit)";
-    case Phase::kRailReturn: return "multi-node combine (waiting for a destination node's returned row)";
+    case Phase::kRailReceive: return "multi-node dispatch, rail stage (waiting for a source node's tokens)";
+    case Phase::kRailBadCount: return "multi-node dispatch, rail stage (a source node sent more tokens than fit)";
+    case Phase::kRailReturn: return "multi-node combine, rail return (waiting for a destination node's row)";
   }
   return "unknown";
 }

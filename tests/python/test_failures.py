@@ -12,6 +12,8 @@ import sys
 import tempfile
 import time
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dist_harness as dh  # noqa: E402
 
@@ -56,21 +58,38 @@ def _roundtrip(buffer, torch, dev, rank, R, n=64, H=2048, E=64, K=4, seed=0):
 # ---- (a) a rank that skips a dispatch ------------------------------------------------------------
 
 
-def test_peer_skips_dispatch_times_out():
+@pytest.mark.parametrize("nodes", [1, 2], ids=["one-node", "two-nodes"])
+def test_peer_skips_dispatch_times_out(nodes):
+    """nodes=2: the 2 GPUs as 2 nodes of 1, the multi-node path (its rail stage waits for the peer);
+    needs a build with NVSHMEM."""
+    env = {"FLASHEP_TIMEOUT_S": str(TIMEOUT_S)}
+    if nodes == 2:
+        dh.gpu_count_or_skip(2)
+        try:
+            from flashep import _C
+            built = _C.nvshmem_built()
+        except Exception as error:  # an import failure is this test's failure
+            pytest.fail(f"flashep does not import: {error}")
+        if not built:
+            if os.environ.get("FLASHEP_TEST_EXPECT_NVSHMEM", "") not in ("", "0"):
+                pytest.fail("FLASHEP_TEST_EXPECT_NVSHMEM is set but this flashep has no NVSHMEM")
+            pytest.skip("flashep built without NVSHMEM: the multi-node path needs it")
+        env.update({"FLASHEP_NVL_DOMAIN_SIZE": "1", "NVSHMEM_REMOTE_TRANSPORT": "none"})
     with tempfile.TemporaryDirectory(prefix="flashep_timeout_") as tmp:
-        results = dh.run_world(_timeout_worker, 2, args=(os.path.join(tmp, "rank0_done"),), timeout_s=180,
-                               env={"FLASHEP_TIMEOUT_S": str(TIMEOUT_S)}, grace_s=60, exit_grace_s=60)
+        results = dh.run_world(_timeout_worker, 2, args=(os.path.join(tmp, "rank0_done"), nodes), timeout_s=180,
+                               env=env, grace_s=60, exit_grace_s=60)
     print(f"rank 0: {results[0]}")
 
 
-def _timeout_worker(rank, R, marker):
+def _timeout_worker(rank, R, marker, nodes=1):
     import torch
     import torch.distributed as dist
 
     import flashep as deep_ep
 
     dev = torch.device("cuda", rank)
-    buffer = deep_ep.Buffer(dist.group.WORLD, num_nvl_bytes=_nvl_bytes(deep_ep, R))
+    rdma = 0 if nodes == 1 else deep_ep._C.internode_rail_bytes(R, R // nodes, 4096, 2048, False, 4)
+    buffer = deep_ep.Buffer(dist.group.WORLD, num_nvl_bytes=_nvl_bytes(deep_ep, R), num_rdma_bytes=rdma)
     # One healthy round first: both ranks are up and the buffer works.
     problems, _ = _roundtrip(buffer, torch, dev, rank, R)
     assert not problems, f"the healthy round before the timeout test failed: {problems}"
