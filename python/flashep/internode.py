@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 
 from . import _C, env
 from .utils import EventOverlap, check_aligned, check_int, check_tensor
@@ -106,11 +107,18 @@ class InternodeMixin:
         # The NVLink stage's layout of the forwarded rows (on the comm stream; no host sync).
         with torch.cuda.stream(launch.comm):
             nv_per_rank = fwd_in.sum(0, dtype=torch.int32)
-            nv_per_expert = torch.zeros((M * L + 1,), dtype=torch.int32, device=self._device)
-            if K:  # (clamped: after a failed rail stage the ids are garbage, and the error comes later)
+            if K:  # from the forwarded ids (clamped: after a failed rail stage they are garbage, and the error comes later)
+                nv_per_expert = torch.zeros((M * L + 1,), dtype=torch.int32, device=self._device)
                 nv_per_expert.scatter_add_(0, (fwd_idx + 1).clamp(0, M * L).flatten(),
                                            torch.ones((fwd_idx.numel(),), dtype=torch.int32, device=self._device))
-            nv_per_expert = nv_per_expert[1:]
+                nv_per_expert = nv_per_expert[1:]
+            else:
+                # No ids travel: the per-expert counts are the sources' own (as on one node), those of
+                # the ranks this rank forwards for (same local index, every node), for this node's experts.
+                every = torch.empty((R, num_experts), dtype=torch.int32, device=self._device)
+                dist.all_gather_into_tensor(every, num_tokens_per_expert, group=self.group)
+                node, me = self.rank // M, self.rank % M
+                nv_per_expert = every[me::M, node * M * L:(node + 1) * M * L].sum(0, dtype=torch.int32)
         from .buffer import _Payload
         forwarded = _Payload(fwd_x, fwd_scales)
         nv_x, nv_idx, nv_w, per_expert_list, nv_handle = self._nvlink_dispatch(
