@@ -61,6 +61,9 @@ void BufferImpl::internode_rail_exchange(const RailExchangeArgs& a, cudaStream_t
   plan.shape = shape;
   plan.is_token_in_rank = a.is_token_in_rank;
   plan.num_tokens = a.num_tokens;
+  plan.topk_idx = a.num_topk > 0 ? a.topk_idx : nullptr;
+  plan.num_topk = a.num_topk;
+  plan.num_experts = a.num_experts;
   plan.rail_slot = a.rail_slot;
   plan.rail_count = a.rail_count;
   launch_check(kernels::launch_rail_plan(plan, stream), op);

@@ -84,8 +84,23 @@ __device__ __noinline__ bool rail_wait(const DeviceComm& c, const uint64_t* word
 }
 
 /// Plan: block b = destination node b. The token's slot at b's rail peer is the number of earlier
-/// tokens that go to node b (a block-wide scan over the tokens, in token order).
+/// tokens that go to node b (a block-wide scan over the tokens, in token order). Block 0 also checks
+/// every top-k id: an id outside [-1, E) fails the call (and aborts the buffer) here, so the send
+/// kernel, which follows on the stream, finds the abort at its entry and sends nothing.
 __global__ void __launch_bounds__(kRailThreads) rail_plan_kernel(const __grid_constant__ RailPlanParams p) {
+  if (blockIdx.x == 0 && p.topk_idx != nullptr) {
+    __shared__ int s_bad;
+    if (threadIdx.x == 0) s_bad = 0;
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < int64_t(p.num_tokens) * p.num_topk; i += blockDim.x) {
+      const int64_t e = p.topk_idx[i];
+      if (e < -1 || e >= p.num_experts) atomicCAS(&s_bad, 0, static_cast<int>(i) + 1);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0 && s_bad != 0)
+      device::fail(p.comm, Phase::kDispatchInvalidExpert, p.num_experts, -1, s_bad - 1,
+                   static_cast<int>(p.topk_idx[s_bad - 1]));
+  }
   const NodeShape& s = p.shape;
   const int b = blockIdx.x, M = s.nvl_size, N = s.num_nodes(), R = s.num_ranks;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, num_warps = blockDim.x / 32;

@@ -22,7 +22,8 @@ struct RailPlanParams {
   DeviceComm comm;
   NodeShape shape;
   const bool* is_token_in_rank;  // [n, R]
-  int num_tokens;
+  const int64_t* topk_idx;       // [n, K] or nullptr: block 0 checks every id is in [-1, E) before anything is sent
+  int num_tokens, num_topk, num_experts;
   int* rail_slot;   // out [n, N]: the token's slot at node b's rail peer, -1 when it does not go to b
   int* rail_count;  // out [N]: tokens to each node
 };
