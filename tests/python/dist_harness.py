@@ -148,6 +148,23 @@ def log_all(rank: int, message: str) -> None:
     sys.stderr.flush()
 
 
+def require_nvshmem(what: str) -> None:
+    """Skips the calling test when flashep was built without NVSHMEM (`what` says which path needs
+    it); in strict GPU runs (FLASHEP_TEST_EXPECT_NVSHMEM=1) that is a failure instead. A flashep that
+    does not import fails the test."""
+    import pytest
+
+    try:
+        from flashep import _C
+        built = _C.nvshmem_built()
+    except Exception as error:  # an import failure is the GPU test's failure
+        pytest.fail(f"flashep does not import: {error}")
+    if not built:
+        if os.environ.get("FLASHEP_TEST_EXPECT_NVSHMEM", "") not in ("", "0"):
+            pytest.fail("FLASHEP_TEST_EXPECT_NVSHMEM is set but this flashep has no NVSHMEM")
+        pytest.skip(f"flashep built without NVSHMEM: {what}")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -284,12 +284,7 @@ def _nvlink_check_worker(rank, R):
 
 def test_nvshmem_transport_check():
     dh.gpu_count_or_skip(2)
-    from flashep import _C
-
-    if not _C.nvshmem_built():
-        if os.environ.get("FLASHEP_TEST_EXPECT_NVSHMEM", "") not in ("", "0"):
-            pytest.fail("flashep was built without NVSHMEM but FLASHEP_TEST_EXPECT_NVSHMEM is set")
-        pytest.skip("flashep was built without NVSHMEM (FLASHEP_WITH_NVSHMEM)")
+    dh.require_nvshmem("the NVSHMEM transport (FLASHEP_WITH_NVSHMEM) is not tested")
     results = dh.run_world(_nvshmem_check_worker, 2, timeout_s=300,
                            env={"FLASHEP_TIMEOUT_S": "30", "FLASHEP_NVL_DOMAIN_SIZE": "1",
                                 "NVSHMEM_REMOTE_TRANSPORT": "none"})

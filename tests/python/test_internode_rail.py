@@ -30,15 +30,7 @@ LAYOUTS = [(2, 1), (4, 2), (4, 1), (8, 4), (8, 2)]  # (world size, NVLink domain
 @pytest.mark.parametrize("world_size,domain", LAYOUTS, ids=[f"R{r}-M{m}" for r, m in LAYOUTS])
 def test_rail_exchange(world_size, domain):
     dh.gpu_count_or_skip(world_size)
-    try:
-        from flashep import _C
-        built = _C.nvshmem_built()
-    except Exception as error:  # an import failure is this test's failure
-        pytest.fail(f"flashep does not import: {error}")
-    if not built:
-        if os.environ.get("FLASHEP_TEST_EXPECT_NVSHMEM", "") not in ("", "0"):
-            pytest.fail("FLASHEP_TEST_EXPECT_NVSHMEM is set but this flashep has no NVSHMEM")
-        pytest.skip("flashep built without NVSHMEM: the multi-node rail stage needs it")
+    dh.require_nvshmem("the multi-node rail stage needs it")
     dh.run_world(_worker, world_size, args=(domain,), timeout_s=600,
                  env={"FLASHEP_TIMEOUT_S": "30", "FLASHEP_NVL_DOMAIN_SIZE": str(domain),
                       "NVSHMEM_REMOTE_TRANSPORT": "none"})

@@ -61,17 +61,7 @@ def test_low_latency_logfmt(world_size):
 
 
 def _require_nvshmem():
-    """The NVSHMEM path needs a build with it; strict GPU runs (FLASHEP_TEST_EXPECT_NVSHMEM=1) fail
-    instead of skipping."""
-    try:
-        from flashep import _C
-        built = _C.nvshmem_built()
-    except Exception as error:  # an import failure is the GPU test's failure, reported by run_world
-        pytest.fail(f"flashep does not import: {error}")
-    if not built:
-        if os.environ.get("FLASHEP_TEST_EXPECT_NVSHMEM", "") not in ("", "0"):
-            pytest.fail("FLASHEP_TEST_EXPECT_NVSHMEM is set but this flashep has no NVSHMEM")
-        pytest.skip("flashep built without NVSHMEM: the forced-NVSHMEM low-latency path is not tested")
+    dh.require_nvshmem("the forced-NVSHMEM low-latency path is not tested")
 
 
 class Case:
