@@ -302,14 +302,7 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
   trace_mark(&g_combine_trace, 4);
   if (last_block_done(&st->ticket[kTicketCombineSend])) {
     trace_mark(&g_combine_trace, 5);
-    reload_mask(c, ll, s_masked);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      quiet_puts(ll, s_masked, R);
-      st->ticket[kTicketCombineSend] = 0;
-      st->call_seq[p.call_slot] = seq;
-      st->send_seq = seq + 1;
-    }
+    finish_send_phase(c, ll, s_masked, kTicketCombineSend, p.call_slot, seq);
   }
   return true;
 }
@@ -341,17 +334,9 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
         if (k < lane && other == dst) first = false;
       }
       WaitResult res = WaitResult::kMasked;
-      if (first) {
-        const char* inbox = inbox_region(c, ll, dst);
-        const long long wait_start = clock64();
-        uint64_t value = 0;
-        res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.combine_flag(half, dst, t)), seq,
-                        Phase::kLowLatencyCombineRecv, dst, &value, direct_region(c, ll, dst) == nullptr);
-        if (p.wait_stats != nullptr)
-          atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_stats + dst),
-                    static_cast<unsigned long long>(clock64() - wait_start));
-        if (res == WaitResult::kMasked) s_masked[dst] = 1;
-      }
+      if (first)
+        res = wait_flag(c, ll, dst, L.combine_flag(half, dst, t), seq, Phase::kLowLatencyCombineRecv, p.wait_stats,
+                        s_masked);
       const unsigned came = __ballot_sync(0xffffffffu, res == WaitResult::kArrived);
       const bool failed = __any_sync(0xffffffffu, res == WaitResult::kFailed);
       if (res == WaitResult::kArrived)

@@ -154,6 +154,21 @@ static __device__ __noinline__ WaitResult wait_word(const DeviceComm& c, const L
   }
 }
 
+/// One thread: waits (wait_word) for the flag at `offset` of our inbox for `peer`, adds the cycles
+/// waited to `wait_stats[peer]` (the *_wait_recv_cost_stats, when given), and marks the peer in
+/// `s_masked` when it was masked meanwhile (shrink mode).
+__device__ __forceinline__ WaitResult wait_flag(const DeviceComm& c, const LowLatencyComm& ll, int peer, int64_t offset,
+                                                uint32_t seq, Phase phase, int64_t* wait_stats, int* s_masked) {
+  const long long wait_start = clock64();
+  uint64_t value = 0;
+  const WaitResult res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox_region(c, ll, peer) + offset), seq,
+                                   phase, peer, &value, direct_region(c, ll, peer) == nullptr);
+  if (wait_stats != nullptr)
+    atomicAdd(reinterpret_cast<unsigned long long*>(wait_stats + peer), static_cast<unsigned long long>(clock64() - wait_start));
+  if (res == WaitResult::kMasked) s_masked[peer] = 1;
+  return res;
+}
+
 /// The last block of a phase to finish: every thread gets true in exactly one block. Each block's
 /// writes (to peers too) are ordered before its ticket by a GPU-scope fence; the last block then
 /// publishes them with system-scope releases (its signals), which carry them along (causality is
@@ -211,6 +226,22 @@ __device__ __forceinline__ bool grid_barrier(const DeviceComm& c, const LowLaten
   }
   __syncthreads();
   return ok != 0;
+}
+
+/// Block-wide, in the last block of a send phase: completes this PE's puts (quiet_puts, with the
+/// masks re-read), then frees the phase's ticket, leaves the call's number in its slot (for the
+/// hook) and advances the sequence. Nobody waits for this.
+__device__ __forceinline__ void finish_send_phase(const DeviceComm& c, const LowLatencyComm& ll, int* s_masked,
+                                                  int ticket, int call_slot, uint32_t seq) {
+  reload_mask(c, ll, s_masked);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    LowLatencyState* st = reinterpret_cast<LowLatencyState*>(ll.local + ll.layout.state());
+    quiet_puts(ll, s_masked, c.num_ranks);
+    st->ticket[ticket] = 0;
+    st->call_seq[call_slot] = seq;
+    st->send_seq = seq + 1;
+  }
 }
 
 /// What every block reads once at kernel entry (one round of loads, one barrier).

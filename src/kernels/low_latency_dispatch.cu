@@ -267,14 +267,7 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
     trace_mark(&g_dispatch_trace, 5);
     for (int j = threadIdx.x; j < E; j += blockDim.x) *local_int(ll, L.expert_counter(half, j)) = 0;
     for (int d = threadIdx.x; d < R; d += blockDim.x) *local_int(ll, L.msg_counter(half, d)) = 0;
-    reload_mask(c, ll, s_masked);
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      quiet_puts(ll, s_masked, R);
-      st->ticket[kTicketDispatchSend] = 0;
-      st->call_seq[p.call_slot] = seq;
-      st->send_seq = seq + 1;
-    }
+    finish_send_phase(c, ll, s_masked, kTicketDispatchSend, p.call_slot, seq);
   }
   return true;
 }
@@ -375,16 +368,9 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
     const char* inbox = inbox_region(c, ll, src);
     if (tt == 0) {
       WaitResult res = WaitResult::kMasked;
-      if (!s_masked[src]) {
-        const long long wait_start = clock64();
-        uint64_t value = 0;
-        res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox + L.dispatch_flag(half, src, slot)), seq,
-                        Phase::kLowLatencyDispatchRecv, src, &value, direct_region(c, ll, src) == nullptr);
-        if (p.wait_stats != nullptr)
-          atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_stats + src),
-                    static_cast<unsigned long long>(clock64() - wait_start));
-        if (res == WaitResult::kMasked) s_masked[src] = 1;
-      }
+      if (!s_masked[src])
+        res = wait_flag(c, ll, src, L.dispatch_flag(half, src, slot), seq, Phase::kLowLatencyDispatchRecv, p.wait_stats,
+                        s_masked);
       s_arrival[team] = static_cast<int>(res);
     }
     team_sync(team);
