@@ -27,6 +27,7 @@
 #include "flashep/config.hpp"
 #include "core/layouts.hpp"
 #include "numpy_io.hpp"
+#include "raw_pointers.hpp"
 #include "oracle/oracle.hpp"
 
 namespace nb = nanobind;
@@ -43,12 +44,8 @@ using release_gil = nb::call_guard<nb::gil_scoped_release>;
 
 // ---- pointers and streams as Python ints ---------------------------------------------------------
 
-template <typename T>
-T* as_ptr(uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
-
-cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+using flashep::bindings::as_ptr;
+using flashep::bindings::as_stream;
 
 template <typename T>
 uintptr_t as_int(T* pointer) {

@@ -6,6 +6,7 @@
 
 #include "core/internode_compose.hpp"
 #include "flashep/buffer.hpp"
+#include "raw_pointers.hpp"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -14,10 +15,8 @@ namespace {
 
 using flashep::Buffer;
 
-template <typename T>
-T* as_ptr(uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
+using flashep::bindings::as_ptr;
+using flashep::bindings::as_stream;
 
 void rail_exchange(Buffer& b, uintptr_t x, bool fp8, int hidden, uintptr_t x_scales, int64_t scale_token_stride,
                    int64_t scale_hidden_stride, uintptr_t topk_idx, uintptr_t topk_weights, int num_topk,
@@ -49,7 +48,7 @@ void rail_exchange(Buffer& b, uintptr_t x, bool fp8, int hidden, uintptr_t x_sca
   a.fwd_source = as_ptr<int>(fwd_source);
   a.fwd_counts = as_ptr<int>(fwd_counts);
   a.num_sms = num_sms;
-  b.internode_rail_exchange(a, reinterpret_cast<cudaStream_t>(stream));
+  b.internode_rail_exchange(a, as_stream(stream));
 }
 
 void reorder_plan(Buffer& b, uintptr_t rank_prefix_matrix, uintptr_t recv_src_idx, int max_tokens, int rows,
@@ -61,7 +60,7 @@ void reorder_plan(Buffer& b, uintptr_t rank_prefix_matrix, uintptr_t recv_src_id
   a.rows = rows;
   a.final_row = as_ptr<int>(final_row);
   a.recv_gbl_rank_prefix_sum = as_ptr<int>(recv_gbl_rank_prefix_sum);
-  b.internode_reorder_plan(a, reinterpret_cast<cudaStream_t>(stream));
+  b.internode_reorder_plan(a, as_stream(stream));
 }
 
 void reorder_copy(Buffer& b, uintptr_t final_row, int rows, int hidden, bool fp8, int num_topk, bool forward,
@@ -82,7 +81,7 @@ void reorder_copy(Buffer& b, uintptr_t final_row, int rows, int hidden, bool fp8
   a.dst_topk_idx = as_ptr<int64_t>(dst_topk_idx);
   a.src_topk_weights = as_ptr<const float>(src_topk_weights);
   a.dst_topk_weights = as_ptr<float>(dst_topk_weights);
-  b.internode_reorder_copy(a, reinterpret_cast<cudaStream_t>(stream));
+  b.internode_reorder_copy(a, as_stream(stream));
 }
 
 void rail_return(Buffer& b, uintptr_t combined_x, uintptr_t combined_weights, uintptr_t fwd_counts, uintptr_t rail_slot,
@@ -104,7 +103,7 @@ void rail_return(Buffer& b, uintptr_t combined_x, uintptr_t combined_weights, ui
   a.dispatch_dtype = dispatch_fp8 ? flashep::DType::kFloat8E4M3 : flashep::DType::kBFloat16;
   a.dispatch_num_topk = dispatch_num_topk;
   a.num_sms = num_sms;
-  b.internode_rail_return(a, reinterpret_cast<cudaStream_t>(stream));
+  b.internode_rail_return(a, as_stream(stream));
 }
 
 }  // namespace

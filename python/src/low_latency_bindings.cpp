@@ -11,6 +11,7 @@
 #include "flashep/buffer.hpp"
 #include "flashep/low_latency.hpp"
 #include "kernels/low_latency_launch.hpp"
+#include "raw_pointers.hpp"
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -19,11 +20,8 @@ namespace {
 
 using flashep::Buffer;
 
-template <typename T>
-T* as_ptr(uintptr_t address) {
-  return reinterpret_cast<T*>(address);
-}
-cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+using flashep::bindings::as_ptr;
+using flashep::bindings::as_stream;
 
 flashep::LowLatencyHandle make_handle(uintptr_t src_info, uintptr_t layout_range, uintptr_t plan, int max_tokens,
                                       int hidden, int num_experts, int num_topk, uint64_t buffer_id) {
