@@ -528,10 +528,10 @@ class Buffer(LowLatencyMixin, InternodeMixin):
             x_scales=_ptr(scales), scale_token_stride=0 if scales is None else scales.stride(0),
             scale_hidden_stride=0 if scales is None else scales.stride(1))
 
-    def _fresh_dispatch(self, payload, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
-                        topk_weights, expert_alignment, num_worst_tokens, config, previous_event, async_finish,
-                        allocate_on_comm_stream):
-        self._rt()
+    def _check_fresh_dispatch(self, payload, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
+                              topk_weights, expert_alignment, num_worst_tokens):
+        """The layout, top-k and count arguments of a dispatch without a handle (one node or several).
+        Returns (num_experts, num_topk, expert_alignment, num_worst_tokens)."""
         num_tokens, num_ranks = payload.num_tokens, self.group_size
         for name, value in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
                             ("num_tokens_per_expert", num_tokens_per_expert)):
@@ -551,6 +551,16 @@ class Buffer(LowLatencyMixin, InternodeMixin):
         expert_alignment = check_int("expert_alignment", expert_alignment, minimum=1,
                                      maximum=_C.kMaxExpertAlignment)
         num_worst_tokens = check_int("num_worst_tokens", num_worst_tokens, minimum=0)
+        return num_experts, num_topk, expert_alignment, num_worst_tokens
+
+    def _fresh_dispatch(self, payload, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
+                        topk_weights, expert_alignment, num_worst_tokens, config, previous_event, async_finish,
+                        allocate_on_comm_stream):
+        self._rt()
+        num_experts, num_topk, expert_alignment, num_worst_tokens = self._check_fresh_dispatch(
+            payload, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
+            expert_alignment, num_worst_tokens)
+        num_ranks = self.group_size
 
         launch = _Launch(self, previous_event, async_finish, allocate_on_comm_stream)
         out_x, recv_topk_idx, recv_topk_weights, num_recv_tokens_per_expert_list, handle = self._nvlink_dispatch(

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from . import _C, env
-from .utils import EventOverlap, check_aligned, check_int, check_tensor
+from .utils import EventOverlap, check_aligned, check_tensor
 
 topk_idx_t = torch.int64
 
@@ -78,23 +78,9 @@ class InternodeMixin:
         R, M = self.group_size, self.nvl_domain_size
         n, H = payload.num_tokens, payload.hidden
         fp8 = payload.scales is not None
-        for name, value in (("num_tokens_per_rank", num_tokens_per_rank), ("is_token_in_rank", is_token_in_rank),
-                            ("num_tokens_per_expert", num_tokens_per_expert)):
-            if value is None:
-                raise ValueError(f"dispatch without a handle needs {name} (from get_dispatch_layout)")
-        check_tensor("num_tokens_per_rank", num_tokens_per_rank, torch.int32, self._device, (R,))
-        check_tensor("is_token_in_rank", is_token_in_rank, torch.bool, self._device, (n, R))
-        check_tensor("num_tokens_per_expert", num_tokens_per_expert, torch.int32, self._device, (None,))
-        num_experts = self._check_num_experts(num_tokens_per_expert.size(0), "num_tokens_per_expert.size(0)")
-        if (topk_idx is None) != (topk_weights is None):
-            raise ValueError("topk_idx and topk_weights must be given together")
-        K = 0
-        if topk_idx is not None:
-            K = self._check_topk_idx(topk_idx, n)
-            check_tensor("topk_weights", topk_weights, torch.float32, self._device, (n, K))
-            self._check_topk_values(topk_idx, num_experts)
-        expert_alignment = check_int("expert_alignment", expert_alignment, minimum=1, maximum=_C.kMaxExpertAlignment)
-        num_worst_tokens = check_int("num_worst_tokens", num_worst_tokens, minimum=0)
+        num_experts, K, expert_alignment, num_worst_tokens = self._check_fresh_dispatch(
+            payload, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx, topk_weights,
+            expert_alignment, num_worst_tokens)
         T = self._rail_max_tokens(H, fp8, K)
         if n > T:
             raise ValueError(f"flashep: {n} tokens but the multi-node dispatch takes at most {T} per rank "
