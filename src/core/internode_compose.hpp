@@ -78,10 +78,8 @@ inline constexpr int kMaxRailTokens = 16384;
 /// A call's check word: what every rank of a rail exchange or return must agree on (a mismatch
 /// fails the call on the receiver instead of misreading messages).
 FLASHEP_HD uint32_t rail_call_hash(int op, int max_tokens, int hidden, int fp8, int num_topk) {
-  uint32_t h = 2166136261u;
   const int fields[5] = {op, max_tokens, hidden, fp8, num_topk};
-  for (int i = 0; i < 5; ++i) h = (h ^ uint32_t(fields[i])) * 16777619u;
-  return h | 1u;
+  return call_fields_hash(fields, 5);
 }
 
 /// The rail stage's inbox on each rank (at the start of the NVSHMEM symmetric region). Everything

@@ -268,10 +268,8 @@ FLASHEP_HD int64_t ll_plan_entry(int num_ranks, int max_tokens, int num_topk, in
 /// What every rank of a low-latency call must agree on, folded into one int that travels with the
 /// counts (a mismatch fails the call on the receiver instead of misreading messages).
 FLASHEP_HD int ll_call_hash(int op, int max_tokens, int hidden, int num_experts, int num_topk, int fp8) {
-  uint32_t h = 2166136261u;
   const int fields[6] = {op, max_tokens, hidden, num_experts, num_topk, fp8};
-  for (int i = 0; i < 6; ++i) h = (h ^ uint32_t(fields[i])) * 16777619u;
-  return static_cast<int>(h | 1u);
+  return static_cast<int>(call_fields_hash(fields, 6));
 }
 
 /// Blocks of a low-latency kernel: one per item (a token to send, a message to expand, a sum to
