@@ -51,6 +51,10 @@ class InternodeMixin:
         (the same on every rank: the call's shape and the buffer's sizes are)."""
         R, M = self.group_size, self.nvl_domain_size
         cap = min(env.internode_max_tokens(), _C.kMaxRailTokens)
+        cache = self.__dict__.setdefault("_rail_tokens", {})  # (hidden, fp8, top-k, cap) -> T: searched once
+        key = (hidden, fp8, num_topk, cap)
+        if key in cache:
+            return cache[key]
 
         def fits(tokens: int) -> bool:
             return _C.internode_rail_bytes(R, M, tokens, hidden, fp8, num_topk) <= self.num_rdma_bytes
@@ -67,6 +71,7 @@ class InternodeMixin:
                 low = mid
             else:
                 high = mid - 1
+        cache[key] = low
         return low
 
     def _internode_dispatch(self, payload, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
