@@ -181,10 +181,13 @@ class InternodeMixin:
         from .buffer import _Handle, _Launch, _Payload, _ptr
 
         handle = self._check_internode_handle(handle, payload.num_tokens)
-        if (payload.scales is not None) != handle.fp8 or payload.hidden != handle.hidden:
-            raise ValueError("a cached multi-node dispatch needs the dtype and hidden size of the handle's dispatch")
+        # The dtype may differ from the handle's dispatch (FP8 forward, BF16 gradients in the backward):
+        # the rail slots are strided for the largest form. The hidden size fixes that stride, so it may not.
+        if payload.hidden != handle.hidden:
+            raise ValueError(f"a cached multi-node dispatch needs the hidden size of the handle's dispatch "
+                             f"({handle.hidden}), x has {payload.hidden}")
         runtime = self._rt()
-        T, H, fp8 = handle.max_tokens, payload.hidden, handle.fp8
+        T, H, fp8 = handle.max_tokens, payload.hidden, payload.scales is not None
         launch = _Launch(self, previous_event, async_finish, allocate_on_comm_stream)
         rail = self._rail_exchange(launch, payload, None, None, 0, self.group_size, handle[0], T)
         fwd_x, fwd_scales = rail[2], rail[3]

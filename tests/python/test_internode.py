@@ -176,6 +176,7 @@ def _run_case(env, case, seed, cfg, E, K, H):
         got = again[0][0] if case.fp8 else again[0]
         ck.true(torch.equal(got[:num_recv].view(torch.uint8), recv_data[:num_recv].view(torch.uint8)),
                 "cached dispatch: recv_x differs from the first dispatch")
+        ti.check_cached_other_dtype(env, case, seed, world, np_in, handle, cfg, K, E, H)
 
     # ---- combine, within the bound of two BF16 roundings
     cx = ti.combine_input_gpu(torch, recv_data, case.fp8, rank)

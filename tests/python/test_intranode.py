@@ -261,6 +261,40 @@ def oracle_inputs(case, world):
     return inputs
 
 
+def check_cached_other_dtype(env, case, seed, world, np_in, handle, cfg, K, E, H):
+    """A cached dispatch in the other dtype than the handle's (BF16 <-> FP8): what a training step does
+    when the forward dispatch is FP8 and the backward's cached dispatch carries BF16 gradients. Its rows
+    must equal the oracle's dispatch of the same routing in that dtype, bit for bit."""
+    torch, _C, ck, buffer = env.torch, env._C, env.ck, env.buffer
+    rank, R, dev = env.rank, env.R, env.dev
+    alt_fp8 = not case.fp8
+    alt_np = []
+    for r, w in enumerate(world):
+        g = _generator(torch, seed, r, 7)
+        n = w["n"]
+        if alt_fp8:
+            raw = torch.randint(0, 254, (n, H), generator=g, dtype=torch.uint8, device="cpu")
+            x = raw + (raw >= 127).to(torch.uint8)  # no NaN bytes
+            scales = torch.randn((n, H // 128), generator=g, dtype=torch.float32, device="cpu")
+        else:
+            x = torch.randn((n, H), generator=g, dtype=torch.float32, device="cpu").to(torch.bfloat16)
+            scales = None
+        if r == rank:
+            x_arg = (x.to(dev).view(torch.float8_e4m3fn), scales.to(dev)) if alt_fp8 else x.to(dev)
+        alt_np.append({"x": (x if alt_fp8 else x.view(torch.uint8)).numpy(),
+                       "x_scales": None if scales is None else scales.numpy(),
+                       "topk_idx": np_in[r]["topk_idx"], "topk_weights": None})
+    want = _C.oracle_dispatch(R, H, 1 if alt_fp8 else 2, alt_fp8, K, E, case.align, alt_np)[rank]
+    num_recv = want["num_recv_tokens"]
+    again = buffer.dispatch(x_arg, handle=handle, config=cfg, **_stream_kwargs(buffer, case.mode))
+    _finish(env, again[5], case.mode)
+    what = "cached dispatch in " + ("fp8" if alt_fp8 else "bf16")
+    got, got_scales = again[0] if alt_fp8 else (again[0], None)
+    ck.arrays(what + " recv_x bytes", got[:num_recv].view(torch.uint8).cpu().numpy(), want["recv_x"])
+    if alt_fp8:
+        ck.arrays(what + " recv_x_scales", got_scales[:num_recv].cpu().numpy(), want["recv_x_scales"], bits=True)
+
+
 # The combine input of rank r is derived from its dispatch output (cheap on the GPU and in numpy):
 # BF16: the received bits with the low mantissa bits XOR (r + 1) (still finite, different per rank);
 # FP8: each byte b mapped to the bf16 bits 0x3C00 | (b & 0x7F) | (b & 0x80) << 8, XOR (r + 1).
@@ -508,6 +542,7 @@ def _run_case(env, case, seed, cfg, E, K, H):
             ck.true(torch.equal(again[0].view(torch.int16), recv_data.view(torch.int16)),
                     "cached dispatch: recv_x differs from the first dispatch")
         del again
+        check_cached_other_dtype(env, case, seed, world, np_in, handle, cfg, K, E, H)
 
     # ---- combine
     cx = combine_input_gpu(torch, recv_data, case.fp8, rank)
