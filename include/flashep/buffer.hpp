@@ -373,6 +373,12 @@ class Buffer {
   /// has returned (a barrier of the caller's). Resets the multi-node rail stage's state.
   /// Synchronizes.
   std::vector<PeerCheck> check_transports(size_t bytes_per_peer);
+  /// Benchmark diagnostic: puts the last `bytes` (a multiple of 16, at most num_rdma_bytes / 2) of
+  /// this rank's NVSHMEM region into the same range of `peer`'s, with `num_blocks` blocks, then
+  /// quiets (enqueued on `stream`; time it with events). What NVSHMEM alone carries to `peer`. The
+  /// range's content is not kept (the modes' flags and state, at the region's start, are): run it
+  /// with no call of this buffer in flight on this rank or `peer`.
+  void probe_put_bandwidth(int peer, size_t bytes, int num_blocks, cudaStream_t stream);
 
   /// The multi-node rail stage (RailExchangeArgs). Collective: every rank calls it.
   void internode_rail_exchange(const RailExchangeArgs& args, cudaStream_t stream);

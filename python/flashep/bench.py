@@ -73,6 +73,9 @@ def _parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--chunks", default="",
                         help="ring configs to sweep, 'send:recv' comma-separated (both dispatch and combine; "
                              "default: Buffer.get_dispatch_config / get_combine_config)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print the kernels of a dispatch (fp8), a cached dispatch (bf16) and a combine "
+                             "at the first SM count, from torch.profiler (rank 0)")
     args = parser.parse_args(argv)
     args.sms_list = [int(s) for s in args.sms.split(",") if s.strip()]
     if not args.sms_list or any(s < 2 or s % 2 for s in args.sms_list):
@@ -124,6 +127,28 @@ def _time_stream(torch, dist, fn, warmup: int, iters: int):
         end.record()
     torch.cuda.synchronize()
     return statistics.median(start.elapsed_time(end) * 1000.0 for start, end in events), result
+
+
+def _print_kernels(torch, dist, rank: int, title: str, calls) -> None:
+    """Rank 0 prints the GPU kernels of each call (5 calls each, torch.profiler): where the time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, fn in calls:
+        fn()
+        torch.cuda.synchronize()
+        dist.barrier()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+        if rank == 0:
+            totals: Dict[str, List[float]] = {}
+            for event in prof.events():
+                if event.device_type == torch.autograd.DeviceType.CUDA:
+                    totals.setdefault(event.name, []).append(event.time_range.elapsed_us())
+            print(f"  kernels of {title} {name} (us per call, 5 calls):", flush=True)
+            for kernel, times in sorted(totals.items(), key=lambda kv: -sum(kv[1])):
+                print(f"    {sum(times) / 5:9.1f}  x{len(times) // 5:<3d} {kernel[:110]}", flush=True)
 
 
 def _gbps(num_bytes: float, time_us: float) -> float:
@@ -205,6 +230,7 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
               f"combine chunks (send {c_send}, recv {c_recv}); warmup {args.warmup}, iters {args.iters}",
               flush=True)
 
+    notes = []  # rank 0: lines printed under the table (multi-node bandwidths)
     records = []  # (shape, op, dtype, scales, timing, sms, chunks, time_us, bytes, nccl_us, nccl_bytes) of this rank
     for shape in shapes:
         H = shape.hidden
@@ -258,15 +284,31 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
                     ("dispatch (cached)", "bf16", "-", "stream", chunks, t_cached_s, bf16_bytes),
                     ("combine", "bf16", "-", "stream", c_chunks_s, t_comb_s, bf16_bytes)):
                 records.append((shape.name, op, dtype, scales, timing, sms, ch, t_us, nbytes) + nccl[dtype][timing])
-            if rank == 0 and M < R:
+            if M < R:
                 # DeepEP's "RDMA" bandwidth: the bytes of the rows that cross to other nodes (once per
-                # node), over the call's time. On one host this is NVSHMEM over NVLink.
+                # node), over the call's time. On one host this is NVSHMEM over NVLink. Next to it,
+                # what NVSHMEM alone carries: the same BF16 bytes put to the rail peer of the next node
+                # by as many blocks as SMs, every rank at once (no flags, no layout).
                 nodes = itir.view(itir.size(0), R // M, M).any(-1)
                 crossing = int(nodes.sum()) - int(nodes[:, rank // M].sum())
-                print(f"  {shape.name} SMs {sms:3d} multi-node ({R // M} x {M}): rows crossing nodes {crossing}; "
-                      f"'RDMA' GB/s dispatch fp8 {_gbps(crossing * (H + H // 128 * 4), t_fp8):6.1f}, bf16 "
-                      f"{_gbps(crossing * H * 2, t_bf16):6.1f}, combine {_gbps(crossing * H * 2, t_comb):6.1f}",
-                      flush=True)
+                probe_bytes = max(16, crossing * H * 2 // 16 * 16)
+                stream = torch.cuda.current_stream().cuda_stream
+                put = lambda: buffer._rt().probe_put_bandwidth((rank + M) % R, probe_bytes, sms, stream)  # noqa: E731
+                t_put, _ = _time_stream(torch, dist, put, args.warmup, args.iters)
+                if rank == 0:
+                    line = (f"{shape.name}, SMs {sms}, chunks {chunks}, {R // M} nodes x {M}: rows crossing nodes "
+                            f"(rank 0) {crossing}; 'RDMA' GB/s dispatch fp8 "
+                            f"{_gbps(crossing * (H + H // 128 * 4), t_fp8):.1f}, bf16 {_gbps(crossing * H * 2, t_bf16):.1f},"
+                            f" cached bf16 {_gbps(crossing * H * 2, t_cached_s):.1f} (stream), combine "
+                            f"{_gbps(crossing * H * 2, t_comb):.1f}; raw NVSHMEM put of the same bf16 bytes "
+                            f"({probe_bytes / 1e6:.1f} MB, {sms} blocks) {t_put:.1f} us = {_gbps(probe_bytes, t_put):.1f} GB/s")
+                    notes.append(line)
+                    print("  " + line, flush=True)
+            if args.profile and sms == args.sms_list[0] and (d_chunks, c_chunks) == chunk_pairs[0]:
+                _print_kernels(torch, dist, rank, f"{shape.name} SMs {sms}", [
+                    ("dispatch fp8", lambda: buffer.dispatch(x_fp8, **layout, config=cfg_d)),
+                    ("cached dispatch bf16", lambda: buffer.dispatch(x_bf16, handle=handle, config=cfg_d)),
+                    ("combine", combine_fn)])
             if rank == 0:
                 print(f"  {shape.name} SMs {sms:3d} chunks {chunks}: dispatch fp8 {t_fp8:8.1f} us "
                       f"{_gbps(fp8_bytes, t_fp8):6.1f} GB/s, bf16 {t_bf16:8.1f} us {_gbps(bf16_bytes, t_bf16):6.1f} GB/s, "
@@ -281,6 +323,10 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
     dist.all_gather_object(gathered, records)
     if rank == 0:
         table = _table(gathered, R, torch.cuda.get_device_name(dev), shapes)
+        if notes:
+            table += ("\n\nMulti-node path on one host: its 'RDMA' traffic is NVSHMEM over NVLink, not a NIC. "
+                      "'RDMA' GB/s = rows crossing nodes x row bytes / call time (DeepEP's count).\n\n" +
+                      "\n".join("* " + line for line in notes))
         print("\n" + table, flush=True)
         if args.out:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

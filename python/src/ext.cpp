@@ -553,6 +553,12 @@ void bind_runtime(nb::module_& m) {
       .def("check_transports", &runtime_check_transports, "bytes_per_peer"_a = 1 << 20,
            "Collective: exchanges a pattern with every peer through its transport; returns a list of (peer, "
            "transport, mismatched 32-bit words).")
+      .def("probe_put_bandwidth",
+           [](Buffer& self, int peer, size_t bytes, int num_blocks, uintptr_t stream) {
+             self.probe_put_bandwidth(peer, bytes, num_blocks, as_stream(stream));
+           },
+           "peer"_a, "bytes"_a, "num_blocks"_a, "stream"_a, release_gil(),
+           "Benchmark diagnostic: the last `bytes` of this rank's NVSHMEM region put into `peer`'s (enqueued).")
       .def("check", &Buffer::check, "Raises if a kernel recorded an error (or the buffer is poisoned).");
   m.def("nvshmem_built", &Buffer::nvshmem_built, "Whether this build has the NVSHMEM transport.");
 }

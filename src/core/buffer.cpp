@@ -400,6 +400,27 @@ std::vector<PeerCheck> BufferImpl::check_transports(size_t bytes_per_peer) {
   return result;
 }
 
+void BufferImpl::probe_put_bandwidth(int peer, size_t bytes, int num_blocks, cudaStream_t stream) {
+  require_usable("probe_put_bandwidth");
+  const std::string o = "probe_put_bandwidth";
+  if (!sym_) throw_error(ErrorKind::kUnsupported, o + ": needs an NVSHMEM region (num_rdma_bytes > 0)");
+  require(peer >= 0 && peer < options_.num_ranks && peer != options_.rank,
+          o + ": peer must be another rank, got " + str(peer));
+  require(num_blocks >= 1 && num_blocks <= 1024, o + ": num_blocks must be in [1, 1024], got " + str(num_blocks));
+  // The end of the region: the modes' flags and state sit at its start (fixed parts far below half).
+  require(bytes > 0 && bytes % 16 == 0 && static_cast<int64_t>(bytes) <= rdma_layout_.data_bytes / 2,
+          o + ": bytes must be a positive multiple of 16 of at most num_rdma_bytes / 2 = " +
+              str(rdma_layout_.data_bytes / 2) + ", got " + str(bytes));
+  FLASHEP_CUDA_CHECK(cudaSetDevice(device_));
+  kernels::PutProbeParams p{};
+  p.comm = device_comm();
+  p.peer = peer;
+  p.bytes = static_cast<int64_t>(bytes);
+  p.offset = (rdma_layout_.data_bytes - p.bytes) / 128 * 128;
+  p.chunk = 1 << 20;
+  launch_check(kernels::launch_put_probe(p, num_blocks, stream), "probe_put_bandwidth");
+}
+
 // ---- Buffer: the public face -----------------------------------------------------------------------
 
 Buffer::Buffer(const BufferOptions& options) : impl_(std::make_unique<BufferImpl>(options)) {}
@@ -479,6 +500,9 @@ void Buffer::dispatch(const DispatchArgs& args, cudaStream_t stream) { impl_->di
 void Buffer::combine(const CombineArgs& args, cudaStream_t stream) { impl_->combine(args, stream); }
 std::vector<PeerCheck> Buffer::check_transports(size_t bytes_per_peer) {
   return impl_->check_transports(bytes_per_peer);
+}
+void Buffer::probe_put_bandwidth(int peer, size_t bytes, int num_blocks, cudaStream_t stream) {
+  impl_->probe_put_bandwidth(peer, bytes, num_blocks, stream);
 }
 void Buffer::check() const { impl_->check(); }
 

@@ -50,6 +50,7 @@ class BufferImpl {
   DeviceComm device_comm() const;
   PeerTransport peer_transport(int peer) const;
   std::vector<PeerCheck> check_transports(size_t bytes_per_peer);
+  void probe_put_bandwidth(int peer, size_t bytes, int num_blocks, cudaStream_t stream);
   // ---- the multi-node rail stage (internode_ops.cpp) -------------------------------------------------
   void internode_rail_exchange(const RailExchangeArgs& a, cudaStream_t stream);
   void internode_reorder_plan(const InternodeReorderPlanArgs& a, cudaStream_t stream);

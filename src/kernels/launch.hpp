@@ -114,11 +114,21 @@ struct TransportCheckParams {
   long long* mismatches;      // out [num_ranks]: words that arrived wrong from each peer
 };
 
+/// probe_put_bandwidth: the last `bytes` of our symmetric region (from `offset`) into the same
+/// range of `peer`'s, in `chunk`-byte block puts spread over the grid, then nvshmem_quiet. What
+/// NVSHMEM alone carries between the two GPUs (no flags, no layout), for the benchmarks.
+struct PutProbeParams {
+  DeviceComm comm;
+  int peer;
+  int64_t offset, bytes, chunk;
+};
+
 cudaError_t launch_get_dispatch_layout(const LayoutParams& p, cudaStream_t stream);
 cudaError_t launch_notify_dispatch(const NotifyDispatchParams& p, cudaStream_t stream);
 cudaError_t launch_notify_barrier(const BarrierParams& p, cudaStream_t stream);
 cudaError_t launch_dispatch(const DispatchParams& p, int num_sms, cudaStream_t stream);
 cudaError_t launch_combine(const CombineParams& p, int num_sms, cudaStream_t stream);
 cudaError_t launch_transport_check(const TransportCheckParams& p, cudaStream_t stream);
+cudaError_t launch_put_probe(const PutProbeParams& p, int num_blocks, cudaStream_t stream);
 
 }  // namespace flashep::kernels

@@ -78,7 +78,26 @@ __global__ void __launch_bounds__(kCheckThreads, 1) transport_check_kernel(const
 #endif
 }
 
+__global__ void __launch_bounds__(kCheckThreads) put_probe_kernel(const __grid_constant__ PutProbeParams p) {
+#if FLASHEP_WITH_NVSHMEM
+  const DeviceComm& c = p.comm;
+  for (int64_t at = int64_t(blockIdx.x) * p.chunk; at < p.bytes; at += int64_t(gridDim.x) * p.chunk) {
+    const int64_t len = p.bytes - at < p.chunk ? p.bytes - at : p.chunk;
+    nvshmemx_putmem_nbi_block(c.sym_base + p.offset + at, c.sym_base + p.offset + at, static_cast<size_t>(len), p.peer);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) nvshmem_quiet();
+#else
+  (void)p;
+#endif
+}
+
 }  // namespace
+
+cudaError_t launch_put_probe(const PutProbeParams& p, int num_blocks, cudaStream_t stream) {
+  put_probe_kernel<<<num_blocks, kCheckThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
 
 cudaError_t launch_transport_check(const TransportCheckParams& p, cudaStream_t stream) {
   transport_check_kernel<<<1, kCheckThreads, 0, stream>>>(p);
