@@ -27,11 +27,14 @@ __device__ __forceinline__ int* local_word(const DeviceComm& c, int64_t offset) 
 
 /// 0, or 1 + the rank that aborted the buffer. Our NVLink control word is written by our domain's
 /// ranks; the RDMA header's word (when the buffer has an NVSHMEM region) by other domains'.
+/// Both words are loaded before either is looked at: one memory round trip, not two (this sits on
+/// the critical path of every wait's first poll and of every kernel's entry).
 __device__ __forceinline__ int abort_value(const DeviceComm& c) {
-  int value = ld_relaxed_sys(local_word(c, c.nvl.control.abort_word()));
-  if (value == 0 && c.sym_base != nullptr)
-    value = static_cast<int>(ld_relaxed_sys_u64(reinterpret_cast<const uint64_t*>(c.sym_base + c.rdma.abort_word())));
-  return value;
+  const int nvl = ld_relaxed_sys(local_word(c, c.nvl.control.abort_word()));
+  if (c.sym_base == nullptr) return nvl;
+  const int rdma =
+      static_cast<int>(ld_relaxed_sys_u64(reinterpret_cast<const uint64_t*>(c.sym_base + c.rdma.abort_word())));
+  return nvl != 0 ? nvl : rdma;
 }
 
 /// Writes the abort word of every rank of our NVLink domain (ours included).

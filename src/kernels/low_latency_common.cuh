@@ -122,8 +122,11 @@ static __device__ __noinline__ WaitResult wait_word(const DeviceComm& c, const L
                                                 uint32_t seq, Phase phase, int peer, uint64_t* value,
                                                 bool nvshmem_peer) {
   uint64_t start = 0;
+  // The first poll reads only the flag: when it is there (a hook's receive, most waits of a fused
+  // call) the wait costs one round trip. The abort word is read from the second poll on, and every
+  // 128 polls after that (the kernel's entry read it already).
   for (uint32_t spins = 0;; ++spins) {
-    const int abort = (spins & 127) == 0 ? device::abort_value(c) : 0;
+    const int abort = (spins & 127) == 1 ? device::abort_value(c) : 0;
     const uint64_t v = device::ld_acquire_sys_u64(word);
     if (ll_stop_if_aborted(c, abort, phase)) return WaitResult::kFailed;
     if (ll_signal_is(v, seq)) {
