@@ -31,7 +31,8 @@
 #                installs the normal build again (so the sanitizer step runs production kernels)
 #   5. sanitize  (--sanitize) compute-sanitizer memcheck on the 2-rank intranode test, quick grid,
 #                on the foundation's bad-input and transport tests (test_foundation.py) and on the
-#                2-rank low-latency test (quick grid, both transports);
+#                2-rank low-latency test (quick grid, both transports) and on the multi-node test as
+#                2 nodes x 1 GPU (quick grid);
 #                CUDA API return codes are not reported (NCCL probes kernel images at init)
 #                (bounded by SANITIZE_TIMEOUT_S, default 600) (+ skip check)
 # Flags: --gpus N     the number of GPUs this machine must have and the tests must use (N >= 1;
@@ -317,6 +318,14 @@ if [[ $SANITIZE -eq 1 && $RUN_TESTS -eq 1 && $INSTALL_OK -eq 1 ]]; then
       timeout "${SANITIZE_TIMEOUT_S:-600}" "$SANITIZER" --tool memcheck --target-processes all --report-api-errors no --error-exitcode 99 \
       "$PY" -m pytest -x -v -s -rfEs -p no:cacheprovider --junitxml "$xml3" tests/python/test_low_latency.py -k R2 || rc=$?
     skips_ok "$xml3" || { [[ $rc -ne 0 ]] || rc=1; }
+    # The multi-node path (rail stage, reordering, NVLink stage) as 2 nodes of 1 GPU, quick grid.
+    local xml4="$XMLDIR/pytest-sanitize-internode.xml"
+    rm -f "$xml4"
+    COLUMNS="${COLUMNS:-160}" FLASHEP_TEST_QUICK=1 FLASHEP_TEST_STRESS_ITERS=20 FLASHEP_TEST_GRAPH_REPLAYS=3 \
+      FLASHEP_TIMEOUT_S=600 FLASHEP_TEST_TIMEOUT_S=3000 \
+      timeout "${SANITIZE_TIMEOUT_S:-600}" "$SANITIZER" --tool memcheck --target-processes all --report-api-errors no --error-exitcode 99 \
+      "$PY" -m pytest -x -v -s -rfEs -p no:cacheprovider --junitxml "$xml4" tests/python/test_internode.py -k R2-M1 || rc=$?
+    skips_ok "$xml4" || { [[ $rc -ne 0 ]] || rc=1; }
     return "$rc"
   }
   run_step sanitize sanitize || true
