@@ -264,6 +264,68 @@ def test_bad_inputs_raise_before_any_kernel():
     print(f"rank 0 checked {results[0]} bad inputs")
 
 
+def test_internode_bad_inputs():
+    """The multi-node path's own bad inputs, each raised before any kernel, and the buffer still
+    works afterwards: an NVSHMEM region too small for the call, more tokens than the rail stage
+    holds, a domain size that does not divide the group, a single-node handle."""
+    dh.gpu_count_or_skip(2)
+    dh.require_nvshmem("the multi-node path needs it")
+    results = dh.run_world(_internode_bad_inputs_worker, 2, timeout_s=300,
+                           env={"FLASHEP_TIMEOUT_S": "20", "FLASHEP_NVL_DOMAIN_SIZE": "1",
+                                "NVSHMEM_REMOTE_TRANSPORT": "none"})
+    print(f"rank 0 checked {results[0]} bad inputs")
+
+
+def _internode_bad_inputs_worker(rank, R):
+    import torch
+    import torch.distributed as dist
+
+    import flashep as deep_ep
+
+    dev = torch.device("cuda", rank)
+    group = dist.group.WORLD
+    expect = _Expect(rank)
+    dh.log0(rank, "multi-node bad inputs (each must raise before any kernel):")
+    expect("nvl_domain_size that does not divide the group (3 of 2 ranks is one domain; 0 is refused)",
+           lambda: deep_ep.Buffer._resolve_nvl_domain_size(4, 3), ["divide"])
+    # A region for 64 tokens of H 2048 (top-4): enough for the round trip, too small for more.
+    small = deep_ep._C.internode_rail_bytes(R, 1, 64, 2048, False, 4)
+    buffer = deep_ep.Buffer(group, num_nvl_bytes=_nvl_bytes(deep_ep, R), num_rdma_bytes=small,
+                            explicitly_destroy=True)
+    assert buffer.nvl_domain_size == 1, buffer.nvl_domain_size
+    problems, state = _roundtrip(buffer, torch, dev, rank, R, seed=3)
+    assert not problems, f"the first valid multi-node round failed: {problems}"
+    x, topk, weights, ntpr, ntpe, itir, recv_x, recv_w, handle = state
+    E = ntpe.size(0)
+    big_topk, big_weights = _routing(torch, 256, E, 4, dev, 11 + rank)
+    big_x = torch.ones((256, 2048), dtype=torch.bfloat16, device=dev)
+    b_ntpr, _, b_ntpe, b_itir, _ = buffer.get_dispatch_layout(big_topk, E)
+    expect("more tokens than num_rdma_bytes holds",
+           lambda: buffer.dispatch(big_x, num_tokens_per_rank=b_ntpr, is_token_in_rank=b_itir,
+                                   num_tokens_per_expert=b_ntpe, topk_idx=big_topk, topk_weights=big_weights),
+           ["num_rdma_bytes", "at most", "tokens"])
+    wide = torch.ones((x.size(0), 7168 * 2), dtype=torch.bfloat16, device=dev)
+    expect("a hidden size num_rdma_bytes cannot hold even for one token",
+           lambda: buffer.dispatch(wide, num_tokens_per_rank=ntpr, is_token_in_rank=itir,
+                                   num_tokens_per_expert=ntpe, topk_idx=topk, topk_weights=weights),
+           ["num_rdma_bytes"])
+    expect("cached dispatch with another hidden size than the handle's",
+           lambda: buffer.dispatch(x[:, :1024].contiguous(), handle=handle), ["hidden"])
+    expect("combine with a single-node style handle (a tuple)",
+           lambda: buffer.combine(recv_x, tuple(handle)), ["handle"])
+    expect("combine with x of the wrong row count", lambda: buffer.combine(recv_x[:-1], handle),
+           ["x", "shape", "rows"])
+    torch.cuda.synchronize()
+    dist.barrier()
+    problems, _ = _roundtrip(buffer, torch, dev, rank, R, seed=4)
+    if problems:
+        expect.failures.append(f"the round after the bad inputs failed: {problems}")
+    buffer.destroy()
+    if expect.failures:
+        raise AssertionError(f"rank {rank}: " + "; ".join(expect.failures))
+    return expect.count
+
+
 class _Expect:
     def __init__(self, rank):
         self.rank = rank
