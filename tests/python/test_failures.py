@@ -305,7 +305,7 @@ def _internode_bad_inputs_worker(rank, R):
                                    num_tokens_per_expert=b_ntpe, topk_idx=big_topk, topk_weights=big_weights),
            ["num_rdma_bytes", "at most", "tokens"])
     wide = torch.ones((x.size(0), 7168 * 2), dtype=torch.bfloat16, device=dev)
-    expect("a hidden size num_rdma_bytes cannot hold even for one token",
+    expect("a hidden size that lowers what num_rdma_bytes holds below n",
            lambda: buffer.dispatch(wide, num_tokens_per_rank=ntpr, is_token_in_rank=itir,
                                    num_tokens_per_expert=ntpe, topk_idx=topk, topk_weights=weights),
            ["num_rdma_bytes"])
