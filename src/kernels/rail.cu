@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(kRailThreads) rail_send_kernel(const __grid_co
   }
 }
 
-/// Receive: every source node's count, then one block per forwarded row. Rows sit at a fixed
+/// Receive: every source node's count, then one warp per forwarded row. Rows sit at a fixed
 /// place, source node a's tokens at rows [a * T, a * T + count_a), so the NVLink stage always sees
 /// N * T rows (a number the host knows: no wait for the counts, graph capturable); the rows past
 /// each count go nowhere (an empty local mask, top-k ids -1, source -1). The last block advances
@@ -228,7 +228,7 @@ __global__ void __launch_bounds__(kRailThreads) rail_receive_kernel(const __grid
   RailState* st = rail_state(c, g);
   __shared__ uint32_t s_seq;
   __shared__ int s_count[kMaxNodes];
-  __shared__ int s_failed, s_arrived;
+  __shared__ int s_failed;
   if (threadIdx.x == 0) {
     s_seq = *reinterpret_cast<volatile uint32_t*>(&st->seq);
     s_failed = 0;
@@ -263,51 +263,57 @@ __global__ void __launch_bounds__(kRailThreads) rail_receive_kernel(const __grid
   if (blockIdx.x == 0)
     for (int a = threadIdx.x; a < N; a += blockDim.x) p.fwd_counts[a] = s_count[a];
 
-  // 2. The forwarded rows.
+  // 2. The forwarded rows, one warp each (a block has 16 rows in flight: a row is latency-bound,
+  // one flag then one copy): lane 0 waits for the row's flag, the warp copies it.
   const int row_words = m.row_bytes / 16;
-  for (int f = blockIdx.x; f < N * T; f += gridDim.x) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, num_warps = blockDim.x / 32;
+  for (int f = blockIdx.x * num_warps + warp; f < N * T; f += gridDim.x * num_warps) {
     const int a = f / T, index = f - a * T;
-    if (index >= s_count[a]) {  // block-uniform: a row that goes nowhere
-      for (int j = threadIdx.x; j < M; j += blockDim.x) p.fwd_in_rank[int64_t(f) * M + j] = false;
-      for (int k = threadIdx.x; k < K; k += blockDim.x) p.fwd_topk_idx[int64_t(f) * K + k] = -1;
-      if (threadIdx.x == 0) p.fwd_source[int64_t(f) * 2] = p.fwd_source[int64_t(f) * 2 + 1] = -1;
+    if (index >= s_count[a]) {  // warp-uniform: a row that goes nowhere
+      for (int j = lane; j < M; j += 32) p.fwd_in_rank[int64_t(f) * M + j] = false;
+      for (int k = lane; k < K; k += 32) p.fwd_topk_idx[int64_t(f) * K + k] = -1;
+      if (lane == 0) p.fwd_source[int64_t(f) * 2] = p.fwd_source[int64_t(f) * 2 + 1] = -1;
       continue;
     }
-    if (threadIdx.x == 0) {
+    int arrived = 0;
+    if (lane == 0) {
       const int src = s.rank_of(a, me);
       uint64_t value = 0;
-      s_arrived = rail_wait(c, reinterpret_cast<const uint64_t*>(c.sym_base + g.flag(half, a, index)), seq, src,
-                            src != c.rank, &value) ? 1 : 0;
+      arrived = rail_wait(c, reinterpret_cast<const uint64_t*>(c.sym_base + g.flag(half, a, index)), seq, src,
+                          src != c.rank, &value) ? 1 : 0;
     }
-    __syncthreads();
-    if (!s_arrived) return;
+    if (!__shfl_sync(0xffffffffu, arrived, 0)) {
+      s_failed = 1;  // the reason is recorded; no ticket below
+      break;
+    }
+    __syncwarp();  // lane 0's acquire orders the message before every lane's reads
     const char* msg = c.sym_base + g.slot(half, a, index);
     int4* out_row = reinterpret_cast<int4*>(static_cast<char*>(p.fwd_x) + int64_t(f) * m.row_bytes);
-    for (int i = threadIdx.x; i < row_words; i += blockDim.x) out_row[i] = device::ld_ring(reinterpret_cast<const int4*>(msg) + i);
+    device::warp_copy<4, true>(out_row, reinterpret_cast<const int4*>(msg), row_words, lane);
     if (p.fp8)
-      for (int i = threadIdx.x; i < p.hidden / 128; i += blockDim.x)
+      for (int i = lane; i < p.hidden / 128; i += 32)
         p.fwd_scales[int64_t(f) * (p.hidden / 128) + i] = __ldcg(reinterpret_cast<const float*>(msg + m.scale_offset) + i);
-    for (int k = threadIdx.x; k < K; k += blockDim.x) {
+    for (int k = lane; k < K; k += 32) {
       const int expert = __ldcg(reinterpret_cast<const int*>(msg + m.topk_offset) + k);
       p.fwd_topk_idx[int64_t(f) * K + k] = node_local_expert(expert, my_node, M, p.num_local_experts);
       if (p.fwd_topk_weights != nullptr)
         p.fwd_topk_weights[int64_t(f) * K + k] = __ldcg(reinterpret_cast<const float*>(msg + m.weight_offset) + k);
     }
     const int* meta = reinterpret_cast<const int*>(msg + m.meta_offset);
-    for (int j = threadIdx.x; j < M; j += blockDim.x) {
+    for (int j = lane; j < M; j += 32) {
       const int bit = my_node * M + j;
       const uint32_t bits = static_cast<uint32_t>(__ldcg(meta + kRailMetaMask + bit / 32));
       p.fwd_in_rank[int64_t(f) * M + j] = (bits >> (bit % 32)) & 1u;
     }
-    if (threadIdx.x == 0) {
+    if (lane == 0) {
       p.fwd_source[int64_t(f) * 2] = a;
       p.fwd_source[int64_t(f) * 2 + 1] = __ldcg(meta + kRailMetaSrcToken);
     }
-    __syncthreads();  // s_arrived is rewritten by the next row
   }
 
   // 3. The last block advances the sequence (the next call's send reads it).
   __syncthreads();
+  if (s_failed) return;
   if (threadIdx.x == 0) {
     __threadfence();
     if (atomicAdd(&st->receive_ticket, 1) == static_cast<int>(gridDim.x) - 1) {
@@ -377,8 +383,9 @@ __global__ void __launch_bounds__(kRailThreads) rail_return_send_kernel(const __
   }
 }
 
-/// Combine, source side (RailReturnReceiveParams): one block per token; thread 0 waits for the
-/// flag of each node the token went to (ascending node), then every thread adds its words.
+/// Combine, source side (RailReturnReceiveParams): one warp per token (16 tokens in flight per
+/// block); lanes wait for the flags of the nodes the token went to (lane b: nodes b, b + 32, ...),
+/// then the warp adds the returned rows (ascending node) and the bias, 4 words per lane at a time.
 __global__ void __launch_bounds__(kRailThreads) rail_return_receive_kernel(const __grid_constant__ RailReturnReceiveParams p) {
   const DeviceComm& c = p.comm;
   if (device::aborted_at_entry(c)) return;
@@ -387,61 +394,81 @@ __global__ void __launch_bounds__(kRailThreads) rail_return_receive_kernel(const
   const int N = s.num_nodes(), K = p.num_topk, me = s.local_of(c.rank);
   RailState* st = rail_state(c, g);
   __shared__ uint32_t s_seq;
-  __shared__ int s_slot[kMaxNodes];
-  __shared__ int s_arrived;
-  if (threadIdx.x == 0) s_seq = *reinterpret_cast<volatile uint32_t*>(&st->return_seq);
+  __shared__ int s_failed;
+  if (threadIdx.x == 0) {
+    s_seq = *reinterpret_cast<volatile uint32_t*>(&st->return_seq);
+    s_failed = 0;
+  }
   __syncthreads();
   const uint32_t seq = s_seq;
   const int half = static_cast<int>(seq & 1u);
   const int words = p.hidden / 8;  // 16-byte words of a BF16 row
-  for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
-    for (int b = threadIdx.x; b < N; b += blockDim.x) s_slot[b] = p.rail_slot[int64_t(t) * N + b];
-    if (threadIdx.x == 0) s_arrived = 1;
-    __syncthreads();
-    if (threadIdx.x == 0)
-      for (int b = 0; b < N && s_arrived; ++b) {
-        if (s_slot[b] < 0) continue;
-        const int peer = s.rank_of(b, me);
-        uint64_t value = 0;
-        if (!rail_wait(c, reinterpret_cast<const uint64_t*>(c.sym_base + g.return_flag(half, b, s_slot[b])), seq, peer,
-                       peer != c.rank, &value, Phase::kRailReturn))
-          s_arrived = 0;
-      }
-    __syncthreads();
-    if (!s_arrived) return;
-    for (int w = threadIdx.x; w < words; w += blockDim.x) {
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, num_warps = blockDim.x / 32;
+  constexpr int kUnroll = 4;
+  for (int t = blockIdx.x * num_warps + warp; t < p.num_tokens; t += gridDim.x * num_warps) {
+    const int* slots = p.rail_slot + int64_t(t) * N;
+    int ok = 1;
+    for (int b = lane; b < N && ok; b += 32) {
+      const int slot = slots[b];
+      if (slot < 0) continue;
+      const int peer = s.rank_of(b, me);
+      uint64_t value = 0;
+      ok = rail_wait(c, reinterpret_cast<const uint64_t*>(c.sym_base + g.return_flag(half, b, slot)), seq, peer,
+                     peer != c.rank, &value, Phase::kRailReturn) ? 1 : 0;
+    }
+    if (!__all_sync(0xffffffffu, ok)) {
+      s_failed = 1;  // the reason is recorded; no ticket below
+      break;
+    }
+    __syncwarp();  // every lane's acquires order the returned rows before every lane's reads
+    int4* out = reinterpret_cast<int4*>(static_cast<char*>(p.combined_x) + int64_t(t) * p.hidden * 2);
+    for (int base = lane; base < words; base += kUnroll * 32) {
+      float acc[kUnroll][8];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[u][j] = 0.0f;
+      auto add = [&](const int4* row, bool ring) {
+        int4 v[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+          if (base + u * 32 < words) v[u] = ring ? device::ld_ring(row + base + u * 32) : device::ld_stream(row + base + u * 32);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          if (base + u * 32 >= words) break;
+          const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v[u]);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) acc[u][j] += __bfloat162float(h[j]);
+        }
+      };
       for (int b = 0; b < N; ++b) {
-        if (s_slot[b] < 0) continue;
-        const int4 v = device::ld_ring(reinterpret_cast<const int4*>(c.sym_base + g.return_slot(half, b, s_slot[b])) + w);
-        const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[j] += __bfloat162float(h[j]);
+        const int slot = slots[b];
+        if (slot >= 0) add(reinterpret_cast<const int4*>(c.sym_base + g.return_slot(half, b, slot)), true);
       }
-      for (const void* bias : {p.bias0, p.bias1}) {
-        if (bias == nullptr) continue;
-        const int4 v = device::ld_stream(reinterpret_cast<const int4*>(static_cast<const char*>(bias) + int64_t(t) * p.hidden * 2) + w);
-        const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&v);
+      for (const void* bias : {p.bias0, p.bias1})
+        if (bias != nullptr)
+          add(reinterpret_cast<const int4*>(static_cast<const char*>(bias) + int64_t(t) * p.hidden * 2), false);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) acc[j] += __bfloat162float(h[j]);
+      for (int u = 0; u < kUnroll; ++u) {
+        if (base + u * 32 >= words) break;
+        int4 packed;
+        __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&packed);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) o[j] = __floats2bfloat162_rn(acc[u][2 * j], acc[u][2 * j + 1]);
+        out[base + u * 32] = packed;
       }
-      int4 out;
-      __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&out);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) o[j] = __floats2bfloat162_rn(acc[2 * j], acc[2 * j + 1]);
-      reinterpret_cast<int4*>(static_cast<char*>(p.combined_x) + int64_t(t) * p.hidden * 2)[w] = out;
     }
     if (p.combined_weights != nullptr)
-      for (int k = threadIdx.x; k < K; k += blockDim.x) {
+      for (int k = lane; k < K; k += 32) {
         float sum = 0.0f;
         for (int b = 0; b < N; ++b)
-          if (s_slot[b] >= 0)
-            sum += __ldcg(reinterpret_cast<const float*>(c.sym_base + g.return_slot(half, b, s_slot[b]) + int64_t(p.hidden) * 2) + k);
+          if (slots[b] >= 0)
+            sum += __ldcg(reinterpret_cast<const float*>(c.sym_base + g.return_slot(half, b, slots[b]) + int64_t(p.hidden) * 2) + k);
         p.combined_weights[int64_t(t) * K + k] = sum;
       }
-    __syncthreads();  // s_slot and s_arrived are rewritten by the next token
   }
   __syncthreads();
+  if (s_failed) return;
   if (threadIdx.x == 0) {
     __threadfence();
     if (atomicAdd(&st->return_receive_ticket, 1) == static_cast<int>(gridDim.x) - 1) {
