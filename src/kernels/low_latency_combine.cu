@@ -377,14 +377,18 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
 
 }  // namespace
 
+/// One kernel per phase set, as for dispatch: a hook's receive runs code with no send path in it.
+template <int kPhases>
 __global__ void __launch_bounds__(kThreads, 1) combine(const __grid_constant__ kernels::LowLatencyCombineParams p) {
   extern __shared__ int smem[];
   __shared__ EntryState entry;
   trace_mark(&g_combine_trace, 0);
-  if (!kernel_entry(p.comm, p.ll, p.phases, p.call_slot, smem, entry)) return;
+  if (!kernel_entry(p.comm, p.ll, kPhases, p.call_slot, smem, entry)) return;
   trace_mark(&g_combine_trace, 1);
-  if ((p.phases & kLowLatencySend) && !combine_send(p, smem, entry)) return;
-  if (p.phases & kLowLatencyReceive) combine_receive(p, smem, entry);
+  if constexpr ((kPhases & kLowLatencySend) != 0) {
+    if (!combine_send(p, smem, entry)) return;
+  }
+  if constexpr ((kPhases & kLowLatencyReceive) != 0) combine_receive(p, smem, entry);
   trace_mark(&g_combine_trace, 7);
 }
 
@@ -404,7 +408,14 @@ cudaError_t launch_low_latency_combine(const LowLatencyCombineParams& p, int num
   attribute.val.cooperative = 1;
   config.attrs = &attribute;
   config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, ll::combine, p);
+  void (*kernel)(const LowLatencyCombineParams) = nullptr;
+  switch (p.phases) {
+    case kLowLatencySend: kernel = ll::combine<kLowLatencySend>; break;
+    case kLowLatencyReceive: kernel = ll::combine<kLowLatencyReceive>; break;
+    case kLowLatencyBoth: kernel = ll::combine<kLowLatencyBoth>; break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaLaunchKernelEx(&config, kernel, p);
 }
 
 std::vector<uint64_t> take_low_latency_combine_trace() { return ll::take_trace_stamps(&ll::g_combine_trace); }

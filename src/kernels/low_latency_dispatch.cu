@@ -454,16 +454,33 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
 
 }  // namespace
 
-template <bool kFp8>
+/// One kernel per phase set: a hook's receive runs code with no send path in it. After the GEMM
+/// between a send and its hook the instruction cache is cold, and every phase of the receive was
+/// measured at ~3 us although each is one memory round trip (docs/performance.md).
+template <bool kFp8, int kPhases>
 __global__ void __launch_bounds__(kThreads, 1) dispatch(const __grid_constant__ kernels::LowLatencyDispatchParams p) {
   extern __shared__ int smem[];
   __shared__ EntryState entry;
   trace_mark(&g_dispatch_trace, 0);
-  if (!kernel_entry(p.comm, p.ll, p.phases, p.call_slot, smem, entry)) return;
+  if (!kernel_entry(p.comm, p.ll, kPhases, p.call_slot, smem, entry)) return;
   trace_mark(&g_dispatch_trace, 1);
-  if ((p.phases & kLowLatencySend) && !dispatch_send<kFp8>(p, smem, entry)) return;
-  if (p.phases & kLowLatencyReceive) dispatch_receive<kFp8>(p, smem, entry);
+  if constexpr ((kPhases & kLowLatencySend) != 0) {
+    if (!dispatch_send<kFp8>(p, smem, entry)) return;
+  }
+  if constexpr ((kPhases & kLowLatencyReceive) != 0) dispatch_receive<kFp8>(p, smem, entry);
   trace_mark(&g_dispatch_trace, 9);
+}
+
+using DispatchKernel = void (*)(const kernels::LowLatencyDispatchParams);
+
+/// The kernel of (dtype, phases), or nullptr for phases that are not a non-empty set.
+inline DispatchKernel dispatch_kernel_for(bool fp8, int phases) {
+  switch (phases) {
+    case kLowLatencySend: return fp8 ? dispatch<true, kLowLatencySend> : dispatch<false, kLowLatencySend>;
+    case kLowLatencyReceive: return fp8 ? dispatch<true, kLowLatencyReceive> : dispatch<false, kLowLatencyReceive>;
+    case kLowLatencyBoth: return fp8 ? dispatch<true, kLowLatencyBoth> : dispatch<false, kLowLatencyBoth>;
+    default: return nullptr;
+  }
 }
 
 }  // namespace flashep::ll
@@ -480,7 +497,8 @@ inline size_t ll_dispatch_smem(int num_ranks, int num_experts) {
 
 cudaError_t launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, cudaStream_t stream) {
   const size_t smem = ll_dispatch_smem(p.comm.num_ranks, p.ll.layout.num_experts);
-  void (*kernel)(const LowLatencyDispatchParams) = p.fp8 ? ll::dispatch<true> : ll::dispatch<false>;
+  void (*kernel)(const LowLatencyDispatchParams) = ll::dispatch_kernel_for(p.fp8, p.phases);
+  if (kernel == nullptr) return cudaErrorInvalidValue;
   // At most (3 * kMaxRanks + 1 + kMaxLowLatencyExperts * 2) or (2 * kMaxRanks + kMaxLowLatencyExperts +
   // 2 * kCountChunk) ints: below the default 48 KB.
   cudaLaunchConfig_t config{};
