@@ -228,10 +228,11 @@ __global__ void __launch_bounds__(kRailThreads) rail_receive_kernel(const __grid
   RailState* st = rail_state(c, g);
   __shared__ uint32_t s_seq;
   __shared__ int s_count[kMaxNodes];
-  __shared__ int s_failed;
+  __shared__ int s_failed, s_rows_failed;  // step 1's, then step 2's (step 1's is read after its barrier)
   if (threadIdx.x == 0) {
     s_seq = *reinterpret_cast<volatile uint32_t*>(&st->seq);
     s_failed = 0;
+    s_rows_failed = 0;
   }
   __syncthreads();
   const uint32_t seq = s_seq;
@@ -283,7 +284,7 @@ __global__ void __launch_bounds__(kRailThreads) rail_receive_kernel(const __grid
                           src != c.rank, &value) ? 1 : 0;
     }
     if (!__shfl_sync(0xffffffffu, arrived, 0)) {
-      s_failed = 1;  // the reason is recorded; no ticket below
+      s_rows_failed = 1;  // the reason is recorded; no ticket below
       break;
     }
     __syncwarp();  // lane 0's acquire orders the message before every lane's reads
@@ -313,7 +314,7 @@ __global__ void __launch_bounds__(kRailThreads) rail_receive_kernel(const __grid
 
   // 3. The last block advances the sequence (the next call's send reads it).
   __syncthreads();
-  if (s_failed) return;
+  if (s_rows_failed) return;
   if (threadIdx.x == 0) {
     __threadfence();
     if (atomicAdd(&st->receive_ticket, 1) == static_cast<int>(gridDim.x) - 1) {
