@@ -99,6 +99,8 @@ def build_cases(quick):
         C("rank 1 all slots -1: n=300 fp8 H2048 top8/256 prev_event", n=300, H=2048, routing="silent_rank",
           fp8=True, mode="prev_event"),
         C("all slots -1 everywhere: n=64 H2048 bias1", n=64, H=2048, routing="all_masked", bias=1),
+        C("group-limited (each token in one half of the ranks): n=300 fp8 H7168 top8/256 bias1", n=300, H=7168,
+          fp8=True, routing="group_limited", bias=1),
         C("uneven n per rank: fp8 H7168 align128 sm24(4,32) +cached", n=_uneven, fp8=True, H=7168, align=128,
           cfg=(24, 4, 32), cached=True),
         C("worst-case: bf16 n=127 H4096 top8/256 bias1 sm24(6,256)", worst=True, bias=1, cfg=(24, 6, 256)),
@@ -202,6 +204,16 @@ def gen_routing(torch, case, seed, rank, R):
             idx[torch.rand((n, K), generator=g, dtype=torch.float32, device="cpu") < case.mask] = -1
         if case.routing == "silent_rank" and rank == 1 % R:
             idx.fill_(-1)
+    elif case.routing == "group_limited":
+        # DeepSeek's node-limited routing: every token picks one half of the ranks (on several nodes,
+        # half of the nodes), then its top-K experts there; some slots masked as in "random".
+        assert R >= 2 and E % 2 == 0 and K <= E // 2, (R, E, K)
+        half = torch.randint(0, 2, (n, 1), generator=g, device="cpu")
+        scores = torch.rand((n, E), generator=g, dtype=torch.float32, device="cpu")
+        in_half = (torch.arange(E, device="cpu").unsqueeze(0) // (E // 2)) == half
+        idx = torch.where(in_half, scores, torch.full_like(scores, -1.0)).topk(K, dim=1).indices.to(torch.int64)
+        if case.mask > 0:
+            idx[torch.rand((n, K), generator=g, dtype=torch.float32, device="cpu") < case.mask] = -1
     elif case.routing == "one_expert":
         idx = torch.full((n, K), -1, dtype=torch.int64, device="cpu")
         idx[:, 0] = E - 1
