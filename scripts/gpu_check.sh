@@ -24,7 +24,9 @@
 #   3b. kernels16 the intranode tests again (quick grid) on the kernels built for 8- and 16-rank
 #                domains (FLASHEP_DEBUG_KERNEL_RANKS), so fewer GPUs test that code too (+ skip check)
 #   4. bench     python3 -m flashep.bench [--out $OUT/bench.md], then
-#                python3 -m flashep.bench_low_latency [--out $OUT/bench_low_latency.md]
+#                python3 -m flashep.bench_low_latency [--out $OUT/bench_low_latency.md], then (2+ GPUs,
+#                NVSHMEM) the multi-node path as 2 nodes of N/2: python3 -m flashep.bench --shapes deepep
+#                --nvl-domain-size N/2 --sms 12,24 --profile [--out $OUT/bench_multinode.md]
 #   4b. ll_trace (--ll-trace) the low-latency kernels' timeline: installs a diagnostics build
 #                (-Ccmake.define.FLASHEP_ENABLE_DIAGNOSTICS=ON), runs
 #                python3 -m flashep.bench_low_latency --trace --tokens 1,128 --paths nvlink, then
@@ -47,7 +49,8 @@
 # Environment: OUT (results folder: logs, bench.md, pytest junit xml files; without OUT they go to
 #              build/gpu_check_logs), PYTHON (default python3),
 #              BENCH_ARGS (extra arguments for flashep.bench, e.g. "--shapes deepep --sms 24"),
-#              BENCH_LL_ARGS (extra arguments for flashep.bench_low_latency, e.g. "--tokens 128").
+#              BENCH_LL_ARGS (extra arguments for flashep.bench_low_latency, e.g. "--tokens 128"),
+#              BENCH_MN_ARGS (extra arguments for the multi-node bench, e.g. "--chunks 8:256,16:128").
 # Exit status: 0 when every step that ran passed; 2 for bad arguments or an unknown GPU count.
 set -euo pipefail
 
@@ -272,6 +275,18 @@ if [[ $RUN_BENCH -eq 1 && $INSTALL_OK -eq 1 ]]; then
   # shellcheck disable=SC2086
   bench_ll() { "$PY" -m flashep.bench_low_latency "${BENCH_LL_OUT[@]}" ${BENCH_LL_ARGS:-}; }
   run_step bench_low_latency bench_ll || true
+  # The multi-node path on this host (2+ GPUs, a build with NVSHMEM): 2 virtual nodes of R/2 GPUs,
+  # the DeepEP workload, the raw NVSHMEM put next to it and the kernels of each call (--profile).
+  if [[ "$EXPECT_GPUS" -ge 2 ]] && "$PY" -c "import flashep, sys; sys.exit(0 if flashep._C.nvshmem_built() else 1)" 2>/dev/null; then
+    BENCH_MN_OUT=()
+    if [[ -n "${OUT:-}" ]]; then BENCH_MN_OUT=(--out "$OUT/bench_multinode.md"); fi
+    # shellcheck disable=SC2086
+    bench_mn() { "$PY" -m flashep.bench --shapes deepep --nvl-domain-size $((EXPECT_GPUS / 2)) --sms 12,24 --profile \
+                   "${BENCH_MN_OUT[@]}" ${BENCH_MN_ARGS:-}; }
+    run_step bench_multinode bench_mn || true
+  else
+    skip_step bench_multinode "fewer than 2 GPUs, or a build without NVSHMEM"
+  fi
 elif [[ $RUN_BENCH -eq 1 ]]; then
   skip_step bench "install failed"
 else
