@@ -148,7 +148,8 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
       // Lane k < K owns top-k slot k: its expert, destination, and (first lane of each
       // destination) the message slot there.
       int64_t expert = lane < K ? __ldg(p.topk_idx + int64_t(t) * K + lane) : -1;
-      int dst = expert >= 0 ? static_cast<int>(expert / num_local) : -1;
+      // 32-bit division: the counting pass checked every id is in [-1, E) (a 64-bit one is a call).
+      int dst = expert >= 0 ? static_cast<int>(expert) / num_local : -1;
       if (dst >= 0 && s_masked[dst]) dst = -1, expert = -1;
       bool first = dst >= 0;
       for (int k = 0; k < K; ++k) {
@@ -358,7 +359,8 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   const int num_int4 = m.row_bytes / 16;
   // The scales (FP8): one 32-bit word per thread (a float, or 4 packed UE8M0 bytes).
   const int num_scale_words = kFp8 ? (p.ue8m0 ? num_groups / 4 : num_groups) : 0;
-  __shared__ int64_t s_rows[kTeams][32];
+  __shared__ int64_t s_rows[kTeams][32];      // target rows (expert * rows_per_expert + row)
+  __shared__ int64_t s_scale_at[kTeams][32];  // their first scale word: expert * words * rows_per_expert + row
   __shared__ int s_num_rows[kTeams], s_bad_msg[kTeams], s_arrival[kTeams];
   // Items spread over the blocks first, so that a few messages still use many SMs.
   for (int item = blockIdx.x + team * gridDim.x; item < total_msgs; item += gridDim.x * kTeams) {
@@ -421,7 +423,11 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
         if (lane < K) plan[1 + lane] = static_cast<int>(out_row);
         if (out_row >= 0) {
           p.src_info[out_row] = token;
-          s_rows[team][__popc(targets & ((1u << lane) - 1u))] = out_row;
+          const int target = __popc(targets & ((1u << lane) - 1u));
+          s_rows[team][target] = out_row;
+          // From the parts of out_row, not by dividing it (a 64-bit division is a ~100-instruction
+          // call, and each of the team's threads did two per target row).
+          s_scale_at[team][target] = int64_t(local) * num_scale_words * rows_per_expert + (out_row - int64_t(local) * rows_per_expert);
         }
       } else if (lane == 0) {
         ll_fail(c, Phase::kLowLatencyBadMessage, src, -1, static_cast<int>(rows_per_expert), pos);
@@ -442,8 +448,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
     }
     if (tt < num_scale_words) {
       for (int i = 0; i < num_rows; ++i) {
-        const int64_t e = s_rows[team][i] / rows_per_expert, row = s_rows[team][i] % rows_per_expert;
-        reinterpret_cast<uint32_t*>(p.recv_scales)[(e * num_scale_words + tt) * rows_per_expert + row] = scale_word;
+        reinterpret_cast<uint32_t*>(p.recv_scales)[s_scale_at[team][i] + int64_t(tt) * rows_per_expert] = scale_word;
       }
     }
     team_sync(team);
