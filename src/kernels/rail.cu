@@ -98,8 +98,8 @@ __global__ void __launch_bounds__(kRailThreads) rail_plan_kernel(const __grid_co
     }
     __syncthreads();
     if (threadIdx.x == 0 && s_bad != 0)
-      device::fail(p.comm, Phase::kDispatchInvalidExpert, p.num_experts, -1, s_bad - 1,
-                   static_cast<int>(p.topk_idx[s_bad - 1]));
+      device::fail(p.comm, Phase::kDispatchInvalidExpert, p.num_experts, -1, (s_bad - 1) / p.num_topk,
+                   static_cast<int>(p.topk_idx[s_bad - 1]));  // the token, as notify_dispatch names it
   }
   const NodeShape& s = p.shape;
   const int b = blockIdx.x, M = s.nvl_size, N = s.num_nodes(), R = s.num_ranks;

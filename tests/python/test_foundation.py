@@ -113,6 +113,48 @@ def test_bad_input_on_one_rank_reaches_the_others():
         print(line)
 
 
+def test_bad_input_reaches_the_other_node():
+    """The multi-node path (2 GPUs as 2 nodes of 1): an expert id out of range on rank 0, seen only
+    by its GPU (the rail stage's plan), must reach rank 1 on the other node (its host posts the
+    abort through NVSHMEM) well before the timeout."""
+    dh.gpu_count_or_skip(2)
+    dh.require_nvshmem("the multi-node path needs it")
+    results = dh.run_world(_other_node_worker, 2, timeout_s=300,
+                           env={"FLASHEP_TIMEOUT_S": "60", "FLASHEP_CHECK_INPUTS": "0",
+                                "FLASHEP_NVL_DOMAIN_SIZE": "1", "NVSHMEM_REMOTE_TRANSPORT": "none"}, grace_s=90)
+    print(results[0])
+
+
+def _other_node_worker(rank, R):
+    import torch
+    import torch.distributed as dist
+
+    import flashep as deep_ep
+
+    dev = torch.device("cuda", rank)
+    n, H, E, K = 96, 2048, 64, 6
+    rdma = deep_ep._C.internode_rail_bytes(R, 1, 128, H, False, K)
+    buffer = deep_ep.Buffer(dist.group.WORLD, _nvl_bytes(deep_ep, R), num_rdma_bytes=rdma)
+    assert buffer.nvl_domain_size == 1, buffer.nvl_domain_size
+    problems = _roundtrip(buffer, torch, dev, rank, n=n, H=H, E=E, K=K, seed=21)
+    assert not problems, f"a healthy multi-node round failed: {problems}"
+    topk, weights, x = _inputs(torch, dev, rank, n, H, E, K, 22)
+    ntpr, _, ntpe, itir, _ = buffer.get_dispatch_layout(topk, E)
+    bad_topk = topk.clone()
+    if rank == 0:
+        bad_topk[5, 0] = E + 3
+    torch.cuda.synchronize()
+    dist.barrier()
+    line = _expect_failure(
+        rank, 0, "multi-node dispatch, topk_idx with expert id E + 3",
+        lambda: buffer.dispatch(x, num_tokens_per_rank=ntpr, is_token_in_rank=itir, num_tokens_per_expert=ntpe,
+                                topk_idx=bad_topk, topk_weights=weights),
+        ["token 5 has expert id 67"], torch)
+    torch.cuda.synchronize()
+    dist.barrier()
+    return line  # the poisoned buffer is dropped when the process exits
+
+
 def _expect_failure(rank, bad_rank, what, call, own_words, torch):
     """`call` must raise on every rank: on `bad_rank` a FlashepDeviceFaultError naming `own_words`,
     on the others a FlashepPeerFailedError naming bad_rank, within PEER_RAISE_WITHIN_S."""
