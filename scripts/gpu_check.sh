@@ -277,15 +277,20 @@ if [[ $RUN_BENCH -eq 1 && $INSTALL_OK -eq 1 ]]; then
   run_step bench_low_latency bench_ll || true
   # The multi-node path on this host (2+ GPUs, a build with NVSHMEM): 2 virtual nodes of R/2 GPUs,
   # the DeepEP workload, the raw NVSHMEM put next to it and the kernels of each call (--profile).
-  if [[ "$EXPECT_GPUS" -ge 2 ]] && "$PY" -c "import flashep, sys; sys.exit(0 if flashep._C.nvshmem_built() else 1)" 2>/dev/null; then
+  if [[ "$EXPECT_GPUS" -ge 2 && $((EXPECT_GPUS % 2)) -eq 0 ]] && "$PY" -c "import flashep, sys; sys.exit(0 if flashep._C.nvshmem_built() else 1)"; then
     BENCH_MN_OUT=()
     if [[ -n "${OUT:-}" ]]; then BENCH_MN_OUT=(--out "$OUT/bench_multinode.md"); fi
     # shellcheck disable=SC2086
-    bench_mn() { "$PY" -m flashep.bench --shapes deepep --nvl-domain-size $((EXPECT_GPUS / 2)) --sms 12,24 --profile \
+    bench_mn() { "$PY" -m flashep.bench --num-ranks "$EXPECT_GPUS" --shapes deepep --nvl-domain-size $((EXPECT_GPUS / 2)) --sms 12,24 --profile \
                    "${BENCH_MN_OUT[@]}" ${BENCH_MN_ARGS:-}; }
     run_step bench_multinode bench_mn || true
   else
-    skip_step bench_multinode "fewer than 2 GPUs, or a build without NVSHMEM"
+    if [[ "${FLASHEP_TEST_EXPECT_NVSHMEM:-0}" == 1 && "$EXPECT_GPUS" -ge 2 && $((EXPECT_GPUS % 2)) -eq 0 ]]; then
+      SUMMARY+=("$(printf '%-9s FAIL         %s' bench_multinode "FLASHEP_TEST_EXPECT_NVSHMEM=1 but the build has no NVSHMEM")")
+      FAILED=1
+    else
+      skip_step bench_multinode "an odd GPU count or fewer than 2, or a build without NVSHMEM"
+    fi
   fi
 elif [[ $RUN_BENCH -eq 1 ]]; then
   skip_step bench "install failed"

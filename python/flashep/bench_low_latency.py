@@ -9,7 +9,8 @@ tokens, num_max_dispatch_tokens_per_rank = T; each token picks top-k distinct ex
 random), measured the way DeepEP's users read it:
   * kernel times from torch.profiler over 30 calls, each after a large GEMM and an all-reduce (the
     kernels are named flashep::ll::dispatch / flashep::ll::combine);
-  * with the receive hook: the send and receive phases (the same kernel, twice per call);
+  * with the receive hook: the send and receive phases (the send-only and receive-only
+    instantiations of the same kernel);
   * a dispatch + combine loop timed with CUDA events (calls back to back; median per iteration);
   * bandwidth as DeepEP defines it: (token, expert) pairs this rank sends x (H + H/128*4 + 16) bytes
     for FP8 dispatch, x 2H for combine, over the kernel time;

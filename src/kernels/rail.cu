@@ -11,6 +11,8 @@
 // signalling (the low-latency mode's protocol, docs/design.md).
 #include <cuda_bf16.h>
 
+#include <climits>
+
 #include "core/low_latency_layout.hpp"  // the signal encoding: seq << 32 | valid | count
 #include "kernels/peer_transport.cuh"
 #include "kernels/rail_launch.hpp"
@@ -90,14 +92,14 @@ __device__ __noinline__ bool rail_wait(const DeviceComm& c, const uint64_t* word
 __global__ void __launch_bounds__(kRailThreads) rail_plan_kernel(const __grid_constant__ RailPlanParams p) {
   if (blockIdx.x == 0 && p.topk_idx != nullptr) {
     __shared__ int s_bad;
-    if (threadIdx.x == 0) s_bad = 0;
+    if (threadIdx.x == 0) s_bad = INT_MAX;
     __syncthreads();
     for (int64_t i = threadIdx.x; i < int64_t(p.num_tokens) * p.num_topk; i += blockDim.x) {
       const int64_t e = p.topk_idx[i];
-      if (e < -1 || e >= p.num_experts) atomicCAS(&s_bad, 0, static_cast<int>(i) + 1);
+      if (e < -1 || e >= p.num_experts) atomicMin(&s_bad, static_cast<int>(i) + 1);  // the first bad one: deterministic
     }
     __syncthreads();
-    if (threadIdx.x == 0 && s_bad != 0)
+    if (threadIdx.x == 0 && s_bad != INT_MAX)
       device::fail(p.comm, Phase::kDispatchInvalidExpert, p.num_experts, -1, (s_bad - 1) / p.num_topk,
                    static_cast<int>(p.topk_idx[s_bad - 1]));  // the token, as notify_dispatch names it
   }
