@@ -194,8 +194,9 @@ def _worker(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
 
 def _print_trace(torch, dist, flashep, buffer, inputs, rank: int, label: str, repeats: int = 20) -> None:
     """Diagnostics builds: the median timeline of the kernels of one dispatch + combine, fused and
-    with the hook (each hook after a GEMM, DeepEP's method), per kernel and point: us from the
-    first block's start to the first and to the last block past the point."""
+    with the hook (each hook after a GEMM, DeepEP's method, and again with nothing between the
+    send and the hook), per kernel and point: us from the first block's start to the first and to
+    the last block past the point."""
     take = flashep._C.debug_ll_trace
     if not take(False) and not take(True):
         if rank == 0:
@@ -205,7 +206,10 @@ def _print_trace(torch, dist, flashep, buffer, inputs, rank: int, label: str, re
     dev = torch.cuda.current_device()
     one = torch.ones((1,), device=dev)
     a = torch.randn((8192, 8192), dtype=torch.bfloat16, device=dev)
-    kernels = ("fused dispatch", "fused combine", "dispatch send", "dispatch hook", "combine send", "combine hook")
+    # "no GEMM": the hook right after its send has finished, nothing in between: against the row
+    # after the GEMM, what a cold L2 and instruction cache cost the receive.
+    kernels = ("fused dispatch", "fused combine", "dispatch send", "dispatch hook", "combine send", "combine hook",
+               "dispatch hook, no GEMM", "combine hook, no GEMM")
     samples = {k: [] for k in kernels}
 
     def lined_up():  # as in _profile: the call is queued before the GPUs get there, lined up by the all-reduce
@@ -237,6 +241,21 @@ def _print_trace(torch, dist, flashep, buffer, inputs, rank: int, label: str, re
         a @ a
         hook()
         taken("combine hook", True)
+        lined_up()
+        _, _, handle, _, hook = buffer.low_latency_dispatch(x, idx, T, E, return_recv_hook=True)
+        taken("dispatch send", False)
+        dist.all_reduce(one)  # the peer's send has finished too
+        torch.cuda.synchronize()
+        take(False)
+        hook()
+        taken("dispatch hook, no GEMM", False)
+        _, _, hook = buffer.low_latency_combine(y, idx, w, handle, return_recv_hook=True)
+        taken("combine send", True)
+        dist.all_reduce(one)
+        torch.cuda.synchronize()
+        take(True)
+        hook()
+        taken("combine hook, no GEMM", True)
     if rank != 0:
         return
     for kernel in kernels:

@@ -349,6 +349,7 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
       }
     }
     __syncthreads();
+    if (t == static_cast<int>(blockIdx.x)) trace_mark(&g_combine_trace, 8);  // the block's first token's parts are there
     if (s_part_failed) return;
     const int num_parts = s_num_parts;
     for (int w = threadIdx.x; w < num_int4; w += kThreads) {
@@ -372,6 +373,7 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
       reinterpret_cast<int4*>(p.out)[int64_t(t) * num_int4 + w] = to_bf16x8(acc);
     }
     __syncthreads();
+    if (t == static_cast<int>(blockIdx.x)) trace_mark(&g_combine_trace, 9);  // the block's first token is added
   }
   trace_mark(&g_combine_trace, 6);
 }

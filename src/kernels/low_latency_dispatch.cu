@@ -376,6 +376,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
       s_arrival[team] = static_cast<int>(res);
     }
     team_sync(team);
+    if (item < static_cast<int>(gridDim.x)) trace_mark(&g_dispatch_trace, 10);  // thread 0: its block's first message is there
     const WaitResult arrival = static_cast<WaitResult>(s_arrival[team]);
     if (arrival == WaitResult::kFailed) return;
     if (arrival == WaitResult::kMasked) {
@@ -451,6 +452,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
         reinterpret_cast<uint32_t*>(p.recv_scales)[s_scale_at[team][i] + int64_t(tt) * rows_per_expert] = scale_word;
       }
     }
+    if (item < static_cast<int>(gridDim.x)) trace_mark(&g_dispatch_trace, 11);  // thread 0: that message's rows are stored
     team_sync(team);
   }
 

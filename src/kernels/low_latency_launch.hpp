@@ -73,8 +73,9 @@ std::vector<uint64_t> take_low_latency_combine_trace();  // (the combine half of
 /// Point names, in order (the python bench prints them).
 inline constexpr const char* kLowLatencyDispatchTrace[] = {
     "kernel start", "entry", "pairs counted", "counts signalled", "tokens sent", "send ticket",
-    "sources counted", "segments", "expanded", "exit"};
+    "sources counted", "segments", "expanded", "exit", "(1st message) flag seen", "(1st message) rows stored"};
 inline constexpr const char* kLowLatencyCombineTrace[] = {
-    "kernel start", "entry", "weights sent", "plan read", "sums sent", "send ticket", "tokens added", "exit"};
+    "kernel start", "entry", "weights sent", "plan read", "sums sent", "send ticket", "tokens added", "exit",
+    "(1st token) parts there", "(1st token) added"};
 
 }  // namespace flashep::kernels
