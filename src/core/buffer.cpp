@@ -142,6 +142,7 @@ BufferImpl::BufferImpl(const BufferOptions& options) : options_(options), env_(e
   *abort_source_ = options.rank + 1;
   FLASHEP_CUDA_CHECK(cudaStreamCreateWithFlags(&comm_stream_, cudaStreamNonBlocking));
   FLASHEP_CUDA_CHECK(cudaStreamCreateWithFlags(&abort_stream_, cudaStreamNonBlocking));
+  if (ll_bytes_ > 0) FLASHEP_CUDA_CHECK(kernels::load_low_latency_kernels());
   FLASHEP_CUDA_CHECK(cudaDeviceSynchronize());
 }
 

@@ -421,6 +421,14 @@ cudaError_t launch_low_latency_combine(const LowLatencyCombineParams& p, int num
   return cudaLaunchKernelEx(&config, kernel, p);
 }
 
+cudaError_t load_low_latency_combine_kernels() {
+  cudaFuncAttributes attributes{};
+  for (void (*kernel)(const LowLatencyCombineParams) :
+       {ll::combine<kLowLatencySend>, ll::combine<kLowLatencyReceive>, ll::combine<kLowLatencyBoth>})
+    if (const cudaError_t status = cudaFuncGetAttributes(&attributes, kernel); status != cudaSuccess) return status;
+  return cudaSuccess;
+}
+
 std::vector<uint64_t> take_low_latency_combine_trace() { return ll::take_trace_stamps(&ll::g_combine_trace); }
 
 }  // namespace flashep::kernels

@@ -521,6 +521,21 @@ cudaError_t launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int n
   return cudaLaunchKernelEx(&config, kernel, p);
 }
 
+cudaError_t load_low_latency_dispatch_kernels() {
+  cudaFuncAttributes attributes{};
+  for (const bool fp8 : {false, true})
+    for (const int phases : {int(kLowLatencySend), int(kLowLatencyReceive), int(kLowLatencyBoth)})
+      if (const cudaError_t status = cudaFuncGetAttributes(&attributes, ll::dispatch_kernel_for(fp8, phases));
+          status != cudaSuccess)
+        return status;
+  return cudaSuccess;
+}
+
+cudaError_t load_low_latency_kernels() {
+  const cudaError_t status = load_low_latency_dispatch_kernels();
+  return status != cudaSuccess ? status : load_low_latency_combine_kernels();
+}
+
 std::vector<uint64_t> take_low_latency_trace(bool combine) {
   return combine ? take_low_latency_combine_trace() : ll::take_trace_stamps(&ll::g_dispatch_trace);
 }

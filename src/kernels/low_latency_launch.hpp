@@ -62,6 +62,10 @@ struct LowLatencyCombineParams {
 /// mode synchronizes the grid): `num_blocks` <= the SMs.
 cudaError_t launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int num_blocks, cudaStream_t stream);
 cudaError_t launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, cudaStream_t stream);
+/// Loads every low-latency kernel (one per dtype and phase set) now, at Buffer construction: with
+/// CUDA's lazy module loading a kernel first used inside a CUDA-graph capture, or by the first
+/// hook, would load there instead.
+cudaError_t load_low_latency_kernels();
 
 /// Diagnostics builds (FLASHEP_ENABLE_DIAGNOSTICS): the timeline of the dispatch (or combine)
 /// kernels since the last take, then reset: kLowLatencyTracePoints earliest-block %globaltimer
@@ -70,6 +74,7 @@ cudaError_t launch_low_latency_combine(const LowLatencyCombineParams& p, int num
 inline constexpr int kLowLatencyTracePoints = 12;
 std::vector<uint64_t> take_low_latency_trace(bool combine);
 std::vector<uint64_t> take_low_latency_combine_trace();  // (the combine half of the above)
+cudaError_t load_low_latency_combine_kernels();          // (the combine half of load_low_latency_kernels)
 /// Point names, in order (the python bench prints them).
 inline constexpr const char* kLowLatencyDispatchTrace[] = {
     "kernel start", "entry", "pairs counted", "counts signalled", "tokens sent", "send ticket",
