@@ -106,24 +106,8 @@ def _worker(rank, R, M, quick):
 def _run_case(env, case, seed, cfg, E, K, H):
     np, torch, _C, ck, buffer = env.np, env.torch, env._C, env.ck, env.buffer
     rank, R, M, dev, mode = env.rank, env.R, env.M, env.dev, case.mode
-    world = [ti.gen_rank_inputs(torch, case, seed, r, R) for r in range(R)]
-    me = world[rank]
-    n = me["n"]
-    np_in = ti.oracle_inputs(case, world)
-    outs = _C.oracle_dispatch(R, H, 1 if case.fp8 else 2, case.fp8, K, E, case.align, np_in)
-    want = outs[rank]
-    num_recv = want["num_recv_tokens"]
-    W = max(1, sum(w["n"] for w in world)) if case.worst else 0
-    rows = W if case.worst else num_recv
-
-    topk_dev = me["topk_idx"].to(dev)
-    weights_dev = me["topk_weights"].to(dev)
-    if case.fp8:
-        data = me["x"].to(dev).view(torch.float8_e4m3fn)
-        scales = me["scales"].t().to(dev).t() if case.colmajor else me["scales"].to(dev)
-        x_arg = (data, scales)
-    else:
-        x_arg = me["x"].to(dev)
+    (world, me, n, np_in, outs, want, num_recv, W, rows, topk_dev, weights_dev,
+     x_arg) = ti.case_inputs(env, case, seed, E, K, H)
 
     # ---- layout (multi-node: num_tokens_per_rdma_rank too)
     ntpr, ntp_rdma, ntpe, itir, ev = buffer.get_dispatch_layout(topk_dev, E, **ti._stream_kwargs(buffer, mode))

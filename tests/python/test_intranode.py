@@ -447,31 +447,39 @@ def run_case(env, case, seed):
             deep_ep.Buffer.set_num_sms(saved_sms)
 
 
-def _run_case(env, case, seed, cfg, E, K, H):
-    np, torch, _C, ck, buffer = env.np, env.torch, env._C, env.ck, env.buffer
-    rank, R, dev, mode = env.rank, env.R, env.dev, case.mode
-
+def case_inputs(env, case, seed, E, K, H):
+    """A case's inputs of every rank (CPU), the oracle's dispatch of them, and this rank's inputs on
+    the GPU. Returns (world, me, n, np_in, outs, want, num_recv, W, rows, topk_dev, weights_dev,
+    x_arg): W is the worst-case row count (0 unless case.worst), rows what recv_x must have."""
+    torch, _C, rank, R, dev = env.torch, env._C, env.rank, env.R, env.dev
     world = [gen_rank_inputs(torch, case, seed, r, R) for r in range(R)]
     me = world[rank]
-    n = me["n"]
     np_in = oracle_inputs(case, world)
     outs = _C.oracle_dispatch(R, H, 1 if case.fp8 else 2, case.fp8, K, E, case.align, np_in)
     want = outs[rank]
     num_recv = want["num_recv_tokens"]
     W = max(1, sum(w["n"] for w in world)) if case.worst else 0
     rows = W if case.worst else num_recv
-
-    # ---- inputs on the GPU
     topk_dev = me["topk_idx"].to(dev)
     weights_dev = me["topk_weights"].to(dev)
     if case.fp8:
         data = me["x"].to(dev).view(torch.float8_e4m3fn)
         scales = me["scales"].t().to(dev).t() if case.colmajor else me["scales"].to(dev)
-        if case.colmajor and n > 1:
-            ck.true(scales.stride() == (1, n), f"test bug: scales strides {scales.stride()} are not column-major")
         x_arg = (data, scales)
     else:
         x_arg = me["x"].to(dev)
+    return world, me, me["n"], np_in, outs, want, num_recv, W, rows, topk_dev, weights_dev, x_arg
+
+
+def _run_case(env, case, seed, cfg, E, K, H):
+    np, torch, _C, ck, buffer = env.np, env.torch, env._C, env.ck, env.buffer
+    rank, R, dev, mode = env.rank, env.R, env.dev, case.mode
+
+    (world, me, n, np_in, outs, want, num_recv, W, rows, topk_dev, weights_dev,
+     x_arg) = case_inputs(env, case, seed, E, K, H)
+    if case.fp8 and case.colmajor and n > 1:
+        scales = x_arg[1]
+        ck.true(scales.stride() == (1, n), f"test bug: scales strides {scales.stride()} are not column-major")
 
     # ---- layout
     ntpr, ntp_rdma, ntpe, itir, ev = buffer.get_dispatch_layout(topk_dev, E, **_stream_kwargs(buffer, mode))
