@@ -1,6 +1,6 @@
 // The multi-node stages of flashep::Buffer (docs/design.md, "Multi-node: the first version"):
-// validate -> params -> launch. So far the rail stage, exposed for its tests
-// (Buffer::internode_rail_exchange) until the multi-node dispatch calls it.
+// validate -> params -> launch: the rail stage (exchange and return) and the reordering, which the
+// Python package composes with the single-node operations (python/flashep/internode.py).
 #include <string>
 
 #include "core/buffer_impl.hpp"
@@ -18,25 +18,45 @@ RailRegion rail_region_for(int num_ranks, int nvl_domain_size, int max_tokens, i
                           num_ranks);
 }
 
+/// What both rail calls (the exchange and the combine's return) check and derive the same way: a
+/// multi-node, non-low-latency buffer with an NVSHMEM region; the call's shape; the rail region of
+/// the dispatch's (dtype, top-k), which must fit in num_rdma_bytes; the launch's blocks.
+struct RailCall {
+  RailRegion region;
+  NodeShape shape;
+  int blocks;
+};
+RailCall check_rail_call(BufferImpl& b, const std::string& o, int hidden, int max_tokens, int num_tokens,
+                         DType dispatch_dtype, int dispatch_num_topk, int num_sms) {
+  const int R = b.options_.num_ranks, M = b.nvl_domain_size_;
+  if (b.num_nodes_ < 2 || !b.sym_)
+    throw_error(ErrorKind::kUnsupported, o + ": needs several NVLink domains (num_ranks " + str(R) + ", domains of " +
+                                             str(M) + ") and an NVSHMEM region (num_rdma_bytes > 0, a build with NVSHMEM)");
+  if (b.options_.low_latency_mode)  // the low-latency region starts where the rail region does
+    throw_error(ErrorKind::kUnsupported, o + ": not on a low-latency buffer (low_latency_mode=True): use a separate Buffer");
+  require(b.num_nodes_ <= kMaxNodes, o + ": more than " + str(kMaxNodes) + " nodes");
+  require(hidden > 0 && hidden % 128 == 0, o + ": hidden must be a positive multiple of 128, got " + str(hidden));
+  require(max_tokens >= 1 && max_tokens <= kMaxRailTokens,
+          o + ": max_tokens must be in [1, " + str(kMaxRailTokens) + "], got " + str(max_tokens));
+  require(num_tokens >= 0 && num_tokens <= max_tokens,
+          o + ": num_tokens " + str(num_tokens) + " is not in [0, max_tokens " + str(max_tokens) + "]");
+  require(dispatch_num_topk >= 0 && dispatch_num_topk <= kMaxTopk, o + ": num_topk must be in [0, " + str(kMaxTopk) + "]");
+  require(num_sms >= 0 && num_sms <= b.num_device_sms_, o + ": num_sms must be in [0, the device's SMs]");
+  const RailRegion region = rail_region_for(R, M, max_tokens, hidden, dispatch_dtype, dispatch_num_topk);
+  require(region.end <= b.rdma_layout_.data_bytes,
+          o + ": num_rdma_bytes " + str(b.rdma_layout_.data_bytes) + " is too small (" + str(region.end) +
+              " bytes needed; Buffer::internode_rail_bytes)");
+  FLASHEP_CUDA_CHECK(cudaSetDevice(b.device_));
+  return RailCall{region, NodeShape{R, M}, num_sms > 0 ? num_sms : b.num_device_sms_};
+}
+
 }  // namespace
 
 void BufferImpl::internode_rail_exchange(const RailExchangeArgs& a, cudaStream_t stream) {
   const char* op = "internode_rail_exchange";
   require_usable(op);
   const std::string o(op);
-  if (num_nodes_ < 2 || !sym_)
-    throw_error(ErrorKind::kUnsupported, o + ": needs several NVLink domains (num_ranks " + str(options_.num_ranks) +
-                                             ", domains of " + str(nvl_domain_size_) +
-                                             ") and an NVSHMEM region (num_rdma_bytes > 0, a build with NVSHMEM)");
-  if (options_.low_latency_mode)  // the low-latency region starts where the rail region does
-    throw_error(ErrorKind::kUnsupported, o + ": not on a low-latency buffer (low_latency_mode=True): use a separate Buffer");
-  require(num_nodes_ <= kMaxNodes, o + ": more than " + str(kMaxNodes) + " nodes");
-  require(a.hidden > 0 && a.hidden % 128 == 0, o + ": hidden must be a positive multiple of 128, got " + str(a.hidden));
-  require(a.max_tokens >= 1 && a.max_tokens <= kMaxRailTokens,
-          o + ": max_tokens must be in [1, " + str(kMaxRailTokens) + "], got " + str(a.max_tokens));
-  require(a.num_tokens >= 0 && a.num_tokens <= a.max_tokens,
-          o + ": num_tokens " + str(a.num_tokens) + " is not in [0, max_tokens " + str(a.max_tokens) + "]");
-  require(a.num_topk >= 0 && a.num_topk <= kMaxTopk, o + ": num_topk must be in [0, " + str(kMaxTopk) + "]");
+  const RailCall call = check_rail_call(*this, o, a.hidden, a.max_tokens, a.num_tokens, a.dtype, a.num_topk, a.num_sms);
   require(a.num_experts >= options_.num_ranks && a.num_experts % options_.num_ranks == 0,
           o + ": num_experts must be a positive multiple of num_ranks");
   require(a.num_tokens == 0 || (a.x != nullptr && a.is_token_in_rank != nullptr), o + ": x or is_token_in_rank is null");
@@ -46,15 +66,9 @@ void BufferImpl::internode_rail_exchange(const RailExchangeArgs& a, cudaStream_t
   require(a.fwd_x && a.fwd_in_rank && a.fwd_source && a.fwd_counts && (a.num_topk == 0 || a.fwd_topk_idx) &&
               (a.dtype == DType::kBFloat16 || a.fwd_scales),
           o + ": an output pointer is null");
-  require(a.num_sms >= 0 && a.num_sms <= num_device_sms_, o + ": num_sms must be in [0, the device's SMs]");
-  const RailRegion region = rail_region_for(options_.num_ranks, nvl_domain_size_, a.max_tokens, a.hidden, a.dtype, a.num_topk);
-  require(region.end <= rdma_layout_.data_bytes,
-          o + ": num_rdma_bytes " + str(rdma_layout_.data_bytes) + " is too small (" + str(region.end) +
-              " bytes needed; Buffer::internode_rail_bytes)");
-
-  const NodeShape shape{options_.num_ranks, nvl_domain_size_};
-  const int blocks = a.num_sms > 0 ? a.num_sms : num_device_sms_;
-  FLASHEP_CUDA_CHECK(cudaSetDevice(device_));
+  const RailRegion& region = call.region;
+  const NodeShape& shape = call.shape;
+  const int blocks = call.blocks;
 
   kernels::RailPlanParams plan{};
   plan.comm = device_comm();
@@ -168,23 +182,13 @@ void BufferImpl::internode_rail_return(const RailReturnArgs& a, cudaStream_t str
   const char* op = "internode_rail_return";
   require_usable(op);
   const std::string o(op);
-  if (num_nodes_ < 2 || !sym_ || options_.low_latency_mode)
-    throw_error(ErrorKind::kUnsupported, o + ": needs several NVLink domains, an NVSHMEM region and a buffer that is "
-                                             "not in low-latency mode");
-  require(a.hidden > 0 && a.hidden % 128 == 0, o + ": hidden must be a positive multiple of 128");
-  require(a.max_tokens >= 1 && a.max_tokens <= kMaxRailTokens, o + ": max_tokens out of range");
-  require(a.num_tokens >= 0 && a.num_tokens <= a.max_tokens, o + ": num_tokens out of [0, max_tokens]");
-  require(a.dispatch_num_topk >= 0 && a.dispatch_num_topk <= kMaxTopk &&
-              (a.num_topk == 0 || a.num_topk == a.dispatch_num_topk),
-          o + ": num_topk must be 0 or the dispatch's");
+  const RailCall call = check_rail_call(*this, o, a.hidden, a.max_tokens, a.num_tokens, a.dispatch_dtype,
+                                        a.dispatch_num_topk, a.num_sms);
+  require(a.num_topk == 0 || a.num_topk == a.dispatch_num_topk, o + ": num_topk must be 0 or the dispatch's");
   require(a.combined_x && a.fwd_counts && a.rail_slot && (a.num_tokens == 0 || a.out_x), o + ": a pointer is null");
-  require(a.num_sms >= 0 && a.num_sms <= num_device_sms_, o + ": num_sms must be in [0, the device's SMs]");
-  const RailRegion region =
-      rail_region_for(options_.num_ranks, nvl_domain_size_, a.max_tokens, a.hidden, a.dispatch_dtype, a.dispatch_num_topk);
-  require(region.end <= rdma_layout_.data_bytes, o + ": num_rdma_bytes is too small for this shape");
-  const NodeShape shape{options_.num_ranks, nvl_domain_size_};
-  const int blocks = a.num_sms > 0 ? a.num_sms : num_device_sms_;
-  FLASHEP_CUDA_CHECK(cudaSetDevice(device_));
+  const RailRegion& region = call.region;
+  const NodeShape& shape = call.shape;
+  const int blocks = call.blocks;
 
   kernels::RailReturnSendParams send{};
   send.comm = device_comm();
