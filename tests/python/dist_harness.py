@@ -148,6 +148,12 @@ def log_all(rank: int, message: str) -> None:
     sys.stderr.flush()
 
 
+def virtual_nodes_env(domain_size: int = 1, **env: str) -> dict:
+    """`env` plus what runs this host's GPUs as NVLink domains ("nodes") of `domain_size`, with
+    NVSHMEM between them over NVLink P2P (no NIC transport)."""
+    return {**env, "FLASHEP_NVL_DOMAIN_SIZE": str(domain_size), "NVSHMEM_REMOTE_TRANSPORT": "none"}
+
+
 def require_nvshmem(what: str) -> None:
     """Skips the calling test when flashep was built without NVSHMEM (`what` says which path needs
     it); in strict GPU runs (FLASHEP_TEST_EXPECT_NVSHMEM=1) that is a failure instead. A flashep that

@@ -66,7 +66,7 @@ def test_peer_skips_dispatch_times_out(nodes):
     if nodes == 2:
         dh.gpu_count_or_skip(2)
         dh.require_nvshmem("the multi-node path needs it")
-        env.update({"FLASHEP_NVL_DOMAIN_SIZE": "1", "NVSHMEM_REMOTE_TRANSPORT": "none"})
+        env = dh.virtual_nodes_env(1, **env)
     with tempfile.TemporaryDirectory(prefix="flashep_timeout_") as tmp:
         results = dh.run_world(_timeout_worker, 2, args=(os.path.join(tmp, "rank0_done"), nodes), timeout_s=180,
                                env=env, grace_s=60, exit_grace_s=60)
@@ -271,8 +271,7 @@ def test_internode_bad_inputs():
     dh.gpu_count_or_skip(2)
     dh.require_nvshmem("the multi-node path needs it")
     results = dh.run_world(_internode_bad_inputs_worker, 2, timeout_s=300,
-                           env={"FLASHEP_TIMEOUT_S": "20", "FLASHEP_NVL_DOMAIN_SIZE": "1",
-                                "NVSHMEM_REMOTE_TRANSPORT": "none"})
+                           env=dh.virtual_nodes_env(1, FLASHEP_TIMEOUT_S="20"))
     print(f"rank 0 checked {results[0]} bad inputs")
 
 

@@ -120,8 +120,7 @@ def test_bad_input_reaches_the_other_node():
     dh.gpu_count_or_skip(2)
     dh.require_nvshmem("the multi-node path needs it")
     results = dh.run_world(_other_node_worker, 2, timeout_s=300,
-                           env={"FLASHEP_TIMEOUT_S": "60", "FLASHEP_CHECK_INPUTS": "0",
-                                "FLASHEP_NVL_DOMAIN_SIZE": "1", "NVSHMEM_REMOTE_TRANSPORT": "none"}, grace_s=90)
+                           env=dh.virtual_nodes_env(1, FLASHEP_TIMEOUT_S="60", FLASHEP_CHECK_INPUTS="0"), grace_s=90)
     print(results[0])
 
 
@@ -328,8 +327,7 @@ def test_nvshmem_transport_check():
     dh.gpu_count_or_skip(2)
     dh.require_nvshmem("the NVSHMEM transport (FLASHEP_WITH_NVSHMEM) is not tested")
     results = dh.run_world(_nvshmem_check_worker, 2, timeout_s=300,
-                           env={"FLASHEP_TIMEOUT_S": "30", "FLASHEP_NVL_DOMAIN_SIZE": "1",
-                                "NVSHMEM_REMOTE_TRANSPORT": "none"})
+                           env=dh.virtual_nodes_env(1, FLASHEP_TIMEOUT_S="30"))
     print(f"rank 0: {results[0]}")
 
 

@@ -39,8 +39,7 @@ def test_internode(world_size, domain):
     dh.gpu_count_or_skip(world_size)
     dh.require_nvshmem("the multi-node path needs it")
     dh.run_world(_worker, world_size, args=(domain, dh.quick_mode()), timeout_s=1200,
-                 env={"FLASHEP_TIMEOUT_S": os.environ.get("FLASHEP_TIMEOUT_S", "60"),
-                      "FLASHEP_NVL_DOMAIN_SIZE": str(domain), "NVSHMEM_REMOTE_TRANSPORT": "none"})
+                 env=dh.virtual_nodes_env(domain, FLASHEP_TIMEOUT_S=os.environ.get("FLASHEP_TIMEOUT_S", "60")))
 
 
 def _worker(rank, R, M, quick):

@@ -32,8 +32,7 @@ def test_rail_exchange(world_size, domain):
     dh.gpu_count_or_skip(world_size)
     dh.require_nvshmem("the multi-node rail stage needs it")
     dh.run_world(_worker, world_size, args=(domain,), timeout_s=600,
-                 env={"FLASHEP_TIMEOUT_S": "30", "FLASHEP_NVL_DOMAIN_SIZE": str(domain),
-                      "NVSHMEM_REMOTE_TRANSPORT": "none"})
+                 env=dh.virtual_nodes_env(domain, FLASHEP_TIMEOUT_S="30"))
 
 
 CASES = [
