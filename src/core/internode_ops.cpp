@@ -18,7 +18,7 @@ RailRegion rail_region_for(int num_ranks, int nvl_domain_size, int max_tokens, i
                           num_ranks);
 }
 
-/// What both rail calls (the exchange and the combine's return) check and derive the same way: a
+/// What both rail calls (the exchange and the combine's return) check, derive and set up the same way: a
 /// multi-node, non-low-latency buffer with an NVSHMEM region; the call's shape; the rail region of
 /// the dispatch's (dtype, top-k), which must fit in num_rdma_bytes; the launch's blocks.
 struct RailCall {
@@ -26,7 +26,7 @@ struct RailCall {
   NodeShape shape;
   int blocks;
 };
-RailCall check_rail_call(BufferImpl& b, const std::string& o, int hidden, int max_tokens, int num_tokens,
+RailCall prepare_rail_call(BufferImpl& b, const std::string& o, int hidden, int max_tokens, int num_tokens,
                          DType dispatch_dtype, int dispatch_num_topk, int num_sms) {
   const int R = b.options_.num_ranks, M = b.nvl_domain_size_;
   if (b.num_nodes_ < 2 || !b.sym_)
@@ -56,7 +56,7 @@ void BufferImpl::internode_rail_exchange(const RailExchangeArgs& a, cudaStream_t
   const char* op = "internode_rail_exchange";
   require_usable(op);
   const std::string o(op);
-  const RailCall call = check_rail_call(*this, o, a.hidden, a.max_tokens, a.num_tokens, a.dtype, a.num_topk, a.num_sms);
+  const RailCall call = prepare_rail_call(*this, o, a.hidden, a.max_tokens, a.num_tokens, a.dtype, a.num_topk, a.num_sms);
   require(a.num_experts >= options_.num_ranks && a.num_experts % options_.num_ranks == 0,
           o + ": num_experts must be a positive multiple of num_ranks");
   require(a.num_tokens == 0 || (a.x != nullptr && a.is_token_in_rank != nullptr), o + ": x or is_token_in_rank is null");
@@ -182,7 +182,7 @@ void BufferImpl::internode_rail_return(const RailReturnArgs& a, cudaStream_t str
   const char* op = "internode_rail_return";
   require_usable(op);
   const std::string o(op);
-  const RailCall call = check_rail_call(*this, o, a.hidden, a.max_tokens, a.num_tokens, a.dispatch_dtype,
+  const RailCall call = prepare_rail_call(*this, o, a.hidden, a.max_tokens, a.num_tokens, a.dispatch_dtype,
                                         a.dispatch_num_topk, a.num_sms);
   require(a.num_topk == 0 || a.num_topk == a.dispatch_num_topk, o + ": num_topk must be 0 or the dispatch's");
   require(a.combined_x && a.fwd_counts && a.rail_slot && (a.num_tokens == 0 || a.out_x), o + ": a pointer is null");
