@@ -131,8 +131,8 @@ __global__ void __launch_bounds__(kRailThreads) rail_plan_kernel(const __grid_co
   if (threadIdx.x == 0) p.rail_count[b] = s_base;
 }
 
-/// Send: the counts to every node's rail peer, then one block per token stages its message and
-/// puts it to the rail peer of every node it goes to (warp w serves nodes w, w + warps, ...).
+/// Send: the counts to every node's rail peer, then one warp per token stages its message and puts
+/// it to the rail peer of every node it goes to.
 __global__ void __launch_bounds__(kRailThreads) rail_send_kernel(const __grid_constant__ RailSendParams p) {
   const DeviceComm& c = p.comm;
   if (device::aborted_at_entry(c)) return;
@@ -155,37 +155,39 @@ __global__ void __launch_bounds__(kRailThreads) rail_send_kernel(const __grid_co
       rail_check_and_signal(c, s.rail_peer(c.rank, b), g.check_stage(b), g.check(half, my_node),
                             g.signal(half, my_node), p.call_hash, ll_signal(seq, p.rail_count[b]));
 
-  // 2. Messages.
+  // 2. Messages, one warp per token (16 in flight per block): the warp stages the token's message
+  // once, then puts it to the rail peer of every node it goes to (a copy into our own inbox for
+  // our node), each with its flag.
   const int words = static_cast<int>(align_up(int64_t(m.bytes), 16) / 16);
   const int mask_words = rail_mask_words(R);
-  for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
+  const uint64_t flag = ll_signal(seq, 0);
+  for (int t = blockIdx.x * num_warps + warp; t < p.num_tokens; t += gridDim.x * num_warps) {
     char* stage = c.sym_base + g.stage(t);
     const int4* row = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + int64_t(t) * m.row_bytes);
-    for (int i = threadIdx.x; i < m.row_bytes / 16; i += blockDim.x) reinterpret_cast<int4*>(stage)[i] = device::ld_stream(row + i);
+    device::warp_copy<4, false>(reinterpret_cast<int4*>(stage), row, m.row_bytes / 16, lane);
     if (p.fp8)
-      for (int i = threadIdx.x; i < p.hidden / 128; i += blockDim.x)
+      for (int i = lane; i < p.hidden / 128; i += 32)
         reinterpret_cast<float*>(stage + m.scale_offset)[i] =
             p.x_scales[int64_t(t) * p.scale_token_stride + int64_t(i) * p.scale_hidden_stride];
-    for (int k = threadIdx.x; k < K; k += blockDim.x) {
+    for (int k = lane; k < K; k += 32) {
       reinterpret_cast<int*>(stage + m.topk_offset)[k] = p.topk_idx != nullptr ? static_cast<int>(p.topk_idx[int64_t(t) * K + k]) : -1;
       reinterpret_cast<float*>(stage + m.weight_offset)[k] = p.topk_weights != nullptr ? p.topk_weights[int64_t(t) * K + k] : 0.0f;
     }
     int* meta = reinterpret_cast<int*>(stage + m.meta_offset);
-    if (threadIdx.x < kRailMetaMask) meta[threadIdx.x] = threadIdx.x == kRailMetaSrcToken ? t : 0;
-    for (int w = threadIdx.x; w < mask_words; w += blockDim.x) {
+    if (lane < kRailMetaMask) meta[lane] = lane == kRailMetaSrcToken ? t : 0;
+    for (int w = lane; w < mask_words; w += 32) {
       uint32_t bits = 0;
       for (int j = 0; j < 32 && w * 32 + j < R; ++j) bits |= p.is_token_in_rank[int64_t(t) * R + w * 32 + j] ? (1u << j) : 0u;
       meta[kRailMetaMask + w] = static_cast<int>(bits);
     }
-    __syncthreads();
-    const uint64_t flag = ll_signal(seq, 0);
-    for (int b = warp; b < N; b += num_warps) {
+    __syncwarp();  // the staged message is written before any lane reads it below
+    for (int b = 0; b < N; ++b) {
       const int slot = p.rail_slot[int64_t(t) * N + b];
       if (slot < 0) continue;  // warp-uniform
       const int peer = s.rail_peer(c.rank, b);
       if (peer == c.rank) {  // our own node: a local copy into our inbox, then the flag
         int4* to = reinterpret_cast<int4*>(c.sym_base + g.slot(half, my_node, slot));
-        for (int i = lane; i < words; i += 32) to[i] = reinterpret_cast<const int4*>(stage)[i];
+        device::warp_copy<4, true>(to, reinterpret_cast<const int4*>(stage), words, lane);
         __syncwarp();
         if (lane == 0) rail_signal(c, peer, g.flag(half, my_node, slot), flag);
         __syncwarp();
@@ -325,14 +327,16 @@ __global__ void __launch_bounds__(kRailThreads) rail_receive_kernel(const __grid
   }
 }
 
-/// Combine, forwarder side (RailReturnSendParams): one block per forwarded row that came.
+/// Combine, forwarder side (RailReturnSendParams): one warp per forwarded row that came (16 rows
+/// in flight per block): the warp stages the row and its weights, then copies it into our own
+/// inbox (a source on our node) or puts it, with its flag.
 __global__ void __launch_bounds__(kRailThreads) rail_return_send_kernel(const __grid_constant__ RailReturnSendParams p) {
   const DeviceComm& c = p.comm;
   if (device::aborted_at_entry(c)) return;
   const NodeShape& s = p.shape;
   const RailRegion& g = p.region;
   const int N = s.num_nodes(), T = g.max_tokens, K = p.num_topk, my_node = s.node_of(c.rank), me = s.local_of(c.rank);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, num_warps = blockDim.x / 32;
   RailState* st = rail_state(c, g);
   __shared__ uint32_t s_seq;
   __shared__ int s_count[kMaxNodes];
@@ -342,35 +346,32 @@ __global__ void __launch_bounds__(kRailThreads) rail_return_send_kernel(const __
   const uint32_t seq = s_seq;
   const int half = static_cast<int>(seq & 1u);
   const int row_words = p.hidden * 2 / 16, words = g.return_stride / 16;
-  for (int f = blockIdx.x; f < N * T; f += gridDim.x) {
+  const uint64_t flag = ll_signal(seq, 0);
+  for (int f = blockIdx.x * num_warps + warp; f < N * T; f += gridDim.x * num_warps) {
     const int a = f / T, index = f - a * T;
-    if (index >= s_count[a]) continue;  // block-uniform
+    if (index >= s_count[a]) continue;  // warp-uniform
     char* stage = c.sym_base + g.return_stage(f);
     const int4* row = reinterpret_cast<const int4*>(static_cast<const char*>(p.combined_x) + int64_t(f) * p.hidden * 2);
-    for (int i = threadIdx.x; i < row_words; i += blockDim.x) reinterpret_cast<int4*>(stage)[i] = device::ld_stream(row + i);
-    for (int k = threadIdx.x; k < K; k += blockDim.x)
+    device::warp_copy<4, false>(reinterpret_cast<int4*>(stage), row, row_words, lane);
+    for (int k = lane; k < K; k += 32)
       reinterpret_cast<float*>(stage + int64_t(p.hidden) * 2)[k] =
           p.combined_weights != nullptr ? p.combined_weights[int64_t(f) * K + k] : 0.0f;
-    __syncthreads();
-    if (warp == 0) {
-      const int peer = s.rank_of(a, me);
-      const uint64_t flag = ll_signal(seq, 0);
-      if (peer == c.rank) {
-        int4* to = reinterpret_cast<int4*>(c.sym_base + g.return_slot(half, my_node, index));
-        for (int i = lane; i < words; i += 32) to[i] = reinterpret_cast<const int4*>(stage)[i];
-        __syncwarp();
-        if (lane == 0) rail_signal(c, peer, g.return_flag(half, my_node, index), flag);
-        __syncwarp();
-      } else {
+    __syncwarp();  // the staged row is written before any lane reads it below
+    const int peer = s.rank_of(a, me);
+    if (peer == c.rank) {
+      int4* to = reinterpret_cast<int4*>(c.sym_base + g.return_slot(half, my_node, index));
+      device::warp_copy<4, true>(to, reinterpret_cast<const int4*>(stage), words, lane);
+      __syncwarp();
+      if (lane == 0) rail_signal(c, peer, g.return_flag(half, my_node, index), flag);
+      __syncwarp();
+    } else {
 #if FLASHEP_WITH_NVSHMEM
-        nvshmemx_putmem_signal_nbi_warp(c.sym_base + g.return_slot(half, my_node, index), stage,
-                                        static_cast<size_t>(words) * 16,
-                                        reinterpret_cast<uint64_t*>(c.sym_base + g.return_flag(half, my_node, index)),
-                                        flag, NVSHMEM_SIGNAL_SET, peer);
+      nvshmemx_putmem_signal_nbi_warp(c.sym_base + g.return_slot(half, my_node, index), stage,
+                                      static_cast<size_t>(words) * 16,
+                                      reinterpret_cast<uint64_t*>(c.sym_base + g.return_flag(half, my_node, index)),
+                                      flag, NVSHMEM_SIGNAL_SET, peer);
 #endif
-      }
     }
-    __syncthreads();
   }
   __syncthreads();
   if (threadIdx.x == 0) {
