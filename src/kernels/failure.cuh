@@ -52,8 +52,11 @@ inline constexpr int kClaimOwn = 3;          // this rank's own failure is recor
 
 /// Records a failure and, for this rank's own failures, aborts the buffer on the peers. The first
 /// record wins, except that this rank's own failure replaces a record of a peer's abort.
-__device__ __forceinline__ void record_error(const DeviceComm& c, Phase phase, Cause cause, int peer, int channel,
-                                             int expected, int observed, int block = -1) {
+/// Out of line (experiment, issue 7): inlined at every wait's cold path it was ~1100 of the 2650
+/// instructions of combine_kernel<2> (42 KB of SASS; 8cc0d10's was 23 KB, this makes it 27.5 KB),
+/// but ptxas then spills 16 / 52 bytes in combine_kernel<4> / <8>.
+static __device__ __noinline__ void record_error(const DeviceComm& c, Phase phase, Cause cause, int peer, int channel,
+                                                 int expected, int observed, int block = -1) {
   int* claim = local_word(c, c.nvl.control.error_claim());
   bool write = false;
   if (cause == Cause::kPeerAbort) {
