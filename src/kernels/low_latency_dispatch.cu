@@ -273,7 +273,63 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
   return true;
 }
 
+/// 16-byte words of a message row per team thread (the largest H; FP8 rows are half as long).
+template <bool kFp8>
+inline constexpr int kWordsPerThread = kMaxLowLatencyHidden * (kFp8 ? 1 : 2) / 16 / kTeamThreads;
+
+/// One message as a team holds it in registers: every thread its words of the row and (FP8) its
+/// scale word; lanes of the team's warp 0 the meta (token, and their top-k slot's expert and
+/// position).
+template <bool kFp8>
+struct HeldMessage {
+  int4 words[kWordsPerThread<kFp8>];
+  uint32_t scale_word;
+  int token, expert, pos;
+};
+
+/// Team-wide: loads the message at `msg` (its flag seen by the team) into registers. All loads are
+/// issued before any is used.
+template <bool kFp8>
+__device__ __forceinline__ void load_message(const char* msg, const LowLatencyMessage& m, int num_scale_words,
+                                             bool ue8m0, int num_topk, int tt, HeldMessage<kFp8>& h) {
+  const int4* from = reinterpret_cast<const int4*>(msg);
+  const int num_int4 = m.row_bytes / 16;
+#pragma unroll
+  for (int u = 0; u < kWordsPerThread<kFp8>; ++u) {
+    const int w = tt + u * kTeamThreads;
+    h.words[u] = w < num_int4 ? device::ld_ring(from + w) : make_int4(0, 0, 0, 0);
+  }
+  h.scale_word = 0;
+  if (tt < num_scale_words) {
+    const float* scales = reinterpret_cast<const float*>(msg + m.scale_offset);
+    if (ue8m0) {
+#pragma unroll
+      for (int b = 0; b < 4; ++b)
+        h.scale_word |= ((__float_as_uint(__ldcg(scales + 4 * tt + b)) >> 23) & 0xffu) << (8 * b);
+    } else {
+      h.scale_word = __float_as_uint(__ldcg(scales + tt));
+    }
+  }
+  h.token = h.expert = -1;
+  h.pos = 0;
+  if (tt < 32) {
+    const int* meta = reinterpret_cast<const int*>(msg + m.meta_offset);
+    h.token = __ldcg(meta + kMetaSrcToken);
+    if (tt < num_topk) {
+      h.expert = __ldcg(meta + kMetaExpert + tt);
+      h.pos = __ldcg(meta + kMetaPos + tt);
+    }
+  }
+}
+
 /// Block-wide receive phase.
+///
+/// Round trips on the way: the entry's loads, then the sources' signals, their counts, and for
+/// each message its flag and its data. The last two need only the call's number, so each team
+/// reads its first message's flag before waiting for the sources, and when the message is there
+/// (a hook after a GEMM: every message is) loads it right away: its round trips overlap the
+/// sources' wait and the segment arithmetic instead of following them. Items are numbered
+/// slot-major over (source, slot) so that the first items need no count to be found.
 template <bool kFp8>
 __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispatchParams& p, int* smem,
                                                  EntryState& entry) {
@@ -288,10 +344,43 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
 
   int* s_masked = smem;                // [R]
   int* s_count = smem + R;             // [R] messages from each source
-  int* s_prefix = s_count + R;         // [R + 1] message prefix
-  int* s_begin = s_prefix + R + 1;     // [R][L] rows per (source, expert), then segment begins
+  int* s_begin = s_count + R;          // [R][L] rows per (source, expert), then segment begins
   int* s_total = s_begin + R * num_local;  // [L] rows per expert
+  __shared__ int s_max_count;          // the most messages any source sent
   int& s_failed = entry.failed;  // 0 here: the send phase (if any) returned early otherwise
+
+  const LowLatencyMessage m = make_ll_message(L.hidden, kFp8);
+  const int num_groups = L.hidden / 128;
+  const int team = threadIdx.x / kTeamThreads, tt = threadIdx.x % kTeamThreads;
+  const int num_int4 = m.row_bytes / 16;
+  // The scales (FP8): one 32-bit word per thread (a float, or 4 packed UE8M0 bytes).
+  const int num_scale_words = kFp8 ? (p.ue8m0 ? num_groups / 4 : num_groups) : 0;
+  __shared__ int64_t s_rows[kTeams][32];      // target rows (expert * rows_per_expert + row)
+  __shared__ int64_t s_scale_at[kTeams][32];  // their first scale word: expert * words * rows_per_expert + row
+  __shared__ int s_num_rows[kTeams], s_bad_msg[kTeams], s_arrival[kTeams];
+
+  // 0. The team's first item, early: one look at its flag (direct sources only: an NVSHMEM
+  // source's flag needs NVSHMEM's wait for consistency), and its data if it is there. Whether the
+  // item is a message of this call at all is known only from the counts below; an item past its
+  // source's count has no flag of this call and is not loaded.
+  const int first_item = blockIdx.x + team * gridDim.x;
+  HeldMessage<kFp8> held;
+  bool first_held = false;
+  if (first_item < R * L.max_tokens) {
+    const int src = first_item % R, slot = first_item / R;
+    if (tt == 0) {
+      bool there = false;
+      if (!s_masked[src] && direct_region(c, ll, src) != nullptr)
+        there = ll_signal_is(device::ld_acquire_sys_u64(reinterpret_cast<const uint64_t*>(
+                                 inbox_region(c, ll, src) + L.dispatch_flag(half, src, slot))),
+                             seq);
+      s_arrival[team] = there ? 1 : 0;
+    }
+    team_sync(team);
+    first_held = s_arrival[team] != 0;
+    if (first_held) load_message<kFp8>(inbox_region(c, ll, src) + L.dispatch_in(half, src, slot), m, num_scale_words,
+                                       p.ue8m0, K, tt, held);
+  }
 
   // 1. Every source's counts (sent before its messages).
   if (!wait_sources(c, ll, seq, kSignalDispatchTotal, Phase::kLowLatencyDispatchRecv, p.wait_stats, s_masked, s_count,
@@ -332,8 +421,9 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
     }
   }
   if (threadIdx.x == 0) {
-    s_prefix[0] = 0;
-    for (int r = 0; r < R; ++r) s_prefix[r + 1] = s_prefix[r] + s_count[r];
+    int most = 0;
+    for (int r = 0; r < R; ++r) most = max(most, s_count[r]);
+    s_max_count = most;
   }
   if (blockIdx.x == 0)
     for (int r = threadIdx.x; r < R; r += blockDim.x) p.plan[r] = s_count[r];
@@ -345,68 +435,37 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   }
   trace_mark(&g_dispatch_trace, 7);
 
-  // 3. Expand the messages: one team per message (kTeams per block). The team's thread 0 waits for
-  // the message's flag (bounded; in shrink mode a source that stops mid-call is masked and its
-  // remaining messages skipped: their rows stay unwritten); the team's warp 0 decodes the meta
-  // (target rows, plan, src_info) while every thread's words of the row load; then every thread
-  // stores its words to every target row.
-  const LowLatencyMessage m = make_ll_message(L.hidden, kFp8);
-  const int num_groups = L.hidden / 128;
-  const int total_msgs = s_prefix[R];
-  const int team = threadIdx.x / kTeamThreads, tt = threadIdx.x % kTeamThreads;
-  // 16-byte words of a row of the largest H per team thread (FP8 rows are half as long).
-  constexpr int kWordsPerThread = kMaxLowLatencyHidden * (kFp8 ? 1 : 2) / 16 / kTeamThreads;
-  const int num_int4 = m.row_bytes / 16;
-  // The scales (FP8): one 32-bit word per thread (a float, or 4 packed UE8M0 bytes).
-  const int num_scale_words = kFp8 ? (p.ue8m0 ? num_groups / 4 : num_groups) : 0;
-  __shared__ int64_t s_rows[kTeams][32];      // target rows (expert * rows_per_expert + row)
-  __shared__ int64_t s_scale_at[kTeams][32];  // their first scale word: expert * words * rows_per_expert + row
-  __shared__ int s_num_rows[kTeams], s_bad_msg[kTeams], s_arrival[kTeams];
-  // Items spread over the blocks first, so that a few messages still use many SMs.
-  for (int item = blockIdx.x + team * gridDim.x; item < total_msgs; item += gridDim.x * kTeams) {
-    int src = 0;
-    while (s_prefix[src + 1] <= item) ++src;
-    const int slot = item - s_prefix[src];
-    const char* inbox = inbox_region(c, ll, src);
-    if (tt == 0) {
-      WaitResult res = WaitResult::kMasked;
-      if (!s_masked[src])
-        res = wait_flag(c, ll, src, L.dispatch_flag(half, src, slot), seq, Phase::kLowLatencyDispatchRecv, p.wait_stats,
-                        s_masked);
-      s_arrival[team] = static_cast<int>(res);
-    }
-    team_sync(team);
-    if (item < static_cast<int>(gridDim.x)) trace_mark(&g_dispatch_trace, 10);  // thread 0: its block's first message is there
-    const WaitResult arrival = static_cast<WaitResult>(s_arrival[team]);
-    if (arrival == WaitResult::kFailed) return;
-    if (arrival == WaitResult::kMasked) {
-      team_sync(team);  // s_arrival is rewritten by the next item
-      continue;
-    }
-    const char* msg = inbox + L.dispatch_in(half, src, slot);
-    const int4* from = reinterpret_cast<const int4*>(msg);
-    int4 v[kWordsPerThread];
-#pragma unroll
-    for (int u = 0; u < kWordsPerThread; ++u) {
-      const int w = tt + u * kTeamThreads;
-      v[u] = w < num_int4 ? device::ld_ring(from + w) : make_int4(0, 0, 0, 0);
-    }
-    uint32_t scale_word = 0;
-    if (tt < num_scale_words) {
-      const float* scales = reinterpret_cast<const float*>(msg + m.scale_offset);
-      if (p.ue8m0) {
-#pragma unroll
-        for (int b = 0; b < 4; ++b)
-          scale_word |= ((__float_as_uint(__ldcg(scales + 4 * tt + b)) >> 23) & 0xffu) << (8 * b);
-      } else {
-        scale_word = __float_as_uint(__ldcg(scales + tt));
+  // 3. Expand the messages: one team per item (kTeams per block), items slot-major over (source,
+  // slot), spread over the blocks first so that a few messages still use many SMs. An item past
+  // its source's count is no message. The team's thread 0 waits for the message's flag (bounded;
+  // in shrink mode a source that stops mid-call is masked and its remaining messages skipped:
+  // their rows stay unwritten), unless step 0 saw it; the team's warp 0 decodes the meta (target
+  // rows, plan, src_info); then every thread stores its words to every target row.
+  const int num_items = R * s_max_count;
+  for (int item = first_item; item < num_items; item += gridDim.x * kTeams) {
+    const int src = item % R, slot = item / R;
+    if (slot >= s_count[src]) continue;  // team-uniform
+    const char* msg = inbox_region(c, ll, src) + L.dispatch_in(half, src, slot);
+    if (!(first_held && item == first_item)) {
+      if (tt == 0) {
+        WaitResult res = WaitResult::kMasked;
+        if (!s_masked[src])
+          res = wait_flag(c, ll, src, L.dispatch_flag(half, src, slot), seq, Phase::kLowLatencyDispatchRecv,
+                          p.wait_stats, s_masked);
+        s_arrival[team] = static_cast<int>(res);
       }
+      team_sync(team);
+      const WaitResult arrival = static_cast<WaitResult>(s_arrival[team]);
+      if (arrival == WaitResult::kFailed) return;
+      if (arrival == WaitResult::kMasked) {
+        team_sync(team);  // s_arrival is rewritten by the next item
+        continue;
+      }
+      load_message<kFp8>(msg, m, num_scale_words, p.ue8m0, K, tt, held);
     }
+    if (item < static_cast<int>(gridDim.x)) trace_mark(&g_dispatch_trace, 10);  // thread 0: its block's first message is there
     if (tt < 32) {
-      const int* meta = reinterpret_cast<const int*>(msg + m.meta_offset);
-      const int token = __ldcg(meta + kMetaSrcToken);
-      const int expert = lane < K ? __ldcg(meta + kMetaExpert + lane) : -1;
-      const int pos = lane < K ? __ldcg(meta + kMetaPos + lane) : 0;
+      const int token = held.token, expert = held.expert, pos = held.pos;
       const int local = (expert >= 0 && expert / num_local == c.rank) ? expert - c.rank * num_local : -1;
       int64_t out_row = -1;  // expert * (R*T) + row
       bool bad = token < 0 || token >= L.max_tokens;
@@ -444,12 +503,12 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
     for (int i = 0; i < num_rows; ++i) {
       int4* to = reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + s_rows[team][i] * m.row_bytes);
 #pragma unroll
-      for (int u = 0; u < kWordsPerThread; ++u)
-        if (tt + u * kTeamThreads < num_int4) to[tt + u * kTeamThreads] = v[u];
+      for (int u = 0; u < kWordsPerThread<kFp8>; ++u)
+        if (tt + u * kTeamThreads < num_int4) to[tt + u * kTeamThreads] = held.words[u];
     }
     if (tt < num_scale_words) {
       for (int i = 0; i < num_rows; ++i) {
-        reinterpret_cast<uint32_t*>(p.recv_scales)[s_scale_at[team][i] + int64_t(tt) * rows_per_expert] = scale_word;
+        reinterpret_cast<uint32_t*>(p.recv_scales)[s_scale_at[team][i] + int64_t(tt) * rows_per_expert] = held.scale_word;
       }
     }
     if (item < static_cast<int>(gridDim.x)) trace_mark(&g_dispatch_trace, 11);  // thread 0: that message's rows are stored
@@ -494,10 +553,10 @@ inline DispatchKernel dispatch_kernel_for(bool fp8, int phases) {
 
 namespace flashep::kernels {
 
-/// Shared memory: the receive phase's mask, counts, prefix and (source, expert) table, or the send
-/// phase's mask, counts per expert and destination, and id chunk, whichever is larger.
+/// Shared memory: the receive phase's mask, counts and (source, expert) table, or the send phase's
+/// mask, counts per expert and destination, and id chunk, whichever is larger.
 inline size_t ll_dispatch_smem(int num_ranks, int num_experts) {
-  const size_t receive = size_t(num_ranks) * 3 + 1 + size_t(num_experts) + size_t(num_experts / num_ranks);
+  const size_t receive = size_t(num_ranks) * 2 + size_t(num_experts) + size_t(num_experts / num_ranks);
   const size_t send = size_t(num_ranks) * 2 + size_t(num_experts) + 2 * size_t(ll::kCountChunk);
   return (receive > send ? receive : send) * sizeof(int);
 }
@@ -506,7 +565,7 @@ cudaError_t launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int n
   const size_t smem = ll_dispatch_smem(p.comm.num_ranks, p.ll.layout.num_experts);
   void (*kernel)(const LowLatencyDispatchParams) = ll::dispatch_kernel_for(p.fp8, p.phases);
   if (kernel == nullptr) return cudaErrorInvalidValue;
-  // At most (3 * kMaxRanks + 1 + kMaxLowLatencyExperts * 2) or (2 * kMaxRanks + kMaxLowLatencyExperts +
+  // At most (2 * kMaxRanks + kMaxLowLatencyExperts * 2) or (2 * kMaxRanks + kMaxLowLatencyExperts +
   // 2 * kCountChunk) ints: below the default 48 KB.
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(num_blocks);
