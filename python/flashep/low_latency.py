@@ -251,30 +251,31 @@ class LowLatencyMixin:
             recv_x, recv_scales, words = shape.allocate()
             raw_stream = torch._C._cuda_getCurrentRawStream(self._device_index)
         base = words.data_ptr()
-        recv_count, src_info, layout_range = shape.views(words)
-        handle = LowLatencyHandle(src_info, layout_range, shape.max_tokens, hidden, shape.num_experts, words,
-                                  shape.num_topk, runtime.id)
-        handle.shape_key = shape.key
         args = (x.data_ptr(), topk_idx.data_ptr(), num_tokens, hidden, shape.num_topk, shape.max_tokens,
                 shape.num_experts, shape.use_fp8, shape.round_scale, shape.use_ue8m0)
         outs = (recv_x.data_ptr(), 0 if recv_scales is None else recv_scales.data_ptr(), base,
                 0 if recv_stats is None else recv_stats.data_ptr(), 0 if wait_stats is None else wait_stats.data_ptr(),
                 base + shape.src_info_offset, base + shape.layout_range_offset, base + shape.plan_offset)
-        event, hook = self._ll_launch(_C.ll_dispatch, args, args, outs, return_recv_hook, stream, raw_stream,
-                                      (x, topk_idx, recv_x, recv_scales, words, recv_stats, wait_stats),
-                                      (shape.max_tokens, hidden, shape.num_experts), handle)
+        event, hook, call_id = self._ll_launch(_C.ll_dispatch, args, args, outs, return_recv_hook, stream, raw_stream,
+                                               (x, topk_idx, recv_x, recv_scales, words, recv_stats, wait_stats),
+                                               (shape.max_tokens, hidden, shape.num_experts))
+        # The views and the handle after the launch: the kernel needs only the pointers, and in a
+        # loop of calls the host time before the launch is GPU idle time.
+        recv_count, src_info, layout_range = shape.views(words)
+        handle = LowLatencyHandle(src_info, layout_range, shape.max_tokens, hidden, shape.num_experts, words,
+                                  shape.num_topk, runtime.id)
+        handle.shape_key = shape.key
+        handle.pending_call = call_id
         return ((recv_x, recv_scales) if shape.use_fp8 else recv_x), recv_count, handle, event, hook
 
     def _ll_launch(self, kernel: Callable[..., None], send_args: Tuple[Any, ...], receive_args: Tuple[Any, ...],
                    tail: Tuple[Any, ...], return_recv_hook: bool, stream: Optional[torch.cuda.Stream], raw_stream: int,
-                   kept: Tuple[Any, ...], layout: tuple, handle: Optional[LowLatencyHandle] = None) -> Tuple[EventOverlap, Any]:
+                   kept: Tuple[Any, ...], layout: tuple) -> Tuple[EventOverlap, Any, Optional[int]]:
         """Launches a low-latency call, `kernel(runtime, *args, phases, call_slot, *tail, stream)`:
         both phases now, or the send phase now and the receive phase in the returned hook (which
-        keeps `kept` alive until it runs). Returns (event, hook)."""
+        keeps `kept` alive until it runs). Returns (event, hook, the hooked call's id or None)."""
         runtime = self._rt()
         call_id, slot = self._ll_begin_send(return_recv_hook, layout)
-        if handle is not None:
-            handle.pending_call = call_id
         try:
             kernel(runtime, *send_args, _C.kLowLatencySend if return_recv_hook else _C.kLowLatencyBoth, slot, *tail,
                    raw_stream)
@@ -291,7 +292,7 @@ class LowLatencyMixin:
                 del kept_alive[:]
             hook = self._ll_hook(call_id, receive)
         event = _NO_EVENT if stream is None else self._ll_finish(stream, kept)
-        return event, hook
+        return event, hook, call_id
 
     def _ll_finish(self, stream: torch.cuda.Stream, kept: Tuple[Any, ...]) -> EventOverlap:
         tensors = tuple(t for t in kept if isinstance(t, torch.Tensor))
@@ -359,9 +360,9 @@ class LowLatencyMixin:
                 hidden, num_experts, num_topk)
         tail = (out.data_ptr(), 0 if wait_stats is None else wait_stats.data_ptr())
         receive_args = (x.data_ptr(), False) + args[2:]  # the receive phase reads no x
-        event, hook = self._ll_launch(_C.ll_combine, args, receive_args, tail, return_recv_hook, stream, raw_stream,
-                                      (x, topk_idx, topk_weights, out, handle.plan, wait_stats),
-                                      (handle[2], handle[3], handle[4]))  # (T, H, E) of its dispatch
+        event, hook, _ = self._ll_launch(_C.ll_combine, args, receive_args, tail, return_recv_hook, stream, raw_stream,
+                                         (x, topk_idx, topk_weights, out, handle.plan, wait_stats),
+                                         (handle[2], handle[3], handle[4]))  # (T, H, E) of its dispatch
         return out, event, hook
 
     def get_next_low_latency_combine_buffer(self, handle: Any) -> torch.Tensor:

@@ -57,15 +57,15 @@ std::vector<std::vector<uint8_t>> slice(const std::vector<std::vector<uint8_t>>&
 
 BufferImpl::BufferImpl(const BufferOptions& options) : options_(options), env_(env::read()) {
   id_ = next_buffer_id.fetch_add(1);
-  require(options.num_ranks >= 1 && options.num_ranks <= kMaxRanks,
+  FLASHEP_REQUIRE(options.num_ranks >= 1 && options.num_ranks <= kMaxRanks,
           "num_ranks must be in [1, " + str(kMaxRanks) + "], got " + str(options.num_ranks));
-  require(options.rank >= 0 && options.rank < options.num_ranks,
+  FLASHEP_REQUIRE(options.rank >= 0 && options.rank < options.num_ranks,
           "rank " + str(options.rank) + " out of [0, " + str(options.num_ranks) + ")");
   nvl_domain_size_ = options.nvl_domain_size > 0 ? options.nvl_domain_size
                     : env_.nvl_domain_size > 0 ? std::min(env_.nvl_domain_size, options.num_ranks)
                                                : std::min(options.num_ranks, 8);
-  require(nvl_domain_size_ <= kMaxNvlRanks, "nvl_domain_size " + str(nvl_domain_size_) + " exceeds " + str(kMaxNvlRanks));
-  require(nvl_domain_size_ <= options.num_ranks && options.num_ranks % nvl_domain_size_ == 0,
+  FLASHEP_REQUIRE(nvl_domain_size_ <= kMaxNvlRanks, "nvl_domain_size " + str(nvl_domain_size_) + " exceeds " + str(kMaxNvlRanks));
+  FLASHEP_REQUIRE(nvl_domain_size_ <= options.num_ranks && options.num_ranks % nvl_domain_size_ == 0,
           "nvl_domain_size (" + str(nvl_domain_size_) + ") must divide num_ranks (" + str(options.num_ranks) + ")");
   num_nodes_ = options.num_ranks / nvl_domain_size_;
   node_ = options.rank / nvl_domain_size_;
@@ -86,7 +86,7 @@ BufferImpl::BufferImpl(const BufferOptions& options) : options_(options), env_(e
 
   nvl_layout_ = make_nvl_allocation(nvl_domain_size_, static_cast<int64_t>(options.num_nvl_bytes));
   // Combine receivers address ring rows as 32-bit offsets in 16-byte words.
-  require(nvl_layout_.bytes <= kMaxNvlBufferBytes, "num_nvl_bytes " + str(options.num_nvl_bytes) +
+  FLASHEP_REQUIRE(nvl_layout_.bytes <= kMaxNvlBufferBytes, "num_nvl_bytes " + str(options.num_nvl_bytes) +
                                                        " plus the control block (" + str(nvl_layout_.bytes) +
                                                        " bytes) exceeds the maximum of " + str(kMaxNvlBufferBytes));
   // The NVSHMEM region exists when peers of other NVLink domains must be reached (multi-node).
@@ -154,7 +154,7 @@ BufferImpl::~BufferImpl() { destroy(false); }
 // joins. Between the two the callers (Python, Buffer(options, all_gather)) learn whether every rank
 // got through round 0, so that a rank that failed there never leaves the others inside NVSHMEM.
 std::vector<uint8_t> BufferImpl::bootstrap_message() const {
-  require(!destroyed_ && !available_, "bootstrap: the buffer is destroyed or connected already");
+  FLASHEP_REQUIRE(!destroyed_ && !available_, "bootstrap: the buffer is destroyed or connected already");
   std::vector<uint8_t> out;
   if (bootstrap_round_ == 1) {  // NVSHMEM's round: nothing to say, everything came in round 0
     const uint32_t marker = kBufferMagic;
@@ -182,8 +182,8 @@ std::vector<uint8_t> BufferImpl::bootstrap_message() const {
 }
 
 bool BufferImpl::bootstrap_receive(const std::vector<std::vector<uint8_t>>& all) {
-  require(!destroyed_ && !available_, "bootstrap: the buffer is destroyed or connected already");
-  require(static_cast<int>(all.size()) == options_.num_ranks,
+  FLASHEP_REQUIRE(!destroyed_ && !available_, "bootstrap: the buffer is destroyed or connected already");
+  FLASHEP_REQUIRE(static_cast<int>(all.size()) == options_.num_ranks,
           "bootstrap: expected " + str(options_.num_ranks) + " messages, got " + str(all.size()));
   if (bootstrap_round_ == 1) {
     available_ = sym_->bootstrap_receive(pending_symmetric_);
@@ -291,8 +291,8 @@ DeviceErrorRecord BufferImpl::read_error_record() const {
 }
 
 void BufferImpl::require_usable(const char* op) const {
-  require(!destroyed_, std::string(op) + ": the buffer was destroyed");
-  require(available_, std::string(op) + ": the buffer is not connected (run the bootstrap first)");
+  FLASHEP_REQUIRE(!destroyed_, std::string(op) + ": the buffer was destroyed");
+  FLASHEP_REQUIRE(available_, std::string(op) + ": the buffer is not connected (run the bootstrap first)");
   check();
 }
 
@@ -350,7 +350,7 @@ DeviceComm BufferImpl::device_comm() const {
 }
 
 PeerTransport BufferImpl::peer_transport(int peer) const {
-  require(peer >= 0 && peer < options_.num_ranks, "peer_transport: peer " + str(peer) + " out of range");
+  FLASHEP_REQUIRE(peer >= 0 && peer < options_.num_ranks, "peer_transport: peer " + str(peer) + " out of range");
   if (peer == options_.rank) return PeerTransport::kSelf;
   return peer / nvl_domain_size_ == node_ ? PeerTransport::kNvlink : PeerTransport::kNvshmem;
 }
@@ -358,14 +358,14 @@ PeerTransport BufferImpl::peer_transport(int peer) const {
 std::vector<PeerCheck> BufferImpl::check_transports(size_t bytes_per_peer) {
   require_usable("check_transports");
   const int R = options_.num_ranks;
-  require(bytes_per_peer > 0 && bytes_per_peer % 16 == 0,
+  FLASHEP_REQUIRE(bytes_per_peer > 0 && bytes_per_peer % 16 == 0,
           "check_transports: bytes_per_peer must be a positive multiple of 16, got " + str(bytes_per_peer));
   const int64_t needed = 2 * int64_t(R) * static_cast<int64_t>(bytes_per_peer);
-  require(nvl_domain_size_ == 1 || needed <= nvl_layout_.intranode.ring_capacity,
+  FLASHEP_REQUIRE(nvl_domain_size_ == 1 || needed <= nvl_layout_.intranode.ring_capacity,
           "check_transports: needs num_nvl_bytes >= 2 * num_ranks * bytes_per_peer = " +
               str(needed));
   if (sym_)
-    require(needed <= rdma_layout_.data_bytes,
+    FLASHEP_REQUIRE(needed <= rdma_layout_.data_bytes,
             "check_transports: needs num_rdma_bytes >= 2 * num_ranks * bytes_per_peer = " + str(needed));
   FLASHEP_CUDA_CHECK(cudaSetDevice(device_));
   long long* mismatches = nullptr;
@@ -405,11 +405,11 @@ void BufferImpl::probe_put_bandwidth(int peer, size_t bytes, int num_blocks, cud
   require_usable("probe_put_bandwidth");
   const std::string o = "probe_put_bandwidth";
   if (!sym_) throw_error(ErrorKind::kUnsupported, o + ": needs an NVSHMEM region (num_rdma_bytes > 0)");
-  require(peer >= 0 && peer < options_.num_ranks && peer != options_.rank,
+  FLASHEP_REQUIRE(peer >= 0 && peer < options_.num_ranks && peer != options_.rank,
           o + ": peer must be another rank, got " + str(peer));
-  require(num_blocks >= 1 && num_blocks <= 1024, o + ": num_blocks must be in [1, 1024], got " + str(num_blocks));
+  FLASHEP_REQUIRE(num_blocks >= 1 && num_blocks <= 1024, o + ": num_blocks must be in [1, 1024], got " + str(num_blocks));
   // The end of the region: the modes' flags and state sit at its start (fixed parts far below half).
-  require(bytes > 0 && bytes % 16 == 0 && static_cast<int64_t>(bytes) <= rdma_layout_.data_bytes / 2,
+  FLASHEP_REQUIRE(bytes > 0 && bytes % 16 == 0 && static_cast<int64_t>(bytes) <= rdma_layout_.data_bytes / 2,
           o + ": bytes must be a positive multiple of 16 of at most num_rdma_bytes / 2 = " +
               str(rdma_layout_.data_bytes / 2) + ", got " + str(bytes));
   FLASHEP_CUDA_CHECK(cudaSetDevice(device_));

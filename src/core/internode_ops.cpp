@@ -34,16 +34,16 @@ RailCall prepare_rail_call(BufferImpl& b, const std::string& o, int hidden, int 
                                              str(M) + ") and an NVSHMEM region (num_rdma_bytes > 0, a build with NVSHMEM)");
   if (b.options_.low_latency_mode)  // the low-latency region starts where the rail region does
     throw_error(ErrorKind::kUnsupported, o + ": not on a low-latency buffer (low_latency_mode=True): use a separate Buffer");
-  require(b.num_nodes_ <= kMaxNodes, o + ": more than " + str(kMaxNodes) + " nodes");
-  require(hidden > 0 && hidden % 128 == 0, o + ": hidden must be a positive multiple of 128, got " + str(hidden));
-  require(max_tokens >= 1 && max_tokens <= kMaxRailTokens,
+  FLASHEP_REQUIRE(b.num_nodes_ <= kMaxNodes, o + ": more than " + str(kMaxNodes) + " nodes");
+  FLASHEP_REQUIRE(hidden > 0 && hidden % 128 == 0, o + ": hidden must be a positive multiple of 128, got " + str(hidden));
+  FLASHEP_REQUIRE(max_tokens >= 1 && max_tokens <= kMaxRailTokens,
           o + ": max_tokens must be in [1, " + str(kMaxRailTokens) + "], got " + str(max_tokens));
-  require(num_tokens >= 0 && num_tokens <= max_tokens,
+  FLASHEP_REQUIRE(num_tokens >= 0 && num_tokens <= max_tokens,
           o + ": num_tokens " + str(num_tokens) + " is not in [0, max_tokens " + str(max_tokens) + "]");
-  require(dispatch_num_topk >= 0 && dispatch_num_topk <= kMaxTopk, o + ": num_topk must be in [0, " + str(kMaxTopk) + "]");
-  require(num_sms >= 0 && num_sms <= b.num_device_sms_, o + ": num_sms must be in [0, the device's SMs]");
+  FLASHEP_REQUIRE(dispatch_num_topk >= 0 && dispatch_num_topk <= kMaxTopk, o + ": num_topk must be in [0, " + str(kMaxTopk) + "]");
+  FLASHEP_REQUIRE(num_sms >= 0 && num_sms <= b.num_device_sms_, o + ": num_sms must be in [0, the device's SMs]");
   const RailRegion region = rail_region_for(R, M, max_tokens, hidden, dispatch_dtype, dispatch_num_topk);
-  require(region.end <= b.rdma_layout_.data_bytes,
+  FLASHEP_REQUIRE(region.end <= b.rdma_layout_.data_bytes,
           o + ": num_rdma_bytes " + str(b.rdma_layout_.data_bytes) + " is too small (" + str(region.end) +
               " bytes needed; Buffer::internode_rail_bytes)");
   FLASHEP_CUDA_CHECK(cudaSetDevice(b.device_));
@@ -57,13 +57,13 @@ void BufferImpl::internode_rail_exchange(const RailExchangeArgs& a, cudaStream_t
   require_usable(op);
   const std::string o(op);
   const RailCall call = prepare_rail_call(*this, o, a.hidden, a.max_tokens, a.num_tokens, a.dtype, a.num_topk, a.num_sms);
-  require(a.num_experts >= options_.num_ranks && a.num_experts % options_.num_ranks == 0,
+  FLASHEP_REQUIRE(a.num_experts >= options_.num_ranks && a.num_experts % options_.num_ranks == 0,
           o + ": num_experts must be a positive multiple of num_ranks");
-  require(a.num_tokens == 0 || (a.x != nullptr && a.is_token_in_rank != nullptr), o + ": x or is_token_in_rank is null");
-  require(a.num_topk == 0 || a.num_tokens == 0 || a.topk_idx != nullptr, o + ": topk_idx is null with num_topk > 0");
-  require(a.dtype == DType::kBFloat16 || a.num_tokens == 0 || a.x_scales != nullptr, o + ": fp8 x needs x_scales");
-  require(a.rail_slot != nullptr && a.rail_count != nullptr, o + ": the scratch rail_slot / rail_count is null");
-  require(a.fwd_x && a.fwd_in_rank && a.fwd_source && a.fwd_counts && (a.num_topk == 0 || a.fwd_topk_idx) &&
+  FLASHEP_REQUIRE(a.num_tokens == 0 || (a.x != nullptr && a.is_token_in_rank != nullptr), o + ": x or is_token_in_rank is null");
+  FLASHEP_REQUIRE(a.num_topk == 0 || a.num_tokens == 0 || a.topk_idx != nullptr, o + ": topk_idx is null with num_topk > 0");
+  FLASHEP_REQUIRE(a.dtype == DType::kBFloat16 || a.num_tokens == 0 || a.x_scales != nullptr, o + ": fp8 x needs x_scales");
+  FLASHEP_REQUIRE(a.rail_slot != nullptr && a.rail_count != nullptr, o + ": the scratch rail_slot / rail_count is null");
+  FLASHEP_REQUIRE(a.fwd_x && a.fwd_in_rank && a.fwd_source && a.fwd_counts && (a.num_topk == 0 || a.fwd_topk_idx) &&
               (a.dtype == DType::kBFloat16 || a.fwd_scales),
           o + ": an output pointer is null");
   const RailRegion& region = call.region;
@@ -125,11 +125,11 @@ void BufferImpl::internode_reorder_plan(const InternodeReorderPlanArgs& a, cudaS
   const char* op = "internode_reorder_plan";
   require_usable(op);
   const std::string o(op);
-  require(num_nodes_ <= kMaxNodes, o + ": more than " + str(kMaxNodes) + " nodes");
-  require(a.max_tokens >= 1 && a.max_tokens <= kMaxRailTokens, o + ": max_tokens out of range");
-  require(a.rows >= 0, o + ": rows must be >= 0");
+  FLASHEP_REQUIRE(num_nodes_ <= kMaxNodes, o + ": more than " + str(kMaxNodes) + " nodes");
+  FLASHEP_REQUIRE(a.max_tokens >= 1 && a.max_tokens <= kMaxRailTokens, o + ": max_tokens out of range");
+  FLASHEP_REQUIRE(a.rows >= 0, o + ": rows must be >= 0");
   // (A rank that receives nothing has rows == 0 and empty tensors, whose pointers may be null.)
-  require(a.rank_prefix_matrix && a.recv_gbl_rank_prefix_sum && (a.rows == 0 || (a.final_row && a.recv_src_idx)),
+  FLASHEP_REQUIRE(a.rank_prefix_matrix && a.recv_gbl_rank_prefix_sum && (a.rows == 0 || (a.final_row && a.recv_src_idx)),
           o + ": a pointer is null");
   kernels::ComposePlanParams p{};
   p.comm = device_comm();
@@ -151,12 +151,12 @@ void BufferImpl::internode_reorder_copy(const InternodeReorderCopyArgs& a, cudaS
   require_usable(op);
   const std::string o(op);
   const bool fp8 = a.dtype == DType::kFloat8E4M3;
-  require(a.rows >= 0 && a.hidden > 0 && a.hidden * dtype_size(a.dtype) % 16 == 0 && (!fp8 || a.hidden % 128 == 0),
+  FLASHEP_REQUIRE(a.rows >= 0 && a.hidden > 0 && a.hidden * dtype_size(a.dtype) % 16 == 0 && (!fp8 || a.hidden % 128 == 0),
           o + ": bad rows or hidden");
-  require(a.num_topk >= 0 && a.num_topk <= kMaxTopk, o + ": num_topk out of range");
-  require(a.rows == 0 || (a.final_row && a.src_x && a.dst_x), o + ": a pointer is null");
-  require(!fp8 || a.rows == 0 || (a.src_scales && a.dst_scales), o + ": fp8 rows need scales");
-  require((a.src_topk_idx == nullptr) == (a.dst_topk_idx == nullptr) &&
+  FLASHEP_REQUIRE(a.num_topk >= 0 && a.num_topk <= kMaxTopk, o + ": num_topk out of range");
+  FLASHEP_REQUIRE(a.rows == 0 || (a.final_row && a.src_x && a.dst_x), o + ": a pointer is null");
+  FLASHEP_REQUIRE(!fp8 || a.rows == 0 || (a.src_scales && a.dst_scales), o + ": fp8 rows need scales");
+  FLASHEP_REQUIRE((a.src_topk_idx == nullptr) == (a.dst_topk_idx == nullptr) &&
               (a.src_topk_weights == nullptr) == (a.dst_topk_weights == nullptr),
           o + ": top-k sources and destinations come in pairs");
   kernels::ComposeCopyParams p{};
@@ -184,8 +184,8 @@ void BufferImpl::internode_rail_return(const RailReturnArgs& a, cudaStream_t str
   const std::string o(op);
   const RailCall call = prepare_rail_call(*this, o, a.hidden, a.max_tokens, a.num_tokens, a.dispatch_dtype,
                                         a.dispatch_num_topk, a.num_sms);
-  require(a.num_topk == 0 || a.num_topk == a.dispatch_num_topk, o + ": num_topk must be 0 or the dispatch's");
-  require(a.combined_x && a.fwd_counts && a.rail_slot && (a.num_tokens == 0 || a.out_x), o + ": a pointer is null");
+  FLASHEP_REQUIRE(a.num_topk == 0 || a.num_topk == a.dispatch_num_topk, o + ": num_topk must be 0 or the dispatch's");
+  FLASHEP_REQUIRE(a.combined_x && a.fwd_counts && a.rail_slot && (a.num_tokens == 0 || a.out_x), o + ": a pointer is null");
   const RailRegion& region = call.region;
   const NodeShape& shape = call.shape;
   const int blocks = call.blocks;

@@ -18,7 +18,7 @@ namespace {
 
 /// Kernels move rows with 16-byte vector accesses: a misaligned pointer would fault the context.
 void require_aligned(const void* ptr, int alignment, const char* op, const char* name) {
-  require(reinterpret_cast<uintptr_t>(ptr) % alignment == 0,
+  FLASHEP_REQUIRE(reinterpret_cast<uintptr_t>(ptr) % alignment == 0,
           std::string(op) + ": " + name + " must be " + std::to_string(alignment) +
               "-byte aligned (a tensor view with an odd storage offset?)");
 }
@@ -44,9 +44,9 @@ void BufferImpl::validate_config(const Config& config, const char* op) const {
   } catch (const std::invalid_argument& e) {
     throw_invalid(std::string(op) + ": " + e.what());
   }
-  require(config.num_sms <= num_device_sms_, std::string(op) + ": config.num_sms " + str(config.num_sms) +
+  FLASHEP_REQUIRE(config.num_sms <= num_device_sms_, std::string(op) + ": config.num_sms " + str(config.num_sms) +
                                                  " exceeds the device's " + str(num_device_sms_) + " SMs");
-  require(num_channels(config.num_sms, nvl_domain_size_) <= kMaxChannels,
+  FLASHEP_REQUIRE(num_channels(config.num_sms, nvl_domain_size_) <= kMaxChannels,
           std::string(op) + ": too many channels (" + str(num_channels(config.num_sms, nvl_domain_size_)) + " > " +
               str(kMaxChannels) + "); use fewer SMs");
 }
@@ -54,7 +54,7 @@ void BufferImpl::validate_config(const Config& config, const char* op) const {
 void BufferImpl::require_ring_space(const Config& config, int slot_bytes, const char* op) const {
   const int64_t need = ring_region_bytes(nvl_domain_size_, num_channels(config.num_sms, nvl_domain_size_),
                                          config.num_max_nvl_chunked_recv_tokens, slot_bytes);
-  require(need <= nvl_layout_.intranode.ring_capacity,
+  FLASHEP_REQUIRE(need <= nvl_layout_.intranode.ring_capacity,
           std::string(op) + ": num_nvl_bytes " + str(nvl_layout_.intranode.ring_capacity) +
               " is too small for this config (" + str(need) + " bytes needed: num_sms " + str(config.num_sms) +
               ", num_max_nvl_chunked_recv_tokens " + str(config.num_max_nvl_chunked_recv_tokens) +
@@ -64,18 +64,18 @@ void BufferImpl::require_ring_space(const Config& config, int slot_bytes, const 
 void BufferImpl::check_handle(const DispatchHandle& h, const Config& config, const char* op,
                               bool needs_send_head) const {
   const std::string where = std::string(op) + ": the handle ";
-  require(h.buffer_id == id_, where + "was made by another Buffer (id " + str(static_cast<int64_t>(h.buffer_id)) +
+  FLASHEP_REQUIRE(h.buffer_id == id_, where + "was made by another Buffer (id " + str(static_cast<int64_t>(h.buffer_id)) +
                                   ", this one " + str(static_cast<int64_t>(id_)) + ")");
   const int C = num_channels(config.num_sms, nvl_domain_size_);
-  require(h.num_ranks == nvl_domain_size_,
+  FLASHEP_REQUIRE(h.num_ranks == nvl_domain_size_,
           where + "is of " + str(h.num_ranks) + " ranks, this buffer has " + str(nvl_domain_size_));
-  require(h.num_channels == C, where + "has " + str(h.num_channels) + " channels but this config has " + str(C) +
+  FLASHEP_REQUIRE(h.num_channels == C, where + "has " + str(h.num_channels) + " channels but this config has " + str(C) +
                                    " (num_sms " + str(config.num_sms) + "): use the config of the dispatch");
-  require(h.num_tokens >= 0 && h.num_recv_tokens >= 0, where + "has negative sizes");
-  require(h.rank_prefix_matrix && h.channel_prefix_matrix && h.recv_channel_prefix_matrix,
+  FLASHEP_REQUIRE(h.num_tokens >= 0 && h.num_recv_tokens >= 0, where + "has negative sizes");
+  FLASHEP_REQUIRE(h.rank_prefix_matrix && h.channel_prefix_matrix && h.recv_channel_prefix_matrix,
           where + "has null prefix matrices");
-  require(h.num_tokens == 0 || h.is_token_in_rank, where + "has a null is_token_in_rank");
-  require(!needs_send_head || h.num_tokens == 0 || h.send_head, where + "has a null send_head");
+  FLASHEP_REQUIRE(h.num_tokens == 0 || h.is_token_in_rank, where + "has a null is_token_in_rank");
+  FLASHEP_REQUIRE(!needs_send_head || h.num_tokens == 0 || h.send_head, where + "has a null send_head");
 }
 
 // ---- get_dispatch_layout ---------------------------------------------------------------------------
@@ -83,20 +83,20 @@ void BufferImpl::check_handle(const DispatchHandle& h, const Config& config, con
 void BufferImpl::get_dispatch_layout(const LayoutArgs& a, cudaStream_t stream) {
   require_usable("get_dispatch_layout");
   const int R = options_.num_ranks;
-  require(a.num_tokens >= 0, "get_dispatch_layout: num_tokens must be >= 0");
-  require(a.num_topk >= 1 && a.num_topk <= kMaxTopk,
+  FLASHEP_REQUIRE(a.num_tokens >= 0, "get_dispatch_layout: num_tokens must be >= 0");
+  FLASHEP_REQUIRE(a.num_topk >= 1 && a.num_topk <= kMaxTopk,
           "get_dispatch_layout: num_topk must be in [1, " + str(kMaxTopk) + "], got " + str(a.num_topk));
-  require(a.num_experts >= 1 && a.num_experts % R == 0, "get_dispatch_layout: num_experts (" + str(a.num_experts) +
+  FLASHEP_REQUIRE(a.num_experts >= 1 && a.num_experts % R == 0, "get_dispatch_layout: num_experts (" + str(a.num_experts) +
                                                             ") must be a positive multiple of num_ranks (" + str(R) +
                                                             ")");
-  require(a.num_experts / R <= kMaxLocalExperts,
+  FLASHEP_REQUIRE(a.num_experts / R <= kMaxLocalExperts,
           "get_dispatch_layout: more than " + str(kMaxLocalExperts) + " experts per rank");
-  require(a.num_tokens == 0 || a.topk_idx != nullptr, "get_dispatch_layout: topk_idx is null");
-  require(a.num_tokens_per_rank && a.num_tokens_per_expert && (a.num_tokens == 0 || a.is_token_in_rank),
+  FLASHEP_REQUIRE(a.num_tokens == 0 || a.topk_idx != nullptr, "get_dispatch_layout: topk_idx is null");
+  FLASHEP_REQUIRE(a.num_tokens_per_rank && a.num_tokens_per_expert && (a.num_tokens == 0 || a.is_token_in_rank),
           "get_dispatch_layout: an output pointer is null");
-  require(num_nodes_ == 1 || a.num_tokens_per_rdma_rank != nullptr,
+  FLASHEP_REQUIRE(num_nodes_ == 1 || a.num_tokens_per_rdma_rank != nullptr,
           "get_dispatch_layout: num_tokens_per_rdma_rank is required with several nodes");
-  require(sizeof(int) * (int64_t(a.num_experts) + R + num_nodes_) <= kMaxBlockSmem,
+  FLASHEP_REQUIRE(sizeof(int) * (int64_t(a.num_experts) + R + num_nodes_) <= kMaxBlockSmem,
           "get_dispatch_layout: too many experts for one block's counters");
   kernels::LayoutParams p{};
   p.comm = device_comm();
@@ -119,27 +119,27 @@ void BufferImpl::notify_dispatch(const NotifyDispatchArgs& a, cudaStream_t strea
   validate_config(a.config, "notify_dispatch");
   const int R = nvl_domain_size_;
   const int C = num_channels(a.config.num_sms, R);
-  require(a.num_tokens >= 0, "notify_dispatch: num_tokens must be >= 0");
-  require(a.num_experts >= 1 && a.num_experts % R == 0,
+  FLASHEP_REQUIRE(a.num_tokens >= 0, "notify_dispatch: num_tokens must be >= 0");
+  FLASHEP_REQUIRE(a.num_experts >= 1 && a.num_experts % R == 0,
           "notify_dispatch: num_experts (" + str(a.num_experts) + ") must be a positive multiple of num_ranks");
-  require(a.num_experts / R <= kMaxLocalExperts,
+  FLASHEP_REQUIRE(a.num_experts / R <= kMaxLocalExperts,
           "notify_dispatch: more than " + str(kMaxLocalExperts) + " experts per rank");
-  require(a.expert_alignment >= 1 && a.expert_alignment <= kMaxExpertAlignment,
+  FLASHEP_REQUIRE(a.expert_alignment >= 1 && a.expert_alignment <= kMaxExpertAlignment,
           "notify_dispatch: expert_alignment must be in [1, " + str(kMaxExpertAlignment) + "], got " +
               str(a.expert_alignment));
-  require(a.num_worst_tokens >= 0, "notify_dispatch: num_worst_tokens must be >= 0");
-  require(a.hidden > 0, "notify_dispatch: hidden (the row width of the dispatch that follows) must be > 0");
-  require(a.num_topk >= 0 && a.num_topk <= kMaxTopk, "notify_dispatch: num_topk must be in [0, " + str(kMaxTopk) + "]");
-  require(a.num_topk == 0 || a.num_tokens == 0 || a.topk_idx != nullptr,
+  FLASHEP_REQUIRE(a.num_worst_tokens >= 0, "notify_dispatch: num_worst_tokens must be >= 0");
+  FLASHEP_REQUIRE(a.hidden > 0, "notify_dispatch: hidden (the row width of the dispatch that follows) must be > 0");
+  FLASHEP_REQUIRE(a.num_topk >= 0 && a.num_topk <= kMaxTopk, "notify_dispatch: num_topk must be in [0, " + str(kMaxTopk) + "]");
+  FLASHEP_REQUIRE(a.num_topk == 0 || a.num_tokens == 0 || a.topk_idx != nullptr,
           "notify_dispatch: topk_idx is required when num_topk > 0 (the GPU checks the counts against it)");
-  require(a.num_tokens_per_rank && a.num_tokens_per_expert, "notify_dispatch: a count pointer is null");
-  require(a.handle != nullptr, "notify_dispatch: handle is null");
+  FLASHEP_REQUIRE(a.num_tokens_per_rank && a.num_tokens_per_expert, "notify_dispatch: a count pointer is null");
+  FLASHEP_REQUIRE(a.handle != nullptr, "notify_dispatch: handle is null");
   DispatchHandle& h = *a.handle;
-  require((a.num_tokens == 0 || h.is_token_in_rank) && h.rank_prefix_matrix && h.channel_prefix_matrix &&
+  FLASHEP_REQUIRE((a.num_tokens == 0 || h.is_token_in_rank) && h.rank_prefix_matrix && h.channel_prefix_matrix &&
               h.recv_channel_prefix_matrix,
           "notify_dispatch: handle.is_token_in_rank or a prefix matrix is null");
   const bool check_experts = a.num_topk > 0 && a.topk_idx != nullptr;
-  require(sizeof(int) * (int64_t(R) * C + (check_experts ? a.num_experts : 0)) <= kMaxBlockSmem,
+  FLASHEP_REQUIRE(sizeof(int) * (int64_t(R) * C + (check_experts ? a.num_experts : 0)) <= kMaxBlockSmem,
           "notify_dispatch: too many channels and experts for one block's counters");
 
   kernels::NotifyDispatchParams p{};
@@ -187,7 +187,7 @@ void BufferImpl::notify_dispatch(const NotifyDispatchArgs& a, cudaStream_t strea
 
 RecvCounts BufferImpl::wait_recv_counts() {
   require_usable("wait_recv_counts");
-  require(awaiting_counts_, "wait_recv_counts: no notify_dispatch (outside worst-case mode) is pending");
+  FLASHEP_REQUIRE(awaiting_counts_, "wait_recv_counts: no notify_dispatch (outside worst-case mode) is pending");
   awaiting_counts_ = false;
   using clock = std::chrono::steady_clock;
   // The GPU bounds its own waits by timeout_s and then records why; give it a margin to do so (the
@@ -240,31 +240,31 @@ void BufferImpl::checked_dispatch(const DispatchArgs& a, cudaStream_t stream) {
   const int C = num_channels(a.config.num_sms, R);
   const int elem = dtype_size(a.dtype);
   const bool fp8 = a.dtype == DType::kFloat8E4M3;
-  require(a.num_tokens >= 0 && a.hidden > 0, "dispatch: num_tokens must be >= 0 and hidden > 0");
-  require((int64_t(a.hidden) * elem) % 16 == 0,
+  FLASHEP_REQUIRE(a.num_tokens >= 0 && a.hidden > 0, "dispatch: num_tokens must be >= 0 and hidden > 0");
+  FLASHEP_REQUIRE((int64_t(a.hidden) * elem) % 16 == 0,
           "dispatch: a row of x must be a multiple of 16 bytes (hidden " + str(a.hidden) + ")");
   // Sizes say what is present (num_topk > 0: top-k; FP8: scales); pointers are required only where
   // there is data behind them (an empty tensor's data pointer may be null).
   const bool has_topk = a.num_topk > 0;
   const bool has_input = a.num_tokens > 0, has_output = a.num_output_rows > 0;
-  require(!fp8 || a.hidden % 128 == 0, "dispatch: FP8 x needs hidden % 128 == 0 (one scale per 128 channels)");
-  require(!fp8 || !has_input || a.x_scales != nullptr, "dispatch: FP8 x needs x_scales [n, hidden/128]");
-  require(fp8 || a.x_scales == nullptr, "dispatch: x_scales only go with FP8 x");
-  require(a.num_topk >= 0 && a.num_topk <= kMaxTopk, "dispatch: num_topk must be in [0, " + str(kMaxTopk) + "]");
-  require(!has_topk || !has_input || (a.topk_idx && a.topk_weights),
+  FLASHEP_REQUIRE(!fp8 || a.hidden % 128 == 0, "dispatch: FP8 x needs hidden % 128 == 0 (one scale per 128 channels)");
+  FLASHEP_REQUIRE(!fp8 || !has_input || a.x_scales != nullptr, "dispatch: FP8 x needs x_scales [n, hidden/128]");
+  FLASHEP_REQUIRE(fp8 || a.x_scales == nullptr, "dispatch: x_scales only go with FP8 x");
+  FLASHEP_REQUIRE(a.num_topk >= 0 && a.num_topk <= kMaxTopk, "dispatch: num_topk must be in [0, " + str(kMaxTopk) + "]");
+  FLASHEP_REQUIRE(!has_topk || !has_input || (a.topk_idx && a.topk_weights),
           "dispatch: topk_idx and topk_weights are required when num_topk > 0");
-  require(has_topk || (a.topk_idx == nullptr && a.topk_weights == nullptr),
+  FLASHEP_REQUIRE(has_topk || (a.topk_idx == nullptr && a.topk_weights == nullptr),
           "dispatch: topk_idx/topk_weights given with num_topk == 0");
-  require(!a.cached || !has_topk, "dispatch: cached mode takes no topk_idx/topk_weights");
-  require(!has_topk || (a.num_experts > 0 && a.num_experts % R == 0),
+  FLASHEP_REQUIRE(!a.cached || !has_topk, "dispatch: cached mode takes no topk_idx/topk_weights");
+  FLASHEP_REQUIRE(!has_topk || (a.num_experts > 0 && a.num_experts % R == 0),
           "dispatch: num_experts must be a positive multiple of num_ranks");
-  require(!has_input || a.x, "dispatch: x is null");
-  require(a.num_output_rows >= 0, "dispatch: num_output_rows must be >= 0");
-  require(!has_output || a.recv_x, "dispatch: recv_x is null");
-  require(!fp8 || !has_output || a.recv_x_scales, "dispatch: recv_x_scales is null");
-  require(!has_topk || !has_output || (a.recv_topk_idx && a.recv_topk_weights),
+  FLASHEP_REQUIRE(!has_input || a.x, "dispatch: x is null");
+  FLASHEP_REQUIRE(a.num_output_rows >= 0, "dispatch: num_output_rows must be >= 0");
+  FLASHEP_REQUIRE(!has_output || a.recv_x, "dispatch: recv_x is null");
+  FLASHEP_REQUIRE(!fp8 || !has_output || a.recv_x_scales, "dispatch: recv_x_scales is null");
+  FLASHEP_REQUIRE(!has_topk || !has_output || (a.recv_topk_idx && a.recv_topk_weights),
           "dispatch: recv_topk_idx/recv_topk_weights are null");
-  require(a.handle != nullptr, "dispatch: handle is null");
+  FLASHEP_REQUIRE(a.handle != nullptr, "dispatch: handle is null");
   require_aligned(a.x, 16, "dispatch", "x");
   require_aligned(a.recv_x, 16, "dispatch", "recv_x");
   // The senders copy top-k ids (8 bytes) and weights/scales (4 bytes) with cp.async.
@@ -272,43 +272,43 @@ void BufferImpl::checked_dispatch(const DispatchArgs& a, cudaStream_t stream) {
   require_aligned(a.topk_weights, 4, "dispatch", "topk_weights");
   require_aligned(a.x_scales, 4, "dispatch", "x_scales");
   DispatchHandle& h = *a.handle;
-  require(h.num_tokens == a.num_tokens, "dispatch: the handle is of " + str(h.num_tokens) + " tokens, x has " +
+  FLASHEP_REQUIRE(h.num_tokens == a.num_tokens, "dispatch: the handle is of " + str(h.num_tokens) + " tokens, x has " +
                                             str(a.num_tokens));
   if (a.cached) {
     check_handle(h, a.config, "dispatch", false);
-    require(h.num_recv_tokens == a.num_output_rows, "dispatch: the handle is of " + str(h.num_recv_tokens) +
+    FLASHEP_REQUIRE(h.num_recv_tokens == a.num_output_rows, "dispatch: the handle is of " + str(h.num_recv_tokens) +
                                                         " received rows, the outputs have " + str(a.num_output_rows));
   } else {
     // What the peers checked at the count exchange must be what this rank now sends.
-    require(notified_.pending, "dispatch: call notify_dispatch first (a fresh dispatch needs its count exchange)");
+    FLASHEP_REQUIRE(notified_.pending, "dispatch: call notify_dispatch first (a fresh dispatch needs its count exchange)");
     notified_.pending = false;
-    require(notified_.num_channels == C, "dispatch: notify_dispatch used " + str(notified_.num_channels) +
+    FLASHEP_REQUIRE(notified_.num_channels == C, "dispatch: notify_dispatch used " + str(notified_.num_channels) +
                                              " channels, this config " + str(C) + ": pass the same config");
     const CallInfo now = make_call_info(CallOp::kDispatch, C, a.config.num_max_nvl_chunked_recv_tokens, a.hidden,
                                         static_cast<int>(a.dtype), a.num_topk, 0);
-    require(notified_.call.hidden == now.hidden && notified_.call.dtype == now.dtype &&
+    FLASHEP_REQUIRE(notified_.call.hidden == now.hidden && notified_.call.dtype == now.dtype &&
                 notified_.call.num_topk == now.num_topk,
             "dispatch: hidden " + str(a.hidden) + ", dtype or top-k " + str(a.num_topk) +
                 " differ from what notify_dispatch announced (hidden " + str(notified_.call.hidden) + ", top-k " +
                 str(notified_.call.num_topk - 1) + ")");
-    require(notified_.num_tokens == a.num_tokens && notified_.is_token_in_rank == h.is_token_in_rank &&
+    FLASHEP_REQUIRE(notified_.num_tokens == a.num_tokens && notified_.is_token_in_rank == h.is_token_in_rank &&
                 notified_.rank_prefix_matrix == h.rank_prefix_matrix &&
                 notified_.channel_prefix_matrix == h.channel_prefix_matrix &&
                 notified_.recv_channel_prefix_matrix == h.recv_channel_prefix_matrix,
             "dispatch: num_tokens or the handle differ from what notify_dispatch was given");
-    require(!has_topk || a.num_experts == notified_.call.num_experts,
+    FLASHEP_REQUIRE(!has_topk || a.num_experts == notified_.call.num_experts,
             "dispatch: num_experts " + str(a.num_experts) + " differs from notify_dispatch's " +
                 str(notified_.call.num_experts));
-    require(!has_topk || !has_input || notified_.topk_idx == a.topk_idx,
+    FLASHEP_REQUIRE(!has_topk || !has_input || notified_.topk_idx == a.topk_idx,
             "dispatch: topk_idx differs from the one notify_dispatch checked");
-    require((!has_output || h.recv_src_idx) && (!has_input || h.send_head),
+    FLASHEP_REQUIRE((!has_output || h.recv_src_idx) && (!has_input || h.send_head),
             "dispatch: handle.recv_src_idx/send_head are null");
     h.num_recv_tokens = a.num_output_rows;
   }
   const DispatchSlotLayout slot = make_dispatch_slot(a.hidden, elem, fp8, a.num_topk);
   const int G = block_channel_count(R);
   const int stages = dispatch_stages(G, slot.slot_bytes);
-  require(stages >= 1, "dispatch: rows of " + str(slot.slot_bytes) + " bytes do not fit the kernel's shared memory "
+  FLASHEP_REQUIRE(stages >= 1, "dispatch: rows of " + str(slot.slot_bytes) + " bytes do not fit the kernel's shared memory "
                        "(hidden " + str(a.hidden) + " too large)");
   require_ring_space(a.config, slot.slot_bytes, "dispatch");
   FLASHEP_CUDA_CHECK(cudaSetDevice(device_));
@@ -377,21 +377,21 @@ void BufferImpl::combine(const CombineArgs& a, cudaStream_t stream) {
   validate_config(a.config, "combine");
   const int R = nvl_domain_size_;
   const int C = num_channels(a.config.num_sms, R);
-  require(a.handle != nullptr, "combine: handle is null");
+  FLASHEP_REQUIRE(a.handle != nullptr, "combine: handle is null");
   const DispatchHandle& h = *a.handle;
   check_handle(h, a.config, "combine", true);
   const int num_tokens = h.num_tokens, num_recv_tokens = h.num_recv_tokens;
-  require(a.hidden > 0 && a.hidden % 8 == 0, "combine: hidden must be a positive multiple of 8");
-  require(a.num_topk >= 0 && a.num_topk <= kMaxTopk, "combine: num_topk must be in [0, " + str(kMaxTopk) + "]");
+  FLASHEP_REQUIRE(a.hidden > 0 && a.hidden % 8 == 0, "combine: hidden must be a positive multiple of 8");
+  FLASHEP_REQUIRE(a.num_topk >= 0 && a.num_topk <= kMaxTopk, "combine: num_topk must be in [0, " + str(kMaxTopk) + "]");
   // num_topk > 0 means top-k weights travel with the rows (every rank must agree: it sets the
   // ring slot layout); pointers are required only where there are rows behind them.
   const bool has_weights = a.num_topk > 0;
-  require(!has_weights || num_recv_tokens == 0 || a.topk_weights, "combine: topk_weights is null");
-  require(!has_weights || num_tokens == 0 || a.combined_topk_weights, "combine: combined_topk_weights is null");
-  require(has_weights || (a.topk_weights == nullptr && a.combined_topk_weights == nullptr),
+  FLASHEP_REQUIRE(!has_weights || num_recv_tokens == 0 || a.topk_weights, "combine: topk_weights is null");
+  FLASHEP_REQUIRE(!has_weights || num_tokens == 0 || a.combined_topk_weights, "combine: combined_topk_weights is null");
+  FLASHEP_REQUIRE(has_weights || (a.topk_weights == nullptr && a.combined_topk_weights == nullptr),
           "combine: topk weights given with num_topk == 0");
-  require(num_recv_tokens == 0 || a.x, "combine: x is null");
-  require(num_tokens == 0 || a.combined_x, "combine: combined_x is null");
+  FLASHEP_REQUIRE(num_recv_tokens == 0 || a.x, "combine: x is null");
+  FLASHEP_REQUIRE(num_tokens == 0 || a.combined_x, "combine: combined_x is null");
   require_aligned(a.x, 16, "combine", "x");
   require_aligned(a.bias0, 16, "combine", "bias0");
   require_aligned(a.bias1, 16, "combine", "bias1");

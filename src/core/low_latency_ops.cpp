@@ -17,18 +17,18 @@ constexpr int kOpDispatch = 1;
 constexpr int kOpCombine = 2;
 
 void check_shape(int max_tokens, int hidden, int num_ranks, int num_experts, const std::string& op) {
-  require(max_tokens >= 1 && max_tokens <= kMaxLowLatencyTokens,
+  FLASHEP_REQUIRE(max_tokens >= 1 && max_tokens <= kMaxLowLatencyTokens,
           op + ": num_max_dispatch_tokens_per_rank must be in [1, " + str(kMaxLowLatencyTokens) + "], got " +
               str(max_tokens));
-  require(hidden >= 128 && hidden % 128 == 0 && hidden <= kMaxLowLatencyHidden,
+  FLASHEP_REQUIRE(hidden >= 128 && hidden % 128 == 0 && hidden <= kMaxLowLatencyHidden,
           op + ": hidden must be a multiple of 128 in [128, " + str(kMaxLowLatencyHidden) + "], got " + str(hidden));
-  require(num_ranks >= 1 && num_ranks <= kMaxRanks, op + ": num_ranks " + str(num_ranks) + " out of range");
-  require(num_experts >= num_ranks && num_experts % num_ranks == 0,
+  FLASHEP_REQUIRE(num_ranks >= 1 && num_ranks <= kMaxRanks, op + ": num_ranks " + str(num_ranks) + " out of range");
+  FLASHEP_REQUIRE(num_experts >= num_ranks && num_experts % num_ranks == 0,
           op + ": num_experts (" + str(num_experts) + ") must be a positive multiple of the number of ranks (" +
               str(num_ranks) + ")");
-  require(num_experts <= kMaxLowLatencyExperts,
+  FLASHEP_REQUIRE(num_experts <= kMaxLowLatencyExperts,
           op + ": low-latency mode supports at most " + str(kMaxLowLatencyExperts) + " experts, got " + str(num_experts));
-  require(num_experts / num_ranks <= kMaxLocalExperts,
+  FLASHEP_REQUIRE(num_experts / num_ranks <= kMaxLocalExperts,
           op + ": at most " + str(kMaxLocalExperts) + " experts per rank, got " + str(num_experts / num_ranks));
 }
 
@@ -50,7 +50,7 @@ int BufferImpl::low_latency_blocks(int max_tokens) const {
 
 void BufferImpl::require_low_latency(const char* op) const {
   require_usable(op);
-  require(options_.low_latency_mode && ll_bytes_ > 0,
+  FLASHEP_REQUIRE(options_.low_latency_mode && ll_bytes_ > 0,
           std::string(op) + ": this buffer has no low-latency region; create it with low_latency_mode=True and "
                             "num_rdma_bytes=get_low_latency_rdma_size_hint(T, H, R, E)");
 }
@@ -58,7 +58,7 @@ void BufferImpl::require_low_latency(const char* op) const {
 kernels::LowLatencyComm BufferImpl::low_latency_comm(int max_tokens, int hidden, int num_experts, const char* op) const {
   kernels::LowLatencyComm ll{};
   ll.layout = make_low_latency_layout(max_tokens, hidden, options_.num_ranks, num_experts);
-  require(ll.layout.end <= ll_bytes_,
+  FLASHEP_REQUIRE(ll.layout.end <= ll_bytes_,
           std::string(op) + ": (T=" + str(max_tokens) + ", H=" + str(hidden) + ", R=" + str(options_.num_ranks) +
               ", E=" + str(num_experts) + ") needs num_rdma_bytes >= " + str(ll.layout.end) + " but the buffer has " +
               str(ll_bytes_) + "; size it with get_low_latency_rdma_size_hint(T, H, R, E)");
@@ -77,10 +77,10 @@ kernels::LowLatencyComm BufferImpl::low_latency_comm(int max_tokens, int hidden,
 
 void BufferImpl::check_low_latency_handle(const LowLatencyHandle& h, const char* op) const {
   const std::string o(op);
-  require(h.buffer_id == id_, o + ": the handle was made by another buffer (or not by low_latency_dispatch)");
-  require(h.src_info != nullptr && h.layout_range != nullptr && h.plan != nullptr, o + ": the handle has null tensors");
+  FLASHEP_REQUIRE(h.buffer_id == id_, o + ": the handle was made by another buffer (or not by low_latency_dispatch)");
+  FLASHEP_REQUIRE(h.src_info != nullptr && h.layout_range != nullptr && h.plan != nullptr, o + ": the handle has null tensors");
   check_shape(h.max_tokens, h.hidden, options_.num_ranks, h.num_experts, o);
-  require(h.num_topk >= 1 && h.num_topk <= kMaxTopk, o + ": the handle's top-k " + str(h.num_topk) + " is out of range");
+  FLASHEP_REQUIRE(h.num_topk >= 1 && h.num_topk <= kMaxTopk, o + ": the handle's top-k " + str(h.num_topk) + " is out of range");
 }
 
 void BufferImpl::low_latency_dispatch(const LowLatencyDispatchArgs& a, cudaStream_t stream) {
@@ -88,24 +88,24 @@ void BufferImpl::low_latency_dispatch(const LowLatencyDispatchArgs& a, cudaStrea
   require_low_latency(op);
   const int R = options_.num_ranks;
   check_shape(a.max_tokens, a.hidden, R, a.num_experts, op);
-  require(a.num_tokens >= 0 && a.num_tokens <= a.max_tokens,
+  FLASHEP_REQUIRE(a.num_tokens >= 0 && a.num_tokens <= a.max_tokens,
           std::string(op) + ": x has " + str(a.num_tokens) + " tokens but num_max_dispatch_tokens_per_rank is " +
               str(a.max_tokens));
-  require(a.num_topk >= 1 && a.num_topk <= kMaxTopk,
+  FLASHEP_REQUIRE(a.num_topk >= 1 && a.num_topk <= kMaxTopk,
           std::string(op) + ": top-k must be in [1, " + str(kMaxTopk) + "], got " + str(a.num_topk));
-  require(!a.use_ue8m0 || (a.use_fp8 && a.round_scale),
+  FLASHEP_REQUIRE(!a.use_ue8m0 || (a.use_fp8 && a.round_scale),
           std::string(op) + ": use_ue8m0 requires use_fp8 and round_scale (UE8M0 stores power-of-two scales)");
-  require(!a.use_ue8m0 || a.hidden % 512 == 0,
+  FLASHEP_REQUIRE(!a.use_ue8m0 || a.hidden % 512 == 0,
           std::string(op) + ": use_ue8m0 packs 4 scales per int32 and needs hidden % 512 == 0, got " + str(a.hidden));
-  require(a.phases >= 1 && a.phases <= 3, std::string(op) + ": phases must be send, receive or both");
-  require(a.call_slot >= 0 && a.call_slot < kLowLatencyCallSlots,
+  FLASHEP_REQUIRE(a.phases >= 1 && a.phases <= 3, std::string(op) + ": phases must be send, receive or both");
+  FLASHEP_REQUIRE(a.call_slot >= 0 && a.call_slot < kLowLatencyCallSlots,
           std::string(op) + ": call_slot must be in [0, " + str(kLowLatencyCallSlots) + ")");
-  require(a.num_tokens == 0 || (a.x != nullptr && a.topk_idx != nullptr), std::string(op) + ": x and topk_idx are required");
-  require(a.handle != nullptr, std::string(op) + ": handle is required");
+  FLASHEP_REQUIRE(a.num_tokens == 0 || (a.x != nullptr && a.topk_idx != nullptr), std::string(op) + ": x and topk_idx are required");
+  FLASHEP_REQUIRE(a.handle != nullptr, std::string(op) + ": handle is required");
   if (a.phases & kLowLatencyReceive) {
-    require(a.recv_x != nullptr && a.recv_count != nullptr && (!a.use_fp8 || a.recv_scales != nullptr),
+    FLASHEP_REQUIRE(a.recv_x != nullptr && a.recv_count != nullptr && (!a.use_fp8 || a.recv_scales != nullptr),
             std::string(op) + ": recv_x, recv_count (and recv_scales with FP8) are required");
-    require(a.handle->src_info != nullptr && a.handle->layout_range != nullptr && a.handle->plan != nullptr,
+    FLASHEP_REQUIRE(a.handle->src_info != nullptr && a.handle->layout_range != nullptr && a.handle->plan != nullptr,
             std::string(op) + ": the handle's src_info, layout_range and plan must be allocated");
   }
   kernels::LowLatencyDispatchParams p{};
@@ -148,18 +148,18 @@ void* BufferImpl::low_latency_combine_buffer(const LowLatencyHandle& h) const {
 void BufferImpl::low_latency_combine(const LowLatencyCombineArgs& a, cudaStream_t stream) {
   const char* op = "low_latency_combine";
   require_low_latency(op);
-  require(a.handle != nullptr, std::string(op) + ": handle is required");
+  FLASHEP_REQUIRE(a.handle != nullptr, std::string(op) + ": handle is required");
   const LowLatencyHandle& h = *a.handle;
   check_low_latency_handle(h, op);
-  require(a.phases >= 1 && a.phases <= 3, std::string(op) + ": phases must be send, receive or both");
-  require(a.call_slot >= 0 && a.call_slot < kLowLatencyCallSlots,
+  FLASHEP_REQUIRE(a.phases >= 1 && a.phases <= 3, std::string(op) + ": phases must be send, receive or both");
+  FLASHEP_REQUIRE(a.call_slot >= 0 && a.call_slot < kLowLatencyCallSlots,
           std::string(op) + ": call_slot must be in [0, " + str(kLowLatencyCallSlots) + ")");
-  require(a.num_tokens >= 0 && a.num_tokens <= h.max_tokens,
+  FLASHEP_REQUIRE(a.num_tokens >= 0 && a.num_tokens <= h.max_tokens,
           std::string(op) + ": " + str(a.num_tokens) + " tokens, but the dispatch's T is " + str(h.max_tokens));
-  require(a.num_tokens == 0 || (a.topk_idx != nullptr && a.topk_weights != nullptr),
+  FLASHEP_REQUIRE(a.num_tokens == 0 || (a.topk_idx != nullptr && a.topk_weights != nullptr),
           std::string(op) + ": topk_idx and topk_weights are required");
-  require(a.zero_copy || a.x != nullptr || !(a.phases & kLowLatencySend), std::string(op) + ": x is required (or zero_copy)");
-  require(a.out != nullptr || !(a.phases & kLowLatencyReceive) || a.num_tokens == 0, std::string(op) + ": out is required");
+  FLASHEP_REQUIRE(a.zero_copy || a.x != nullptr || !(a.phases & kLowLatencySend), std::string(op) + ": x is required (or zero_copy)");
+  FLASHEP_REQUIRE(a.out != nullptr || !(a.phases & kLowLatencyReceive) || a.num_tokens == 0, std::string(op) + ": out is required");
   kernels::LowLatencyCombineParams p{};
   p.comm = device_comm();
   p.ll = low_latency_comm(h.max_tokens, h.hidden, h.num_experts, op);
@@ -202,8 +202,8 @@ void BufferImpl::clean_low_latency_buffer(cudaStream_t stream) {
 
 void BufferImpl::low_latency_update_mask(int rank, bool mask, cudaStream_t stream) {
   require_low_latency("low_latency_update_mask_buffer");
-  require(options_.enable_shrink, "low_latency_update_mask_buffer: requires Buffer(..., enable_shrink=True)");
-  require(rank >= 0 && rank < options_.num_ranks, "low_latency_update_mask_buffer: rank " + str(rank) + " out of range");
+  FLASHEP_REQUIRE(options_.enable_shrink, "low_latency_update_mask_buffer: requires Buffer(..., enable_shrink=True)");
+  FLASHEP_REQUIRE(rank >= 0 && rank < options_.num_ranks, "low_latency_update_mask_buffer: rank " + str(rank) + " out of range");
   const kernels::LowLatencyComm ll = low_latency_comm(1, 128, options_.num_ranks, "low_latency_update_mask_buffer");
   launch_check(cudaMemsetAsync(ll.local + ll.layout.mask(rank), 0, sizeof(int), stream), "low_latency_update_mask_buffer");
   if (mask)  // a 1 in the lowest byte of a zeroed int32 (little-endian)
@@ -212,8 +212,8 @@ void BufferImpl::low_latency_update_mask(int rank, bool mask, cudaStream_t strea
 
 void BufferImpl::low_latency_query_mask(int* mask_out, cudaStream_t stream) const {
   require_low_latency("low_latency_query_mask_buffer");
-  require(options_.enable_shrink, "low_latency_query_mask_buffer: requires Buffer(..., enable_shrink=True)");
-  require(mask_out != nullptr, "low_latency_query_mask_buffer: mask_status is required");
+  FLASHEP_REQUIRE(options_.enable_shrink, "low_latency_query_mask_buffer: requires Buffer(..., enable_shrink=True)");
+  FLASHEP_REQUIRE(mask_out != nullptr, "low_latency_query_mask_buffer: mask_status is required");
   const kernels::LowLatencyComm ll = low_latency_comm(1, 128, options_.num_ranks, "low_latency_query_mask_buffer");
   FLASHEP_CUDA_CHECK(cudaMemcpyAsync(mask_out, ll.local + ll.layout.mask(0), sizeof(int) * options_.num_ranks,
                                      cudaMemcpyDeviceToDevice, stream));
@@ -221,7 +221,7 @@ void BufferImpl::low_latency_query_mask(int* mask_out, cudaStream_t stream) cons
 
 void BufferImpl::low_latency_clean_mask(cudaStream_t stream) {
   require_low_latency("low_latency_clean_mask_buffer");
-  require(options_.enable_shrink, "low_latency_clean_mask_buffer: requires Buffer(..., enable_shrink=True)");
+  FLASHEP_REQUIRE(options_.enable_shrink, "low_latency_clean_mask_buffer: requires Buffer(..., enable_shrink=True)");
   const kernels::LowLatencyComm ll = low_latency_comm(1, 128, options_.num_ranks, "low_latency_clean_mask_buffer");
   launch_check(cudaMemsetAsync(ll.local + ll.layout.mask(0), 0, sizeof(int) * options_.num_ranks, stream),
                "low_latency_clean_mask_buffer");
