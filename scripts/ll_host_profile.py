@@ -1,7 +1,7 @@
 """Host time of the low-latency Python path on one GPU (world size 1): the pair, each call, the
 Python before and inside the C++ call, and a cProfile. Run: python3 scripts/ll_host_profile.py (E=32
 experts by default; E=... in the environment). Results: docs/performance.md, 2026-12-01."""
-import cProfile, io, os, pstats, statistics, sys, time
+import cProfile, io, os, pstats, statistics, time
 os.environ.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")
 import torch, torch.distributed as dist
 import flashep
