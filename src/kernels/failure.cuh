@@ -54,13 +54,14 @@ inline constexpr int kClaimOwn = 3;          // this rank's own failure is recor
 /// record wins, except that this rank's own failure replaces a record of a peer's abort.
 /// Out of line (issue 7): inlined at every wait's cold path it was ~1100 of the 2650 instructions
 /// of combine_kernel<2> (42 KB of SASS, against 27.5 KB now), and combine ran 3% slower (measured).
-/// The what and the values travel packed (ErrorSite), so that a call site needs few registers:
+/// The site and the values travel packed (record_error below), so that a call site needs few registers:
 /// with eight separate arguments ptxas spilled in combine_kernel<4> and <8> (64 registers a thread).
 static __device__ __noinline__ void record_error_packed(const DeviceComm& c, uint64_t site, uint64_t values, int block) {
   const Phase phase = static_cast<Phase>(site & 0xff);
   const Cause cause = static_cast<Cause>((site >> 8) & 0xff);
-  const int peer = static_cast<int16_t>((site >> 16) & 0xffff);
-  const int channel = static_cast<int16_t>((site >> 32) & 0xffff);
+  // 24-bit fields, sign-extended (-1 stays -1).
+  const int peer = static_cast<int>(static_cast<uint32_t>(site >> 16) << 8) >> 8;
+  const int channel = static_cast<int>(static_cast<uint32_t>(site >> 40) << 8) >> 8;
   const int expected = static_cast<int>(static_cast<uint32_t>(values));
   const int observed = static_cast<int>(static_cast<uint32_t>(values >> 32));
   int* claim = local_word(c, c.nvl.control.error_claim());
@@ -97,13 +98,14 @@ static __device__ __noinline__ void record_error_packed(const DeviceComm& c, uin
   if (cause == Cause::kOwn) raise_abort_nvlink(c);
 }
 
-/// record_error_packed's site word: the phase, the cause, and the peer and channel as 16-bit
-/// signed values (ranks, expert counts and channels are far below 2^15; -1 stays -1).
+/// record_error_packed's site word: the phase, the cause, and the peer and channel as 24-bit
+/// signed values (a peer field may hold an expert count, a channel field an expert id: both are
+/// far below 2^23).
 __device__ __forceinline__ void record_error(const DeviceComm& c, Phase phase, Cause cause, int peer, int channel,
                                              int expected, int observed, int block = -1) {
   const uint64_t site = uint64_t(static_cast<uint32_t>(phase) & 0xffu) | (uint64_t(static_cast<uint32_t>(cause) & 0xffu) << 8) |
-                        (uint64_t(static_cast<uint32_t>(peer) & 0xffffu) << 16) |
-                        (uint64_t(static_cast<uint32_t>(channel) & 0xffffu) << 32);
+                        (uint64_t(static_cast<uint32_t>(peer) & 0xffffffu) << 16) |
+                        (uint64_t(static_cast<uint32_t>(channel) & 0xffffffu) << 40);
   const uint64_t values = uint64_t(static_cast<uint32_t>(expected)) | (uint64_t(static_cast<uint32_t>(observed)) << 32);
   record_error_packed(c, site, values, block);
 }

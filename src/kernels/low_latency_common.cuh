@@ -292,9 +292,13 @@ __device__ __forceinline__ bool wait_sources(const DeviceComm& c, const LowLaten
   for (int r = threadIdx.x; r < c.num_ranks; r += blockDim.x) {
     int count = 0;
     if (!s_masked[r]) {
-      uint64_t value = 0;
-      WaitResult res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox_region(c, ll, r) + L.signal(total_kind, half, r)),
-                                 seq, phase, r, &value, direct_region(c, ll, r) == nullptr);
+      const uint64_t* word = reinterpret_cast<const uint64_t*>(inbox_region(c, ll, r) + L.signal(total_kind, half, r));
+      const bool nvshmem_peer = direct_region(c, ll, r) == nullptr;
+      // A signal already there (a hook's receive) is taken inline: the call to wait_word first
+      // waits for every load this thread has in flight, the receive's early message loads too.
+      uint64_t value = nvshmem_peer ? 0 : device::ld_acquire_sys_u64(word);
+      WaitResult res = WaitResult::kArrived;
+      if (nvshmem_peer || !ll_signal_is(value, seq)) res = wait_word(c, ll, word, seq, phase, r, &value, nvshmem_peer);
       if (res == WaitResult::kArrived) {
         count = ll_signal_count(value);
         if (count > L.max_tokens) {  // not from a correct peer: nothing may be read past its inbox

@@ -328,8 +328,9 @@ __device__ __forceinline__ void load_message(const char* msg, const LowLatencyMe
 /// each message its flag and its data. The last two need only the call's number, so each team
 /// reads its first message's flag before waiting for the sources, and when the message is there
 /// (a hook after a GEMM: every message is) loads it right away: its round trips overlap the
-/// sources' wait and the segment arithmetic instead of following them. Items are numbered
-/// slot-major over (source, slot) so that the first items need no count to be found.
+/// sources' wait and the segment arithmetic instead of following them (the sources' signals are
+/// then polled inline: a call would first wait for those loads). A team's first item is numbered
+/// slot-major over (source, slot), so that it needs no count to be found; the rest source-major.
 template <bool kFp8>
 __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispatchParams& p, int* smem,
                                                  EntryState& entry) {
@@ -346,7 +347,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   int* s_count = smem + R;             // [R] messages from each source
   int* s_begin = s_count + R;          // [R][L] rows per (source, expert), then segment begins
   int* s_total = s_begin + R * num_local;  // [L] rows per expert
-  __shared__ int s_max_count;          // the most messages any source sent
+  int* s_prefix = s_total + num_local;     // [R + 1] messages left after the first items, per source
   int& s_failed = entry.failed;  // 0 here: the send phase (if any) returned early otherwise
 
   const LowLatencyMessage m = make_ll_message(L.hidden, kFp8);
@@ -364,6 +365,9 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   // item is a message of this call at all is known only from the counts below; an item past its
   // source's count has no flag of this call and is not loaded.
   const int first_item = blockIdx.x + team * gridDim.x;
+  const int num_teams = gridDim.x * kTeams;
+  // Slots of source r that are first items (slot * R + r < num_teams).
+  auto first_slots = [&](int r) { return r < num_teams ? (num_teams - r + R - 1) / R : 0; };
   HeldMessage<kFp8> held;
   bool first_held = false;
   if (first_item < R * L.max_tokens) {
@@ -421,9 +425,8 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
     }
   }
   if (threadIdx.x == 0) {
-    int most = 0;
-    for (int r = 0; r < R; ++r) most = max(most, s_count[r]);
-    s_max_count = most;
+    s_prefix[0] = 0;
+    for (int r = 0; r < R; ++r) s_prefix[r + 1] = s_prefix[r] + max(0, s_count[r] - first_slots(r));
   }
   if (blockIdx.x == 0)
     for (int r = threadIdx.x; r < R; r += blockDim.x) p.plan[r] = s_count[r];
@@ -435,18 +438,14 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   }
   trace_mark(&g_dispatch_trace, 7);
 
-  // 3. Expand the messages: one team per item (kTeams per block), items slot-major over (source,
-  // slot), spread over the blocks first so that a few messages still use many SMs. An item past
-  // its source's count is no message. The team's thread 0 waits for the message's flag (bounded;
-  // in shrink mode a source that stops mid-call is masked and its remaining messages skipped:
-  // their rows stay unwritten), unless step 0 saw it; the team's warp 0 decodes the meta (target
-  // rows, plan, src_info); then every thread stores its words to every target row.
-  const int num_items = R * s_max_count;
-  for (int item = first_item; item < num_items; item += gridDim.x * kTeams) {
-    const int src = item % R, slot = item / R;
-    if (slot >= s_count[src]) continue;  // team-uniform
+  // 3. Expand the messages: one team per item (kTeams per block). The team's thread 0 waits for the
+  // message's flag (bounded; in shrink mode a source that stops mid-call is masked and its
+  // remaining messages skipped: their rows stay unwritten), unless step 0 saw it; the team's warp 0
+  // decodes the meta (target rows, plan, src_info); then every thread stores its words to every
+  // target row. Returns false when the call failed here (team-uniform).
+  auto expand = [&](int src, int slot, bool is_held, bool is_first) -> bool {
     const char* msg = inbox_region(c, ll, src) + L.dispatch_in(half, src, slot);
-    if (!(first_held && item == first_item)) {
+    if (!is_held) {
       if (tt == 0) {
         WaitResult res = WaitResult::kMasked;
         if (!s_masked[src])
@@ -456,14 +455,14 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
       }
       team_sync(team);
       const WaitResult arrival = static_cast<WaitResult>(s_arrival[team]);
-      if (arrival == WaitResult::kFailed) return;
+      if (arrival == WaitResult::kFailed) return false;
       if (arrival == WaitResult::kMasked) {
         team_sync(team);  // s_arrival is rewritten by the next item
-        continue;
+        return true;
       }
       load_message<kFp8>(msg, m, num_scale_words, p.ue8m0, K, tt, held);
     }
-    if (item < static_cast<int>(gridDim.x)) trace_mark(&g_dispatch_trace, 10);  // thread 0: its block's first message is there
+    if (is_first) trace_mark(&g_dispatch_trace, 10);  // thread 0: its block's first message is there
     if (tt < 32) {
       const int token = held.token, expert = held.expert, pos = held.pos;
       const int local = (expert >= 0 && expert / num_local == c.rank) ? expert - c.rank * num_local : -1;
@@ -498,7 +497,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
       }
     }
     team_sync(team);
-    if (s_bad_msg[team]) return;
+    if (s_bad_msg[team]) return false;
     const int num_rows = s_num_rows[team];
     for (int i = 0; i < num_rows; ++i) {
       int4* to = reinterpret_cast<int4*>(static_cast<char*>(p.recv_x) + s_rows[team][i] * m.row_bytes);
@@ -511,8 +510,22 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
         reinterpret_cast<uint32_t*>(p.recv_scales)[s_scale_at[team][i] + int64_t(tt) * rows_per_expert] = held.scale_word;
       }
     }
-    if (item < static_cast<int>(gridDim.x)) trace_mark(&g_dispatch_trace, 11);  // thread 0: that message's rows are stored
+    if (is_first) trace_mark(&g_dispatch_trace, 11);  // thread 0: that message's rows are stored
     team_sync(team);
+    return true;
+  };
+
+  // The team's first item (step 0's), if it is a message of this call.
+  if (first_item < R * L.max_tokens) {
+    const int src = first_item % R, slot = first_item / R;
+    if (slot < s_count[src] && !expand(src, slot, first_held, true)) return;  // team-uniform
+  }
+  // The rest, numbered source-major over what the first items left (s_prefix) and spread over every
+  // team: a source that sent many more messages than the others still reaches all teams.
+  for (int item = blockIdx.x + team * gridDim.x; item < s_prefix[R]; item += num_teams) {
+    int src = 0;
+    while (s_prefix[src + 1] <= item) ++src;
+    if (!expand(src, first_slots(src) + item - s_prefix[src], false, false)) return;
   }
 
   trace_mark(&g_dispatch_trace, 8);
@@ -553,10 +566,10 @@ inline DispatchKernel dispatch_kernel_for(bool fp8, int phases) {
 
 namespace flashep::kernels {
 
-/// Shared memory: the receive phase's mask, counts and (source, expert) table, or the send phase's
-/// mask, counts per expert and destination, and id chunk, whichever is larger.
+/// Shared memory: the receive phase's mask, counts, (source, expert) table and prefix, or the send
+/// phase's mask, counts per expert and destination, and id chunk, whichever is larger.
 inline size_t ll_dispatch_smem(int num_ranks, int num_experts) {
-  const size_t receive = size_t(num_ranks) * 2 + size_t(num_experts) + size_t(num_experts / num_ranks);
+  const size_t receive = size_t(num_ranks) * 3 + 1 + size_t(num_experts) + size_t(num_experts / num_ranks);
   const size_t send = size_t(num_ranks) * 2 + size_t(num_experts) + 2 * size_t(ll::kCountChunk);
   return (receive > send ? receive : send) * sizeof(int);
 }
@@ -565,7 +578,7 @@ cudaError_t launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int n
   const size_t smem = ll_dispatch_smem(p.comm.num_ranks, p.ll.layout.num_experts);
   void (*kernel)(const LowLatencyDispatchParams) = ll::dispatch_kernel_for(p.fp8, p.phases);
   if (kernel == nullptr) return cudaErrorInvalidValue;
-  // At most (2 * kMaxRanks + kMaxLowLatencyExperts * 2) or (2 * kMaxRanks + kMaxLowLatencyExperts +
+  // At most (3 * kMaxRanks + 1 + kMaxLowLatencyExperts * 2) or (2 * kMaxRanks + kMaxLowLatencyExperts +
   // 2 * kCountChunk) ints: below the default 48 KB.
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(num_blocks);
