@@ -19,7 +19,8 @@
 //   signals      (peers write; depend on R only)   per half and source: dispatch total, combine
 //                                                    weights
 //   state        (this rank only; R only)           sequence numbers, tickets, send counters, mask
-//   counts       (peers write; R only)              per half and source: call hash + L counts
+//   counts       (peers write; R only)              per half and source: call hash, messages, L
+//                                                    row counts (stamped 64-bit words)
 //   flags        (peers write; R only)              per half, source and slot or token (up to the
 //                                                    largest T): dispatch messages, combine partials
 //   weights      (peers write)                      per half and source: call hash, [n][K] float32
@@ -53,10 +54,15 @@ inline constexpr int kMaxLowLatencyTokens = 8192;
 inline constexpr int kMaxLowLatencyHidden = 8192;
 /// Top-k slots a message reserves (any K <= kMaxTopk fits).
 inline constexpr int kLowLatencyTopkSlots = kMaxTopk;
-/// Ints of one source's counts block: call hash, reserved[3], then L counts (L <= E / R).
-FLASHEP_HD int ll_count_ints(int num_ranks) {
+/// 64-bit words of one source's counts block: the call hash, the message count, then L row counts
+/// (L <= E / R). Every word is stamped like a signal (ll_signal(seq, value)), so a receiver can
+/// read the block without waiting for its signal: a word of this call says so itself.
+inline constexpr int kCountWordHash = 0;
+inline constexpr int kCountWordMessages = 1;
+inline constexpr int kCountWordRows = 2;
+FLASHEP_HD int ll_count_words(int num_ranks) {
   const int most_local = (kMaxLowLatencyExperts + num_ranks - 1) / num_ranks;
-  return 4 + (most_local < kMaxLocalExperts ? most_local : kMaxLocalExperts);
+  return kCountWordRows + (most_local < kMaxLocalExperts ? most_local : kMaxLocalExperts);
 }
 
 // ---- signals -------------------------------------------------------------------------------------
@@ -160,7 +166,7 @@ struct LowLatencyLayout {
   }
   FLASHEP_HD int64_t mask(int rank) const { return mask_offset + int64_t(rank) * 4; }
   FLASHEP_HD int64_t counts(int half, int src) const {
-    return counts_offset + (int64_t(half) * num_ranks + src) * ll_count_ints(num_ranks) * 4;
+    return counts_offset + (int64_t(half) * num_ranks + src) * ll_count_words(num_ranks) * 8;
   }
   /// A source's combine weights: int32 call hash, 3 reserved, then float32 [n][K].
   FLASHEP_HD int64_t weights_block_bytes() const { return align_up(int64_t(max_tokens) * kLowLatencyTopkSlots * 4 + 16, 16); }
@@ -189,7 +195,7 @@ struct LowLatencyLayout {
     return dispatch_stage_offset + (int64_t(half) * max_tokens + token) * msg.stride;
   }
   FLASHEP_HD int64_t counts_stage(int half, int dst) const {
-    return counts_stage_offset + (int64_t(half) * num_ranks + dst) * ll_count_ints(num_ranks) * 4;
+    return counts_stage_offset + (int64_t(half) * num_ranks + dst) * ll_count_words(num_ranks) * 8;
   }
   FLASHEP_HD int64_t weights_stage(int half) const { return weights_stage_offset + int64_t(half) * weights_block_bytes(); }
   FLASHEP_HD int64_t combine_stage(int half, int dst, int slot, bool logfmt) const {
@@ -221,7 +227,7 @@ FLASHEP_HD LowLatencyLayout make_low_latency_layout(int max_tokens, int hidden, 
   l.mask_offset = at;
   at = align_up(at + R * 4, 128);
   l.counts_offset = at;
-  at = align_up(at + 2 * R * ll_count_ints(num_ranks) * 4, 128);
+  at = align_up(at + 2 * R * ll_count_words(num_ranks) * 8, 128);
   l.dispatch_flags_offset = at;
   at = align_up(at + 2 * R * int64_t(kMaxLowLatencyTokens) * 8, 128);
   l.combine_flags_offset = at;
@@ -236,7 +242,7 @@ FLASHEP_HD LowLatencyLayout make_low_latency_layout(int max_tokens, int hidden, 
   l.dispatch_stage_offset = at;
   at = align_up(at + 2 * T * l.msg.stride, 128);
   l.counts_stage_offset = at;
-  at = align_up(at + 2 * R * ll_count_ints(num_ranks) * 4, 128);
+  at = align_up(at + 2 * R * ll_count_words(num_ranks) * 8, 128);
   l.weights_stage_offset = at;
   at = align_up(at + 2 * l.weights_block_bytes(), 128);
   l.combine_stage_offset = at;

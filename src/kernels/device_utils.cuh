@@ -38,6 +38,9 @@ __device__ __forceinline__ uint64_t ld_relaxed_sys_u64(const uint64_t* ptr) {
   asm volatile("ld.relaxed.sys.global.b64 %0, [%1];" : "=l"(value) : "l"(ptr) : "memory");
   return value;
 }
+__device__ __forceinline__ void st_relaxed_sys_u64(uint64_t* ptr, uint64_t value) {
+  asm volatile("st.relaxed.sys.global.b64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
+}
 __device__ __forceinline__ void st_release_sys_u64(uint64_t* ptr, uint64_t value) {
   asm volatile("st.release.sys.global.b64 [%0], %1;" ::"l"(ptr), "l"(value) : "memory");
 }

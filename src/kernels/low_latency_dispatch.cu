@@ -105,21 +105,28 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
   }
   trace_mark(&g_dispatch_trace, 2);
 
-  // 2. Block d sends destination d its counts: the call hash and rows per local expert in the counts
-  // block, then the message count in the signal (a release after the block's stores; or one
-  // put-with-signal of the staged block for an NVSHMEM destination).
+  // 2. Block d sends destination d its counts block (the call hash, the message count, rows per
+  // local expert: words stamped with the call's number, relaxed system-scope stores so that a
+  // receiver reading them before the signal sees whole words), then the message count in the
+  // signal (a release after the block's stores; or one put-with-signal of the staged block for an
+  // NVSHMEM destination).
   for (int d = blockIdx.x; d < R; d += gridDim.x) {
     if (s_masked[d]) continue;  // block-uniform
     char* region = direct_region(c, ll, d);
-    int* counts = reinterpret_cast<int*>(region != nullptr ? region + L.counts(half, c.rank) : ll.sym + L.counts_stage(half, d));
-    for (int j = threadIdx.x; j < num_local; j += blockDim.x) counts[4 + j] = s_expert_rows[d * num_local + j];
-    if (threadIdx.x == 0) counts[0] = p.call_hash;
+    uint64_t* counts =
+        reinterpret_cast<uint64_t*>(region != nullptr ? region + L.counts(half, c.rank) : ll.sym + L.counts_stage(half, d));
+    for (int j = threadIdx.x; j < kCountWordRows + num_local; j += blockDim.x) {
+      const int value = j == kCountWordHash       ? (p.call_hash & 0x7fffffff)
+                        : j == kCountWordMessages ? s_dest_msgs[d]
+                                                  : s_expert_rows[d * num_local + j - kCountWordRows];
+      device::st_relaxed_sys_u64(counts + j, ll_signal(seq, value));
+    }
     __syncthreads();
     const uint64_t signal = ll_signal(seq, s_dest_msgs[d]);
     if (region != nullptr) {
       if (threadIdx.x == 0) device::st_release_sys_u64(reinterpret_cast<uint64_t*>(region + L.dispatch_total(half, c.rank)), signal);
     } else if (warp == 0) {
-      warp_put_signal(ll, d, L.counts(half, c.rank), L.counts_stage(half, d), int64_t(4 + num_local) * 4,
+      warp_put_signal(ll, d, L.counts(half, c.rank), L.counts_stage(half, d), int64_t(kCountWordRows + num_local) * 8,
                       L.dispatch_total(half, c.rank), signal, false);
     }
   }
@@ -348,6 +355,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   int* s_begin = s_count + R;          // [R][L] rows per (source, expert), then segment begins
   int* s_total = s_begin + R * num_local;  // [L] rows per expert
   int* s_prefix = s_total + num_local;     // [R + 1] messages left after the first items, per source
+  int* s_hash = s_prefix + R + 1;          // [R] each source's call hash (31 bits)
   int& s_failed = entry.failed;  // 0 here: the send phase (if any) returned early otherwise
 
   const LowLatencyMessage m = make_ll_message(L.hidden, kFp8);
@@ -386,22 +394,64 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
                                        p.ue8m0, K, tt, held);
   }
 
-  // 1. Every source's counts (sent before its messages).
-  if (!wait_sources(c, ll, seq, kSignalDispatchTotal, Phase::kLowLatencyDispatchRecv, p.wait_stats, s_masked, s_count,
-                    s_failed))
-    return;
-  trace_mark(&g_dispatch_trace, 6);
-  // Rows per (source, expert), every thread a few; and each source's call hash.
-  for (int j = threadIdx.x; j < R * num_local; j += blockDim.x) {
-    const int r = j / num_local;
-    s_begin[j] = s_masked[r] ? 0 : __ldcg(reinterpret_cast<const int*>(inbox_region(c, ll, r) + L.counts(half, r)) + 4 +
-                                          j % num_local);
+  // 1. Every source's counts block. One look first, one word per thread, inline and loop-free (a
+  // loop or a call would first wait for the loads step 0 has in flight): when every word is of
+  // this call (a hook's receive: the blocks landed long ago) the counts are known without waiting
+  // for the signals. Direct sources only (an NVSHMEM source's block is read after its signal, which
+  // runs NVSHMEM's wait), and not in shrink mode (there every block must take the grid's view of
+  // the masks in wait_sources). Otherwise, or when a word is not there yet: the signals, then the
+  // blocks.
+  const int words_per_source = kCountWordRows + num_local;
+  const int num_words = R * words_per_source;
+  int counted = 0;
+  if (!ll.shrink && num_words <= static_cast<int>(blockDim.x)) {  // block-uniform
+    int ok = 1;
+    if (static_cast<int>(threadIdx.x) < num_words) {
+      const int r = threadIdx.x / words_per_source, j = threadIdx.x % words_per_source;
+      if (s_masked[r] || direct_region(c, ll, r) == nullptr) {
+        ok = 0;
+      } else {
+        const uint64_t word = device::ld_relaxed_sys_u64(
+            reinterpret_cast<const uint64_t*>(inbox_region(c, ll, r) + L.counts(half, r)) + j);
+        if (!ll_signal_is(word, seq)) ok = 0;
+        const int value = ll_signal_count(word);
+        if (j == kCountWordHash) {
+          s_hash[r] = value;
+        } else if (j == kCountWordMessages) {
+          s_count[r] = value;
+          if (ok && value > L.max_tokens) {  // not from a correct peer: nothing may be read past its inbox
+            ll_fail(c, Phase::kLowLatencyBadMessage, r, -1, L.max_tokens, value);
+            s_failed = 1;
+          }
+        } else {
+          s_begin[r * num_local + j - kCountWordRows] = value;
+        }
+      }
+    }
+    counted = __syncthreads_and(ok);
   }
+  if (!counted) {
+    if (!wait_sources(c, ll, seq, kSignalDispatchTotal, Phase::kLowLatencyDispatchRecv, p.wait_stats, s_masked, s_count,
+                      s_failed))
+      return;
+    // Rows per (source, expert) and each source's call hash, every thread a few words (the signal
+    // came after them).
+    for (int j = threadIdx.x; j < num_words; j += blockDim.x) {
+      const int r = j / words_per_source, w = j % words_per_source;
+      if (w == kCountWordMessages) continue;  // the signal's count (s_count)
+      const int value = s_masked[r] ? 0
+                                    : ll_signal_count(__ldcg(reinterpret_cast<const unsigned long long*>(
+                                          inbox_region(c, ll, r) + L.counts(half, r)) + w));
+      if (w == kCountWordHash) s_hash[r] = s_masked[r] ? (p.call_hash & 0x7fffffff) : value;
+      else s_begin[r * num_local + w - kCountWordRows] = value;
+    }
+    __syncthreads();
+  }
+  trace_mark(&g_dispatch_trace, 6);
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
     if (s_masked[r]) continue;
-    const int hash = __ldcg(reinterpret_cast<const int*>(inbox_region(c, ll, r) + L.counts(half, r)));
-    if (hash != p.call_hash) {
-      ll_fail(c, Phase::kLowLatencyCallMismatch, r, -1, p.call_hash, hash);
+    if (s_hash[r] != (p.call_hash & 0x7fffffff)) {
+      ll_fail(c, Phase::kLowLatencyCallMismatch, r, -1, p.call_hash & 0x7fffffff, s_hash[r]);
       s_failed = 1;
     }
   }
@@ -566,10 +616,10 @@ inline DispatchKernel dispatch_kernel_for(bool fp8, int phases) {
 
 namespace flashep::kernels {
 
-/// Shared memory: the receive phase's mask, counts, (source, expert) table and prefix, or the send
+/// Shared memory: the receive phase's mask, counts, (source, expert) table, prefix and hashes, or the send
 /// phase's mask, counts per expert and destination, and id chunk, whichever is larger.
 inline size_t ll_dispatch_smem(int num_ranks, int num_experts) {
-  const size_t receive = size_t(num_ranks) * 3 + 1 + size_t(num_experts) + size_t(num_experts / num_ranks);
+  const size_t receive = size_t(num_ranks) * 4 + 1 + size_t(num_experts) + size_t(num_experts / num_ranks);
   const size_t send = size_t(num_ranks) * 2 + size_t(num_experts) + 2 * size_t(ll::kCountChunk);
   return (receive > send ? receive : send) * sizeof(int);
 }
@@ -578,7 +628,7 @@ cudaError_t launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int n
   const size_t smem = ll_dispatch_smem(p.comm.num_ranks, p.ll.layout.num_experts);
   void (*kernel)(const LowLatencyDispatchParams) = ll::dispatch_kernel_for(p.fp8, p.phases);
   if (kernel == nullptr) return cudaErrorInvalidValue;
-  // At most (3 * kMaxRanks + 1 + kMaxLowLatencyExperts * 2) or (2 * kMaxRanks + kMaxLowLatencyExperts +
+  // At most (4 * kMaxRanks + 1 + kMaxLowLatencyExperts * 2) or (2 * kMaxRanks + kMaxLowLatencyExperts +
   // 2 * kCountChunk) ints: below the default 48 KB.
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(num_blocks);

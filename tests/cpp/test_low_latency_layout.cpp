@@ -82,7 +82,7 @@ void test_fixed_part_does_not_move() {
     CHECK_EQ(a.combine_flag(1, R - 1, 7), b.combine_flag(1, R - 1, 7));
     CHECK_EQ(ll_fixed_bytes(R), a.weights_offset);
     // The counts block holds the call hash and L counts for every E this R allows.
-    CHECK(ll_count_ints(R) >= 4 + std::min(kMaxLocalExperts, kMaxLowLatencyExperts / R));
+    CHECK(ll_count_words(R) >= kCountWordRows + std::min(kMaxLocalExperts, kMaxLowLatencyExperts / R));
   }
 }
 
