@@ -72,6 +72,7 @@ kernels::LowLatencyComm BufferImpl::low_latency_comm(int max_tokens, int hidden,
     ll.local = sym;
   }
   ll.shrink = options_.enable_shrink ? 1 : 0;
+  ll.all_direct = ll_needs_nvshmem_ ? 0 : 1;
   return ll;
 }
 

@@ -331,12 +331,12 @@ __device__ __forceinline__ void load_message(const char* msg, const LowLatencyMe
 
 /// Block-wide receive phase.
 ///
-/// Round trips on the way: the entry's loads, then the sources' signals, their counts, and for
-/// each message its flag and its data. The last two need only the call's number, so each team
-/// reads its first message's flag before waiting for the sources, and when the message is there
-/// (a hook after a GEMM: every message is) loads it right away: its round trips overlap the
-/// sources' wait and the segment arithmetic instead of following them (the sources' signals are
-/// then polled inline: a call would first wait for those loads). A team's first item is numbered
+/// Round trips on the way: the entry's loads, then the sources' counts (their stamped words, or
+/// their signals and then the words), and for each message its flag and its data. The message's
+/// need only the call's number, so each team reads its first message's flag before the counts,
+/// and when the message is there (a hook after a GEMM: every message is) loads it right away: its
+/// load and the counts' are in flight together (no loop or call comes between: ptxas waits for
+/// loads in flight at a loop's head and before a call). A team's first item is numbered
 /// slot-major over (source, slot), so that it needs no count to be found; the rest source-major.
 template <bool kFp8>
 __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispatchParams& p, int* smem,
@@ -404,7 +404,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   const int words_per_source = kCountWordRows + num_local;
   const int num_words = R * words_per_source;
   int counted = 0;
-  if (!ll.shrink && num_words <= static_cast<int>(blockDim.x)) {  // block-uniform
+  if (ll.all_direct && !ll.shrink && num_words <= static_cast<int>(blockDim.x)) {  // block-uniform
     int ok = 1;
     if (static_cast<int>(threadIdx.x) < num_words) {
       const int r = threadIdx.x / words_per_source, j = threadIdx.x % words_per_source;
@@ -439,13 +439,22 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
     for (int j = threadIdx.x; j < num_words; j += blockDim.x) {
       const int r = j / words_per_source, w = j % words_per_source;
       if (w == kCountWordMessages) continue;  // the signal's count (s_count)
-      const int value = s_masked[r] ? 0
-                                    : ll_signal_count(__ldcg(reinterpret_cast<const unsigned long long*>(
-                                          inbox_region(c, ll, r) + L.counts(half, r)) + w));
+      int value = 0;
+      if (!s_masked[r]) {
+        const uint64_t word =
+            __ldcg(reinterpret_cast<const unsigned long long*>(inbox_region(c, ll, r) + L.counts(half, r)) + w);
+        value = ll_signal_count(word);
+        // After the signal a word is of this call, unless the source is two calls ahead already.
+        if (!ll_signal_is(word, seq)) {
+          ll_fail(c, Phase::kLowLatencyOverrun, r, -1, static_cast<int>(seq), static_cast<int>(word >> 32));
+          s_failed = 1;
+        }
+      }
       if (w == kCountWordHash) s_hash[r] = s_masked[r] ? (p.call_hash & 0x7fffffff) : value;
       else s_begin[r * num_local + w - kCountWordRows] = value;
     }
     __syncthreads();
+    if (s_failed) return;
   }
   trace_mark(&g_dispatch_trace, 6);
   for (int r = threadIdx.x; r < R; r += blockDim.x) {

@@ -22,6 +22,7 @@ struct LowLatencyComm {
   char* nvl_peer[kMaxNvlRanks] = {};     // regions of the NVLink-domain peers reached directly
   char* sym = nullptr;                   // our region in the symmetric heap (NVSHMEM peers), or nullptr
   int shrink = 0;                        // a peer that times out is masked instead of failing the call
+  int all_direct = 0;                    // every rank is reached directly (no NVSHMEM peer)
 };
 
 struct LowLatencyDispatchParams {
