@@ -29,6 +29,7 @@ std::vector<std::pair<int64_t, int64_t>> areas(const LowLatencyLayout& l) {
       {l.dispatch_flags_offset, l.dispatch_flag(2, 0, 0)},
       {l.combine_flags_offset, l.combine_flag(2, 0, 0)},
       {l.weights_offset, l.weights(2, 0)},
+      {l.combine_slot_flags_offset, l.combine_slot_flag(2, 0, 0)},
       {l.dispatch_in_offset, l.dispatch_in(2, 0, 0)},
       {l.combine_in_offset, l.combine_in(2, 0, 0, true)},
       {l.dispatch_stage_offset, l.dispatch_stage(2, 0)},
@@ -61,6 +62,15 @@ void test_areas_disjoint_and_aligned() {
           CHECK(l.combine_in(1, R - 1, T - 1, true) % 16 == 0);
           CHECK(l.combine_in(1, R - 1, T - 1, false) % 16 == 0);
           CHECK(l.combine_in(1, R - 1, T - 1, false) + l.row_bytes_bf16() <= l.combine_in(2, 0, 0, true));
+          // The per-slot rows share the half: the last slot row ends inside it, for both strides.
+          for (bool logfmt : {false, true}) {
+            CHECK(l.combine_slot_in(1, T - 1, kLowLatencyTopkSlots - 1, logfmt) % 16 == 0);
+            CHECK(l.combine_slot_in(0, T - 1, kLowLatencyTopkSlots - 1, logfmt) + l.combine_stride(logfmt) <=
+                  l.combine_in(1, 0, 0, logfmt));
+            CHECK(l.combine_slot_in(1, T - 1, kLowLatencyTopkSlots - 1, logfmt) + l.combine_stride(logfmt) <=
+                  l.combine_in(2, 0, 0, logfmt));
+            CHECK(l.combine_in(0, R - 1, T - 1, logfmt) + l.combine_stride(logfmt) <= l.combine_in(1, 0, 0, logfmt));
+          }
           CHECK(l.combine_stage(1, R - 1, T - 1, false) + l.row_bytes_bf16() <= l.combine_stage(2, 0, 0, true));
           CHECK(l.zero_copy(1) % 16 == 0);
         }
