@@ -114,22 +114,17 @@ static __device__ __noinline__ Floats8 load_logfmt(const char* row, int hidden, 
   return out;
 }
 
-/// Block-wide send phase. Returns false when the call failed here.
-__device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombineParams& p, int* smem, EntryState& entry) {
+/// Block r sends rank r our weights block (every thread a few words): the call hash, then (with
+/// `weights`) the top-k weights [n][K]; then the signal (a release after the block's stores, or
+/// one put-with-signal of the staged block). The per-slot combine sends the hash alone, so that a
+/// peer in a reduced combine of the same call fails with a named mismatch instead of waiting.
+__device__ __forceinline__ void send_weights(const kernels::LowLatencyCombineParams& p, const int* s_masked,
+                                             uint32_t seq, int half, bool weights) {
   const DeviceComm& c = p.comm;
   const LowLatencyComm& ll = p.ll;
   const LowLatencyLayout& L = ll.layout;
-  const int R = c.num_ranks, K = p.num_topk, T = L.max_tokens, H = L.hidden;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  LowLatencyState* st = state_of(ll);
-  const uint32_t seq = entry.send_seq;
-  const int half = static_cast<int>(seq & 1u);
-  int* s_masked = smem;           // [R]
-  int* s_prefix = smem + R;       // [R + 1] plan messages per source
-
-  // 1. Our weights: block r to rank r (every thread a few words), then the signal (a release after
-  // the block's stores, or one put-with-signal of the staged block).
-  const int weight_words = p.num_tokens * K;
+  const int R = c.num_ranks, warp = threadIdx.x / 32;
+  const int weight_words = weights ? p.num_tokens * p.num_topk : 0;
   for (int r = blockIdx.x; r < R; r += gridDim.x) {
     if (s_masked[r]) continue;  // block-uniform
     char* region = direct_region(c, ll, r);
@@ -149,6 +144,23 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
                       L.combine_weights(half, c.rank), signal, false);
     }
   }
+}
+
+/// Block-wide send phase. Returns false when the call failed here.
+__device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombineParams& p, int* smem, EntryState& entry) {
+  const DeviceComm& c = p.comm;
+  const LowLatencyComm& ll = p.ll;
+  const LowLatencyLayout& L = ll.layout;
+  const int R = c.num_ranks, K = p.num_topk, T = L.max_tokens, H = L.hidden;
+  const int lane = threadIdx.x % 32;
+  LowLatencyState* st = state_of(ll);
+  const uint32_t seq = entry.send_seq;
+  const int half = static_cast<int>(seq & 1u);
+  int* s_masked = smem;           // [R]
+  int* s_prefix = smem + R;       // [R + 1] plan messages per source
+
+  // 1. Our weights: block r to rank r.
+  send_weights(p, s_masked, seq, half, true);
   trace_mark(&g_combine_trace, 2);
   // 2. The expert side: one weighted sum per message of the dispatch, one team (half a block) per
   // message. The team's thread 0 waits for the source's weights (once per source and team), its
@@ -399,6 +411,8 @@ __device__ __forceinline__ bool combine_send_slots(const kernels::LowLatencyComb
   int* s_masked = smem;      // [R]
   int* s_prefix = smem + R;  // [R + 1] plan messages per source
 
+  // The call hash alone (no weights: this wire does not need them) to every rank.
+  send_weights(p, s_masked, seq, half, false);
   __shared__ int s_bad_plan;
   if (threadIdx.x == 0) {
     s_prefix[0] = 0;
@@ -534,11 +548,17 @@ __device__ __forceinline__ void combine_receive_slots(const kernels::LowLatencyC
       // 32-bit division once the id is known to be in range (a 64-bit one is a call).
       int dst = (expert >= 0 && expert < L.num_experts) ? static_cast<int>(expert) / num_local : -1;
       if (dst >= 0 && s_masked[dst]) dst = -1;
+      // The wait statistics count a (token, rank) once, as in the reduced combine: its first slot.
+      bool first = dst >= 0;
+      for (int k = 0; k < K; ++k) {
+        const int other = __shfl_sync(0xffffffffu, dst, k);
+        if (k < lane && other == dst) first = false;
+      }
       WaitResult res = WaitResult::kMasked;
       if (dst >= 0) {
         uint64_t value = 0;
-        res = wait_flag(c, ll, dst, L.combine_slot_flag(half, t, lane), seq, Phase::kLowLatencyCombineRecv, p.wait_stats,
-                        s_masked, &value);
+        res = wait_flag(c, ll, dst, L.combine_slot_flag(half, t, lane), seq, Phase::kLowLatencyCombineRecv,
+                        first ? p.wait_stats : nullptr, s_masked, &value);
         const int hash = p.call_hash & 0x7fffffff;
         if (res == WaitResult::kArrived && ll_signal_count(value) != hash) {
           ll_fail(c, Phase::kLowLatencyCallMismatch, dst, -1, hash, ll_signal_count(value));
@@ -599,12 +619,22 @@ __global__ void __launch_bounds__(kThreads, 1) combine(const __grid_constant__ k
   trace_mark(&g_combine_trace, 0);
   if (!kernel_entry(p.comm, p.ll, kPhases, p.call_slot, smem, entry)) return;
   trace_mark(&g_combine_trace, 1);
+  // The per-slot wire is for hooked calls only: the fused kernel carries no code for it (the
+  // kernels run from a cold instruction cache).
+  constexpr bool kMaySlot = kPhases != kLowLatencyBoth;
   if constexpr ((kPhases & kLowLatencySend) != 0) {
-    if (!(p.slot_mode ? combine_send_slots(p, smem, entry) : combine_send(p, smem, entry))) return;
+    bool ok;
+    if constexpr (kMaySlot) ok = p.slot_mode ? combine_send_slots(p, smem, entry) : combine_send(p, smem, entry);
+    else ok = combine_send(p, smem, entry);
+    if (!ok) return;
   }
   if constexpr ((kPhases & kLowLatencyReceive) != 0) {
-    if (p.slot_mode) combine_receive_slots(p, smem, entry);
-    else combine_receive(p, smem, entry);
+    if constexpr (kMaySlot) {
+      if (p.slot_mode) combine_receive_slots(p, smem, entry);
+      else combine_receive(p, smem, entry);
+    } else {
+      combine_receive(p, smem, entry);
+    }
   }
   trace_mark(&g_combine_trace, 7);
 }
