@@ -15,6 +15,13 @@
 // send phase leaves its call's number in slot `call_slot` (0..15): the receive phase of the same
 // call passes the same slot, and calls in flight at the same time use different ones (the Python
 // layer passes its call count modulo 16); receive phases may then run in any order.
+//
+// Combine with the hook, when every peer is reached directly (one NVLink domain), sends each expert
+// row to its token's top-k slot and weights it on the receiving side, so that its send phase never
+// waits for a peer's call (the fused combine, and the hook over NVSHMEM, send one weighted partial
+// sum per (token, rank), which needs the source's weights first). Every rank of a combine must use
+// the hook or not alike: the two wire formats do not mix (a mismatch fails with a named error:
+// kLowLatencyCallMismatch).
 #pragma once
 
 #include <cstddef>

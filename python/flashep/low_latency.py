@@ -3,9 +3,11 @@ arguments, outputs and semantics (../shared/docs/interface.md, "Low-latency mode
 
 How it moves data (the contract leaves it to the implementation): each token travels once per
 destination rank and is expanded into its experts' rows there; combine reduces each rank's experts
-(weighted, float32) before sending one BF16 partial sum per (token, rank) back. Peers of the NVLink
-domain get direct stores; other peers (or all, with allow_nvlink_for_low_latency_mode=False) get
-NVSHMEM puts.
+(weighted, float32) before sending one BF16 partial sum per (token, rank) back. That needs the
+token owner's weights on the expert side, so a hooked combine whose peers are all on NVLink sends
+each expert row to its (token, top-k slot) instead and weights it in the hook: its send phase then
+waits for no peer's call. Peers of the NVLink domain get direct stores; other peers (or all, with
+allow_nvlink_for_low_latency_mode=False) get NVSHMEM puts.
 
 Streams: without `async_finish` or the hook, the kernel runs on the current stream (capturable in
 a CUDA graph). With `async_finish=True` it runs on the communication stream after the current one

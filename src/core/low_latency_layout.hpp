@@ -22,10 +22,12 @@
 //   counts       (peers write; R only)              per half and source: call hash, messages, L
 //                                                    row counts (stamped 64-bit words)
 //   flags        (peers write; R only)              per half, source and slot or token (up to the
-//                                                    largest T): dispatch messages, combine partials
+//                                                    largest T): dispatch messages, combine partials;
+//                                                    per half, token and top-k slot: per-slot rows
 //   weights      (peers write)                      per half and source: call hash, [n][K] float32
 //   dispatch in  (peers write)                      per half and source: T messages
-//   combine in   (peers write)                      per half and source: T BF16 partial rows
+//   combine in   (peers write)                      per half and source: T partial rows (BF16 or
+//                                                    LogFMT); then per half [T][32] per-slot rows
 //   stages       (this rank; NVSHMEM puts read them) dispatch messages, counts, weights, partials
 //   zero-copy    (this rank only)                   two halves of [L][R*T][H] BF16
 // Signals, state and the flags sit at offsets that do not depend on (T, H, E), so calls of
@@ -146,7 +148,8 @@ struct LowLatencyLayout {
   int hidden;            // H
   LowLatencyMessage msg; // of the largest form (BF16): the stride is the same for FP8
   int64_t state_offset, msg_counter_offset, expert_counter_offset,
-      mask_offset, counts_offset, dispatch_flags_offset, combine_flags_offset, weights_offset, dispatch_in_offset, combine_in_offset, dispatch_stage_offset,
+      mask_offset, counts_offset, dispatch_flags_offset, combine_flags_offset, combine_slot_flags_offset, weights_offset,
+      dispatch_in_offset, combine_in_offset, combine_slot_in_offset, dispatch_stage_offset,
       counts_stage_offset, weights_stage_offset, combine_stage_offset, zero_copy_offset, end;
 
   FLASHEP_HD int num_local_experts() const { return num_experts / num_ranks; }
@@ -188,8 +191,22 @@ struct LowLatencyLayout {
   /// Rows of a call's partial sums sit `combine_stride(logfmt)` apart: 2H for BF16 (the area holds
   /// the wider LogFMT rows too).
   FLASHEP_HD int64_t combine_stride(bool logfmt) const { return logfmt ? combine_row_bytes() : row_bytes_bf16(); }
+  /// A half of an inbox of combine rows starts at the same place for either stride (a LogFMT call
+  /// and a BF16 call in flight at once use different halves, and must not overlap).
   FLASHEP_HD int64_t combine_in(int half, int src, int token, bool logfmt) const {
-    return combine_in_offset + ((int64_t(half) * num_ranks + src) * max_tokens + token) * combine_stride(logfmt);
+    return combine_in_offset + int64_t(half) * num_ranks * max_tokens * combine_row_bytes() +
+           (int64_t(src) * max_tokens + token) * combine_stride(logfmt);
+  }
+  /// Per-slot combine (a hooked call whose peers are all direct): the expert row for our token
+  /// `token`'s top-k slot `k`, in its own area (a reduced call of the same half may be in flight),
+  /// and its 64-bit flag (ll_signal(seq, the call hash) once there), at an offset no (T, H, E)
+  /// moves.
+  FLASHEP_HD int64_t combine_slot_in(int half, int token, int k, bool logfmt) const {
+    return combine_slot_in_offset + int64_t(half) * max_tokens * kLowLatencyTopkSlots * combine_row_bytes() +
+           (int64_t(token) * kLowLatencyTopkSlots + k) * combine_stride(logfmt);
+  }
+  FLASHEP_HD int64_t combine_slot_flag(int half, int token, int k) const {
+    return combine_slot_flags_offset + ((int64_t(half) * kMaxLowLatencyTokens + token) * kLowLatencyTopkSlots + k) * 8;
   }
   FLASHEP_HD int64_t dispatch_stage(int half, int token) const {
     return dispatch_stage_offset + (int64_t(half) * max_tokens + token) * msg.stride;
@@ -232,6 +249,8 @@ FLASHEP_HD LowLatencyLayout make_low_latency_layout(int max_tokens, int hidden, 
   at = align_up(at + 2 * R * int64_t(kMaxLowLatencyTokens) * 8, 128);
   l.combine_flags_offset = at;
   at = align_up(at + 2 * R * int64_t(kMaxLowLatencyTokens) * 8, 128);
+  l.combine_slot_flags_offset = at;
+  at = align_up(at + 2 * int64_t(kMaxLowLatencyTokens) * kLowLatencyTopkSlots * 8, 128);
   // From here on the offsets depend on (T, H, E).
   l.weights_offset = at;
   at = align_up(at + 2 * R * l.weights_block_bytes(), 128);
@@ -239,6 +258,8 @@ FLASHEP_HD LowLatencyLayout make_low_latency_layout(int max_tokens, int hidden, 
   at = align_up(at + 2 * R * T * l.msg.stride, 128);
   l.combine_in_offset = at;
   at = align_up(at + 2 * R * T * l.combine_row_bytes(), 128);
+  l.combine_slot_in_offset = at;
+  at = align_up(at + 2 * T * int64_t(kLowLatencyTopkSlots) * l.combine_row_bytes(), 128);
   l.dispatch_stage_offset = at;
   at = align_up(at + 2 * T * l.msg.stride, 128);
   l.counts_stage_offset = at;

@@ -175,8 +175,11 @@ void BufferImpl::low_latency_combine(const LowLatencyCombineArgs& a, cudaStream_
   p.phases = a.phases;
   p.call_slot = a.call_slot;
   p.logfmt = a.use_logfmt && env_.ll_logfmt != 0 ? 1 : 0;
+  // A hooked call (one phase per launch) whose peers are all direct: the per-slot combine, whose
+  // send waits for no peer (LowLatencyCombineParams::slot_mode). Both launches of the call agree.
+  p.slot_mode = (a.phases != kLowLatencyBoth && !ll_needs_nvshmem_) ? 1 : 0;
   // Both ends of a combine must agree on the wire format: it is part of the call hash.
-  p.call_hash = ll_call_hash(kOpCombine, h.max_tokens, h.hidden, h.num_experts, h.num_topk, p.logfmt);
+  p.call_hash = ll_call_hash(kOpCombine, h.max_tokens, h.hidden, h.num_experts, h.num_topk, p.logfmt | (p.slot_mode << 1));
   p.plan = h.plan;
   p.out = a.out;
   p.wait_stats = a.combine_wait_recv_cost_stats;

@@ -9,6 +9,13 @@
 // Receive phase: one block per token; lanes of warp 0 wait for the flags of the ranks its experts
 // live on (bounded; a silent rank is masked in shrink mode and its term left out), then every
 // thread adds those ranks' sums (float32) and writes the BF16 result.
+//
+// Per-slot combine (a hooked call whose peers are all direct, p.slot_mode): the send phase must
+// not wait for peers (the hook's promise: no SM held while others catch up), and the reduced sums
+// need the source's weights, which come only with the source's own combine call. So the expert
+// side sends each expert row as it is (BF16 or LogFMT) to the source's (token, top-k slot) row,
+// with that row's own flag, and the receive phase multiplies by its own weights and adds. More
+// bytes (one row per (token, expert), as DeepEP sends), no dependency on the peers' calls.
 #include <cuda_bf16.h>
 
 #include "core/logfmt.hpp"
@@ -107,22 +114,17 @@ static __device__ __noinline__ Floats8 load_logfmt(const char* row, int hidden, 
   return out;
 }
 
-/// Block-wide send phase. Returns false when the call failed here.
-__device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombineParams& p, int* smem, EntryState& entry) {
+/// Block r sends rank r our weights block (every thread a few words): the call hash, then (with
+/// `weights`) the top-k weights [n][K]; then the signal (a release after the block's stores, or
+/// one put-with-signal of the staged block). The per-slot combine sends the hash alone, so that a
+/// peer in a reduced combine of the same call fails with a named mismatch instead of waiting.
+__device__ __forceinline__ void send_weights(const kernels::LowLatencyCombineParams& p, const int* s_masked,
+                                             uint32_t seq, int half, bool weights) {
   const DeviceComm& c = p.comm;
   const LowLatencyComm& ll = p.ll;
   const LowLatencyLayout& L = ll.layout;
-  const int R = c.num_ranks, K = p.num_topk, T = L.max_tokens, H = L.hidden;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  LowLatencyState* st = state_of(ll);
-  const uint32_t seq = entry.send_seq;
-  const int half = static_cast<int>(seq & 1u);
-  int* s_masked = smem;           // [R]
-  int* s_prefix = smem + R;       // [R + 1] plan messages per source
-
-  // 1. Our weights: block r to rank r (every thread a few words), then the signal (a release after
-  // the block's stores, or one put-with-signal of the staged block).
-  const int weight_words = p.num_tokens * K;
+  const int R = c.num_ranks, warp = threadIdx.x / 32;
+  const int weight_words = weights ? p.num_tokens * p.num_topk : 0;
   for (int r = blockIdx.x; r < R; r += gridDim.x) {
     if (s_masked[r]) continue;  // block-uniform
     char* region = direct_region(c, ll, r);
@@ -142,6 +144,23 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
                       L.combine_weights(half, c.rank), signal, false);
     }
   }
+}
+
+/// Block-wide send phase. Returns false when the call failed here.
+__device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombineParams& p, int* smem, EntryState& entry) {
+  const DeviceComm& c = p.comm;
+  const LowLatencyComm& ll = p.ll;
+  const LowLatencyLayout& L = ll.layout;
+  const int R = c.num_ranks, K = p.num_topk, T = L.max_tokens, H = L.hidden;
+  const int lane = threadIdx.x % 32;
+  LowLatencyState* st = state_of(ll);
+  const uint32_t seq = entry.send_seq;
+  const int half = static_cast<int>(seq & 1u);
+  int* s_masked = smem;           // [R]
+  int* s_prefix = smem + R;       // [R + 1] plan messages per source
+
+  // 1. Our weights: block r to rank r.
+  send_weights(p, s_masked, seq, half, true);
   trace_mark(&g_combine_trace, 2);
   // 2. The expert side: one weighted sum per message of the dispatch, one team (half a block) per
   // message. The team's thread 0 waits for the source's weights (once per source and team), its
@@ -378,6 +397,218 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
   trace_mark(&g_combine_trace, 6);
 }
 
+/// Block-wide send phase of the per-slot combine. Returns false when the call failed here.
+__device__ __forceinline__ bool combine_send_slots(const kernels::LowLatencyCombineParams& p, int* smem,
+                                                   EntryState& entry) {
+  const DeviceComm& c = p.comm;
+  const LowLatencyComm& ll = p.ll;
+  const LowLatencyLayout& L = ll.layout;
+  const int R = c.num_ranks, K = p.num_topk, T = L.max_tokens, H = L.hidden;
+  const int lane = threadIdx.x % 32;
+  LowLatencyState* st = state_of(ll);
+  const uint32_t seq = entry.send_seq;
+  const int half = static_cast<int>(seq & 1u);
+  int* s_masked = smem;      // [R]
+  int* s_prefix = smem + R;  // [R + 1] plan messages per source
+
+  // The call hash alone (no weights: this wire does not need them) to every rank.
+  send_weights(p, s_masked, seq, half, false);
+  __shared__ int s_bad_plan;
+  if (threadIdx.x == 0) {
+    s_prefix[0] = 0;
+    s_bad_plan = -1;
+    for (int r = 0; r < R; ++r) {
+      const int n = p.plan[r];
+      if (n < 0 || n > T) s_bad_plan = r;  // not a plan of a finished dispatch of this shape
+      s_prefix[r + 1] = s_prefix[r] + (s_masked[r] || n < 0 || n > T ? 0 : n);
+    }
+  }
+  const int team = threadIdx.x / kSumTeamThreads, tt = threadIdx.x % kSumTeamThreads;
+  __shared__ int s_rows[kSumTeams][kMaxTopk], s_slots[kSumTeams][kMaxTopk];
+  __shared__ int s_num_rows[kSumTeams], s_token[kSumTeams];
+  __shared__ int s_send_failed;
+  if (threadIdx.x == 0) s_send_failed = 0;
+  __syncthreads();
+  if (s_bad_plan >= 0) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) ll_fail(c, Phase::kLowLatencyBadMessage, s_bad_plan, -1, T, p.plan[s_bad_plan]);
+    return false;
+  }
+  trace_mark(&g_combine_trace, 3);
+  const int total = s_prefix[R];
+  const int64_t num_rows_x = int64_t(L.num_local_experts()) * L.rows_per_expert();
+  const int num_int4 = H / 8;
+  constexpr int kWordsPerThread = kMaxLowLatencyHidden / 8 / kSumTeamThreads;
+  const int4* x = reinterpret_cast<const int4*>(p.x);
+  // The call hash rides in each flag's count bits: a rank that made another call fails by name.
+  const uint64_t flag = ll_signal(seq, p.call_hash);
+  // One team per message of the dispatch, items spread over the blocks first.
+  for (int item = blockIdx.x + team * gridDim.x; item < total; item += gridDim.x * kSumTeams) {
+    int src = 0;
+    while (s_prefix[src + 1] <= item) ++src;
+    const int slot = item - s_prefix[src];
+    if (tt < 32) {
+      const int* entry_ints = p.plan + ll_plan_entry(R, T, K, src, slot);
+      const int token = entry_ints[0];
+      const int row = lane < K ? entry_ints[1 + lane] : -1;
+      const bool token_ok = token >= 0 && token < T;
+      const bool valid = token_ok && row >= 0 && row < num_rows_x;
+      const unsigned rows = __ballot_sync(0xffffffffu, valid);
+      if (valid) {
+        const int i = __popc(rows & ((1u << lane) - 1u));
+        s_rows[team][i] = row;
+        s_slots[team][i] = lane;
+      }
+      if (lane == 0) {
+        s_num_rows[team] = token_ok ? __popc(rows) : -1;
+        s_token[team] = token;
+      }
+    }
+    team_sync(team, kSumTeamThreads);
+    const int num_rows = s_num_rows[team], token = s_token[team];
+    if (num_rows < 0) {  // a plan entry outside the tensors: not from a finished dispatch
+      if (tt == 0) {
+        ll_fail(c, Phase::kLowLatencyBadMessage, src, -1, T, token);
+        s_send_failed = 1;
+      }
+      break;  // team-uniform
+    }
+    char* region = direct_region(c, ll, src);  // every peer is direct in this mode
+    // Two rows' loads in flight at a time, then their stores.
+    for (int i = 0; i < num_rows; i += 2) {
+      const bool second = i + 1 < num_rows;
+      const int4* row0 = x + int64_t(s_rows[team][i]) * num_int4;
+      const int4* row1 = x + int64_t(s_rows[team][second ? i + 1 : i]) * num_int4;
+      int4 v0[kWordsPerThread], v1[kWordsPerThread];
+#pragma unroll
+      for (int u = 0; u < kWordsPerThread; ++u) {
+        const int w = tt + u * kSumTeamThreads;
+        v0[u] = w < num_int4 ? device::ld_stream(row0 + w) : make_int4(0, 0, 0, 0);
+        v1[u] = w < num_int4 && second ? device::ld_stream(row1 + w) : make_int4(0, 0, 0, 0);
+      }
+      for (int j = 0; j < (second ? 2 : 1); ++j) {
+        char* dst = region + L.combine_slot_in(half, token, s_slots[team][i + j], p.logfmt);
+#pragma unroll
+        for (int u = 0; u < kWordsPerThread; ++u) {
+          const int w = tt + u * kSumTeamThreads;
+          if (w >= num_int4) continue;  // uniform per half warp (H % 128 == 0)
+          const int4 v = j == 0 ? v0[u] : v1[u];
+          if (p.logfmt) {
+            Floats8 values;
+#pragma unroll
+            for (int q = 0; q < 8; ++q) values.v[q] = 0.0f;
+            add_bf16x8(values.v, v);
+            store_logfmt(dst, H, w, values);
+          } else {
+            reinterpret_cast<int4*>(dst)[w] = v;
+          }
+        }
+      }
+    }
+    team_sync(team, kSumTeamThreads);
+    // Each row's flag, after every thread's stores (the team barrier orders them before the
+    // system-scope releases).
+    if (tt < num_rows)
+      device::st_release_sys_u64(reinterpret_cast<uint64_t*>(region + L.combine_slot_flag(half, token, s_slots[team][tt])),
+                                 flag);
+    team_sync(team, kSumTeamThreads);  // s_rows / s_slots are rewritten by the next item
+  }
+
+  // A team that failed stops the whole block here: no half block goes on with its state unset.
+  __syncthreads();
+  if (s_send_failed) return false;
+  trace_mark(&g_combine_trace, 4);
+  if (last_block_done(&st->ticket[kTicketCombineSend])) {
+    trace_mark(&g_combine_trace, 5);
+    finish_send_phase(c, ll, s_masked, kTicketCombineSend, p.call_slot, seq);
+  }
+  return true;
+}
+
+/// Block-wide receive phase of the per-slot combine: one block per token; lane k of warp 0 waits
+/// for the row of top-k slot k (bounded; a silent rank is masked in shrink mode and its terms left
+/// out) and checks the call hash in its flag; then every thread adds weight x row over the slots
+/// that came, in slot order (float32), and writes the BF16 result.
+__device__ __forceinline__ void combine_receive_slots(const kernels::LowLatencyCombineParams& p, int* smem,
+                                                      EntryState& entry) {
+  const DeviceComm& c = p.comm;
+  const LowLatencyComm& ll = p.ll;
+  const LowLatencyLayout& L = ll.layout;
+  const int K = p.num_topk, H = L.hidden, num_local = L.num_local_experts();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const uint32_t seq = entry.recv_seq;
+  const int half = static_cast<int>(seq & 1u);
+  int* s_masked = smem;  // [R]
+  const int num_int4 = H / 8;
+  __shared__ const char* s_parts[32];
+  __shared__ float s_part_weights[32];
+  __shared__ int s_num_parts, s_part_failed;
+  for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
+    if (warp == 0) {
+      const int64_t expert = lane < K ? __ldg(p.topk_idx + int64_t(t) * K + lane) : -1;
+      // 32-bit division once the id is known to be in range (a 64-bit one is a call).
+      int dst = (expert >= 0 && expert < L.num_experts) ? static_cast<int>(expert) / num_local : -1;
+      if (dst >= 0 && s_masked[dst]) dst = -1;
+      // The wait statistics count a (token, rank) once, as in the reduced combine: its first slot.
+      bool first = dst >= 0;
+      for (int k = 0; k < K; ++k) {
+        const int other = __shfl_sync(0xffffffffu, dst, k);
+        if (k < lane && other == dst) first = false;
+      }
+      WaitResult res = WaitResult::kMasked;
+      if (dst >= 0) {
+        uint64_t value = 0;
+        res = wait_flag(c, ll, dst, L.combine_slot_flag(half, t, lane), seq, Phase::kLowLatencyCombineRecv,
+                        first ? p.wait_stats : nullptr, s_masked, &value);
+        const int hash = p.call_hash & 0x7fffffff;
+        if (res == WaitResult::kArrived && ll_signal_count(value) != hash) {
+          ll_fail(c, Phase::kLowLatencyCallMismatch, dst, -1, hash, ll_signal_count(value));
+          res = WaitResult::kFailed;
+        }
+      }
+      const unsigned came = __ballot_sync(0xffffffffu, res == WaitResult::kArrived);
+      const bool failed = __any_sync(0xffffffffu, res == WaitResult::kFailed);
+      if (res == WaitResult::kArrived) {
+        const int i = __popc(came & ((1u << lane) - 1u));
+        s_parts[i] = inbox_region(c, ll, dst) + L.combine_slot_in(half, t, lane, p.logfmt);
+        s_part_weights[i] = __ldg(p.topk_weights + int64_t(t) * K + lane);
+      }
+      if (lane == 0) {
+        s_num_parts = __popc(came);
+        s_part_failed = failed ? 1 : 0;
+      }
+    }
+    __syncthreads();
+    if (t == static_cast<int>(blockIdx.x)) trace_mark(&g_combine_trace, 8);  // the block's first token's rows are there
+    if (s_part_failed) return;
+    const int num_parts = s_num_parts;
+    for (int w = threadIdx.x; w < num_int4; w += kThreads) {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int d0 = 0; d0 < num_parts; d0 += 8) {
+        int4 v[8];
+#pragma unroll
+        for (int d = 0; d < 8; ++d)
+          if (d0 + d < num_parts && !p.logfmt) v[d] = device::ld_ring(reinterpret_cast<const int4*>(s_parts[d0 + d]) + w);
+#pragma unroll
+        for (int d = 0; d < 8; ++d) {
+          if (d0 + d >= num_parts) continue;
+          const float weight = s_part_weights[d0 + d];
+          if (p.logfmt) {
+            const Floats8 part = load_logfmt(s_parts[d0 + d], H, w);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[j] = fmaf(weight, part.v[j], acc[j]);
+          } else {
+            fma_bf16x8(acc, v[d], weight);
+          }
+        }
+      }
+      reinterpret_cast<int4*>(p.out)[int64_t(t) * num_int4 + w] = to_bf16x8(acc);
+    }
+    __syncthreads();
+    if (t == static_cast<int>(blockIdx.x)) trace_mark(&g_combine_trace, 9);  // the block's first token is added
+  }
+  trace_mark(&g_combine_trace, 6);
+}
+
 }  // namespace
 
 /// One kernel per phase set, as for dispatch: a hook's receive runs code with no send path in it.
@@ -388,10 +619,23 @@ __global__ void __launch_bounds__(kThreads, 1) combine(const __grid_constant__ k
   trace_mark(&g_combine_trace, 0);
   if (!kernel_entry(p.comm, p.ll, kPhases, p.call_slot, smem, entry)) return;
   trace_mark(&g_combine_trace, 1);
+  // The per-slot wire is for hooked calls only: the fused kernel carries no code for it (the
+  // kernels run from a cold instruction cache).
+  constexpr bool kMaySlot = kPhases != kLowLatencyBoth;
   if constexpr ((kPhases & kLowLatencySend) != 0) {
-    if (!combine_send(p, smem, entry)) return;
+    bool ok;
+    if constexpr (kMaySlot) ok = p.slot_mode ? combine_send_slots(p, smem, entry) : combine_send(p, smem, entry);
+    else ok = combine_send(p, smem, entry);
+    if (!ok) return;
   }
-  if constexpr ((kPhases & kLowLatencyReceive) != 0) combine_receive(p, smem, entry);
+  if constexpr ((kPhases & kLowLatencyReceive) != 0) {
+    if constexpr (kMaySlot) {
+      if (p.slot_mode) combine_receive_slots(p, smem, entry);
+      else combine_receive(p, smem, entry);
+    } else {
+      combine_receive(p, smem, entry);
+    }
+  }
   trace_mark(&g_combine_trace, 7);
 }
 

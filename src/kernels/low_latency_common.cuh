@@ -159,13 +159,15 @@ static __device__ __noinline__ WaitResult wait_word(const DeviceComm& c, const L
 
 /// One thread: waits (wait_word) for the flag at `offset` of our inbox for `peer`, adds the cycles
 /// waited to `wait_stats[peer]` (the *_wait_recv_cost_stats, when given), and marks the peer in
-/// `s_masked` when it was masked meanwhile (shrink mode).
+/// `s_masked` when it was masked meanwhile (shrink mode). `*value_out` (when given) gets the flag.
 __device__ __forceinline__ WaitResult wait_flag(const DeviceComm& c, const LowLatencyComm& ll, int peer, int64_t offset,
-                                                uint32_t seq, Phase phase, int64_t* wait_stats, int* s_masked) {
+                                                uint32_t seq, Phase phase, int64_t* wait_stats, int* s_masked,
+                                                uint64_t* value_out = nullptr) {
   const long long wait_start = clock64();
   uint64_t value = 0;
   const WaitResult res = wait_word(c, ll, reinterpret_cast<const uint64_t*>(inbox_region(c, ll, peer) + offset), seq,
                                    phase, peer, &value, direct_region(c, ll, peer) == nullptr);
+  if (value_out != nullptr) *value_out = value;
   if (wait_stats != nullptr)
     atomicAdd(reinterpret_cast<unsigned long long*>(wait_stats + peer), static_cast<unsigned long long>(clock64() - wait_start));
   if (res == WaitResult::kMasked) s_masked[peer] = 1;

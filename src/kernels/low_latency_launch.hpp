@@ -54,6 +54,11 @@ struct LowLatencyCombineParams {
   int call_slot;
   int call_hash;
   int logfmt;  // partial sums travel as LogFMT-10 (src/core/logfmt.hpp), else BF16
+  /// Per-slot combine (a hooked call whose peers are all direct): every expert row travels to its
+  /// source's (token, top-k slot) and the receive phase weights and adds them, so no weights are
+  /// exchanged and the send phase waits for no peer. Else the reduced combine: the expert side
+  /// waits for the source's weights and sends one weighted partial sum per (token, rank).
+  int slot_mode;
   const int* plan;
   void* out;
   int64_t* wait_stats;

@@ -28,9 +28,11 @@ std::vector<std::pair<int64_t, int64_t>> areas(const LowLatencyLayout& l) {
       {l.counts_offset, l.counts(2, 0)},
       {l.dispatch_flags_offset, l.dispatch_flag(2, 0, 0)},
       {l.combine_flags_offset, l.combine_flag(2, 0, 0)},
+      {l.combine_slot_flags_offset, l.combine_slot_flag(2, 0, 0)},
       {l.weights_offset, l.weights(2, 0)},
       {l.dispatch_in_offset, l.dispatch_in(2, 0, 0)},
       {l.combine_in_offset, l.combine_in(2, 0, 0, true)},
+      {l.combine_slot_in_offset, l.combine_slot_in(2, 0, 0, true)},
       {l.dispatch_stage_offset, l.dispatch_stage(2, 0)},
       {l.counts_stage_offset, l.counts_stage(2, 0)},
       {l.weights_stage_offset, l.weights_stage(2)},
@@ -61,6 +63,16 @@ void test_areas_disjoint_and_aligned() {
           CHECK(l.combine_in(1, R - 1, T - 1, true) % 16 == 0);
           CHECK(l.combine_in(1, R - 1, T - 1, false) % 16 == 0);
           CHECK(l.combine_in(1, R - 1, T - 1, false) + l.row_bytes_bf16() <= l.combine_in(2, 0, 0, true));
+          // A half's last row, of either stride, ends before the next half's first row of either
+          // stride (a LogFMT call and a BF16 call may be in flight in the two halves).
+          for (bool a : {false, true})
+            for (bool b : {false, true}) {
+              CHECK(l.combine_in(0, R - 1, T - 1, a) + l.combine_stride(a) <= l.combine_in(1, 0, 0, b));
+              CHECK(l.combine_slot_in(0, T - 1, kLowLatencyTopkSlots - 1, a) + l.combine_stride(a) <=
+                    l.combine_slot_in(1, 0, 0, b));
+            }
+          CHECK(l.combine_slot_in(1, T - 1, kLowLatencyTopkSlots - 1, true) % 16 == 0);
+          CHECK(l.combine_slot_in(1, T - 1, kLowLatencyTopkSlots - 1, false) % 16 == 0);
           CHECK(l.combine_stage(1, R - 1, T - 1, false) + l.row_bytes_bf16() <= l.combine_stage(2, 0, 0, true));
           CHECK(l.zero_copy(1) % 16 == 0);
         }
@@ -76,6 +88,8 @@ void test_fixed_part_does_not_move() {
     CHECK_EQ(a.mask_offset, b.mask_offset);
     CHECK_EQ(a.counts_offset, b.counts_offset);
     CHECK_EQ(a.dispatch_flag(1, R - 1, 7), b.dispatch_flag(1, R - 1, 7));
+    CHECK_EQ(a.combine_flag(1, R - 1, 7), b.combine_flag(1, R - 1, 7));
+    CHECK_EQ(a.combine_slot_flag(1, 7, 3), b.combine_slot_flag(1, 7, 3));
     CHECK_EQ(a.weights_offset, b.weights_offset);
     CHECK_EQ(a.dispatch_total(1, R - 1), b.dispatch_total(1, R - 1));
     CHECK_EQ(a.combine_weights(1, R - 1), b.combine_weights(1, R - 1));
