@@ -146,6 +146,42 @@ __device__ __forceinline__ void send_weights(const kernels::LowLatencyCombinePar
   }
 }
 
+/// Block-wide, before a combine's expert side: the dispatch plan's message counts per source as a
+/// prefix in `s_prefix` [R + 1] (masked sources count 0). False (every thread) when the plan is
+/// not one of a finished dispatch of this shape (block 0 records the failure).
+__device__ __forceinline__ bool read_plan(const kernels::LowLatencyCombineParams& p, const int* s_masked, int* s_prefix) {
+  const int R = p.comm.num_ranks, T = p.ll.layout.max_tokens;
+  __shared__ int s_bad_plan;
+  if (threadIdx.x == 0) {
+    s_prefix[0] = 0;
+    s_bad_plan = -1;
+    for (int r = 0; r < R; ++r) {
+      const int n = p.plan[r];
+      if (n < 0 || n > T) s_bad_plan = r;
+      s_prefix[r + 1] = s_prefix[r] + (s_masked[r] || n < 0 || n > T ? 0 : n);
+    }
+  }
+  __syncthreads();
+  if (s_bad_plan < 0) return true;
+  if (blockIdx.x == 0 && threadIdx.x == 0) ll_fail(p.comm, Phase::kLowLatencyBadMessage, s_bad_plan, -1, T, p.plan[s_bad_plan]);
+  return false;
+}
+
+/// Block-wide end of a combine's send phase. A team that failed stops the whole block (the other
+/// team's waits end on the abort it raised): no half block may go on to the receive phase with its
+/// shared state unset. The last block (nobody waits for it) advances the sequence.
+__device__ __forceinline__ bool end_combine_send(const kernels::LowLatencyCombineParams& p, int* s_masked,
+                                                 const int& s_send_failed, uint32_t seq) {
+  __syncthreads();
+  if (s_send_failed) return false;
+  trace_mark(&g_combine_trace, 4);
+  if (last_block_done(&state_of(p.ll)->ticket[kTicketCombineSend])) {
+    trace_mark(&g_combine_trace, 5);
+    finish_send_phase(p.comm, p.ll, s_masked, kTicketCombineSend, p.call_slot, seq);
+  }
+  return true;
+}
+
 /// Block-wide send phase. Returns false when the call failed here.
 __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombineParams& p, int* smem, EntryState& entry) {
   const DeviceComm& c = p.comm;
@@ -153,7 +189,6 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
   const LowLatencyLayout& L = ll.layout;
   const int R = c.num_ranks, K = p.num_topk, T = L.max_tokens, H = L.hidden;
   const int lane = threadIdx.x % 32;
-  LowLatencyState* st = state_of(ll);
   const uint32_t seq = entry.send_seq;
   const int half = static_cast<int>(seq & 1u);
   int* s_masked = smem;           // [R]
@@ -166,16 +201,6 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
   // message. The team's thread 0 waits for the source's weights (once per source and team), its
   // warp 0 gathers the rows and weights, then every thread sums its 16-byte words over the rows,
   // two rows' loads in flight at a time.
-  __shared__ int s_bad_plan;
-  if (threadIdx.x == 0) {
-    s_prefix[0] = 0;
-    s_bad_plan = -1;
-    for (int r = 0; r < R; ++r) {
-      const int n = p.plan[r];
-      if (n < 0 || n > T) s_bad_plan = r;  // not a plan of a finished dispatch of this shape
-      s_prefix[r + 1] = s_prefix[r] + (s_masked[r] || n < 0 || n > T ? 0 : n);
-    }
-  }
   const int team = threadIdx.x / kSumTeamThreads, tt = threadIdx.x % kSumTeamThreads;
   __shared__ int s_rows[kSumTeams][kMaxTopk];
   __shared__ float s_weights[kSumTeams][kMaxTopk];
@@ -185,10 +210,7 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
   if (tt == 0) s_ready_src[team] = -1;
   if (threadIdx.x == 0) s_send_failed = 0;
   __syncthreads();
-  if (s_bad_plan >= 0) {
-    if (blockIdx.x == 0 && threadIdx.x == 0) ll_fail(c, Phase::kLowLatencyBadMessage, s_bad_plan, -1, T, p.plan[s_bad_plan]);
-    return false;
-  }
+  if (!read_plan(p, s_masked, s_prefix)) return false;
   trace_mark(&g_combine_trace, 3);
   const int total = s_prefix[R];
   const int64_t num_rows_x = int64_t(L.num_local_experts()) * L.rows_per_expert();
@@ -312,89 +334,39 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
     }
   }
 
-  // A team that failed stops the whole block here (the other team's waits end on the abort it
-  // raised): no half block may go on to the receive phase with its shared state unset.
-  __syncthreads();
-  if (s_send_failed) return false;
-
-  // 3. The last block (nobody waits for it) advances the sequence.
-  trace_mark(&g_combine_trace, 4);
-  if (last_block_done(&st->ticket[kTicketCombineSend])) {
-    trace_mark(&g_combine_trace, 5);
-    finish_send_phase(c, ll, s_masked, kTicketCombineSend, p.call_slot, seq);
-  }
-  return true;
+  // 3. The end (the last block advances the sequence).
+  return end_combine_send(p, s_masked, s_send_failed, seq);
 }
 
-__device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombineParams& p, int* smem, EntryState& entry) {
-  const DeviceComm& c = p.comm;
-  const LowLatencyComm& ll = p.ll;
-  const LowLatencyLayout& L = ll.layout;
-  const int K = p.num_topk, H = L.hidden, num_local = L.num_local_experts();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const uint32_t seq = entry.recv_seq;
-  const int half = static_cast<int>(seq & 1u);
-  int* s_masked = smem;  // [R]
-
-  // One block per token: lane k of warp 0 takes top-k slot k; the first lane of each rank its
-  // experts live on waits for that rank's partial sum (bounded; in shrink mode a silent rank is
-  // masked and its term left out), then every thread adds its 16-byte words of the sums that came.
-  const int num_int4 = H / 8;
-  __shared__ const int4* s_parts[32];
-  __shared__ int s_num_parts, s_part_failed;
-  for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
-    if (warp == 0) {
-      const int64_t expert = lane < K ? __ldg(p.topk_idx + int64_t(t) * K + lane) : -1;
-      // 32-bit division once the id is known to be in range (a 64-bit one is a call).
-      int dst = (expert >= 0 && expert < L.num_experts) ? static_cast<int>(expert) / num_local : -1;
-      if (dst >= 0 && s_masked[dst]) dst = -1;
-      bool first = dst >= 0;
-      for (int k = 0; k < K; ++k) {
-        const int other = __shfl_sync(0xffffffffu, dst, k);
-        if (k < lane && other == dst) first = false;
-      }
-      WaitResult res = WaitResult::kMasked;
-      if (first)
-        res = wait_flag(c, ll, dst, L.combine_flag(half, dst, t), seq, Phase::kLowLatencyCombineRecv, p.wait_stats,
-                        s_masked);
-      const unsigned came = __ballot_sync(0xffffffffu, res == WaitResult::kArrived);
-      const bool failed = __any_sync(0xffffffffu, res == WaitResult::kFailed);
-      if (res == WaitResult::kArrived)
-        s_parts[__popc(came & ((1u << lane) - 1u))] =
-            reinterpret_cast<const int4*>(inbox_region(c, ll, dst) + L.combine_in(half, dst, t, p.logfmt));
-      if (lane == 0) {
-        s_num_parts = __popc(came);
-        s_part_failed = failed ? 1 : 0;
-      }
-    }
-    __syncthreads();
-    if (t == static_cast<int>(blockIdx.x)) trace_mark(&g_combine_trace, 8);  // the block's first token's parts are there
-    if (s_part_failed) return;
-    const int num_parts = s_num_parts;
-    for (int w = threadIdx.x; w < num_int4; w += kThreads) {
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int d0 = 0; d0 < num_parts; d0 += 8) {
-        int4 v[8];
+/// Block-wide: token t's output row, the BF16 rounding of the float32 sum of `num_parts` rows
+/// (BF16, or LogFMT-10 with p.logfmt), in order, each times its weight when kWeighted.
+template <bool kWeighted>
+__device__ __forceinline__ void add_parts(const kernels::LowLatencyCombineParams& p, const char* const* parts,
+                                          const float* weights, int num_parts, int t) {
+  const int H = p.ll.layout.hidden, num_int4 = H / 8;
+  for (int w = threadIdx.x; w < num_int4; w += kThreads) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int d0 = 0; d0 < num_parts; d0 += 8) {
+      int4 v[8];
 #pragma unroll
-        for (int d = 0; d < 8; ++d)
-          if (d0 + d < num_parts && !p.logfmt) v[d] = device::ld_ring(s_parts[d0 + d] + w);
+      for (int d = 0; d < 8; ++d)
+        if (d0 + d < num_parts && !p.logfmt) v[d] = device::ld_ring(reinterpret_cast<const int4*>(parts[d0 + d]) + w);
 #pragma unroll
-        for (int d = 0; d < 8; ++d) {
-          if (d0 + d >= num_parts) continue;
-          if (p.logfmt) {
-            const Floats8 part = load_logfmt(reinterpret_cast<const char*>(s_parts[d0 + d]), H, w);
+      for (int d = 0; d < 8; ++d) {
+        if (d0 + d >= num_parts) continue;
+        if (p.logfmt) {
+          const Floats8 part = load_logfmt(parts[d0 + d], H, w);
 #pragma unroll
-            for (int j = 0; j < 8; ++j) acc[j] += part.v[j];
-          }
-          else add_bf16x8(acc, v[d]);
+          for (int j = 0; j < 8; ++j) acc[j] = kWeighted ? fmaf(weights[d0 + d], part.v[j], acc[j]) : acc[j] + part.v[j];
+        } else if (kWeighted) {
+          fma_bf16x8(acc, v[d], weights[d0 + d]);
+        } else {
+          add_bf16x8(acc, v[d]);
         }
       }
-      reinterpret_cast<int4*>(p.out)[int64_t(t) * num_int4 + w] = to_bf16x8(acc);
     }
-    __syncthreads();
-    if (t == static_cast<int>(blockIdx.x)) trace_mark(&g_combine_trace, 9);  // the block's first token is added
+    reinterpret_cast<int4*>(p.out)[int64_t(t) * num_int4 + w] = to_bf16x8(acc);
   }
-  trace_mark(&g_combine_trace, 6);
 }
 
 /// Block-wide send phase of the per-slot combine. Returns false when the call failed here.
@@ -405,7 +377,6 @@ __device__ __forceinline__ bool combine_send_slots(const kernels::LowLatencyComb
   const LowLatencyLayout& L = ll.layout;
   const int R = c.num_ranks, K = p.num_topk, T = L.max_tokens, H = L.hidden;
   const int lane = threadIdx.x % 32;
-  LowLatencyState* st = state_of(ll);
   const uint32_t seq = entry.send_seq;
   const int half = static_cast<int>(seq & 1u);
   int* s_masked = smem;      // [R]
@@ -413,26 +384,13 @@ __device__ __forceinline__ bool combine_send_slots(const kernels::LowLatencyComb
 
   // The call hash alone (no weights: this wire does not need them) to every rank.
   send_weights(p, s_masked, seq, half, false);
-  __shared__ int s_bad_plan;
-  if (threadIdx.x == 0) {
-    s_prefix[0] = 0;
-    s_bad_plan = -1;
-    for (int r = 0; r < R; ++r) {
-      const int n = p.plan[r];
-      if (n < 0 || n > T) s_bad_plan = r;  // not a plan of a finished dispatch of this shape
-      s_prefix[r + 1] = s_prefix[r] + (s_masked[r] || n < 0 || n > T ? 0 : n);
-    }
-  }
   const int team = threadIdx.x / kSumTeamThreads, tt = threadIdx.x % kSumTeamThreads;
   __shared__ int s_rows[kSumTeams][kMaxTopk], s_slots[kSumTeams][kMaxTopk];
   __shared__ int s_num_rows[kSumTeams], s_token[kSumTeams];
   __shared__ int s_send_failed;
   if (threadIdx.x == 0) s_send_failed = 0;
   __syncthreads();
-  if (s_bad_plan >= 0) {
-    if (blockIdx.x == 0 && threadIdx.x == 0) ll_fail(c, Phase::kLowLatencyBadMessage, s_bad_plan, -1, T, p.plan[s_bad_plan]);
-    return false;
-  }
+  if (!read_plan(p, s_masked, s_prefix)) return false;
   trace_mark(&g_combine_trace, 3);
   const int total = s_prefix[R];
   const int64_t num_rows_x = int64_t(L.num_local_experts()) * L.rows_per_expert();
@@ -513,32 +471,27 @@ __device__ __forceinline__ bool combine_send_slots(const kernels::LowLatencyComb
     team_sync(team, kSumTeamThreads);  // s_rows / s_slots are rewritten by the next item
   }
 
-  // A team that failed stops the whole block here: no half block goes on with its state unset.
-  __syncthreads();
-  if (s_send_failed) return false;
-  trace_mark(&g_combine_trace, 4);
-  if (last_block_done(&st->ticket[kTicketCombineSend])) {
-    trace_mark(&g_combine_trace, 5);
-    finish_send_phase(c, ll, s_masked, kTicketCombineSend, p.call_slot, seq);
-  }
-  return true;
+  return end_combine_send(p, s_masked, s_send_failed, seq);
 }
 
-/// Block-wide receive phase of the per-slot combine: one block per token; lane k of warp 0 waits
-/// for the row of top-k slot k (bounded; a silent rank is masked in shrink mode and its terms left
-/// out) and checks the call hash in its flag; then every thread adds weight x row over the slots
-/// that came, in slot order (float32), and writes the BF16 result.
-__device__ __forceinline__ void combine_receive_slots(const kernels::LowLatencyCombineParams& p, int* smem,
-                                                      EntryState& entry) {
+/// Block-wide receive phase: one block per token; lane k of warp 0 takes top-k slot k.
+/// - Reduced combine: the first lane of each rank its experts live on waits for that rank's partial
+///   sum; the sums that came are added.
+/// - Per-slot combine (kSlots): each lane whose expert is not masked waits for its slot's row and
+///   checks the call hash in the row's flag; weight x row is added over the slots that came, in slot
+///   order.
+/// The waits are bounded; in shrink mode a silent rank is masked and its terms left out. Sums in
+/// float32, the result rounded to BF16 once.
+template <bool kSlots>
+__device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombineParams& p, int* smem, EntryState& entry) {
   const DeviceComm& c = p.comm;
   const LowLatencyComm& ll = p.ll;
   const LowLatencyLayout& L = ll.layout;
-  const int K = p.num_topk, H = L.hidden, num_local = L.num_local_experts();
+  const int K = p.num_topk, num_local = L.num_local_experts();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const uint32_t seq = entry.recv_seq;
   const int half = static_cast<int>(seq & 1u);
   int* s_masked = smem;  // [R]
-  const int num_int4 = H / 8;
   __shared__ const char* s_parts[32];
   __shared__ float s_part_weights[32];
   __shared__ int s_num_parts, s_part_failed;
@@ -548,19 +501,19 @@ __device__ __forceinline__ void combine_receive_slots(const kernels::LowLatencyC
       // 32-bit division once the id is known to be in range (a 64-bit one is a call).
       int dst = (expert >= 0 && expert < L.num_experts) ? static_cast<int>(expert) / num_local : -1;
       if (dst >= 0 && s_masked[dst]) dst = -1;
-      // The wait statistics count a (token, rank) once, as in the reduced combine: its first slot.
+      // The first lane of each rank (the wait statistics count a (token, rank) once either way).
       bool first = dst >= 0;
       for (int k = 0; k < K; ++k) {
         const int other = __shfl_sync(0xffffffffu, dst, k);
         if (k < lane && other == dst) first = false;
       }
       WaitResult res = WaitResult::kMasked;
-      if (dst >= 0) {
+      if (kSlots ? dst >= 0 : first) {
         uint64_t value = 0;
-        res = wait_flag(c, ll, dst, L.combine_slot_flag(half, t, lane), seq, Phase::kLowLatencyCombineRecv,
-                        first ? p.wait_stats : nullptr, s_masked, &value);
+        res = wait_flag(c, ll, dst, kSlots ? L.combine_slot_flag(half, t, lane) : L.combine_flag(half, dst, t), seq,
+                        Phase::kLowLatencyCombineRecv, first ? p.wait_stats : nullptr, s_masked, &value);
         const int hash = p.call_hash & 0x7fffffff;
-        if (res == WaitResult::kArrived && ll_signal_count(value) != hash) {
+        if (kSlots && res == WaitResult::kArrived && ll_signal_count(value) != hash) {
           ll_fail(c, Phase::kLowLatencyCallMismatch, dst, -1, hash, ll_signal_count(value));
           res = WaitResult::kFailed;
         }
@@ -569,8 +522,9 @@ __device__ __forceinline__ void combine_receive_slots(const kernels::LowLatencyC
       const bool failed = __any_sync(0xffffffffu, res == WaitResult::kFailed);
       if (res == WaitResult::kArrived) {
         const int i = __popc(came & ((1u << lane) - 1u));
-        s_parts[i] = inbox_region(c, ll, dst) + L.combine_slot_in(half, t, lane, p.logfmt);
-        s_part_weights[i] = __ldg(p.topk_weights + int64_t(t) * K + lane);
+        s_parts[i] = inbox_region(c, ll, dst) +
+                     (kSlots ? L.combine_slot_in(half, t, lane, p.logfmt) : L.combine_in(half, dst, t, p.logfmt));
+        if (kSlots) s_part_weights[i] = __ldg(p.topk_weights + int64_t(t) * K + lane);
       }
       if (lane == 0) {
         s_num_parts = __popc(came);
@@ -578,31 +532,9 @@ __device__ __forceinline__ void combine_receive_slots(const kernels::LowLatencyC
       }
     }
     __syncthreads();
-    if (t == static_cast<int>(blockIdx.x)) trace_mark(&g_combine_trace, 8);  // the block's first token's rows are there
+    if (t == static_cast<int>(blockIdx.x)) trace_mark(&g_combine_trace, 8);  // the block's first token's parts are there
     if (s_part_failed) return;
-    const int num_parts = s_num_parts;
-    for (int w = threadIdx.x; w < num_int4; w += kThreads) {
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int d0 = 0; d0 < num_parts; d0 += 8) {
-        int4 v[8];
-#pragma unroll
-        for (int d = 0; d < 8; ++d)
-          if (d0 + d < num_parts && !p.logfmt) v[d] = device::ld_ring(reinterpret_cast<const int4*>(s_parts[d0 + d]) + w);
-#pragma unroll
-        for (int d = 0; d < 8; ++d) {
-          if (d0 + d >= num_parts) continue;
-          const float weight = s_part_weights[d0 + d];
-          if (p.logfmt) {
-            const Floats8 part = load_logfmt(s_parts[d0 + d], H, w);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) acc[j] = fmaf(weight, part.v[j], acc[j]);
-          } else {
-            fma_bf16x8(acc, v[d], weight);
-          }
-        }
-      }
-      reinterpret_cast<int4*>(p.out)[int64_t(t) * num_int4 + w] = to_bf16x8(acc);
-    }
+    add_parts<kSlots>(p, s_parts, s_part_weights, s_num_parts, t);
     __syncthreads();
     if (t == static_cast<int>(blockIdx.x)) trace_mark(&g_combine_trace, 9);  // the block's first token is added
   }
@@ -630,10 +562,10 @@ __global__ void __launch_bounds__(kThreads, 1) combine(const __grid_constant__ k
   }
   if constexpr ((kPhases & kLowLatencyReceive) != 0) {
     if constexpr (kMaySlot) {
-      if (p.slot_mode) combine_receive_slots(p, smem, entry);
-      else combine_receive(p, smem, entry);
+      if (p.slot_mode) combine_receive<true>(p, smem, entry);
+      else combine_receive<false>(p, smem, entry);
     } else {
-      combine_receive(p, smem, entry);
+      combine_receive<false>(p, smem, entry);
     }
   }
   trace_mark(&g_combine_trace, 7);
