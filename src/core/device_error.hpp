@@ -145,7 +145,8 @@ inline std::string describe(const DeviceErrorRecord& r, double timeout_s) {
              ") or an expert the token names twice; nothing was sent" + unusable;
     case Phase::kLowLatencyCallMismatch:
       return s + "the ranks disagree on a low-latency call: rank " + std::to_string(r.peer) +
-             " made another operation or used another T, H, E, top-k or dtype (call hashes " +
+             " made another operation or used another T, H, E, top-k, dtype or combine wire (a combine hooked on one "
+             "rank and not on another) (call hashes " +
              std::to_string(r.expected) + " here, " + std::to_string(r.observed) + " there)" + unusable;
     case Phase::kLowLatencyBadMessage:
       return s + phase_name(phase) + ": a message of rank " + std::to_string(r.peer) + " names position " +

@@ -6,7 +6,10 @@ one that fails), over NVLink stores and (forced) NVSHMEM:
     call with correct results for the rest (the oracle with that rank masked), and keep serving
     through later calls; update/clean of the mask work;
   * an expert id out of range with the host check off: the GPU check fails the call before
-    anything is sent, every rank raises.
+    anything is sent, every rank raises;
+  * one rank hooks its combine and the other does not (over NVLink the two combine wires differ):
+    both raise at once, the fused rank a FlashepPeerMismatchError.
+The shrink test also serves hooked calls after the masking (the per-slot combine's masking).
 
     python3 -m pytest -v -s tests/python/test_low_latency_failures.py
 """
@@ -36,6 +39,13 @@ def test_rank_skips_a_call(shrink, transport):
                  env={"FLASHEP_TIMEOUT_S": str(TIMEOUT_S), "NVSHMEM_REMOTE_TRANSPORT": "none"})
 
 
+def test_hooked_and_fused_combine_disagree():
+    """Rank 0 hooks its combine, rank 1 does not: on NVLink the hooked call uses the per-slot wire and
+    the fused one the reduced wire. Both ranks raise well before the timeout; the fused rank names
+    the mismatch (the hooked rank's weights block carries its call hash)."""
+    dh.run_world(_hook_mismatch_worker, 2, timeout_s=240, grace_s=60, env={"FLASHEP_TIMEOUT_S": "20"})
+
+
 def test_invalid_expert_found_on_gpu():
     dh.run_world(_bad_expert_worker, 2, timeout_s=240, grace_s=60,
                  env={"FLASHEP_TIMEOUT_S": "20", "FLASHEP_CHECK_INPUTS": "0"})
@@ -53,14 +63,19 @@ def _all_inputs(torch, R, seed, dev):
     return [_inputs(torch, r, R, seed, dev) for r in range(R)]
 
 
-def _check_against_oracle(torch, buffer, rank, R, seed, masked, dev):
-    """One dispatch + combine among the unmasked ranks; returns a problem description or ''."""
+def _check_against_oracle(torch, buffer, rank, R, seed, masked, dev, hook=False):
+    """One dispatch + combine among the unmasked ranks (with the receive hooks when `hook`);
+    returns a problem description or ''."""
     from flashep import _C
     ins = _all_inputs(torch, R, seed, dev)
     x, idx, w = ins[rank][:3]
-    recv, count, handle, _, _ = buffer.low_latency_dispatch(x, idx, T, E, use_fp8=False)
+    recv, count, handle, _, h = buffer.low_latency_dispatch(x, idx, T, E, use_fp8=False, return_recv_hook=hook)
+    if hook:
+        h()
     y = recv.clone()  # identity experts
-    out, _, _ = buffer.low_latency_combine(y, idx, w, handle)
+    out, _, h = buffer.low_latency_combine(y, idx, w, handle, return_recv_hook=hook)
+    if hook:
+        h()
     torch.cuda.synchronize()
     mask = [1 if r in masked else 0 for r in range(R)]
     routing = _C.oracle_ll_dispatch_routing([i[4].numpy() for i in ins], E, T, mask)
@@ -126,9 +141,9 @@ def _skip_worker(rank, world_size, shrink, transport):
     buffer.low_latency_query_mask_buffer(status)
     torch.cuda.synchronize()
     assert status.cpu().tolist() == [1 if r == skipper else 0 for r in range(R)], status.cpu().tolist()
-    for seed in range(3, 8):  # keeps serving; these calls take no timeout (the rank is masked)
+    for seed in range(3, 8):  # keeps serving (hooked calls too); these calls take no timeout (the rank is masked)
         start = time.monotonic()
-        problem = _check_against_oracle(torch, buffer, rank, R, seed, {skipper}, dev)
+        problem = _check_against_oracle(torch, buffer, rank, R, seed, {skipper}, dev, hook=seed % 2 == 0)
         assert not problem, f"rank {rank} after masking: {problem}"
         assert time.monotonic() - start < TIMEOUT_S, "a call after masking waited for the masked rank"
     # The mask API: clear and set by hand.
@@ -145,6 +160,37 @@ def _skip_worker(rank, world_size, shrink, transport):
     torch.cuda.synchronize()
     dist.barrier()
     dist.barrier()
+    return True
+
+
+def _hook_mismatch_worker(rank, world_size):
+    import torch
+    import torch.distributed as dist
+
+    import flashep
+    R = world_size
+    dev = torch.device("cuda", torch.cuda.current_device())
+    buffer = flashep.Buffer(None, 0, flashep.Buffer.get_low_latency_rdma_size_hint(T, H, R, E), low_latency_mode=True,
+                            explicitly_destroy=True)
+    problem = _check_against_oracle(torch, buffer, rank, R, 1, set(), dev, hook=True)
+    assert not problem, f"rank {rank}, every rank hooked: {problem}"
+    x, idx, w = _inputs(torch, rank, R, 2, dev)[:3]
+    recv, _, handle, _, _ = buffer.low_latency_dispatch(x, idx, T, E, use_fp8=False)
+    torch.cuda.synchronize()
+    dist.barrier()
+    start = time.monotonic()
+    with pytest.raises(flashep.FlashepError) as info:
+        _, _, hook = buffer.low_latency_combine(recv.clone(), idx, w, handle, return_recv_hook=(rank == 0))
+        if hook is not None:
+            hook()
+        torch.cuda.synchronize()
+        buffer.runtime.check()
+    elapsed = time.monotonic() - start
+    assert elapsed < MUST_RAISE_WITHIN_S, f"rank {rank}: the error came after {elapsed:.1f} s: {info.value}"
+    if rank == R - 1:
+        assert isinstance(info.value, flashep.FlashepPeerMismatchError), repr(info.value)
+    dist.barrier()
+    buffer.destroy()
     return True
 
 
