@@ -209,8 +209,7 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
   __shared__ int s_send_failed;               // any team failed: the whole block stops (below)
   if (tt == 0) s_ready_src[team] = -1;
   if (threadIdx.x == 0) s_send_failed = 0;
-  __syncthreads();
-  if (!read_plan(p, s_masked, s_prefix)) return false;
+  if (!read_plan(p, s_masked, s_prefix)) return false;  // its barrier publishes these too
   trace_mark(&g_combine_trace, 3);
   const int total = s_prefix[R];
   const int64_t num_rows_x = int64_t(L.num_local_experts()) * L.rows_per_expert();
@@ -384,13 +383,13 @@ __device__ __forceinline__ bool combine_send_slots(const kernels::LowLatencyComb
 
   // The call hash alone (no weights: this wire does not need them) to every rank.
   send_weights(p, s_masked, seq, half, false);
+  trace_mark(&g_combine_trace, 2);
   const int team = threadIdx.x / kSumTeamThreads, tt = threadIdx.x % kSumTeamThreads;
   __shared__ int s_rows[kSumTeams][kMaxTopk], s_slots[kSumTeams][kMaxTopk];
   __shared__ int s_num_rows[kSumTeams], s_token[kSumTeams];
   __shared__ int s_send_failed;
   if (threadIdx.x == 0) s_send_failed = 0;
-  __syncthreads();
-  if (!read_plan(p, s_masked, s_prefix)) return false;
+  if (!read_plan(p, s_masked, s_prefix)) return false;  // its barrier publishes s_send_failed too
   trace_mark(&g_combine_trace, 3);
   const int total = s_prefix[R];
   const int64_t num_rows_x = int64_t(L.num_local_experts()) * L.rows_per_expert();
@@ -512,10 +511,12 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
         uint64_t value = 0;
         res = wait_flag(c, ll, dst, kSlots ? L.combine_slot_flag(half, t, lane) : L.combine_flag(half, dst, t), seq,
                         Phase::kLowLatencyCombineRecv, first ? p.wait_stats : nullptr, s_masked, &value);
-        const int hash = p.call_hash & 0x7fffffff;
-        if (kSlots && res == WaitResult::kArrived && ll_signal_count(value) != hash) {
-          ll_fail(c, Phase::kLowLatencyCallMismatch, dst, -1, hash, ll_signal_count(value));
-          res = WaitResult::kFailed;
+        if constexpr (kSlots) {
+          const int hash = p.call_hash & 0x7fffffff;
+          if (res == WaitResult::kArrived && ll_signal_count(value) != hash) {
+            ll_fail(c, Phase::kLowLatencyCallMismatch, dst, -1, hash, ll_signal_count(value));
+            res = WaitResult::kFailed;
+          }
         }
       }
       const unsigned came = __ballot_sync(0xffffffffu, res == WaitResult::kArrived);
@@ -543,32 +544,37 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
 
 }  // namespace
 
-/// One kernel per phase set, as for dispatch: a hook's receive runs code with no send path in it.
-template <int kPhases>
+/// One kernel per phase set and wire: a hook's receive runs code with no send path in it, and a
+/// launched kernel carries one wire (kSlots: the per-slot combine, hooked calls only).
+template <int kPhases, bool kSlots>
 __global__ void __launch_bounds__(kThreads, 1) combine(const __grid_constant__ kernels::LowLatencyCombineParams p) {
+  static_assert(!kSlots || kPhases != kLowLatencyBoth, "the per-slot wire is for hooked calls");
   extern __shared__ int smem[];
   __shared__ EntryState entry;
   trace_mark(&g_combine_trace, 0);
   if (!kernel_entry(p.comm, p.ll, kPhases, p.call_slot, smem, entry)) return;
   trace_mark(&g_combine_trace, 1);
-  // The per-slot wire is for hooked calls only: the fused kernel carries no code for it (the
-  // kernels run from a cold instruction cache).
-  constexpr bool kMaySlot = kPhases != kLowLatencyBoth;
   if constexpr ((kPhases & kLowLatencySend) != 0) {
     bool ok;
-    if constexpr (kMaySlot) ok = p.slot_mode ? combine_send_slots(p, smem, entry) : combine_send(p, smem, entry);
+    if constexpr (kSlots) ok = combine_send_slots(p, smem, entry);
     else ok = combine_send(p, smem, entry);
     if (!ok) return;
   }
-  if constexpr ((kPhases & kLowLatencyReceive) != 0) {
-    if constexpr (kMaySlot) {
-      if (p.slot_mode) combine_receive<true>(p, smem, entry);
-      else combine_receive<false>(p, smem, entry);
-    } else {
-      combine_receive<false>(p, smem, entry);
-    }
-  }
+  if constexpr ((kPhases & kLowLatencyReceive) != 0) combine_receive<kSlots>(p, smem, entry);
   trace_mark(&g_combine_trace, 7);
+}
+
+using CombineKernel = void (*)(const kernels::LowLatencyCombineParams);
+
+/// The kernel of (phases, wire), or nullptr for phases that are not a non-empty set (or the
+/// per-slot wire with both phases).
+inline CombineKernel combine_kernel_for(int phases, bool slots) {
+  switch (phases) {
+    case kLowLatencySend: return slots ? combine<kLowLatencySend, true> : combine<kLowLatencySend, false>;
+    case kLowLatencyReceive: return slots ? combine<kLowLatencyReceive, true> : combine<kLowLatencyReceive, false>;
+    case kLowLatencyBoth: return slots ? nullptr : combine<kLowLatencyBoth, false>;
+    default: return nullptr;
+  }
 }
 
 }  // namespace flashep::ll
@@ -587,21 +593,17 @@ cudaError_t launch_low_latency_combine(const LowLatencyCombineParams& p, int num
   attribute.val.cooperative = 1;
   config.attrs = &attribute;
   config.numAttrs = 1;
-  void (*kernel)(const LowLatencyCombineParams) = nullptr;
-  switch (p.phases) {
-    case kLowLatencySend: kernel = ll::combine<kLowLatencySend>; break;
-    case kLowLatencyReceive: kernel = ll::combine<kLowLatencyReceive>; break;
-    case kLowLatencyBoth: kernel = ll::combine<kLowLatencyBoth>; break;
-    default: return cudaErrorInvalidValue;
-  }
+  const ll::CombineKernel kernel = ll::combine_kernel_for(p.phases, p.slot_mode != 0);
+  if (kernel == nullptr) return cudaErrorInvalidValue;
   return cudaLaunchKernelEx(&config, kernel, p);
 }
 
 cudaError_t load_low_latency_combine_kernels() {
   cudaFuncAttributes attributes{};
-  for (void (*kernel)(const LowLatencyCombineParams) :
-       {ll::combine<kLowLatencySend>, ll::combine<kLowLatencyReceive>, ll::combine<kLowLatencyBoth>})
-    if (const cudaError_t status = cudaFuncGetAttributes(&attributes, kernel); status != cudaSuccess) return status;
+  for (const int phases : {int(kLowLatencySend), int(kLowLatencyReceive), int(kLowLatencyBoth)})
+    for (const bool slots : {false, true})
+      if (const ll::CombineKernel kernel = ll::combine_kernel_for(phases, slots); kernel != nullptr)
+        if (const cudaError_t status = cudaFuncGetAttributes(&attributes, kernel); status != cudaSuccess) return status;
   return cudaSuccess;
 }
 
