@@ -20,8 +20,9 @@
 // row to its token's top-k slot and weights it on the receiving side, so that its send phase never
 // waits for a peer's call (the fused combine, and the hook over NVSHMEM, send one weighted partial
 // sum per (token, rank), which needs the source's weights first). Every rank of a combine must use
-// the hook or not alike: the two wire formats do not mix (a mismatch fails with a named error:
-// kLowLatencyCallMismatch).
+// the hook or not alike: the two wire formats do not mix (a mismatch fails with a named error,
+// ErrorKind::kPeerMismatch). With that wire the receive phase reads `topk_weights` (and
+// `topk_idx`), so both must stay valid and unchanged until the receive phase has run.
 #pragma once
 
 #include <cstddef>

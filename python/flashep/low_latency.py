@@ -6,7 +6,8 @@ destination rank and is expanded into its experts' rows there; combine reduces e
 (weighted, float32) before sending one BF16 partial sum per (token, rank) back. That needs the
 token owner's weights on the expert side, so a hooked combine whose peers are all on NVLink sends
 each expert row to its (token, top-k slot) instead and weights it in the hook: its send phase then
-waits for no peer's call. Peers of the NVLink domain get direct stores; other peers (or all, with
+waits for no peer's call (the hook reads topk_idx and topk_weights, which stay alive until it runs;
+change them only after it has). Peers of the NVLink domain get direct stores; other peers (or all, with
 allow_nvlink_for_low_latency_mode=False) get NVSHMEM puts.
 
 Streams: without `async_finish` or the hook, the kernel runs on the current stream (capturable in

@@ -405,6 +405,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   const int num_words = R * words_per_source;
   int counted = 0;
   if (ll.all_direct && !ll.shrink && num_words <= static_cast<int>(blockDim.x)) {  // block-uniform
+    const long long look_start = clock64();
     int ok = 1;
     if (static_cast<int>(threadIdx.x) < num_words) {
       const int r = threadIdx.x / words_per_source, j = threadIdx.x % words_per_source;
@@ -423,6 +424,11 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
             ll_fail(c, Phase::kLowLatencyBadMessage, r, -1, L.max_tokens, value);
             s_failed = 1;
           }
+          // The wait statistics get the look's cycles (what wait_sources would add for a count
+          // that is there); a look that fails is followed by wait_sources, which adds its own.
+          if (ok && blockIdx.x == 0 && p.wait_stats != nullptr)
+            atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_stats + r),
+                      static_cast<unsigned long long>(clock64() - look_start));
         } else {
           s_begin[r * num_local + j - kCountWordRows] = value;
         }
@@ -444,9 +450,13 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
         const uint64_t word =
             __ldcg(reinterpret_cast<const unsigned long long*>(inbox_region(c, ll, r) + L.counts(half, r)) + w);
         value = ll_signal_count(word);
-        // After the signal a word is of this call, unless the source is two calls ahead already.
+        // After the signal every word is of this call: the source is two calls ahead already, or it
+        // wrote fewer words (another E: its hash differs too).
         if (!ll_signal_is(word, seq)) {
-          ll_fail(c, Phase::kLowLatencyOverrun, r, -1, static_cast<int>(seq), static_cast<int>(word >> 32));
+          if (ll_signal_is_ahead(word, seq))
+            ll_fail(c, Phase::kLowLatencyOverrun, r, -1, static_cast<int>(seq), static_cast<int>(word >> 32));
+          else
+            ll_fail(c, Phase::kLowLatencyCallMismatch, r, -1, p.call_hash & 0x7fffffff, -1);
           s_failed = 1;
         }
       }
