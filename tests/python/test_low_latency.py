@@ -327,6 +327,18 @@ def _two_hooks(buffer, rank, R, errors):
     torch.cuda.synchronize()
     for i, result in enumerate((ca, cb, cc, cd)):
         check(i, result[0], f"hooks ({'ABCD'[i]})")
+    # Over NVLink a hooked combine uses the per-slot wire: a fused combine two calls later (the same
+    # half of the double buffer, the reduced wire) may run before its hook, as the two wires' rows
+    # and flags live apart. (Two calls of one wire in one half, with a hook pending, overrun.)
+    if all(buffer.runtime.peer_transport(r) in ("nvlink", "self") for r in range(R)):
+        e = dispatch(0, False)
+        ce = combine(0, e, True)   # call s, per-slot
+        f = dispatch(1, False)     # call s + 1
+        cf = combine(1, f, False)  # call s + 2: the half of s, reduced
+        ce[2]()
+        torch.cuda.synchronize()
+        check(0, ce[0], "a hooked combine with a fused one of its half before its hook (E)")
+        check(1, cf[0], "a hooked combine with a fused one of its half before its hook (F)")
 
 
 def _fresh(R, T, H, E, K, seed, dev, rank):
