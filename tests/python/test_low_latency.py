@@ -262,7 +262,7 @@ def _run_case(buffer, case, rank, R, seed, errors):
 # ---- sequences ------------------------------------------------------------------------------------
 
 
-def _two_hooks(buffer, rank, R, errors):
+def _two_hooks(buffer, rank, R, errors, transport):
     """Hooks out of order and fused calls between a send and its hook: dispatch A (hook), dispatch B
     (fused), hook A; then dispatch C and D (hooks), hook D, hook C; combines likewise; every result
     against sum_k w_k * x (identity experts, BF16)."""
@@ -330,7 +330,8 @@ def _two_hooks(buffer, rank, R, errors):
     # Over NVLink a hooked combine uses the per-slot wire: a fused combine two calls later (the same
     # half of the double buffer, the reduced wire) may run before its hook, as the two wires' rows
     # and flags live apart. (Two calls of one wire in one half, with a hook pending, overrun.)
-    if all(buffer.runtime.peer_transport(r) in ("nvlink", "self") for r in range(R)):
+    # (peer_transport is the NVLink domain's; the low-latency path is direct only with the nvlink transport.)
+    if transport == "nvlink" and all(buffer.runtime.peer_transport(r) in ("nvlink", "self") for r in range(R)):
         e = dispatch(0, False)
         ce = combine(0, e, True)   # call s, per-slot
         f = dispatch(1, False)     # call s + 1
@@ -577,7 +578,7 @@ def _worker(rank, world_size, quick, transport):
         _run_case(buffer, case, rank, R, seed + 1, errors)
         if rank == 0:
             print(f"[R{R} {transport}] {case.name}: {time.time() - start:.2f} s", flush=True)
-    _two_hooks(buffer, rank, R, errors)
+    _two_hooks(buffer, rank, R, errors, transport)
     _graph_and_stress(buffer, rank, R, quick, errors)
     _bad_inputs(buffer, rank, R, errors)
     torch.cuda.synchronize()

@@ -175,7 +175,8 @@ def _hook_mismatch_worker(rank, world_size):
     buffer = flashep.Buffer(None, 0, flashep.Buffer.get_low_latency_rdma_size_hint(T, H, R, E), low_latency_mode=True,
                             explicitly_destroy=True)
     # The two wires differ only when every peer is reached over NVLink (else a hooked combine uses
-    # the reduced wire too, and nothing disagrees).
+    # the reduced wire too, and nothing disagrees). This buffer allows NVLink for the low-latency
+    # path, so the NVLink domain's transports tell.
     transports = [buffer.runtime.peer_transport(r) for r in range(R)]
     if any(t not in ("nvlink", "self") for t in transports):
         buffer.destroy()
