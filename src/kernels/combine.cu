@@ -49,6 +49,14 @@ __device__ __forceinline__ int4 to_bf16x8(const float (&acc)[8]) {
 template <int kMaxRanks>
 inline constexpr int kWarpSenderUnroll = kMaxRanks <= 4 ? 8 : 4;
 
+/// The failure record inline at its sites (failure.cuh, kInline) in the kernels of 4 and 8 ranks:
+/// out of line it makes ptxas spill inside their hot loops (combine_kernel<8>: 48 B, reloaded in
+/// the receivers' per-word loop; 768 or 1024 threads leave 80 or 64 registers). At 2 ranks out of
+/// line made combine 3% faster (measured, 2026-12-01); at 16 inline spills (20 B) and out of line
+/// does not (ptxas -v).
+template <int kMaxRanks>
+inline constexpr bool kInlineFailure = kMaxRanks == 4 || kMaxRanks == 8;
+
 template <int kMaxRanks>
 __device__ void combine_send(const CombineParams& p, int dst, int channel, int lane) {
   const DeviceComm& comm = p.comm;
@@ -61,7 +69,7 @@ __device__ void combine_send(const CombineParams& p, int dst, int channel, int l
   // modified one) could point outside x. Checked before any row is read.
   if (!rows_inside(rows, p.num_recv_tokens)) {
     if (lane == 0)
-      device::fail(comm, Phase::kCombineBadHandle, dst_rank, channel, p.num_recv_tokens,
+      device::fail<kInlineFailure<kMaxRanks>>(comm, Phase::kCombineBadHandle, dst_rank, channel, p.num_recv_tokens,
                    static_cast<int>(rows.begin + rows.count));
     return;
   }
@@ -80,7 +88,7 @@ __device__ void combine_send(const CombineParams& p, int dst, int channel, int l
     if (tail - head >= p.ring_depth) {
       int ok = 1;
       if (lane == 0)
-        ok = device::wait_reached(comm, local_head, tail - p.ring_depth + 1, Phase::kCombineSendWaitSpace, dst_rank,
+        ok = device::wait_reached<kInlineFailure<kMaxRanks>>(comm, local_head, tail - p.ring_depth + 1, Phase::kCombineSendWaitSpace, dst_rank,
                                   channel, &head);
       if (!__shfl_sync(0xffffffffu, ok, 0)) return;
       head = __shfl_sync(0xffffffffu, head, 0);
@@ -177,8 +185,8 @@ __device__ void combine_recv(const CombineParams& p, int channel, int worker, vo
         if (abort != 0 || late) {
           const int peer = __ffs(__ballot_sync(0xffffffffu, !ready)) - 1;
           const int awaited = __shfl_sync(0xffffffffu, head_slot, peer) + 1;
-          if (lane == 0 && !device::stop_if_aborted(comm, abort, Phase::kCombineRecvWaitData))
-            device::fail(comm, Phase::kCombineRecvWaitData, comm.node * R + peer, channel, awaited, -1);
+          if (lane == 0 && !device::stop_if_aborted<kInlineFailure<kMaxRanks>>(comm, abort, Phase::kCombineRecvWaitData))
+            device::fail<kInlineFailure<kMaxRanks>>(comm, Phase::kCombineRecvWaitData, comm.node * R + peer, channel, awaited, -1);
           return;
         }
       }
@@ -262,10 +270,10 @@ __device__ void combine_recv(const CombineParams& p, int channel, int worker, vo
       if (lane == 0) {
         abort = device::abort_value(comm);
         if (abort == 0 && (spins & 63) == 63 && device::global_timer_ns() - start > comm.timeout_ns) {
-          device::fail(comm, Phase::kCombineReleaseWait, -1, channel, range.end, -1);
+          device::fail<kInlineFailure<kMaxRanks>>(comm, Phase::kCombineReleaseWait, -1, channel, range.end, -1);
           abort = comm.rank + 1;
         }
-        device::stop_if_aborted(comm, abort, Phase::kCombineReleaseWait);
+        device::stop_if_aborted<kInlineFailure<kMaxRanks>>(comm, abort, Phase::kCombineReleaseWait);
       }
       if (__shfl_sync(0xffffffffu, abort, 0) != 0) return;
     }
@@ -278,7 +286,7 @@ __device__ void combine_recv(const CombineParams& p, int channel, int worker, vo
 template <int kMaxRanks>
 __global__ void __launch_bounds__(combine_launch_bound(kMaxRanks), 1) combine_kernel(const __grid_constant__ CombineParams p) {
   __shared__ int positions[kMaxChannelsPerBlock * kCombineWorkers];
-  if (device::aborted_at_entry(p.comm)) return;
+  if (device::aborted_at_entry<kInlineFailure<kMaxRanks>>(p.comm)) return;
   const int G = p.channels_per_block, R = p.comm.nvl_size;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (threadIdx.x < G * kCombineWorkers) {

@@ -52,18 +52,8 @@ inline constexpr int kClaimOwn = 3;          // this rank's own failure is recor
 
 /// Records a failure and, for this rank's own failures, aborts the buffer on the peers. The first
 /// record wins, except that this rank's own failure replaces a record of a peer's abort.
-/// Out of line (issue 7): inlined at every wait's cold path it was ~1100 of the 2650 instructions
-/// of combine_kernel<2> (42 KB of SASS, against 27.5 KB now), and combine ran 3% slower (measured).
-/// The site and the values travel packed (record_error below), so that a call site needs few registers:
-/// with eight separate arguments ptxas spilled in combine_kernel<4> and <8> (64 registers a thread).
-static __device__ __noinline__ void record_error_packed(const DeviceComm& c, uint64_t site, uint64_t values, int block) {
-  const Phase phase = static_cast<Phase>(site & 0xff);
-  const Cause cause = static_cast<Cause>((site >> 8) & 0xff);
-  // 24-bit fields, sign-extended (-1 stays -1).
-  const int peer = static_cast<int>(static_cast<uint32_t>(site >> 16) << 8) >> 8;
-  const int channel = static_cast<int>(static_cast<uint32_t>(site >> 40) << 8) >> 8;
-  const int expected = static_cast<int>(static_cast<uint32_t>(values));
-  const int observed = static_cast<int>(static_cast<uint32_t>(values >> 32));
+__device__ __forceinline__ void record_error_body(const DeviceComm& c, Phase phase, Cause cause, int peer, int channel,
+                                                  int expected, int observed, int block) {
   int* claim = local_word(c, c.nvl.control.error_claim());
   bool write = false;
   if (cause == Cause::kPeerAbort) {
@@ -98,42 +88,64 @@ static __device__ __noinline__ void record_error_packed(const DeviceComm& c, uin
   if (cause == Cause::kOwn) raise_abort_nvlink(c);
 }
 
+/// The same, out of line (issue 7): inlined at every wait's cold path it was ~1100 of the 2650
+/// instructions of combine_kernel<2> (42 KB of SASS, against 27.5 KB now), and combine ran 3% slower
+/// (measured at 2 GPUs). The site and the values travel packed (record_error below), so that a call
+/// site needs few registers. Kernels of 1024 threads (64 registers) spill around the call in their
+/// hot loops (combine_kernel<4> and <8>), so those keep the body inline (kInline below).
+static __device__ __noinline__ void record_error_packed(const DeviceComm& c, uint64_t site, uint64_t values, int block) {
+  // 24-bit fields, sign-extended (-1 stays -1).
+  record_error_body(c, static_cast<Phase>(site & 0xff), static_cast<Cause>((site >> 8) & 0xff),
+                    static_cast<int>(static_cast<uint32_t>(site >> 16) << 8) >> 8,
+                    static_cast<int>(static_cast<uint32_t>(site >> 40) << 8) >> 8,
+                    static_cast<int>(static_cast<uint32_t>(values)), static_cast<int>(static_cast<uint32_t>(values >> 32)),
+                    block);
+}
+
 /// record_error_packed's site word: the phase, the cause, and the peer and channel as 24-bit
 /// signed values (a peer field may hold an expert count, a channel field an expert id: both are
-/// far below 2^23).
+/// far below 2^23). With kInline, the body at the call site instead.
+template <bool kInline = false>
 __device__ __forceinline__ void record_error(const DeviceComm& c, Phase phase, Cause cause, int peer, int channel,
                                              int expected, int observed, int block = -1) {
-  const uint64_t site = uint64_t(static_cast<uint32_t>(phase) & 0xffu) | (uint64_t(static_cast<uint32_t>(cause) & 0xffu) << 8) |
-                        (uint64_t(static_cast<uint32_t>(peer) & 0xffffffu) << 16) |
-                        (uint64_t(static_cast<uint32_t>(channel) & 0xffffffu) << 40);
-  const uint64_t values = uint64_t(static_cast<uint32_t>(expected)) | (uint64_t(static_cast<uint32_t>(observed)) << 32);
-  record_error_packed(c, site, values, block);
+  if constexpr (kInline) {
+    record_error_body(c, phase, cause, peer, channel, expected, observed, block);
+  } else {
+    const uint64_t site = uint64_t(static_cast<uint32_t>(phase) & 0xffu) | (uint64_t(static_cast<uint32_t>(cause) & 0xffu) << 8) |
+                          (uint64_t(static_cast<uint32_t>(peer) & 0xffffffu) << 16) |
+                          (uint64_t(static_cast<uint32_t>(channel) & 0xffffffu) << 40);
+    const uint64_t values = uint64_t(static_cast<uint32_t>(expected)) | (uint64_t(static_cast<uint32_t>(observed)) << 32);
+    record_error_packed(c, site, values, block);
+  }
 }
 
 /// This rank's own failure.
+template <bool kInline = false>
 __device__ __forceinline__ void fail(const DeviceComm& c, Phase phase, int peer, int channel, int expected,
                                      int observed, int block = -1) {
-  record_error(c, phase, Cause::kOwn, peer, channel, expected, observed, block);
+  record_error<kInline>(c, phase, Cause::kOwn, peer, channel, expected, observed, block);
 }
 
 /// If the buffer is aborted: records (once) that this rank stopped in `phase` because of the
 /// aborting rank, and returns true.
+template <bool kInline = false>
 __device__ __forceinline__ bool stop_if_aborted(const DeviceComm& c, int abort, Phase phase) {
   if (abort == 0) return false;
   // Our own abort: this rank's error is recorded already (the claim is taken before the word is set).
-  if (abort - 1 != c.rank) record_error(c, phase, Cause::kPeerAbort, abort - 1, -1, 0, 0);
+  if (abort - 1 != c.rank) record_error<kInline>(c, phase, Cause::kPeerAbort, abort - 1, -1, 0, 0);
   return true;
 }
 __device__ __forceinline__ bool aborted(const DeviceComm& c) { return abort_value(c) != 0; }
 
 /// Block-uniform check at kernel entry: true (every thread) when the buffer is aborted already; the
 /// kernel must then return without touching peers.
+template <bool kInline = false>
 __device__ __forceinline__ bool aborted_at_entry(const DeviceComm& c) {
   __shared__ int abort;
   if (threadIdx.x == 0) abort = abort_value(c);
   __syncthreads();
   const int seen = abort;
-  if (seen != 0 && threadIdx.x == 0) stop_if_aborted(c, seen, Phase::kKernelEntry);
+  if (seen != 0 && threadIdx.x == 0) stop_if_aborted<kInline>(c, seen, Phase::kKernelEntry);
   return seen != 0;
 }
 
@@ -141,12 +153,13 @@ __device__ __forceinline__ bool aborted_at_entry(const DeviceComm& c) {
 /// timeout; gives up at once when the buffer is aborted (checked before the first read of the
 /// counter too, and every 256 spins). Returns false when it gave up (the reason is recorded);
 /// `*seen` gets the last value read.
+template <bool kInline = false>
 __device__ __forceinline__ bool wait_reached(const DeviceComm& c, const int* counter, int target, Phase phase,
                                              int peer, int channel, int* seen = nullptr) {
   // The abort word first (relaxed) so its load is in flight together with the acquire.
   int abort = abort_value(c);
   int value = ld_acquire_sys(counter);
-  if (stop_if_aborted(c, abort, phase)) return false;
+  if (stop_if_aborted<kInline>(c, abort, phase)) return false;
   if (seq_reached(static_cast<uint32_t>(value), static_cast<uint32_t>(target))) {
     if (seen != nullptr) *seen = value;
     return true;
@@ -159,9 +172,9 @@ __device__ __forceinline__ bool wait_reached(const DeviceComm& c, const int* cou
       return true;
     }
     if ((spins & 255) == 0) {
-      if (stop_if_aborted(c, abort_value(c), phase)) return false;
+      if (stop_if_aborted<kInline>(c, abort_value(c), phase)) return false;
       if (global_timer_ns() - start > c.timeout_ns) {
-        fail(c, phase, peer, channel, target, value);
+        fail<kInline>(c, phase, peer, channel, target, value);
         return false;
       }
     }
