@@ -31,7 +31,6 @@ for _key, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICA
     os.environ[_key] = _value
 
 import argparse  # noqa: E402
-import socket  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -375,12 +374,6 @@ def _child(rank: int, R: int, args: argparse.Namespace, port: int) -> None:
         os._exit(1)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     return launch("flashep.bench", "flashep.bench", _parse_args(argv))
 
@@ -405,8 +398,10 @@ def run_ranks(child, R: int, args: argparse.Namespace, timeout_s: float) -> int:
     time limit passes. Returns the exit status for main()."""
     import multiprocessing
 
+    from .utils import free_tcp_port
+
     ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
+    port = free_tcp_port()
     processes = [ctx.Process(target=child, args=(r, R, args, port), daemon=True) for r in range(R)]
     for p in processes:
         p.start()

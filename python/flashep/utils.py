@@ -6,6 +6,8 @@ layout or value) with a message that names the argument; they never call into th
 from __future__ import annotations
 
 import operator
+import random
+import socket
 from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
@@ -145,3 +147,27 @@ class DeviceMemory:
             "strides": None,
             "version": 3,
         }
+
+
+def free_tcp_port() -> int:
+    """A free local TCP port for a rendezvous (rank 0's TCPStore), taken below the kernel's
+    ephemeral range: a port the kernel hands out (bind to port 0) is free only until an outgoing
+    connection (NCCL's bootstrap, a store client) is given it, which failed a test with EADDRINUSE
+    on 2026-12-01. Falls back to the kernel's pick."""
+    low = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    candidates = list(range(max(1024, low - 12000), max(2048, low - 1)))
+    random.SystemRandom().shuffle(candidates)
+    for port in candidates[:200] + [0]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("flashep: no free local TCP port")

@@ -43,7 +43,6 @@ import faulthandler
 import os
 import queue as queue_module
 import signal
-import socket
 import sys
 import time
 import traceback
@@ -171,13 +170,6 @@ def require_nvshmem(what: str) -> None:
         pytest.skip(f"flashep built without NVSHMEM: {what}")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---- the child process ---------------------------------------------------------------------------
 
 
@@ -255,7 +247,9 @@ def run_world(fn: Callable, world_size: int, args: Sequence[Any] = (), env: Opti
     extra_env = {str(k): str(v) for k, v in (env or {}).items()}
     ctx = multiprocessing.get_context("spawn")
     result_queue = ctx.Queue()
-    port = free_port()
+    from flashep.utils import free_tcp_port  # here: a test whose subject fails to import fails
+
+    port = free_tcp_port()
 
     # The children inherit os.environ at start: set NVLS + extra env before spawning (the children
     # import the test module, and with it flashep, before _child_main runs).
