@@ -137,6 +137,10 @@ class _DispatchShape:
 
 _NO_EVENT = EventOverlap(None)
 
+# Codes of _ll_fast (and flashep._torch_outputs.check_tensors): dtype | rank << 4.
+_CODE_DTYPES = {1: torch.bfloat16, 2: torch.int64, 3: torch.float32, 4: torch.int32}
+_BF16_2D, _BF16_3D, _INT64_2D, _FLOAT32_2D = 1 | 2 << 4, 1 | 3 << 4, 2 | 2 << 4, 3 | 2 << 4
+
 
 class LowLatencyMixin:
     """Mixed into flashep.Buffer; uses its runtime, device, group and streams."""
@@ -213,11 +217,23 @@ class LowLatencyMixin:
 
     # ---- fast checks (host time matters at decode sizes) ---------------------------------------------
 
-    def _ll_fast_tensor(self, tensor: Any, dtype: torch.dtype, dim: int) -> bool:
-        """The common case of a check_tensor: right type, dtype, device, rank, contiguous, aligned."""
-        return (type(tensor) is torch.Tensor and tensor.dtype is dtype and tensor.is_cuda
-                and tensor.get_device() == self._device_index and tensor.dim() == dim and tensor.is_contiguous()
-                and tensor.data_ptr() % 16 == 0)
+    def _ll_fast(self, *tensors_and_codes: Any) -> Optional[tuple]:
+        """The common case of the input checks, (tensor, code) pairs (code = dtype | rank << 4: _BF16_2D,
+        ...): each exactly a torch.Tensor of that dtype and rank on this device, contiguous and 16-byte
+        aligned. Returns (address, *sizes) of each, concatenated, or None when any is not (the caller
+        then runs the full checks, which name what is wrong). In C++ when flashep._torch_outputs is
+        there (~0.5 us against ~1-2 us per tensor here)."""
+        if _outputs is not None:
+            return _outputs.check_tensors(self._device_index, *tensors_and_codes)
+        found: List[int] = []
+        for tensor, code in zip(tensors_and_codes[0::2], tensors_and_codes[1::2]):
+            if not (type(tensor) is torch.Tensor and tensor.dtype is _CODE_DTYPES[code & 15] and tensor.is_cuda
+                    and tensor.get_device() == self._device_index and tensor.dim() == code >> 4
+                    and tensor.is_contiguous() and tensor.data_ptr() % 16 == 0):
+                return None
+            found.append(tensor.data_ptr())
+            found.extend(tensor.shape)
+        return tuple(found)
 
     def _ll_shape(self, max_tokens: Any, num_experts: Any, hidden: int, num_topk: int, use_fp8: bool,
                   round_scale: bool, use_ue8m0: bool) -> "_DispatchShape":
@@ -239,20 +255,21 @@ class LowLatencyMixin:
                              return_recv_hook: bool = False) -> Tuple[Any, torch.Tensor, LowLatencyHandle, EventOverlap, Any]:
         """Returns (recv_x, recv_count, handle, event, hook); recv_x is (fp8 [L, R*T, H], scales) with
         FP8, else bf16 [L, R*T, H]. See the module docstring for streams and the hook."""
-        if not self._ll_fast_tensor(x, torch.bfloat16, 2):
+        fast = self._ll_fast(x, _BF16_2D, topk_idx, _INT64_2D)
+        if fast is None:
             self._require_low_latency("low_latency_dispatch")
             check_tensor("x", x, torch.bfloat16, self._device, (None, None))
             check_aligned("x", x)
-        if not self._ll_fast_tensor(topk_idx, topk_idx_t, 2):
             self._check_topk_idx(topk_idx, x.size(0))
             check_aligned("topk_idx", topk_idx, 8)
+            fast = (x.data_ptr(), *x.shape, topk_idx.data_ptr(), *topk_idx.shape)
+        x_at, num_tokens, hidden, idx_at, idx_rows, num_topk = fast
         if async_finish and return_recv_hook:
             raise ValueError("async_finish and return_recv_hook exclude each other")
-        num_tokens, hidden = x.shape
-        shape = self._ll_shape(num_max_dispatch_tokens_per_rank, num_experts, hidden, topk_idx.size(1), use_fp8,
+        shape = self._ll_shape(num_max_dispatch_tokens_per_rank, num_experts, hidden, num_topk, use_fp8,
                                round_scale, use_ue8m0)
-        if topk_idx.size(0) != num_tokens:
-            raise ValueError(f"topk_idx has {topk_idx.size(0)} rows but x has {num_tokens} tokens")
+        if idx_rows != num_tokens:
+            raise ValueError(f"topk_idx has {idx_rows} rows but x has {num_tokens} tokens")
         if num_tokens > shape.max_tokens:
             raise ValueError(f"x has {num_tokens} tokens but num_max_dispatch_tokens_per_rank is {shape.max_tokens}")
         recv_stats = self._ll_check_stats("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats,
@@ -274,7 +291,7 @@ class LowLatencyMixin:
             outputs = shape.allocate()
             raw_stream = torch._C._cuda_getCurrentRawStream(self._device_index)
         recv_x, recv_scales, words, recv_count, src_info, layout_range, x_at, scales_at, base = outputs
-        args = (x.data_ptr(), topk_idx.data_ptr(), num_tokens, hidden, shape.num_topk, shape.max_tokens,
+        args = (x_at, idx_at, num_tokens, hidden, shape.num_topk, shape.max_tokens,
                 shape.num_experts, shape.use_fp8, shape.round_scale, shape.use_ue8m0)
         outs = (x_at, scales_at, base,
                 0 if recv_stats is None else recv_stats.data_ptr(), 0 if wait_stats is None else wait_stats.data_ptr(),
@@ -351,24 +368,27 @@ class LowLatencyMixin:
         src_info, layout_range, max_tokens, hidden, num_experts = handle
         shape = self._ll_state()["shapes"][handle.shape_key]
         num_ranks = self.group_size
-        if not (self._ll_fast_tensor(x, torch.bfloat16, 3) and x.shape == shape.combine_x_shape):
+        fast = self._ll_fast(x, _BF16_3D, topk_idx, _INT64_2D, topk_weights, _FLOAT32_2D)
+        if fast is None or fast[1:4] != shape.combine_x_shape or fast[8:10] != fast[5:7]:
             self._require_low_latency("low_latency_combine")
             check_tensor("x", x, torch.bfloat16, self._device, shape.combine_x_shape)
             check_aligned("x", x)
-        if not self._ll_fast_tensor(topk_idx, topk_idx_t, 2):
             self._check_topk_idx(topk_idx)
-        num_tokens, num_topk = topk_idx.shape
+            check_tensor("topk_weights", topk_weights, torch.float32, self._device, tuple(topk_idx.shape))
+            fast = (x.data_ptr(), *x.shape, topk_idx.data_ptr(), *topk_idx.shape, topk_weights.data_ptr(),
+                    *topk_weights.shape)
+        x_at, idx_at, num_tokens, num_topk, weights_at = fast[0], fast[4], fast[5], fast[6], fast[7]
         if num_topk != handle.num_topk:
             raise ValueError(f"topk_idx has {num_topk} columns but the dispatch had {handle.num_topk}")
         if num_tokens > max_tokens:
             raise ValueError(f"topk_idx has {num_tokens} tokens but the dispatch's T is {max_tokens}")
-        if not (self._ll_fast_tensor(topk_weights, torch.float32, 2) and topk_weights.shape == topk_idx.shape):
-            check_tensor("topk_weights", topk_weights, torch.float32, self._device, (num_tokens, num_topk))
         if out is not None:
-            if not (self._ll_fast_tensor(out, torch.bfloat16, 2) and out.shape == (num_tokens, hidden)):
+            fast = self._ll_fast(out, _BF16_2D)
+            if fast is None or fast[1:3] != (num_tokens, hidden):
                 check_tensor("out", out, torch.bfloat16, self._device, (num_tokens, hidden))
                 check_aligned("out", out)
-            out_at = out.data_ptr()
+                fast = (out.data_ptr(),)
+            out_at = fast[0]
         wait_stats = self._ll_check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats,
                                           torch.int64, num_ranks)
 
@@ -385,11 +405,11 @@ class LowLatencyMixin:
                 out, out_at = self._ll_new_out(num_tokens, hidden)
             raw_stream = torch._C._cuda_getCurrentRawStream(self._device_index)
         base = handle.plan.data_ptr()
-        args = (x.data_ptr(), bool(zero_copy), bool(use_logfmt), topk_idx.data_ptr(), topk_weights.data_ptr(), num_tokens,
+        args = (x_at, bool(zero_copy), bool(use_logfmt), idx_at, weights_at, num_tokens,
                 base + shape.src_info_offset, base + shape.layout_range_offset, base + shape.plan_offset, max_tokens,
                 hidden, num_experts, num_topk)
         tail = (out_at, 0 if wait_stats is None else wait_stats.data_ptr())
-        receive_args = (x.data_ptr(), False) + args[2:]  # the receive phase reads no x
+        receive_args = (x_at, False) + args[2:]  # the receive phase reads no x
         event, hook, _ = self._ll_launch(_C.ll_combine, args, receive_args, tail, return_recv_hook, stream, raw_stream,
                                          (x, topk_idx, topk_weights, out, handle.plan, wait_stats),
                                          (handle[2], handle[3], handle[4]))  # (T, H, E) of its dispatch

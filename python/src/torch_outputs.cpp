@@ -5,7 +5,10 @@
 // outputs and four views were ~14 us of its ~25 us of host time (docs/performance.md). Made here
 // through ATen they cost a few hundred nanoseconds each, as in DeepEP (whose C++ allocates them).
 //
-// Only allocation and views: the launches stay in flashep._C, which does not depend on torch. The
+// Also the common case of the calls' input checks (check_tensors), for the same reason: from Python
+// each tensor's dtype, device, rank, contiguity and alignment cost ~1-2 us.
+//
+// Only allocation, views and checks: the launches stay in flashep._C, which does not depend on torch. The
 // tensors come from torch's caching allocator on the device's current stream, exactly as
 // torch.empty would make them (same shapes, strides and dtypes as the Python fallback in
 // low_latency.py, which runs when this module was not built or does not import). Built when CMake
@@ -113,7 +116,63 @@ PyObject* bf16_2d(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+/// The dtypes of check_tensors' codes (code = dtype | dim << 4).
+at::ScalarType code_dtype(int64_t code) {
+  switch (code & 15) {
+    case 1: return at::kBFloat16;
+    case 2: return at::kLong;
+    case 3: return at::kFloat;
+    case 4: return at::kInt;
+    default: return at::ScalarType::Undefined;
+  }
+}
+
+/// check_tensors(device, tensor0, code0, tensor1, code1, ...) -> (address0, *sizes0, address1, ...)
+/// or None. The common case of the low-latency calls' input checks, in one call: each tensor is a
+/// torch.Tensor (exactly), of the code's dtype and rank, on CUDA device `device`, contiguous and
+/// 16-byte aligned. None when any is not: the caller then runs its full checks, which raise with
+/// the argument's name (and accept what this refuses only for speed: a subclass, an 8-byte aligned
+/// topk_idx).
+PyObject* check_tensors(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs < 1 || nargs % 2 != 1) {
+    PyErr_SetString(PyExc_TypeError, "flashep._torch_outputs.check_tensors(device, tensor, code, ...)");
+    return nullptr;
+  }
+  const long long device = PyLong_AsLongLong(args[0]);
+  if (device == -1 && PyErr_Occurred()) return nullptr;
+  HANDLE_TH_ERRORS
+  int64_t values[64];
+  Py_ssize_t count = 0;
+  for (Py_ssize_t i = 1; i < nargs; i += 2) {
+    const long long code = PyLong_AsLongLong(args[i + 1]);
+    if (code == -1 && PyErr_Occurred()) return nullptr;
+    if (!THPVariable_CheckExact(args[i])) Py_RETURN_NONE;
+    const at::Tensor& t = THPVariable_Unpack(args[i]);
+    const int64_t dim = code >> 4;
+    if (t.scalar_type() != code_dtype(code) || t.dim() != dim || !t.is_cuda() || t.get_device() != device ||
+        !t.is_contiguous() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0 ||
+        count + 1 + dim > static_cast<Py_ssize_t>(sizeof(values) / sizeof(values[0])))
+      Py_RETURN_NONE;
+    values[count++] = reinterpret_cast<int64_t>(t.data_ptr());
+    for (int64_t d = 0; d < dim; ++d) values[count++] = t.size(d);
+  }
+  PyObject* tuple = PyTuple_New(count);
+  if (tuple == nullptr) return nullptr;
+  for (Py_ssize_t i = 0; i < count; ++i) {
+    PyObject* item = PyLong_FromLongLong(values[i]);
+    if (item == nullptr) {
+      Py_DECREF(tuple);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(tuple, i, item);
+  }
+  return tuple;
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
+    {"check_tensors", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(check_tensors)), METH_FASTCALL,
+     "The common case of the low-latency input checks (see torch_outputs.cpp)."},
     {"dispatch_outputs", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(dispatch_outputs)), METH_FASTCALL,
      "The low-latency dispatch's outputs and views (see torch_outputs.cpp)."},
     {"bf16_2d", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(bf16_2d)), METH_FASTCALL,

@@ -88,3 +88,52 @@ def test_bad_arguments_raise():
         module.bf16_2d(-1, -1, 8)
     with pytest.raises(RuntimeError):  # torch's own error (overflow), as a Python exception
         module.bf16_2d(-1, 1 << 40, 1 << 30)
+
+
+def _fast_cases(device):
+    base = torch.zeros(4096, dtype=torch.bfloat16, device=device)
+    x = torch.zeros((8, 256), dtype=torch.bfloat16, device=device)
+    idx = torch.zeros((8, 4), dtype=torch.int64, device=device)
+    w = torch.zeros((8, 4), dtype=torch.float32, device=device)
+    y = torch.zeros((2, 16, 256), dtype=torch.bfloat16, device=device)
+    ll = low_latency
+    return [
+        ("good", (x, ll._BF16_2D, idx, ll._INT64_2D), True),
+        ("good, three", (y, ll._BF16_3D, idx, ll._INT64_2D, w, ll._FLOAT32_2D), True),
+        ("dtype", (x.float(), ll._BF16_2D), False),
+        ("rank", (y, ll._BF16_2D), False),
+        ("not contiguous", (x[:, ::2], ll._BF16_2D), False),
+        ("misaligned", (base[1:257].view(2, 128), ll._BF16_2D), False),
+        ("a subclass", (torch.nn.Parameter(x, requires_grad=False), ll._BF16_2D), False),
+        ("not a tensor", ([1, 2], ll._BF16_2D), False),
+        ("second bad", (x, ll._BF16_2D, idx.int(), ll._INT64_2D), False),
+    ]
+
+
+def test_check_tensors_is_the_python_check(monkeypatch):
+    """check_tensors (C++) and the fallback of LowLatencyMixin._ll_fast give the same answers: on
+    the CPU (always None: not CUDA) and, where there is a GPU, on CUDA tensors."""
+    import types
+
+    module = _module()
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        index = 0 if device == "cuda" else -1
+        owner = types.SimpleNamespace(_device_index=index)
+        for name, args, good in _fast_cases(device):
+            in_cpp = module.check_tensors(index, *args)
+            with monkeypatch.context() as m:
+                m.setattr(low_latency, "_outputs", None)
+                in_python = low_latency.LowLatencyMixin._ll_fast(owner, *args)
+            assert in_cpp == in_python, (device, name)
+            assert (in_cpp is not None) == (good and device == "cuda"), (device, name, in_cpp)
+            if in_cpp is not None:
+                tensors = args[0::2]
+                expected = []
+                for t in tensors:
+                    expected += [t.data_ptr(), *t.shape]
+                assert in_cpp == tuple(expected)
+        if device == "cuda":  # another device index than the tensors'
+            assert module.check_tensors(1, *_fast_cases(device)[0][1]) is None
+    with pytest.raises(TypeError):
+        module.check_tensors(-1, torch.zeros(1))
