@@ -138,6 +138,8 @@ class _DispatchShape:
 _NO_EVENT = EventOverlap(None)
 
 # Codes of _ll_fast (and flashep._torch_outputs.check_tensors): dtype | rank << 4.
+# What check_tensors takes as a plain tensor (torch's THPVariable_CheckExact): Tensor and Parameter.
+_EXACT_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 _CODE_DTYPES = {1: torch.bfloat16, 2: torch.int64, 3: torch.float32, 4: torch.int32}
 _BF16_2D, _BF16_3D, _INT64_2D, _FLOAT32_2D = 1 | 2 << 4, 1 | 3 << 4, 2 | 2 << 4, 3 | 2 << 4
 
@@ -219,7 +221,7 @@ class LowLatencyMixin:
 
     def _ll_fast(self, *tensors_and_codes: Any) -> Optional[tuple]:
         """The common case of the input checks, (tensor, code) pairs (code = dtype | rank << 4: _BF16_2D,
-        ...): each exactly a torch.Tensor of that dtype and rank on this device, contiguous and 16-byte
+        ...): each exactly a torch.Tensor (or Parameter) of that dtype and rank on this device, contiguous and 16-byte
         aligned. Returns (address, *sizes) of each, concatenated, or None when any is not (the caller
         then runs the full checks, which name what is wrong). In C++ when flashep._torch_outputs is
         there (~0.5 us against ~1-2 us per tensor here)."""
@@ -227,7 +229,7 @@ class LowLatencyMixin:
             return _outputs.check_tensors(self._device_index, *tensors_and_codes)
         found: List[int] = []
         for tensor, code in zip(tensors_and_codes[0::2], tensors_and_codes[1::2]):
-            if not (type(tensor) is torch.Tensor and tensor.dtype is _CODE_DTYPES[code & 15] and tensor.is_cuda
+            if not (type(tensor) in _EXACT_TENSOR_TYPES and tensor.dtype is _CODE_DTYPES[code & 15] and tensor.is_cuda
                     and tensor.get_device() == self._device_index and tensor.dim() == code >> 4
                     and tensor.is_contiguous() and tensor.data_ptr() % 16 == 0):
                 return None

@@ -129,7 +129,7 @@ at::ScalarType code_dtype(int64_t code) {
 
 /// check_tensors(device, tensor0, code0, tensor1, code1, ...) -> (address0, *sizes0, address1, ...)
 /// or None. The common case of the low-latency calls' input checks, in one call: each tensor is a
-/// torch.Tensor (exactly), of the code's dtype and rank, on CUDA device `device`, contiguous and
+/// torch.Tensor (exactly, or a Parameter: THPVariable_CheckExact), of the code's dtype and rank, on CUDA device `device`, contiguous and
 /// 16-byte aligned. None when any is not: the caller then runs its full checks, which raise with
 /// the argument's name (and accept what this refuses only for speed: a subclass, an 8-byte aligned
 /// topk_idx).

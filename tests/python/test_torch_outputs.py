@@ -90,6 +90,10 @@ def test_bad_arguments_raise():
         module.bf16_2d(-1, 1 << 40, 1 << 30)
 
 
+class _Subclass(torch.Tensor):
+    pass
+
+
 def _fast_cases(device):
     base = torch.zeros(4096, dtype=torch.bfloat16, device=device)
     x = torch.zeros((8, 256), dtype=torch.bfloat16, device=device)
@@ -104,7 +108,8 @@ def _fast_cases(device):
         ("rank", (y, ll._BF16_2D), False),
         ("not contiguous", (x[:, ::2], ll._BF16_2D), False),
         ("misaligned", (base[1:257].view(2, 128), ll._BF16_2D), False),
-        ("a subclass", (torch.nn.Parameter(x, requires_grad=False), ll._BF16_2D), False),
+        ("a Parameter", (torch.nn.Parameter(x, requires_grad=False), ll._BF16_2D), True),
+        ("a subclass", (x.as_subclass(_Subclass), ll._BF16_2D), False),
         ("not a tensor", ([1, 2], ll._BF16_2D), False),
         ("second bad", (x, ll._BF16_2D, idx.int(), ll._INT64_2D), False),
     ]
