@@ -292,10 +292,10 @@ class LowLatencyMixin:
             stream = None
             outputs = shape.allocate()
             raw_stream = torch._C._cuda_getCurrentRawStream(self._device_index)
-        recv_x, recv_scales, words, recv_count, src_info, layout_range, x_at, scales_at, base = outputs
+        recv_x, recv_scales, words, recv_count, src_info, layout_range, recv_x_at, scales_at, base = outputs
         args = (x_at, idx_at, num_tokens, hidden, shape.num_topk, shape.max_tokens,
                 shape.num_experts, shape.use_fp8, shape.round_scale, shape.use_ue8m0)
-        outs = (x_at, scales_at, base,
+        outs = (recv_x_at, scales_at, base,
                 0 if recv_stats is None else recv_stats.data_ptr(), 0 if wait_stats is None else wait_stats.data_ptr(),
                 base + shape.src_info_offset, base + shape.layout_range_offset, base + shape.plan_offset)
         event, hook, call_id = self._ll_launch(_C.ll_dispatch, args, args, outs, return_recv_hook, stream, raw_stream,
