@@ -5,6 +5,8 @@ import cProfile, io, os, pstats, statistics, time
 os.environ.setdefault("NVSHMEM_REMOTE_TRANSPORT", "none")
 import torch, torch.distributed as dist
 import flashep
+import flashep.low_latency as ll_module
+print("outputs made in C++ (flashep._torch_outputs):", getattr(ll_module, "OUTPUTS_IN_CPP", "n/a"), getattr(ll_module, "OUTPUTS_IMPORT_ERROR", None) or "")
 dev = torch.device("cuda", 0); torch.cuda.set_device(0)
 dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29555", rank=0, world_size=1, device_id=dev)
 T, H, E, K = 128, 7168, int(os.environ.get("E", "32")), 8

@@ -25,6 +25,8 @@ calc_diff < 9e-4, tested on 2 and 4 GPUs); FLASHEP_DEBUG_LL_LOGFMT=0 sends exact
 """
 from __future__ import annotations
 
+import importlib.util
+import warnings
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
@@ -32,6 +34,21 @@ import torch.distributed as dist
 
 from . import _C
 from .utils import DeviceMemory, EventOverlap, check_aligned, check_int, check_tensor, topk_idx_t
+
+# The outputs made in C++ through ATen (python/src/torch_outputs.cpp; ~3x less host time than
+# torch.empty and views from here). Absent when flashep was built without torch in its build
+# environment (an isolated `pip install .`); it then fails to import, and the same tensors are made
+# here. OUTPUTS_IN_CPP says which; OUTPUTS_IMPORT_ERROR says why not.
+try:
+    from . import _torch_outputs as _outputs
+    OUTPUTS_IMPORT_ERROR: Optional[BaseException] = None
+except ImportError as _error:  # not built, or built against another torch
+    _outputs = None
+    OUTPUTS_IMPORT_ERROR = _error
+    if importlib.util.find_spec(f"{__package__}._torch_outputs") is not None:  # built, but does not import
+        warnings.warn(f"flashep: flashep._torch_outputs does not import ({_error}); the low-latency outputs are "
+                      "made from Python (more host time per call). Rebuild flashep against this torch.")
+OUTPUTS_IN_CPP = _outputs is not None
 
 
 class LowLatencyHandle(tuple):
@@ -94,28 +111,40 @@ class _DispatchShape:
         self.layout_range_offset = 4 * ints
         self.combine_x_shape = (L, rows, hidden)
         self.x_dtype = torch.float8_e4m3fn if use_fp8 else torch.bfloat16
+        self.device_index = buffer._device_index
+        # Scales: 0 none (BF16), 1 float32 per 128 channels, 2 int32 of four UE8M0 bytes per 512.
+        self.scale_kind = 0 if not use_fp8 else (2 if use_ue8m0 else 1)
+        self.scale_groups = 0 if not use_fp8 else hidden // (512 if use_ue8m0 else 128)
 
-    def allocate(self):
-        L, rows, H, dev = self.num_local, self.rows, self.hidden, self.device
+    def allocate(self) -> tuple:
+        """New outputs: (recv_x, recv_scales or None, words, recv_count, src_info, layout_range, and
+        the addresses of recv_x, recv_scales (0 without) and words)."""
+        L, rows, H = self.num_local, self.rows, self.hidden
+        if _outputs is not None:
+            return _outputs.dispatch_outputs(self.device_index, L, rows, H, int(self.use_fp8), self.scale_kind,
+                                             self.scale_groups, self.ints // 2 + self.longs, self.ints, self.num_ranks)
+        dev = self.device
         recv_x = torch.empty((L, rows, H), dtype=self.x_dtype, device=dev)
         recv_scales = None
-        if self.use_fp8 and self.use_ue8m0:
-            recv_scales = torch.empty((L, H // 512, rows), dtype=torch.int32, device=dev).transpose(1, 2)
-        elif self.use_fp8:
-            recv_scales = torch.empty((L, H // 128, rows), dtype=torch.float32, device=dev).transpose(1, 2)
+        if self.scale_kind:
+            recv_scales = torch.empty((L, self.scale_groups, rows), dtype=torch.float32 if self.scale_kind == 1 else torch.int32,
+                                      device=dev).transpose(1, 2)
         words = torch.empty((self.ints // 2 + self.longs,), dtype=torch.int64, device=dev)
-        return recv_x, recv_scales, words
-
-    def views(self, words: torch.Tensor):
-        L, rows = self.num_local, self.rows
         ints = words.view(torch.int32)
         recv_count = ints.as_strided((L,), (1,), 0)
         src_info = ints.as_strided((L, rows), (rows, 1), L)
         layout_range = words.as_strided((L, self.num_ranks), (self.num_ranks, 1), self.ints // 2)
-        return recv_count, src_info, layout_range
+        return (recv_x, recv_scales, words, recv_count, src_info, layout_range, recv_x.data_ptr(),
+                0 if recv_scales is None else recv_scales.data_ptr(), words.data_ptr())
 
 
 _NO_EVENT = EventOverlap(None)
+
+# Codes of _ll_fast (and flashep._torch_outputs.check_tensors): dtype | rank << 4.
+# What check_tensors takes as a plain tensor (torch's THPVariable_CheckExact): Tensor and Parameter.
+_EXACT_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+_CODE_DTYPES = {1: torch.bfloat16, 2: torch.int64, 3: torch.float32, 4: torch.int32}
+_BF16_2D, _BF16_3D, _INT64_2D, _FLOAT32_2D = 1 | 2 << 4, 1 | 3 << 4, 2 | 2 << 4, 3 | 2 << 4
 
 
 class LowLatencyMixin:
@@ -193,11 +222,23 @@ class LowLatencyMixin:
 
     # ---- fast checks (host time matters at decode sizes) ---------------------------------------------
 
-    def _ll_fast_tensor(self, tensor: Any, dtype: torch.dtype, dim: int) -> bool:
-        """The common case of a check_tensor: right type, dtype, device, rank, contiguous, aligned."""
-        return (type(tensor) is torch.Tensor and tensor.dtype is dtype and tensor.is_cuda
-                and tensor.get_device() == self._device_index and tensor.dim() == dim and tensor.is_contiguous()
-                and tensor.data_ptr() % 16 == 0)
+    def _ll_fast(self, *tensors_and_codes: Any) -> Optional[tuple]:
+        """The common case of the input checks, (tensor, code) pairs (code = dtype | rank << 4: _BF16_2D,
+        ...): each exactly a torch.Tensor (or Parameter) of that dtype and rank on this device, contiguous and 16-byte
+        aligned. Returns (address, *sizes) of each, concatenated, or None when any is not (the caller
+        then runs the full checks, which name what is wrong). In C++ when flashep._torch_outputs is
+        there (~0.5 us against ~1-2 us per tensor here)."""
+        if _outputs is not None:
+            return _outputs.check_tensors(self._device_index, *tensors_and_codes)
+        found: List[int] = []
+        for tensor, code in zip(tensors_and_codes[0::2], tensors_and_codes[1::2]):
+            if not (type(tensor) in _EXACT_TENSOR_TYPES and tensor.dtype is _CODE_DTYPES[code & 15] and tensor.is_cuda
+                    and tensor.get_device() == self._device_index and tensor.dim() == code >> 4
+                    and tensor.is_contiguous() and tensor.data_ptr() % 16 == 0):
+                return None
+            found.append(tensor.data_ptr())
+            found.extend(tensor.shape)
+        return tuple(found)
 
     def _ll_shape(self, max_tokens: Any, num_experts: Any, hidden: int, num_topk: int, use_fp8: bool,
                   round_scale: bool, use_ue8m0: bool) -> "_DispatchShape":
@@ -219,20 +260,21 @@ class LowLatencyMixin:
                              return_recv_hook: bool = False) -> Tuple[Any, torch.Tensor, LowLatencyHandle, EventOverlap, Any]:
         """Returns (recv_x, recv_count, handle, event, hook); recv_x is (fp8 [L, R*T, H], scales) with
         FP8, else bf16 [L, R*T, H]. See the module docstring for streams and the hook."""
-        if not self._ll_fast_tensor(x, torch.bfloat16, 2):
+        fast = self._ll_fast(x, _BF16_2D, topk_idx, _INT64_2D)
+        if fast is None:
             self._require_low_latency("low_latency_dispatch")
             check_tensor("x", x, torch.bfloat16, self._device, (None, None))
             check_aligned("x", x)
-        if not self._ll_fast_tensor(topk_idx, topk_idx_t, 2):
             self._check_topk_idx(topk_idx, x.size(0))
             check_aligned("topk_idx", topk_idx, 8)
+            fast = (x.data_ptr(), *x.shape, topk_idx.data_ptr(), *topk_idx.shape)
+        x_at, num_tokens, hidden, idx_at, idx_rows, num_topk = fast
         if async_finish and return_recv_hook:
             raise ValueError("async_finish and return_recv_hook exclude each other")
-        num_tokens, hidden = x.shape
-        shape = self._ll_shape(num_max_dispatch_tokens_per_rank, num_experts, hidden, topk_idx.size(1), use_fp8,
+        shape = self._ll_shape(num_max_dispatch_tokens_per_rank, num_experts, hidden, num_topk, use_fp8,
                                round_scale, use_ue8m0)
-        if topk_idx.size(0) != num_tokens:
-            raise ValueError(f"topk_idx has {topk_idx.size(0)} rows but x has {num_tokens} tokens")
+        if idx_rows != num_tokens:
+            raise ValueError(f"topk_idx has {idx_rows} rows but x has {num_tokens} tokens")
         if num_tokens > shape.max_tokens:
             raise ValueError(f"x has {num_tokens} tokens but num_max_dispatch_tokens_per_rank is {shape.max_tokens}")
         recv_stats = self._ll_check_stats("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats,
@@ -247,24 +289,22 @@ class LowLatencyMixin:
             stream = self._comm_stream
             stream.wait_stream(torch.cuda.current_stream(self._device))
             with torch.cuda.stream(stream):
-                recv_x, recv_scales, words = shape.allocate()
+                outputs = shape.allocate()
             raw_stream = stream.cuda_stream
         else:
             stream = None
-            recv_x, recv_scales, words = shape.allocate()
+            outputs = shape.allocate()
             raw_stream = torch._C._cuda_getCurrentRawStream(self._device_index)
-        base = words.data_ptr()
-        args = (x.data_ptr(), topk_idx.data_ptr(), num_tokens, hidden, shape.num_topk, shape.max_tokens,
+        recv_x, recv_scales, words, recv_count, src_info, layout_range, recv_x_at, scales_at, base = outputs
+        args = (x_at, idx_at, num_tokens, hidden, shape.num_topk, shape.max_tokens,
                 shape.num_experts, shape.use_fp8, shape.round_scale, shape.use_ue8m0)
-        outs = (recv_x.data_ptr(), 0 if recv_scales is None else recv_scales.data_ptr(), base,
+        outs = (recv_x_at, scales_at, base,
                 0 if recv_stats is None else recv_stats.data_ptr(), 0 if wait_stats is None else wait_stats.data_ptr(),
                 base + shape.src_info_offset, base + shape.layout_range_offset, base + shape.plan_offset)
         event, hook, call_id = self._ll_launch(_C.ll_dispatch, args, args, outs, return_recv_hook, stream, raw_stream,
                                                (x, topk_idx, recv_x, recv_scales, words, recv_stats, wait_stats),
                                                (shape.max_tokens, hidden, shape.num_experts))
-        # The views and the handle after the launch: the kernel needs only the pointers, and in a
-        # loop of calls the host time before the launch is GPU idle time.
-        recv_count, src_info, layout_range = shape.views(words)
+        # The handle after the launch: in a loop of calls the host time before the launch is GPU idle time.
         handle = LowLatencyHandle(src_info, layout_range, shape.max_tokens, hidden, shape.num_experts, words,
                                   shape.num_topk, runtime.id)
         handle.shape_key = shape.key
@@ -305,6 +345,13 @@ class LowLatencyMixin:
 
     # ---- combine -----------------------------------------------------------------------------------
 
+    def _ll_new_out(self, num_tokens: int, hidden: int) -> Tuple[torch.Tensor, int]:
+        """The combine's output, bf16 [num_tokens, hidden], and its address."""
+        if _outputs is not None:
+            return _outputs.bf16_2d(self._device_index, num_tokens, hidden)
+        out = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=self._device)
+        return out, out.data_ptr()
+
     def _ll_check_handle(self, handle: Any) -> LowLatencyHandle:
         if not isinstance(handle, LowLatencyHandle):
             raise ValueError("handle must be the one returned by low_latency_dispatch")
@@ -326,22 +373,27 @@ class LowLatencyMixin:
         src_info, layout_range, max_tokens, hidden, num_experts = handle
         shape = self._ll_state()["shapes"][handle.shape_key]
         num_ranks = self.group_size
-        if not (self._ll_fast_tensor(x, torch.bfloat16, 3) and x.shape == shape.combine_x_shape):
+        fast = self._ll_fast(x, _BF16_3D, topk_idx, _INT64_2D, topk_weights, _FLOAT32_2D)
+        if fast is None or fast[1:4] != shape.combine_x_shape or fast[8:10] != fast[5:7]:
             self._require_low_latency("low_latency_combine")
             check_tensor("x", x, torch.bfloat16, self._device, shape.combine_x_shape)
             check_aligned("x", x)
-        if not self._ll_fast_tensor(topk_idx, topk_idx_t, 2):
             self._check_topk_idx(topk_idx)
-        num_tokens, num_topk = topk_idx.shape
+            check_tensor("topk_weights", topk_weights, torch.float32, self._device, tuple(topk_idx.shape))
+            fast = (x.data_ptr(), *x.shape, topk_idx.data_ptr(), *topk_idx.shape, topk_weights.data_ptr(),
+                    *topk_weights.shape)
+        x_at, idx_at, num_tokens, num_topk, weights_at = fast[0], fast[4], fast[5], fast[6], fast[7]
         if num_topk != handle.num_topk:
             raise ValueError(f"topk_idx has {num_topk} columns but the dispatch had {handle.num_topk}")
         if num_tokens > max_tokens:
             raise ValueError(f"topk_idx has {num_tokens} tokens but the dispatch's T is {max_tokens}")
-        if not (self._ll_fast_tensor(topk_weights, torch.float32, 2) and topk_weights.shape == topk_idx.shape):
-            check_tensor("topk_weights", topk_weights, torch.float32, self._device, (num_tokens, num_topk))
-        if out is not None and not (self._ll_fast_tensor(out, torch.bfloat16, 2) and out.shape == (num_tokens, hidden)):
-            check_tensor("out", out, torch.bfloat16, self._device, (num_tokens, hidden))
-            check_aligned("out", out)
+        if out is not None:
+            fast = self._ll_fast(out, _BF16_2D)
+            if fast is None or fast[1:3] != (num_tokens, hidden):
+                check_tensor("out", out, torch.bfloat16, self._device, (num_tokens, hidden))
+                check_aligned("out", out)
+                fast = (out.data_ptr(),)
+            out_at = fast[0]
         wait_stats = self._ll_check_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats,
                                           torch.int64, num_ranks)
 
@@ -350,19 +402,19 @@ class LowLatencyMixin:
             stream.wait_stream(torch.cuda.current_stream(self._device))
             if out is None:
                 with torch.cuda.stream(stream):
-                    out = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=self._device)
+                    out, out_at = self._ll_new_out(num_tokens, hidden)
             raw_stream = stream.cuda_stream
         else:
             stream = None
             if out is None:
-                out = torch.empty((num_tokens, hidden), dtype=torch.bfloat16, device=self._device)
+                out, out_at = self._ll_new_out(num_tokens, hidden)
             raw_stream = torch._C._cuda_getCurrentRawStream(self._device_index)
         base = handle.plan.data_ptr()
-        args = (x.data_ptr(), bool(zero_copy), bool(use_logfmt), topk_idx.data_ptr(), topk_weights.data_ptr(), num_tokens,
+        args = (x_at, bool(zero_copy), bool(use_logfmt), idx_at, weights_at, num_tokens,
                 base + shape.src_info_offset, base + shape.layout_range_offset, base + shape.plan_offset, max_tokens,
                 hidden, num_experts, num_topk)
-        tail = (out.data_ptr(), 0 if wait_stats is None else wait_stats.data_ptr())
-        receive_args = (x.data_ptr(), False) + args[2:]  # the receive phase reads no x
+        tail = (out_at, 0 if wait_stats is None else wait_stats.data_ptr())
+        receive_args = (x_at, False) + args[2:]  # the receive phase reads no x
         event, hook, _ = self._ll_launch(_C.ll_combine, args, receive_args, tail, return_recv_hook, stream, raw_stream,
                                          (x, topk_idx, topk_weights, out, handle.plan, wait_stats),
                                          (handle[2], handle[3], handle[4]))  # (T, H, E) of its dispatch

@@ -31,10 +31,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dist_harness as dh  # noqa: E402
 
 TRANSPORTS = ("nvlink", "nvshmem")
+# One rank too: every kernel and host path runs (the rank is its own peer), so a one-GPU machine
+# checks them; on 2026-12-01 it caught a host-path bug while no 2-GPU machine was lent.
+LL_WORLD_SIZES = (1,) + tuple(dh.WORLD_SIZES)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
-@pytest.mark.parametrize("world_size", dh.WORLD_SIZES, ids=dh.world_ids())
+@pytest.mark.parametrize("world_size", LL_WORLD_SIZES, ids=dh.world_ids(LL_WORLD_SIZES))
 def test_low_latency(world_size, transport):
     if transport == "nvshmem":
         _require_nvshmem()
@@ -43,7 +46,7 @@ def test_low_latency(world_size, transport):
                       "NVSHMEM_REMOTE_TRANSPORT": "none"})
 
 
-@pytest.mark.parametrize("world_size", dh.WORLD_SIZES, ids=dh.world_ids())
+@pytest.mark.parametrize("world_size", LL_WORLD_SIZES, ids=dh.world_ids(LL_WORLD_SIZES))
 def test_low_latency_with_high_throughput(world_size):
     """One buffer for both modes: high-throughput dispatch/combine, clean_low_latency_buffer, then
     low-latency calls (async_finish, the statistics) and high-throughput again."""
@@ -51,7 +54,7 @@ def test_low_latency_with_high_throughput(world_size):
                  env={"FLASHEP_TIMEOUT_S": os.environ.get("FLASHEP_TIMEOUT_S", "30")})
 
 
-@pytest.mark.parametrize("world_size", dh.WORLD_SIZES, ids=dh.world_ids())
+@pytest.mark.parametrize("world_size", LL_WORLD_SIZES, ids=dh.world_ids(LL_WORLD_SIZES))
 def test_low_latency_logfmt(world_size):
     """use_logfmt=True with the LogFMT-10 wire (the default; FLASHEP_DEBUG_LL_LOGFMT=1): within DeepEP's
     calc_diff < 9e-4 of the oracle, hooked and not, and lossier than the BF16 wire (so the format
