@@ -25,7 +25,8 @@
 #                domains (FLASHEP_DEBUG_KERNEL_RANKS), so fewer GPUs test that code too (+ skip check)
 #   4. bench     python3 -m flashep.bench [--out $OUT/bench.md], then
 #                python3 -m flashep.bench_low_latency [--out $OUT/bench_low_latency.md], then
-#                scripts/latency_probe.cu (built with nvcc: load round trips, local and peer), then (2+ GPUs,
+#                scripts/latency_probe.cu (built with nvcc: load round trips, local and peer) and
+#                scripts/icache_probe.cu (straight-line code run once: cold instruction fetch), then (2+ GPUs,
 #                NVSHMEM) the multi-node path as 2 nodes of N/2: python3 -m flashep.bench --shapes deepep
 #                --nvl-domain-size N/2 --sms 12,24 --profile [--out $OUT/bench_multinode.md]
 #   4b. ll_trace (--ll-trace) the low-latency kernels' timeline: installs a diagnostics build
@@ -283,6 +284,12 @@ if [[ $RUN_BENCH -eq 1 && $INSTALL_OK -eq 1 ]]; then
     "${NVCC:-/usr/local/cuda/bin/nvcc}" -O3 -arch=sm_90 -o "$probe" scripts/latency_probe.cu && "$probe"
   }
   run_step latency_probe latency_probe || true
+  # What straight-line code costs the first time it runs (scripts/icache_probe.cu).
+  icache_probe() {
+    local probe="${TMPDIR:-/tmp}/flashep_icache_probe"
+    "${NVCC:-/usr/local/cuda/bin/nvcc}" -O3 -arch=sm_90 -o "$probe" scripts/icache_probe.cu && "$probe"
+  }
+  run_step icache_probe icache_probe || true
   # The multi-node path on this host (2+ GPUs, a build with NVSHMEM): 2 virtual nodes of R/2 GPUs,
   # the DeepEP workload, the raw NVSHMEM put next to it and the kernels of each call (--profile).
   if [[ "$EXPECT_GPUS" -ge 2 && $((EXPECT_GPUS % 2)) -eq 0 ]] && "$PY" -c "import flashep, sys; sys.exit(0 if flashep._C.nvshmem_built() else 1)"; then
