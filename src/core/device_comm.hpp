@@ -37,7 +37,11 @@ struct DeviceComm {
 
   FLASHEP_HD char* local() const { return nvl_base[nvl_rank]; }
   FLASHEP_HD int node_of(int global_rank) const { return global_rank / nvl_size; }
-  FLASHEP_HD bool is_nvl_peer(int global_rank) const { return node_of(global_rank) == node; }
+  // A range check, not node_of(global_rank) == node: a division by a runtime value is ~20
+  // instructions on the GPU, and the low-latency kernels ask this for every peer they touch.
+  FLASHEP_HD bool is_nvl_peer(int global_rank) const {
+    return static_cast<unsigned>(global_rank - node * nvl_size) < static_cast<unsigned>(nvl_size);
+  }
   FLASHEP_HD int nvl_index(int global_rank) const { return global_rank - node * nvl_size; }
 };
 

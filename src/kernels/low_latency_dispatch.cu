@@ -374,8 +374,10 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   // source's count has no flag of this call and is not loaded.
   const int first_item = blockIdx.x + team * gridDim.x;
   const int num_teams = gridDim.x * kTeams;
-  // Slots of source r that are first items (slot * R + r < num_teams).
-  auto first_slots = [&](int r) { return r < num_teams ? (num_teams - r + R - 1) / R : 0; };
+  // Slots of source r < R that are first items (slot * R + r < num_teams): ceil((num_teams - r) / R),
+  // from one division here rather than one per call (a division is ~20 instructions).
+  const int teams_per_source = num_teams / R, teams_left = num_teams - teams_per_source * R;
+  auto first_slots = [&](int r) { return teams_per_source + (r < teams_left ? 1 : 0); };
   HeldMessage<kFp8> held;
   bool first_held = false;
   if (first_item < R * L.max_tokens) {
@@ -584,17 +586,25 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
     return true;
   };
 
-  // The team's first item (step 0's), if it is a message of this call.
-  if (first_item < R * L.max_tokens) {
-    const int src = first_item % R, slot = first_item / R;
-    if (slot < s_count[src] && !expand(src, slot, first_held, true)) return;  // team-uniform
-  }
-  // The rest, numbered source-major over what the first items left (s_prefix) and spread over every
-  // team: a source that sent many more messages than the others still reaches all teams.
-  for (int item = blockIdx.x + team * gridDim.x; item < s_prefix[R]; item += num_teams) {
-    int src = 0;
-    while (s_prefix[src + 1] <= item) ++src;
-    if (!expand(src, first_slots(src) + item - s_prefix[src], false, false)) return;
+  // The team's first item (step 0's), if it is a message of this call, then the rest, numbered
+  // source-major over what the first items left (s_prefix) and spread over every team: a source
+  // that sent many more messages than the others still reaches all teams. One call site of expand:
+  // its code is large, and code that runs once costs its fetch (scripts/icache_probe.cu).
+  bool first = first_item < R * L.max_tokens && first_item / R < s_count[first_item % R];
+  int item = blockIdx.x + team * gridDim.x;
+#pragma unroll 1
+  while (first || item < s_prefix[R]) {
+    int src = 0, slot = 0;
+    if (first) {
+      src = first_item % R;
+      slot = first_item / R;
+    } else {
+      while (s_prefix[src + 1] <= item) ++src;
+      slot = first_slots(src) + item - s_prefix[src];
+      item += num_teams;
+    }
+    if (!expand(src, slot, first && first_held, first)) return;  // team-uniform
+    first = false;
   }
 
   trace_mark(&g_dispatch_trace, 8);
