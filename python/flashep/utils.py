@@ -150,24 +150,35 @@ class DeviceMemory:
 
 
 def free_tcp_port() -> int:
-    """A free local TCP port for a rendezvous (rank 0's TCPStore), taken below the kernel's
-    ephemeral range: a port the kernel hands out (bind to port 0) is free only until an outgoing
-    connection (NCCL's bootstrap, a store client) is given it, which failed a test with EADDRINUSE
-    on 2026-12-01. Falls back to the kernel's pick."""
-    low = 32768
+    """A free local TCP port for a rendezvous (rank 0's TCPStore), outside the kernel's ephemeral
+    range: a port the kernel hands out (bind to port 0) is free only until an outgoing connection
+    (NCCL's bootstrap, a store client) is given it, which failed a test with EADDRINUSE on
+    2026-12-01. Probed on the wildcard addresses (the store listens there). Falls back to the
+    kernel's pick."""
+    low, high = 32768, 60999
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            low = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
+            low, high = (int(v) for v in f.read().split()[:2])
+    except (OSError, ValueError):
         pass
-    candidates = list(range(max(1024, low - 12000), max(2048, low - 1)))
+    candidates = list(range(max(1024, low - 12000), max(1024, low - 1)))
+    candidates += list(range(high + 1, min(65536, high + 4000)))
     random.SystemRandom().shuffle(candidates)
-    for port in candidates[:200] + [0]:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise RuntimeError("flashep: no free local TCP port")
+
+    def bindable(family: int, address: str, port: int) -> bool:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((address, port))
+                return True
+        except OSError as error:
+            # No IPv6 on this host: only IPv4 matters.
+            return family == socket.AF_INET6 and error.errno in (97, 99)  # EAFNOSUPPORT, EADDRNOTAVAIL
+
+    for port in candidates[:200]:
+        if bindable(socket.AF_INET, "", port) and bindable(socket.AF_INET6, "::", port):
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # the kernel's pick
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("", 0))
+        return s.getsockname()[1]

@@ -12,7 +12,7 @@
 // tensors come from torch's caching allocator on the device's current stream, exactly as
 // torch.empty would make them (same shapes, strides and dtypes as the Python fallback in
 // low_latency.py, which runs when this module was not built or does not import). Built when CMake
-// finds torch (FLASHEP_WITH_TORCH); it must be imported with the torch it was built against.
+// finds torch (FLASHEP_WITH_TORCH); it refuses to import with another torch than that one.
 //
 // A plain CPython module (METH_FASTCALL, int arguments), no pybind11 or nanobind bindings of its own.
 #include <Python.h>
@@ -23,6 +23,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cstdint>
+#include <cstring>
 #include <utility>
 
 namespace {
@@ -47,20 +48,31 @@ at::TensorOptions options(int64_t device, at::ScalarType dtype) {
 
 int64_t address(const at::Tensor& t) { return t.defined() ? reinterpret_cast<int64_t>(t.data_ptr()) : 0; }
 
-/// A new tuple of `items`, stolen (a null item is a failure: every other item is released).
-template <size_t N>
-PyObject* tuple_of(PyObject* (&&items)[N]) {
-  PyObject* tuple = nullptr;
-  bool ok = true;
-  for (PyObject* item : items) ok = ok && item != nullptr;
-  if (ok) tuple = PyTuple_New(N);
-  if (tuple == nullptr) {
-    for (PyObject* item : items) Py_XDECREF(item);
-    return nullptr;
+/// A tuple filled item by item; released to the caller when whole, else freed with the items it
+/// holds (also when a wrap throws part way: no reference leaks).
+class TupleBuilder {
+ public:
+  explicit TupleBuilder(Py_ssize_t size) : tuple_(PyTuple_New(size)) {}
+  TupleBuilder(const TupleBuilder&) = delete;
+  TupleBuilder& operator=(const TupleBuilder&) = delete;
+  ~TupleBuilder() { Py_XDECREF(tuple_); }
+  bool ok() const { return tuple_ != nullptr; }
+  /// Steals `item`; false (a Python error set) when it is null.
+  bool add(PyObject* item) {
+    if (item == nullptr) return false;
+    PyTuple_SET_ITEM(tuple_, next_++, item);
+    return true;
   }
-  for (size_t i = 0; i < N; ++i) PyTuple_SET_ITEM(tuple, static_cast<Py_ssize_t>(i), items[i]);
-  return tuple;
-}
+  PyObject* release() {
+    PyObject* tuple = tuple_;
+    tuple_ = nullptr;
+    return tuple;
+  }
+
+ private:
+  PyObject* tuple_;
+  Py_ssize_t next_ = 0;
+};
 
 PyObject* wrap(at::Tensor tensor) {
   if (!tensor.defined()) Py_RETURN_NONE;
@@ -95,9 +107,13 @@ PyObject* dispatch_outputs(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   at::Tensor src_info = as_ints.as_strided({L, rows}, {rows, 1}, L);
   at::Tensor layout_range = words.as_strided({L, R}, {R, 1}, ints / 2);
   const int64_t x_at = address(recv_x), scales_at = address(recv_scales), words_at = address(words);
-  return tuple_of({wrap(std::move(recv_x)), wrap(std::move(recv_scales)), wrap(std::move(words)),
-                   wrap(std::move(recv_count)), wrap(std::move(src_info)), wrap(std::move(layout_range)),
-                   PyLong_FromLongLong(x_at), PyLong_FromLongLong(scales_at), PyLong_FromLongLong(words_at)});
+  TupleBuilder out(9);
+  if (!out.ok() || !out.add(wrap(std::move(recv_x))) || !out.add(wrap(std::move(recv_scales))) ||
+      !out.add(wrap(std::move(words))) || !out.add(wrap(std::move(recv_count))) || !out.add(wrap(std::move(src_info))) ||
+      !out.add(wrap(std::move(layout_range))) || !out.add(PyLong_FromLongLong(x_at)) ||
+      !out.add(PyLong_FromLongLong(scales_at)) || !out.add(PyLong_FromLongLong(words_at)))
+    return nullptr;
+  return out.release();
   END_HANDLE_TH_ERRORS
 }
 
@@ -111,8 +127,10 @@ PyObject* bf16_2d(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     return nullptr;
   }
   at::Tensor out = at::empty({a[1], a[2]}, options(a[0], at::kBFloat16));
-  const int64_t at_ = address(out);
-  return tuple_of({wrap(std::move(out)), PyLong_FromLongLong(at_)});
+  const int64_t out_at = address(out);
+  TupleBuilder result(2);
+  if (!result.ok() || !result.add(wrap(std::move(out))) || !result.add(PyLong_FromLongLong(out_at))) return nullptr;
+  return result.release();
   END_HANDLE_TH_ERRORS
 }
 
@@ -156,17 +174,11 @@ PyObject* check_tensors(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     values[count++] = reinterpret_cast<int64_t>(t.data_ptr());
     for (int64_t d = 0; d < dim; ++d) values[count++] = t.size(d);
   }
-  PyObject* tuple = PyTuple_New(count);
-  if (tuple == nullptr) return nullptr;
-  for (Py_ssize_t i = 0; i < count; ++i) {
-    PyObject* item = PyLong_FromLongLong(values[i]);
-    if (item == nullptr) {
-      Py_DECREF(tuple);
-      return nullptr;
-    }
-    PyTuple_SET_ITEM(tuple, i, item);
-  }
-  return tuple;
+  TupleBuilder found(count);
+  if (!found.ok()) return nullptr;
+  for (Py_ssize_t i = 0; i < count; ++i)
+    if (!found.add(PyLong_FromLongLong(values[i]))) return nullptr;
+  return found.release();
   END_HANDLE_TH_ERRORS
 }
 
@@ -185,4 +197,29 @@ PyModuleDef module = {PyModuleDef_HEAD_INIT, "_torch_outputs",
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__torch_outputs() { return PyModule_Create(&module); }
+/// The module inlines torch's tensor internals (sizes, strides, data pointers): imported with
+/// another torch than the one it was built against, it could hand wrong addresses to the kernels
+/// while every symbol still resolves. So it refuses (ImportError: low_latency.py then warns and
+/// makes the outputs from Python). Importing torch here also makes sure its Tensor type exists
+/// before any tensor is wrapped.
+PyMODINIT_FUNC PyInit__torch_outputs() {
+  PyObject* torch = PyImport_ImportModule("torch");
+  if (torch == nullptr) return nullptr;
+  PyObject* version = PyObject_GetAttrString(torch, "__version__");
+  Py_DECREF(torch);
+  if (version == nullptr) return nullptr;
+  PyObject* text = PyObject_Str(version);
+  Py_DECREF(version);
+  if (text == nullptr) return nullptr;
+  const char* found = PyUnicode_AsUTF8(text);
+  if (found == nullptr || std::strcmp(found, FLASHEP_TORCH_VERSION) != 0) {
+    if (found != nullptr)
+      PyErr_Format(PyExc_ImportError,
+                   "flashep._torch_outputs was built against torch %s but this process has torch %s: rebuild flashep",
+                   FLASHEP_TORCH_VERSION, found);
+    Py_DECREF(text);
+    return nullptr;
+  }
+  Py_DECREF(text);
+  return PyModule_Create(&module);
+}

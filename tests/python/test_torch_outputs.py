@@ -142,3 +142,24 @@ def test_check_tensors_is_the_python_check(monkeypatch):
             assert module.check_tensors(1, *_fast_cases(device)[0][1]) is None
     with pytest.raises(TypeError):
         module.check_tensors(-1, torch.zeros(1))
+
+
+def test_refuses_another_torch():
+    """Built against one torch, imported with another (here: torch.__version__ changed before the
+    import), the module raises ImportError instead of reading tensors laid out differently."""
+    import subprocess
+    import sys
+
+    module = _module()
+    code = ("import importlib.util, sys, torch\n"
+            "torch.__version__ = '0.0.0+other'\n"
+            f"spec = importlib.util.spec_from_file_location('flashep._torch_outputs', {module.__file__!r})\n"
+            "try:\n"
+            "    importlib.util.module_from_spec(spec)\n"
+            "except ImportError as error:\n"
+            "    print('refused:', error)\n"
+            "    sys.exit(0)\n"
+            "sys.exit('imported with another torch')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "rebuild flashep" in run.stdout
