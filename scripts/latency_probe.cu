@@ -46,10 +46,10 @@ __device__ __forceinline__ uint64_t now_ns() {
   return t;
 }
 
-/// Chases `steps` pointers from line 0 (warm-up pass of `warm` steps first); out[0] = ns per load.
+/// Chases `steps` pointers from line `start` (warm-up pass of `warm` steps first); out[0] = ps per load.
 template <int kKind>
-__global__ void chase(const uint64_t* base, int steps, int warm, uint64_t* out) {
-  uint64_t i = 0;
+__global__ void chase(const uint64_t* base, uint64_t start, int steps, int warm, uint64_t* out) {
+  uint64_t i = start;
   for (int s = 0; s < warm; ++s) i = load<kKind>(base + i * 16);
   const uint64_t t0 = now_ns();
   for (int s = 0; s < steps; ++s) i = load<kKind>(base + i * 16);
@@ -59,18 +59,24 @@ __global__ void chase(const uint64_t* base, int steps, int warm, uint64_t* out) 
 }
 
 /// A random cycle over `lines` 128-byte lines (16 words each; word 0 holds the next line's index).
-static void fill_cycle(uint64_t* dev, size_t lines, unsigned seed) {
+/// Returns lines spread along the cycle, so that each load kind chases its own stretch (a kind that
+/// followed another along the same lines found them in L2: the first version of this probe
+/// reported L2 latencies for the 1 GB rows).
+static std::vector<uint64_t> fill_cycle(uint64_t* dev, size_t lines, unsigned seed) {
   std::vector<uint64_t> order(lines);
   std::iota(order.begin(), order.end(), 0);
   std::shuffle(order.begin() + 1, order.end(), std::mt19937_64(seed));
   std::vector<uint64_t> host(lines * 16, 0);
   for (size_t k = 0; k < lines; ++k) host[order[k] * 16] = order[(k + 1) % lines];
   CHECK(cudaMemcpy(dev, host.data(), host.size() * 8, cudaMemcpyHostToDevice));
+  std::vector<uint64_t> starts;
+  for (int k = 0; k < kKinds; ++k) starts.push_back(order[(size_t(k) * lines) / kKinds]);
+  return starts;
 }
 
 template <int kKind>
-static double run(const uint64_t* base, int steps, int warm, uint64_t* out) {
-  chase<kKind><<<1, 1>>>(base, steps, warm, out);
+static double run(const uint64_t* base, uint64_t start, int steps, int warm, uint64_t* out) {
+  chase<kKind><<<1, 1>>>(base, start, steps, warm, out);
   CHECK(cudaGetLastError());
   CHECK(cudaDeviceSynchronize());
   uint64_t host[2];
@@ -78,13 +84,42 @@ static double run(const uint64_t* base, int steps, int warm, uint64_t* out) {
   return host[0] / 1000.0;
 }
 
-static void row(const char* where, const uint64_t* base, int steps, int warm, uint64_t* out) {
+static void row(const char* where, const uint64_t* base, const std::vector<uint64_t>& starts, int steps, int warm,
+                uint64_t* out) {
   std::printf("| %-22s", where);
-  double r[kKinds] = {run<kPlain>(base, steps, warm, out), run<kCg>(base, steps, warm, out),
-                      run<kVolatile>(base, steps, warm, out), run<kRelaxedSys>(base, steps, warm, out),
-                      run<kAcquireSys>(base, steps, warm, out)};
+  double r[kKinds] = {run<kPlain>(base, starts[0], steps, warm, out), run<kCg>(base, starts[1], steps, warm, out),
+                      run<kVolatile>(base, starts[2], steps, warm, out),
+                      run<kRelaxedSys>(base, starts[3], steps, warm, out),
+                      run<kAcquireSys>(base, starts[4], steps, warm, out)};
   for (double v : r) std::printf(" | %8.0f", v);
   std::printf(" |\n");
+}
+
+/// %globaltimer read back to back: the steps it moves in (the low-latency trace stamps with it).
+__global__ void timer_steps(uint64_t* out, int n) {
+  for (int k = 0; k < n; ++k) out[k] = now_ns();
+}
+
+static void globaltimer_granularity() {
+  const int n = 4096;
+  uint64_t* dev = nullptr;
+  CHECK(cudaMalloc(&dev, n * sizeof(uint64_t)));
+  timer_steps<<<1, 1>>>(dev, n);
+  CHECK(cudaDeviceSynchronize());
+  std::vector<uint64_t> t(n);
+  CHECK(cudaMemcpy(t.data(), dev, n * sizeof(uint64_t), cudaMemcpyDeviceToHost));
+  CHECK(cudaFree(dev));
+  std::vector<uint64_t> steps;
+  for (int k = 1; k < n; ++k)
+    if (t[k] != t[k - 1]) steps.push_back(t[k] - t[k - 1]);
+  std::sort(steps.begin(), steps.end());
+  if (steps.empty()) {
+    std::printf("\n%%globaltimer: did not move in %d reads\n", n);
+    return;
+  }
+  std::printf("\n%%globaltimer: %d reads over %llu ns moved %zu times; steps min %llu / median %llu / max %llu ns\n", n,
+              static_cast<unsigned long long>(t[n - 1] - t[0]), steps.size(), static_cast<unsigned long long>(steps.front()),
+              static_cast<unsigned long long>(steps[steps.size() / 2]), static_cast<unsigned long long>(steps.back()));
 }
 
 int main() {
@@ -112,19 +147,20 @@ int main() {
     uint64_t *small = nullptr, *big = nullptr;
     CHECK(cudaMalloc(&small, small_lines * 128));
     CHECK(cudaMalloc(&big, big_lines * 128));
-    fill_cycle(small, small_lines, 1);
-    fill_cycle(big, big_lines, 2);
+    const std::vector<uint64_t> small_starts = fill_cycle(small, small_lines, 1);
+    const std::vector<uint64_t> big_starts = fill_cycle(big, big_lines, 2);
     CHECK(cudaSetDevice(0));
     uint64_t* out = nullptr;
     CHECK(cudaMalloc(&out, 16));
     // 8 MB warmed by a full pass: L2 hits (the peer's L2 for peer memory); 1 GB: mostly misses.
-    row(owner == 0 ? "local, 8 MB (L2)" : "peer, 8 MB (its L2)", small, 4000, int(small_lines), out);
-    row(owner == 0 ? "local, 1 GB (HBM)" : "peer, 1 GB (its HBM)", big, 4000, 0, out);
+    row(owner == 0 ? "local, 8 MB (L2)" : "peer, 8 MB (its L2)", small, small_starts, 4000, int(small_lines), out);
+    row(owner == 0 ? "local, 1 GB (HBM)" : "peer, 1 GB (its HBM)", big, big_starts, 4000, 0, out);
     CHECK(cudaFree(out));
     CHECK(cudaSetDevice(owner));
     CHECK(cudaFree(small));
     CHECK(cudaFree(big));
     CHECK(cudaSetDevice(0));
   }
+  globaltimer_granularity();
   return 0;
 }
