@@ -7,7 +7,8 @@
 // the previous one; the time per load (globaltimer, ns) is the round trip. Regions: 8 MB (fits the
 // L2: "L2" after a warm-up pass) and 1 GB (misses it: "HBM"), on this GPU and, when a second GPU is
 // visible and peer access works, on the peer's memory over NVLink. Load kinds: plain, .cg (L2
-// only), volatile, relaxed.sys, acquire.sys (what the kernels' waits use).
+// only), volatile, relaxed.sys, acquire.sys (what the kernels' waits use). Then the step of
+// %globaltimer, and what the first touch of a page costs after other work (address translation).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -95,6 +96,47 @@ static void row(const char* where, const uint64_t* base, const std::vector<uint6
   std::printf(" |\n");
 }
 
+/// First touches of memory pages after other work (a low-latency kernel after a GEMM touches pages
+/// nothing has touched since): a chain of dependent loads, one per 2 MB page through 512 pages, in
+/// three states. Cold: after an 8 GB memset (the address translation caches and the L2 hold other
+/// pages). Translation warm, L2 cold: chain A has just run through the same pages, then a 256 MB
+/// memset flushed the L2, then chain B (other lines of those pages). Warm: chain B again.
+static void first_touch() {
+  const size_t page = size_t(2) << 20, pages = 512, lines_per_page = page / 128;
+  uint64_t *region = nullptr, *out = nullptr;
+  char *thrash = nullptr, *flush = nullptr;
+  const size_t thrash_bytes = size_t(8) << 30, flush_bytes = size_t(256) << 20;
+  if (cudaMalloc(&region, pages * page) != cudaSuccess || cudaMalloc(&thrash, thrash_bytes) != cudaSuccess ||
+      cudaMalloc(&flush, flush_bytes) != cudaSuccess) {
+    (void)cudaGetLastError();
+    std::printf("\nfirst touch: not enough memory, skipped\n");
+    return;
+  }
+  CHECK(cudaMalloc(&out, 16));
+  std::mt19937_64 rng(3);
+  uint64_t chain[2][pages];
+  for (auto& c : chain)
+    for (size_t k = 0; k < pages; ++k) c[k] = k * lines_per_page + 1 + rng() % (lines_per_page - 2);
+  for (auto& c : chain)
+    for (size_t k = 0; k < pages; ++k) {
+      const uint64_t next = c[(k + 1) % pages];
+      CHECK(cudaMemcpy(region + c[k] * 16, &next, sizeof(next), cudaMemcpyHostToDevice));
+    }
+  const int steps = static_cast<int>(pages) - 1;
+  CHECK(cudaMemset(thrash, 1, thrash_bytes));
+  const double cold = run<kRelaxedSys>(region, chain[0][0], steps, 0, out);
+  (void)run<kRelaxedSys>(region, chain[0][0], steps, 0, out);  // chain A: translations of every page
+  CHECK(cudaMemset(flush, 2, flush_bytes));
+  const double l2_cold = run<kRelaxedSys>(region, chain[1][0], steps, 0, out);
+  const double warm = run<kRelaxedSys>(region, chain[1][0], steps, 0, out);
+  std::printf("\nfirst touch of a page (relaxed.sys loads, one per 2 MB page, ns each): cold (after an 8 GB memset) "
+              "%.0f; translation warm, L2 cold %.0f; warm %.0f\n", cold, l2_cold, warm);
+  CHECK(cudaFree(region));
+  CHECK(cudaFree(thrash));
+  CHECK(cudaFree(flush));
+  CHECK(cudaFree(out));
+}
+
 /// %globaltimer read back to back: the steps it moves in (the low-latency trace stamps with it).
 __global__ void timer_steps(uint64_t* out, int n) {
   for (int k = 0; k < n; ++k) out[k] = now_ns();
@@ -162,5 +204,6 @@ int main() {
     CHECK(cudaSetDevice(0));
   }
   globaltimer_granularity();
+  first_touch();
   return 0;
 }
