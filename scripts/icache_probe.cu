@@ -14,14 +14,7 @@
 #include <cstdio>
 #include <cstdlib>
 
-#define CHECK(call)                                                                          \
-  do {                                                                                       \
-    cudaError_t e = (call);                                                                  \
-    if (e != cudaSuccess) {                                                                  \
-      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e), __FILE__, __LINE__);   \
-      std::exit(1);                                                                          \
-    }                                                                                        \
-  } while (0)
+#include "probe_check.cuh"
 
 // kBytes of FMAs (16 bytes each); kSalt makes two kernels of the same size with different code.
 template <int kBytes, int kSalt>

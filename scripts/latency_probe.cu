@@ -18,14 +18,7 @@
 #include <random>
 #include <vector>
 
-#define CHECK(call)                                                                    \
-  do {                                                                                 \
-    cudaError_t e = (call);                                                            \
-    if (e != cudaSuccess) {                                                            \
-      std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e), __FILE__, __LINE__); \
-      std::exit(1);                                                                    \
-    }                                                                                  \
-  } while (0)
+#include "probe_check.cuh"
 
 enum Kind { kPlain, kCg, kVolatile, kRelaxedSys, kAcquireSys, kKinds };
 static const char* kKindNames[kKinds] = {"plain", ".cg", "volatile", "relaxed.sys", "acquire.sys"};

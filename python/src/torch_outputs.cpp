@@ -19,6 +19,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -99,8 +100,9 @@ PyObject* dispatch_outputs(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
   at::Tensor recv_x = at::empty({L, rows, H}, options(device, fp8 ? at::kFloat8_e4m3fn : at::kBFloat16));
   at::Tensor recv_scales;
-  if (scale_kind != 0)
-    recv_scales = at::empty({L, groups, rows}, options(device, scale_kind == 1 ? at::kFloat : at::kInt)).transpose(1, 2);
+  if (scale_kind != 0)  // [L, groups, rows] memory seen as [L, rows, groups], in one op
+    recv_scales = at::empty_strided({L, rows, groups}, {groups * rows, 1, rows},
+                                    options(device, scale_kind == 1 ? at::kFloat : at::kInt));
   at::Tensor words = at::empty({num_words}, options(device, at::kLong));
   const at::Tensor as_ints = words.view(at::kInt);
   at::Tensor recv_count = as_ints.as_strided({L}, {1}, 0);
