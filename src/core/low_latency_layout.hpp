@@ -177,9 +177,11 @@ struct LowLatencyLayout {
     return weights_offset + (int64_t(half) * num_ranks + src) * weights_block_bytes();
   }
   /// The 64-bit signal of message `slot` from `src` (ll_signal(seq, 0) once the message is there):
-  /// a dispatch message is its own signal, so the receiver expands it as soon as it lands.
+  /// a dispatch message is its own signal, so the receiver expands it as soon as it lands. The two
+  /// halves' flags of one (src, slot) are adjacent (16-byte aligned): a hook's receive loads both
+  /// with one acquire before it knows which half its call is.
   FLASHEP_HD int64_t dispatch_flag(int half, int src, int slot) const {
-    return dispatch_flags_offset + ((int64_t(half) * num_ranks + src) * kMaxLowLatencyTokens + slot) * 8;
+    return dispatch_flags_offset + ((int64_t(src) * kMaxLowLatencyTokens + slot) * 2 + half) * 8;
   }
   /// The 64-bit signal of `src`'s partial sum for our token `token` (ll_signal(seq, 0) once there).
   FLASHEP_HD int64_t combine_flag(int half, int src, int token) const {

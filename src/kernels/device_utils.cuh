@@ -33,6 +33,11 @@ __device__ __forceinline__ uint64_t ld_acquire_sys_u64(const uint64_t* ptr) {
   asm volatile("ld.acquire.sys.global.b64 %0, [%1];" : "=l"(value) : "l"(ptr) : "memory");
   return value;
 }
+/// Two adjacent 64-bit words (16-byte aligned), one acquire: each word is read single-copy atomic
+/// (a vector access is its elements' accesses), and later loads are ordered after both.
+__device__ __forceinline__ void ld_acquire_sys_v2_u64(const uint64_t* ptr, uint64_t& first, uint64_t& second) {
+  asm volatile("ld.acquire.sys.global.v2.b64 {%0, %1}, [%2];" : "=l"(first), "=l"(second) : "l"(ptr) : "memory");
+}
 __device__ __forceinline__ uint64_t ld_relaxed_sys_u64(const uint64_t* ptr) {
   uint64_t value;
   asm volatile("ld.relaxed.sys.global.b64 %0, [%1];" : "=l"(value) : "l"(ptr) : "memory");

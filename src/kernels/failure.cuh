@@ -25,17 +25,26 @@ __device__ __forceinline__ int* local_word(const DeviceComm& c, int64_t offset) 
   return reinterpret_cast<int*>(c.local() + offset);
 }
 
-/// 0, or 1 + the rank that aborted the buffer. Our NVLink control word is written by our domain's
-/// ranks; the RDMA header's word (when the buffer has an NVSHMEM region) by other domains'.
+/// The abort words: our NVLink control word, written by our domain's ranks, and (when the buffer
+/// has an NVSHMEM region) the RDMA header's word, written by other domains'. Each is 0, or 1 + the
+/// rank that aborted the buffer.
+struct AbortWords {
+  int nvl, rdma;
+};
 /// Both words are loaded before either is looked at: one memory round trip, not two (this sits on
-/// the critical path of every wait's first poll and of every kernel's entry).
-__device__ __forceinline__ int abort_value(const DeviceComm& c) {
-  const int nvl = ld_relaxed_sys(local_word(c, c.nvl.control.abort_word()));
-  if (c.sym_base == nullptr) return nvl;
-  const int rdma =
-      static_cast<int>(ld_relaxed_sys_u64(reinterpret_cast<const uint64_t*>(c.sym_base + c.rdma.abort_word())));
-  return nvl != 0 ? nvl : rdma;
+/// the critical path of every wait's first poll and of every kernel's entry). The values are looked
+/// at by abort_of, which a caller may put after more loads of its own.
+__device__ __forceinline__ AbortWords load_abort_words(const DeviceComm& c) {
+  AbortWords w{ld_relaxed_sys(local_word(c, c.nvl.control.abort_word())), 0};
+  if (c.sym_base != nullptr)
+    w.rdma = static_cast<int>(ld_relaxed_sys_u64(reinterpret_cast<const uint64_t*>(c.sym_base + c.rdma.abort_word())));
+  return w;
 }
+/// 0, or 1 + a rank that aborted the buffer (the larger, when two did). Both values are used
+/// whatever they are: with `nvl != 0 ? nvl : rdma`, ptxas issued the second load only after the
+/// first had returned 0, a second round trip.
+__device__ __forceinline__ int abort_of(AbortWords w) { return max(w.nvl, w.rdma); }
+__device__ __forceinline__ int abort_value(const DeviceComm& c) { return abort_of(load_abort_words(c)); }
 
 /// Writes the abort word of every rank of our NVLink domain (ours included).
 __device__ __forceinline__ void raise_abort_nvlink(const DeviceComm& c) {

@@ -257,20 +257,43 @@ struct EntryState {
   int failed;         // set by any thread of the block that gives up (a wait, bad input)
 };
 
+/// No loads of the caller's with the entry's.
+struct NoEarlyLoads {
+  __device__ void operator()() const {}
+};
+
 /// Block-wide kernel entry: the abort word, the sequence numbers and every rank's mask (into
 /// `s_masked`). Returns false (every thread) when the buffer is aborted: nothing may run.
 /// The receive phase's call: the one this kernel's send phase runs (fused), else the number the
-/// call's send phase left in its slot (the hook).
+/// call's send phase left in its slot (the hook). `early_loads` runs after the entry's loads are
+/// issued and before the barrier that waits for them: loads it issues share their round trip.
+template <typename EarlyLoads = NoEarlyLoads>
 __device__ __forceinline__ bool kernel_entry(const DeviceComm& c, const LowLatencyComm& ll, int phases, int call_slot,
-                                             int* s_masked, EntryState& entry) {
+                                             int* s_masked, EntryState& entry, const EarlyLoads& early_loads = {}) {
+  // Every load is issued before any value is used or stored: a use (a shared store too) waits for
+  // its load, and later loads issue after it, so stores between the loads made the entry up to
+  // three round trips long (Nsight Compute, docs/results/2026-12-01-h200-r1-ncu.md).
+  const int R = c.num_ranks;
+  int mask = 0;
+  device::AbortWords abort{0, 0};
+  uint32_t send_seq = 0, recv_seq = 0;
+  if (static_cast<int>(threadIdx.x) < R) mask = *reinterpret_cast<const volatile int*>(local_int(ll, ll.layout.mask(threadIdx.x)));
   if (threadIdx.x == 0) {
     const LowLatencyState* st = reinterpret_cast<const LowLatencyState*>(ll.local + ll.layout.state());
-    entry.abort = device::abort_value(c);
-    entry.send_seq = ld_volatile_u32(&st->send_seq);
-    entry.recv_seq = (phases & kLowLatencySend) ? entry.send_seq : ld_volatile_u32(&st->call_seq[call_slot]);
+    abort = device::load_abort_words(c);
+    send_seq = ld_volatile_u32(&st->send_seq);
+    recv_seq = (phases & kLowLatencySend) ? send_seq : ld_volatile_u32(&st->call_seq[call_slot]);
+  }
+  early_loads();
+  if (threadIdx.x == 0) {
+    entry.abort = device::abort_of(abort);
+    entry.send_seq = send_seq;
+    entry.recv_seq = recv_seq;
     entry.failed = 0;
   }
-  reload_mask(c, ll, s_masked);
+  if (static_cast<int>(threadIdx.x) < R) s_masked[threadIdx.x] = mask;
+  for (int r = threadIdx.x + blockDim.x; r < R; r += blockDim.x)  // more ranks than threads
+    s_masked[r] = *reinterpret_cast<const volatile int*>(local_int(ll, ll.layout.mask(r)));
   __syncthreads();
   if (entry.abort != 0) {
     if (threadIdx.x == 0) ll_stop_if_aborted(c, entry.abort, Phase::kKernelEntry);

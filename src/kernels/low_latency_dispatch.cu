@@ -329,18 +329,67 @@ __device__ __forceinline__ void load_message(const char* msg, const LowLatencyMe
   }
 }
 
+/// The receive's first loads: thread j's word of the counts blocks (word j of all sources' blocks
+/// in a row) and, in each team's thread 0, the flags of the team's first item (an item numbered
+/// slot-major over (source, slot), so that it needs no count to be found).
+struct FirstLook {
+  uint64_t count[2] = {0, 0};  // per half
+  long long start = 0;         // clock64 at the look (the wait statistics)
+};
+
+/// Block-uniform: the counts are taken from one look at their stamped words (every source direct,
+/// not in shrink mode, one word per thread); otherwise from wait_sources, after the signals.
+__device__ __forceinline__ bool counts_by_look(const kernels::LowLatencyDispatchParams& p) {
+  const LowLatencyLayout& L = p.ll.layout;
+  return p.ll.all_direct && !p.ll.shrink &&
+         p.comm.num_ranks * (kCountWordRows + L.num_local_experts()) <= static_cast<int>(blockDim.x);
+}
+
+/// Issues the first look's loads. A hook's receive issues them with the kernel entry's loads,
+/// before it knows its call's number, so for both halves (`half` < 0): the counts words stamp
+/// themselves, and the flags (one 16-byte acquire: the halves' flags are adjacent) are compared with
+/// the number after the entry's barrier; the entry, the counts and the first flags then cost one
+/// round trip. The fused kernel knows its half. No loop or call (ptxas would first wait for the
+/// loads in flight): the loads stay in flight until their values are used. The flags go to
+/// `s_flag` (a barrier later, the whole team reads them).
+__device__ __forceinline__ void first_look(const kernels::LowLatencyDispatchParams& p, int half, FirstLook& look,
+                                           uint64_t (&s_flag)[kTeams][2]) {
+  const DeviceComm& c = p.comm;
+  const LowLatencyComm& ll = p.ll;
+  const LowLatencyLayout& L = ll.layout;
+  const int R = c.num_ranks;
+  look.start = clock64();
+  const int words_per_source = kCountWordRows + L.num_local_experts();
+  if (counts_by_look(p) && static_cast<int>(threadIdx.x) < R * words_per_source) {
+    const int r = threadIdx.x / words_per_source, j = threadIdx.x % words_per_source;
+    const char* inbox = inbox_region(c, ll, r);
+    look.count[0] = device::ld_relaxed_sys_u64(reinterpret_cast<const uint64_t*>(inbox + L.counts(half < 0 ? 0 : half, r)) + j);
+    look.count[1] = half < 0 ? device::ld_relaxed_sys_u64(reinterpret_cast<const uint64_t*>(inbox + L.counts(1, r)) + j)
+                             : look.count[0];
+  }
+  const int team = threadIdx.x / kTeamThreads;
+  const int first_item = blockIdx.x + team * gridDim.x;
+  if (threadIdx.x % kTeamThreads == 0 && first_item < R * L.max_tokens) {
+    const int src = first_item % R, slot = first_item / R;
+    uint64_t flag0 = 0, flag1 = 0;
+    // Direct sources only: an NVSHMEM source's flag needs NVSHMEM's wait for consistency.
+    if (direct_region(c, ll, src) != nullptr)
+      device::ld_acquire_sys_v2_u64(reinterpret_cast<const uint64_t*>(inbox_region(c, ll, src) + L.dispatch_flag(0, src, slot)),
+                                    flag0, flag1);
+    s_flag[team][0] = flag0;
+    s_flag[team][1] = flag1;
+  }
+}
+
 /// Block-wide receive phase.
 ///
-/// Round trips on the way: the entry's loads, then the sources' counts (their stamped words, or
-/// their signals and then the words), and for each message its flag and its data. The message's
-/// need only the call's number, so each team reads its first message's flag before the counts,
-/// and when the message is there (a hook after a GEMM: every message is) loads it right away: its
-/// load and the counts' are in flight together (no loop or call comes between: ptxas waits for
-/// loads in flight at a loop's head and before a call). A team's first item is numbered
-/// slot-major over (source, slot), so that it needs no count to be found; the rest source-major.
-template <bool kFp8>
+/// Round trips on the way: the first look (`kLooked`: taken with the entry's loads, in the same
+/// round trip; else taken here), then the team's first message when its flag was there (a hook
+/// after a GEMM: every message is), its load right away; the counts' values are used only after
+/// it is issued. Then each further message's flag and data. The rest of the items source-major.
+template <bool kFp8, bool kLooked>
 __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispatchParams& p, int* smem,
-                                                 EntryState& entry) {
+                                                 EntryState& entry, FirstLook& look, uint64_t (&s_flag)[kTeams][2]) {
   const DeviceComm& c = p.comm;
   const LowLatencyComm& ll = p.ll;
   const LowLatencyLayout& L = ll.layout;
@@ -368,54 +417,43 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   __shared__ int64_t s_scale_at[kTeams][32];  // their first scale word: expert * words * rows_per_expert + row
   __shared__ int s_num_rows[kTeams], s_bad_msg[kTeams], s_arrival[kTeams];
 
-  // 0. The team's first item, early: one look at its flag (direct sources only: an NVSHMEM
-  // source's flag needs NVSHMEM's wait for consistency), and its data if it is there. Whether the
-  // item is a message of this call at all is known only from the counts below; an item past its
-  // source's count has no flag of this call and is not loaded.
+  // 0. The team's first item, early: its flags came with the first look, and its data is loaded
+  // right away when there. Whether the item is a message of this call at all is known only from
+  // the counts below; an item past its source's count has no flag of this call and is not loaded.
   const int first_item = blockIdx.x + team * gridDim.x;
   const int num_teams = gridDim.x * kTeams;
   // Slots of source r < R that are first items (slot * R + r < num_teams): ceil((num_teams - r) / R),
   // from one division here rather than one per call (a division is ~20 instructions).
   const int teams_per_source = num_teams / R, teams_left = num_teams - teams_per_source * R;
   auto first_slots = [&](int r) { return teams_per_source + (r < teams_left ? 1 : 0); };
+  if constexpr (!kLooked) {
+    first_look(p, half, look, s_flag);
+    team_sync(team);  // the team's flags (and the look's loads are not waited for)
+  }
   HeldMessage<kFp8> held;
   bool first_held = false;
   if (first_item < R * L.max_tokens) {
     const int src = first_item % R, slot = first_item / R;
-    if (tt == 0) {
-      bool there = false;
-      if (!s_masked[src] && direct_region(c, ll, src) != nullptr)
-        there = ll_signal_is(device::ld_acquire_sys_u64(reinterpret_cast<const uint64_t*>(
-                                 inbox_region(c, ll, src) + L.dispatch_flag(half, src, slot))),
-                             seq);
-      s_arrival[team] = there ? 1 : 0;
-    }
-    team_sync(team);
-    first_held = s_arrival[team] != 0;
+    first_held = !s_masked[src] && direct_region(c, ll, src) != nullptr && ll_signal_is(s_flag[team][half], seq);
     if (first_held) load_message<kFp8>(inbox_region(c, ll, src) + L.dispatch_in(half, src, slot), m, num_scale_words,
                                        p.ue8m0, K, tt, held);
   }
 
-  // 1. Every source's counts block. One look first, one word per thread, inline and loop-free (a
-  // loop or a call would first wait for the loads step 0 has in flight): when every word is of
-  // this call (a hook's receive: the blocks landed long ago) the counts are known without waiting
-  // for the signals. Direct sources only (an NVSHMEM source's block is read after its signal, which
-  // runs NVSHMEM's wait), and not in shrink mode (there every block must take the grid's view of
-  // the masks in wait_sources). Otherwise, or when a word is not there yet: the signals, then the
-  // blocks.
+  // 1. Every source's counts block. From the first look when every word is of this call (a hook's
+  // receive: the blocks landed long ago): no signal waited for. Otherwise, or when a word is not
+  // there yet: the signals, then the blocks. Each source's call hash is checked with the segment
+  // begins (step 2).
   const int words_per_source = kCountWordRows + num_local;
   const int num_words = R * words_per_source;
   int counted = 0;
-  if (ll.all_direct && !ll.shrink && num_words <= static_cast<int>(blockDim.x)) {  // block-uniform
-    const long long look_start = clock64();
+  if (counts_by_look(p)) {  // block-uniform
     int ok = 1;
     if (static_cast<int>(threadIdx.x) < num_words) {
       const int r = threadIdx.x / words_per_source, j = threadIdx.x % words_per_source;
-      if (s_masked[r] || direct_region(c, ll, r) == nullptr) {
+      if (s_masked[r]) {
         ok = 0;
       } else {
-        const uint64_t word = device::ld_relaxed_sys_u64(
-            reinterpret_cast<const uint64_t*>(inbox_region(c, ll, r) + L.counts(half, r)) + j);
+        const uint64_t word = half != 0 ? look.count[1] : look.count[0];
         if (!ll_signal_is(word, seq)) ok = 0;
         const int value = ll_signal_count(word);
         if (j == kCountWordHash) {
@@ -430,7 +468,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
           // that is there); a look that fails is followed by wait_sources, which adds its own.
           if (ok && blockIdx.x == 0 && p.wait_stats != nullptr)
             atomicAdd(reinterpret_cast<unsigned long long*>(p.wait_stats + r),
-                      static_cast<unsigned long long>(clock64() - look_start));
+                      static_cast<unsigned long long>(clock64() - look.start));
         } else {
           s_begin[r * num_local + j - kCountWordRows] = value;
         }
@@ -469,16 +507,15 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
     if (s_failed) return;
   }
   trace_mark(&g_dispatch_trace, 6);
+  // 2. Each source's call hash (a mismatch is reported here: s_failed gets bit 1), and the segment
+  // begins (sources in rank order inside each expert; values no correct peer sends: bit 0), under
+  // one barrier.
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    if (s_masked[r]) continue;
-    if (s_hash[r] != (p.call_hash & 0x7fffffff)) {
+    if (!s_masked[r] && s_hash[r] != (p.call_hash & 0x7fffffff)) {
       ll_fail(c, Phase::kLowLatencyCallMismatch, r, -1, p.call_hash & 0x7fffffff, s_hash[r]);
-      s_failed = 1;
+      atomicOr(&s_failed, 2);
     }
   }
-  __syncthreads();
-  if (s_failed) return;
-  // 2. Segment begins (sources in rank order inside each expert).
   for (int i = threadIdx.x; i < num_local; i += blockDim.x) {
     int64_t total = 0;
     for (int r = 0; r < R; ++r) {
@@ -503,7 +540,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
     for (int r = threadIdx.x; r < R; r += blockDim.x) p.plan[r] = s_count[r];
   __syncthreads();
   if (s_failed) {
-    if (blockIdx.x == 0 && threadIdx.x == 0)
+    if (blockIdx.x == 0 && threadIdx.x == 0 && (s_failed & 2) == 0)
       ll_fail(c, Phase::kLowLatencyBadMessage, -1, -1, static_cast<int>(rows_per_expert), -1);
     return;
   }
@@ -619,13 +656,21 @@ template <bool kFp8, int kPhases>
 __global__ void __launch_bounds__(kThreads, 1) dispatch(const __grid_constant__ kernels::LowLatencyDispatchParams p) {
   extern __shared__ int smem[];
   __shared__ EntryState entry;
+  __shared__ uint64_t s_first_flag[kTeams][2];
   trace_mark(&g_dispatch_trace, 0);
-  if (!kernel_entry(p.comm, p.ll, kPhases, p.call_slot, smem, entry)) return;
+  // A hook's receive takes its first look with the entry's loads (one round trip for both).
+  constexpr bool kLookAtEntry = kPhases == kLowLatencyReceive;
+  FirstLook look;
+  auto early_loads = [&] {
+    if constexpr (kLookAtEntry) first_look(p, -1, look, s_first_flag);
+  };
+  if (!kernel_entry(p.comm, p.ll, kPhases, p.call_slot, smem, entry, early_loads)) return;
   trace_mark(&g_dispatch_trace, 1);
   if constexpr ((kPhases & kLowLatencySend) != 0) {
     if (!dispatch_send<kFp8>(p, smem, entry)) return;
   }
-  if constexpr ((kPhases & kLowLatencyReceive) != 0) dispatch_receive<kFp8>(p, smem, entry);
+  if constexpr ((kPhases & kLowLatencyReceive) != 0)
+    dispatch_receive<kFp8, kLookAtEntry>(p, smem, entry, look, s_first_flag);
   trace_mark(&g_dispatch_trace, 9);
 }
 

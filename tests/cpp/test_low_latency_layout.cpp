@@ -26,7 +26,7 @@ std::vector<std::pair<int64_t, int64_t>> areas(const LowLatencyLayout& l) {
       {l.expert_counter_offset, l.expert_counter_offset + 2 * int64_t(kMaxLowLatencyExperts) * 4},
       {l.mask_offset, l.mask_offset + R * 4},
       {l.counts_offset, l.counts(2, 0)},
-      {l.dispatch_flags_offset, l.dispatch_flag(2, 0, 0)},
+      {l.dispatch_flags_offset, l.dispatch_flag(0, int(R), 0)},  // halves interleaved: the end is source R
       {l.combine_flags_offset, l.combine_flag(2, 0, 0)},
       {l.combine_slot_flags_offset, l.combine_slot_flag(2, 0, 0)},
       {l.weights_offset, l.weights(2, 0)},
@@ -97,6 +97,18 @@ void test_fixed_part_does_not_move() {
     CHECK_EQ(ll_fixed_bytes(R), a.weights_offset);
     // The counts block holds the call hash and L counts for every E this R allows.
     CHECK(ll_count_words(R) >= kCountWordRows + std::min(kMaxLocalExperts, kMaxLowLatencyExperts / R));
+  }
+}
+
+void test_dispatch_flag_pairs() {
+  // A hook's receive loads both halves' flags of one (source, slot) with one 16-byte acquire.
+  for (int R : {1, 2, 8}) {
+    const LowLatencyLayout l = make_low_latency_layout(128, 7168, R, 288 / R * R);
+    for (int src : {0, R - 1})
+      for (int slot : {0, 1, 127, kMaxLowLatencyTokens - 1}) {
+        CHECK_EQ(l.dispatch_flag(0, src, slot) % 16, 0);
+        CHECK_EQ(l.dispatch_flag(1, src, slot), l.dispatch_flag(0, src, slot) + 8);
+      }
   }
 }
 
@@ -172,6 +184,7 @@ void test_hint_and_blocks() {
 int main() {
   test_areas_disjoint_and_aligned();
   test_fixed_part_does_not_move();
+  test_dispatch_flag_pairs();
   test_messages();
   test_signals();
   test_plan();
