@@ -42,6 +42,7 @@
 
 #include <cstdint>
 
+#include "core/fast_divmod.hpp"
 #include "core/hd.hpp"
 #include "core/logfmt.hpp"
 #include "flashep/config.hpp"
@@ -147,12 +148,17 @@ struct LowLatencyLayout {
   int max_tokens;        // T
   int hidden;            // H
   LowLatencyMessage msg; // of the largest form (BF16): the stride is the same for FP8
+  int num_local;         // L = E / R, experts per rank
+  int count_words;       // ll_count_words(R): the stride of a counts block
+  // Divisions the kernels do on their critical path, by divisors of the layout (R, L, and the
+  // words a source's counts block holds, kCountWordRows + L).
+  FastDivmod div_ranks, div_local, div_source_words;
   int64_t state_offset, msg_counter_offset, expert_counter_offset,
       mask_offset, counts_offset, dispatch_flags_offset, combine_flags_offset, combine_slot_flags_offset, weights_offset,
       dispatch_in_offset, combine_in_offset, combine_slot_in_offset, dispatch_stage_offset,
       counts_stage_offset, weights_stage_offset, combine_stage_offset, zero_copy_offset, end;
 
-  FLASHEP_HD int num_local_experts() const { return num_experts / num_ranks; }
+  FLASHEP_HD int num_local_experts() const { return num_local; }
   FLASHEP_HD int64_t row_bytes_bf16() const { return int64_t(hidden) * 2; }
   /// A combine partial on the wire: BF16 (2H bytes) or LogFMT-10 (groups, then metas).
   FLASHEP_HD int64_t combine_row_bytes() const { return logfmt_row_bytes(hidden); }
@@ -169,7 +175,7 @@ struct LowLatencyLayout {
   }
   FLASHEP_HD int64_t mask(int rank) const { return mask_offset + int64_t(rank) * 4; }
   FLASHEP_HD int64_t counts(int half, int src) const {
-    return counts_offset + (int64_t(half) * num_ranks + src) * ll_count_words(num_ranks) * 8;
+    return counts_offset + (int64_t(half) * num_ranks + src) * count_words * 8;
   }
   /// A source's combine weights: int32 call hash, 3 reserved, then float32 [n][K].
   FLASHEP_HD int64_t weights_block_bytes() const { return align_up(int64_t(max_tokens) * kLowLatencyTopkSlots * 4 + 16, 16); }
@@ -214,7 +220,7 @@ struct LowLatencyLayout {
     return dispatch_stage_offset + (int64_t(half) * max_tokens + token) * msg.stride;
   }
   FLASHEP_HD int64_t counts_stage(int half, int dst) const {
-    return counts_stage_offset + (int64_t(half) * num_ranks + dst) * ll_count_words(num_ranks) * 8;
+    return counts_stage_offset + (int64_t(half) * num_ranks + dst) * count_words * 8;
   }
   FLASHEP_HD int64_t weights_stage(int half) const { return weights_stage_offset + int64_t(half) * weights_block_bytes(); }
   FLASHEP_HD int64_t combine_stage(int half, int dst, int slot, bool logfmt) const {
@@ -235,6 +241,11 @@ FLASHEP_HD LowLatencyLayout make_low_latency_layout(int max_tokens, int hidden, 
   l.max_tokens = max_tokens;
   l.hidden = hidden;
   l.msg = make_ll_message(hidden, false);
+  l.num_local = num_ranks > 0 ? num_experts / num_ranks : 0;
+  l.count_words = ll_count_words(num_ranks);
+  l.div_ranks = FastDivmod::of(num_ranks);
+  l.div_local = FastDivmod::of(l.num_local);
+  l.div_source_words = FastDivmod::of(kCountWordRows + l.num_local);
   const int64_t R = num_ranks, T = max_tokens;
   int64_t at = align_up(int64_t(kLowLatencySignalKinds) * 2 * R * 8, 128);
   l.state_offset = at;

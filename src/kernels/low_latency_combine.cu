@@ -498,7 +498,7 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
     if (warp == 0) {
       const int64_t expert = lane < K ? __ldg(p.topk_idx + int64_t(t) * K + lane) : -1;
       // 32-bit division once the id is known to be in range (a 64-bit one is a call).
-      int dst = (expert >= 0 && expert < L.num_experts) ? static_cast<int>(expert) / num_local : -1;
+      int dst = (expert >= 0 && expert < L.num_experts) ? L.div_local.div(static_cast<int>(expert)) : -1;
       if (dst >= 0 && s_masked[dst]) dst = -1;
       // The first lane of each rank (the wait statistics count a (token, rank) once either way).
       bool first = dst >= 0;

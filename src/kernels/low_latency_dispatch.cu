@@ -55,7 +55,7 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
   int* s_id_dst = s_ids + kCountChunk;    // [kCountChunk] their destination ranks (-1: none)
   for (int i = threadIdx.x; i < E + R; i += blockDim.x) s_expert_rows[i] = 0;
   __syncthreads();
-  const int chunk_tokens = kCountChunk / K;
+  const int chunk_tokens = p.div_topk.div(kCountChunk);
   for (int t0 = 0; t0 < p.num_tokens; t0 += chunk_tokens) {
     const int n = min(chunk_tokens, p.num_tokens - t0) * K;
     const int64_t* ids = p.topk_idx + int64_t(t0) * K;
@@ -64,7 +64,7 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
       const int64_t e = __ldg(ids + i);
       const bool valid = e >= 0 && e < E;
       s_ids[i] = (e < -1 || e >= E) ? kBadId : static_cast<int>(e);
-      s_id_dst[i] = valid ? static_cast<int>(e) / num_local : -1;  // one division per pair, not per comparison
+      s_id_dst[i] = valid ? L.div_local.div(static_cast<int>(e)) : -1;  // one division per pair, not per comparison
     }
     __syncthreads();
     // Whole warps per round (the counts are added once per warp and value: many pairs of a warp
@@ -79,7 +79,7 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
         } else if (e >= 0) {
           const int dst = s_id_dst[i];
           bool first = true, twice = false;
-          for (int j = i - i % K; j < i; ++j) {
+          for (int j = i - p.div_topk.mod(i); j < i; ++j) {
             twice |= s_ids[j] == e;
             first &= s_id_dst[j] != dst;
           }
@@ -156,7 +156,7 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
       // destination) the message slot there.
       int64_t expert = lane < K ? __ldg(p.topk_idx + int64_t(t) * K + lane) : -1;
       // 32-bit division: the counting pass checked every id is in [-1, E) (a 64-bit one is a call).
-      int dst = expert >= 0 ? static_cast<int>(expert) / num_local : -1;
+      int dst = expert >= 0 ? L.div_local.div(static_cast<int>(expert)) : -1;
       if (dst >= 0 && s_masked[dst]) dst = -1, expert = -1;
       bool first = dst >= 0;
       for (int k = 0; k < K; ++k) {
@@ -361,7 +361,7 @@ __device__ __forceinline__ void first_look(const kernels::LowLatencyDispatchPara
   look.start = clock64();
   const int words_per_source = kCountWordRows + L.num_local_experts();
   if (counts_by_look(p) && static_cast<int>(threadIdx.x) < R * words_per_source) {
-    const int r = threadIdx.x / words_per_source, j = threadIdx.x % words_per_source;
+    const int r = L.div_source_words.div(threadIdx.x), j = threadIdx.x - r * words_per_source;
     const char* inbox = inbox_region(c, ll, r);
     look.count[0] = device::ld_relaxed_sys_u64(reinterpret_cast<const uint64_t*>(inbox + L.counts(half < 0 ? 0 : half, r)) + j);
     look.count[1] = half < 0 ? device::ld_relaxed_sys_u64(reinterpret_cast<const uint64_t*>(inbox + L.counts(1, r)) + j)
@@ -370,7 +370,7 @@ __device__ __forceinline__ void first_look(const kernels::LowLatencyDispatchPara
   const int team = threadIdx.x / kTeamThreads;
   const int first_item = blockIdx.x + team * gridDim.x;
   if (threadIdx.x % kTeamThreads == 0 && first_item < R * L.max_tokens) {
-    const int src = first_item % R, slot = first_item / R;
+    const int slot = L.div_ranks.div(first_item), src = first_item - slot * R;
     uint64_t flag0 = 0, flag1 = 0;
     // Direct sources only: an NVSHMEM source's flag needs NVSHMEM's wait for consistency.
     if (direct_region(c, ll, src) != nullptr)
@@ -424,7 +424,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   const int num_teams = gridDim.x * kTeams;
   // Slots of source r < R that are first items (slot * R + r < num_teams): ceil((num_teams - r) / R),
   // from one division here rather than one per call (a division is ~20 instructions).
-  const int teams_per_source = num_teams / R, teams_left = num_teams - teams_per_source * R;
+  const int teams_per_source = L.div_ranks.div(num_teams), teams_left = num_teams - teams_per_source * R;
   auto first_slots = [&](int r) { return teams_per_source + (r < teams_left ? 1 : 0); };
   if constexpr (!kLooked) {
     first_look(p, half, look, s_flag);
@@ -433,7 +433,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   HeldMessage<kFp8> held;
   bool first_held = false;
   if (first_item < R * L.max_tokens) {
-    const int src = first_item % R, slot = first_item / R;
+    const int slot = L.div_ranks.div(first_item), src = first_item - slot * R;
     first_held = !s_masked[src] && direct_region(c, ll, src) != nullptr && ll_signal_is(s_flag[team][half], seq);
     if (first_held) load_message<kFp8>(inbox_region(c, ll, src) + L.dispatch_in(half, src, slot), m, num_scale_words,
                                        p.ue8m0, K, tt, held);
@@ -449,7 +449,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   if (counts_by_look(p)) {  // block-uniform
     int ok = 1;
     if (static_cast<int>(threadIdx.x) < num_words) {
-      const int r = threadIdx.x / words_per_source, j = threadIdx.x % words_per_source;
+      const int r = L.div_source_words.div(threadIdx.x), j = threadIdx.x - r * words_per_source;
       if (s_masked[r]) {
         ok = 0;
       } else {
@@ -483,7 +483,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
     // Rows per (source, expert) and each source's call hash, every thread a few words (the signal
     // came after them).
     for (int j = threadIdx.x; j < num_words; j += blockDim.x) {
-      const int r = j / words_per_source, w = j % words_per_source;
+      const int r = L.div_source_words.div(j), w = j - r * words_per_source;
       if (w == kCountWordMessages) continue;  // the signal's count (s_count)
       int value = 0;
       if (!s_masked[r]) {
@@ -573,7 +573,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
     if (is_first) trace_mark(&g_dispatch_trace, 10);  // thread 0: its block's first message is there
     if (tt < 32) {
       const int token = held.token, expert = held.expert, pos = held.pos;
-      const int local = (expert >= 0 && expert / num_local == c.rank) ? expert - c.rank * num_local : -1;
+      const int local = (expert >= 0 && L.div_local.div(expert) == c.rank) ? expert - c.rank * num_local : -1;
       int64_t out_row = -1;  // expert * (R*T) + row
       bool bad = token < 0 || token >= L.max_tokens;
       if (local >= 0) {
@@ -627,14 +627,15 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   // source-major over what the first items left (s_prefix) and spread over every team: a source
   // that sent many more messages than the others still reaches all teams. One call site of expand:
   // its code is large, and code that runs once costs its fetch (scripts/icache_probe.cu).
-  bool first = first_item < R * L.max_tokens && first_item / R < s_count[first_item % R];
+  const int first_slot = L.div_ranks.div(first_item), first_src = first_item - first_slot * R;
+  bool first = first_item < R * L.max_tokens && first_slot < s_count[first_src];
   int item = blockIdx.x + team * gridDim.x;
 #pragma unroll 1
   while (first || item < s_prefix[R]) {
     int src = 0, slot = 0;
     if (first) {
-      src = first_item % R;
-      slot = first_item / R;
+      src = first_src;
+      slot = first_slot;
     } else {
       while (s_prefix[src + 1] <= item) ++src;
       slot = first_slots(src) + item - s_prefix[src];
