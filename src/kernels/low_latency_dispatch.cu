@@ -29,10 +29,61 @@ constexpr int kBadId = -2;
 /// Diagnostics builds: the timeline (kernels::kLowLatencyDispatchTrace names the points).
 __device__ TraceStamps g_dispatch_trace = {{~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull, ~0ull}, {}};
 
+/// A token's row and top-k ids as its first loads leave them: each thread its two 16-byte words of
+/// the row (256-channel chunks `warp` and `warp + 16`), lanes k < K of warp 0 top-k slot k's id.
+struct TokenLoads {
+  int4 in[2];
+  int64_t expert_id = -1;
+};
+
+/// Issues token t's loads (see TokenLoads); nothing waits for them here.
+__device__ __forceinline__ void load_token(const kernels::LowLatencyDispatchParams& p, int t, TokenLoads& loads) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, H = p.ll.layout.hidden;
+  const int4* row = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + int64_t(t) * H * 2);
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    const int channel = (warp + u * kWarps) * 256 + lane * 8;
+    loads.in[u] = channel < H ? device::ld_stream(row + channel / 8) : make_int4(0, 0, 0, 0);
+  }
+  if (warp == 0 && lane < p.num_topk) loads.expert_id = __ldg(p.topk_idx + int64_t(t) * p.num_topk + lane);
+}
+
+/// Warp 0's claim for one token: lane k < K holds top-k slot k's expert and destination (-1: none,
+/// or a masked destination), the first lane of each destination takes the message slot there, and
+/// every lane with an expert its row's position in that expert's segment. An id outside [0, E)
+/// claims nothing (the counting pass fails the call on it, and a failed call aborts the buffer).
+struct TokenClaim {
+  int expert, dst, slot, pos;
+  bool first;
+};
+__device__ __forceinline__ TokenClaim claim_token(const kernels::LowLatencyDispatchParams& p, const int* s_masked,
+                                                  int half, int64_t expert_id) {
+  const LowLatencyComm& ll = p.ll;
+  const LowLatencyLayout& L = ll.layout;
+  const int lane = threadIdx.x % 32;
+  TokenClaim claim{-1, -1, 0, 0, false};
+  if (expert_id >= 0 && expert_id < L.num_experts) {
+    claim.expert = static_cast<int>(expert_id);
+    claim.dst = L.div_local.div(claim.expert);
+    if (s_masked[claim.dst]) claim.dst = claim.expert = -1;
+  }
+  claim.first = claim.dst >= 0;
+  for (int k = 0; k < p.num_topk; ++k) {
+    const int other = __shfl_sync(0xffffffffu, claim.dst, k);
+    if (k < lane && other == claim.dst) claim.first = false;
+  }
+  if (claim.first) claim.slot = atomicAdd(local_int(ll, L.msg_counter(half, claim.dst)), 1);
+  if (claim.expert >= 0) claim.pos = atomicAdd(local_int(ll, L.expert_counter(half, claim.expert)), 1);
+  return claim;
+}
+
 /// Block-wide send phase. Returns false when the call failed here (bad expert id).
+///
+/// The block's first token (t = blockIdx.x) was loaded with the kernel entry's loads (`first`), and
+/// claims its slots before the counting pass: the atomics' round trip passes under it.
 template <bool kFp8>
 __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchParams& p, int* s_masked,
-                                              EntryState& entry) {
+                                              EntryState& entry, const TokenLoads& first) {
   // Shared memory: s_masked [R], then the counting pass's [E] + [R] (below).
   const DeviceComm& c = p.comm;
   const LowLatencyComm& ll = p.ll;
@@ -48,6 +99,8 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
   // token (an expert's R*T rows could not hold more). All blocks take the same decision before
   // anything is sent. The ids come in chunks of whole tokens through shared memory (coalesced
   // loads, all in flight), then one thread per pair compares with its token's earlier ids there.
+  TokenClaim first_claim{-1, -1, 0, 0, false};
+  if (warp == 0 && static_cast<int>(blockIdx.x) < p.num_tokens) first_claim = claim_token(p, s_masked, half, first.expert_id);
   int& s_bad = entry.failed;
   int* s_expert_rows = s_masked + R;      // [E]
   int* s_dest_msgs = s_expert_rows + E;   // [R]
@@ -143,30 +196,17 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
   for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
     char* stage = ll.sym != nullptr ? ll.sym + L.dispatch_stage(half, t) : nullptr;
     // Each warp's chunks (warp and warp + 16: H <= 8192 has at most 32) load while warp 0 takes
-    // the slots.
-    const int4* row = reinterpret_cast<const int4*>(static_cast<const char*>(p.x) + int64_t(t) * L.hidden * 2);
-    int4 in[2];
-#pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      const int channel = (warp + u * kWarps) * 256 + lane * 8;
-      in[u] = channel < L.hidden ? device::ld_stream(row + channel / 8) : make_int4(0, 0, 0, 0);
-    }
+    // the slots; the block's first token's loads and claim were made earlier.
+    const bool first_token = t == static_cast<int>(blockIdx.x);
+    TokenLoads loads;
+    if (first_token) loads = first;
+    else load_token(p, t, loads);
+    const int4 in[2] = {loads.in[0], loads.in[1]};
     if (warp == 0) {
-      // Lane k < K owns top-k slot k: its expert, destination, and (first lane of each
-      // destination) the message slot there.
-      int64_t expert = lane < K ? __ldg(p.topk_idx + int64_t(t) * K + lane) : -1;
-      // 32-bit division: the counting pass checked every id is in [-1, E) (a 64-bit one is a call).
-      int dst = expert >= 0 ? L.div_local.div(static_cast<int>(expert)) : -1;
-      if (dst >= 0 && s_masked[dst]) dst = -1, expert = -1;
-      bool first = dst >= 0;
-      for (int k = 0; k < K; ++k) {
-        const int other = __shfl_sync(0xffffffffu, dst, k);
-        if (k < lane && other == dst) first = false;
-      }
+      const TokenClaim claim = first_token ? first_claim : claim_token(p, s_masked, half, loads.expert_id);
+      const int expert = claim.expert, dst = claim.dst, slot = claim.slot, pos = claim.pos;
+      const bool first = claim.first;
       const unsigned dests = __ballot_sync(0xffffffffu, first);
-      int slot = 0, pos = 0;
-      if (first) slot = atomicAdd(local_int(ll, L.msg_counter(half, dst)), 1);
-      if (expert >= 0) pos = atomicAdd(local_int(ll, L.expert_counter(half, static_cast<int>(expert))), 1);
       if (first) {
         const int i = __popc(dests & ((1u << lane) - 1u));
         char* region = direct_region(c, ll, dst);
@@ -659,16 +699,20 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch(const __grid_constant__ 
   __shared__ EntryState entry;
   __shared__ uint64_t s_first_flag[kTeams][2];
   trace_mark(&g_dispatch_trace, 0);
-  // A hook's receive takes its first look with the entry's loads (one round trip for both).
+  // Loads that share the entry's round trip: a send phase's first token, a hook receive's first look.
   constexpr bool kLookAtEntry = kPhases == kLowLatencyReceive;
   FirstLook look;
+  TokenLoads first_token;
   auto early_loads = [&] {
+    if constexpr ((kPhases & kLowLatencySend) != 0) {
+      if (static_cast<int>(blockIdx.x) < p.num_tokens) load_token(p, blockIdx.x, first_token);
+    }
     if constexpr (kLookAtEntry) first_look(p, -1, look, s_first_flag);
   };
   if (!kernel_entry(p.comm, p.ll, kPhases, p.call_slot, smem, entry, early_loads)) return;
   trace_mark(&g_dispatch_trace, 1);
   if constexpr ((kPhases & kLowLatencySend) != 0) {
-    if (!dispatch_send<kFp8>(p, smem, entry)) return;
+    if (!dispatch_send<kFp8>(p, smem, entry, first_token)) return;
   }
   if constexpr ((kPhases & kLowLatencyReceive) != 0)
     dispatch_receive<kFp8, kLookAtEntry>(p, smem, entry, look, s_first_flag);
