@@ -15,8 +15,10 @@
 
 namespace flashep {
 
+/// Default-constructed (divisor 0) it is not a divisor: whoever fills a struct that holds one makes
+/// it with `of` (the layout, the launch functions), and the kernels' callers never see divisor 0.
 struct FastDivmod {
-  uint32_t divisor = 1, multiplier = 0, shift = 0;
+  uint32_t divisor = 0, multiplier = 0, shift = 0;
 
   /// The constants of `d` (1 <= d < 2^31; others give divisor 0 and must be refused before): made
   /// on the host, with the layout or the launch parameters.

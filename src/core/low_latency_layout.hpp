@@ -21,9 +21,10 @@
 //   state        (this rank only; R only)           sequence numbers, tickets, send counters, mask
 //   counts       (peers write; R only)              per half and source: call hash, messages, L
 //                                                    row counts (stamped 64-bit words)
-//   flags        (peers write; R only)              per half, source and slot or token (up to the
-//                                                    largest T): dispatch messages, combine partials;
-//                                                    per half, token and top-k slot: per-slot rows
+//   flags        (peers write; R only)              per source, slot and half (the halves adjacent):
+//                                                    dispatch messages; per half, source and token (up
+//                                                    to the largest T): combine partials; per half,
+//                                                    token and top-k slot: per-slot rows
 //   weights      (peers write)                      per half and source: call hash, [n][K] float32
 //   dispatch in  (peers write)                      per half and source: T messages
 //   combine in   (peers write)                      per half and source: T partial rows (BF16 or

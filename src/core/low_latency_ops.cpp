@@ -116,7 +116,6 @@ void BufferImpl::low_latency_dispatch(const LowLatencyDispatchArgs& a, cudaStrea
   p.topk_idx = a.topk_idx;
   p.num_tokens = a.num_tokens;
   p.num_topk = a.num_topk;
-  p.div_topk = FastDivmod::of(a.num_topk);
   p.phases = a.phases;
   p.call_slot = a.call_slot;
   p.fp8 = a.use_fp8 ? 1 : 0;

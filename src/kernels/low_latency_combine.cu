@@ -384,8 +384,9 @@ __device__ __forceinline__ bool combine_send_slots(const kernels::LowLatencyComb
   // The call hash alone (no weights: this wire does not need them) to every rank.
   send_weights(p, s_masked, seq, half, false);
   trace_mark(&g_combine_trace, 2);
-  __shared__ int s_rows[kMaxTopk], s_slots[kMaxTopk];
-  __shared__ int s_num_rows, s_token;
+  const int team = threadIdx.x / kSumTeamThreads, tt = threadIdx.x % kSumTeamThreads;
+  __shared__ int s_rows[kSumTeams][kMaxTopk], s_slots[kSumTeams][kMaxTopk];
+  __shared__ int s_num_rows[kSumTeams], s_token[kSumTeams];
   __shared__ int s_send_failed;
   if (threadIdx.x == 0) s_send_failed = 0;
   if (!read_plan(p, s_masked, s_prefix)) return false;  // its barrier publishes s_send_failed too
@@ -393,19 +394,21 @@ __device__ __forceinline__ bool combine_send_slots(const kernels::LowLatencyComb
   const int total = s_prefix[R];
   const int64_t num_rows_x = int64_t(L.num_local_experts()) * L.rows_per_expert();
   const int num_int4 = H / 8;
-  // The whole block per message, with up to kRowsInFlight rows' loads in flight at once (each row
-  // is its own item at the destination: copied, then flagged). Fewer rows in flight cost a round
-  // trip per group: at T = 1 a message's 8 rows took 4 when a 256-thread team moved 2 at a time.
-  constexpr int kWordsPerThread = kMaxLowLatencyHidden / 8 / kThreads;
-  constexpr int kRowsInFlight = 8;
+  // One team per message, up to kRowsInFlight rows' loads in flight at once (each row is its own
+  // item at the destination: copied, then flagged). Two rows at a time cost a message of 4 rows
+  // two round trips; a whole block per message would halve the messages in flight when there are
+  // more messages than teams (R = 8: ~1.5 rows per message).
+  constexpr int kWordsPerThread = kMaxLowLatencyHidden / 8 / kSumTeamThreads;
+  constexpr int kRowsInFlight = 3;
   const int4* x = reinterpret_cast<const int4*>(p.x);
   // The call hash rides in each flag's count bits: a rank that made another call fails by name.
   const uint64_t flag = ll_signal(seq, p.call_hash);
-  for (int item = blockIdx.x; item < total; item += gridDim.x) {
+  // One team per message of the dispatch, items spread over the blocks first.
+  for (int item = blockIdx.x + team * gridDim.x; item < total; item += gridDim.x * kSumTeams) {
     int src = 0;
     while (s_prefix[src + 1] <= item) ++src;
     const int slot = item - s_prefix[src];
-    if (threadIdx.x < 32) {
+    if (tt < 32) {
       const int* entry_ints = p.plan + ll_plan_entry(R, T, K, src, slot);
       const int token = entry_ints[0];
       const int row = lane < K ? entry_ints[1 + lane] : -1;
@@ -414,42 +417,42 @@ __device__ __forceinline__ bool combine_send_slots(const kernels::LowLatencyComb
       const unsigned rows = __ballot_sync(0xffffffffu, valid);
       if (valid) {
         const int i = __popc(rows & ((1u << lane) - 1u));
-        s_rows[i] = row;
-        s_slots[i] = lane;
+        s_rows[team][i] = row;
+        s_slots[team][i] = lane;
       }
       if (lane == 0) {
-        s_num_rows = token_ok ? __popc(rows) : -1;
-        s_token = token;
+        s_num_rows[team] = token_ok ? __popc(rows) : -1;
+        s_token[team] = token;
       }
     }
-    __syncthreads();
-    const int num_rows = s_num_rows, token = s_token;
+    team_sync(team, kSumTeamThreads);
+    const int num_rows = s_num_rows[team], token = s_token[team];
     if (num_rows < 0) {  // a plan entry outside the tensors: not from a finished dispatch
-      if (threadIdx.x == 0) {
+      if (tt == 0) {
         ll_fail(c, Phase::kLowLatencyBadMessage, src, -1, T, token);
         s_send_failed = 1;
       }
-      break;  // block-uniform
+      break;  // team-uniform
     }
     char* region = direct_region(c, ll, src);  // every peer is direct in this mode
     for (int i0 = 0; i0 < num_rows; i0 += kRowsInFlight) {
       int4 v[kRowsInFlight][kWordsPerThread];
 #pragma unroll
       for (int r = 0; r < kRowsInFlight; ++r) {
-        const int4* row = x + int64_t(s_rows[i0 + r < num_rows ? i0 + r : i0]) * num_int4;
+        const int4* row = x + int64_t(s_rows[team][i0 + r < num_rows ? i0 + r : i0]) * num_int4;
 #pragma unroll
         for (int u = 0; u < kWordsPerThread; ++u) {
-          const int w = threadIdx.x + u * kThreads;
+          const int w = tt + u * kSumTeamThreads;
           v[r][u] = i0 + r < num_rows && w < num_int4 ? device::ld_stream(row + w) : make_int4(0, 0, 0, 0);
         }
       }
 #pragma unroll
       for (int r = 0; r < kRowsInFlight; ++r) {
-        if (i0 + r >= num_rows) break;  // block-uniform
-        char* dst = region + L.combine_slot_in(half, token, s_slots[i0 + r], p.logfmt);
+        if (i0 + r >= num_rows) break;  // team-uniform
+        char* dst = region + L.combine_slot_in(half, token, s_slots[team][i0 + r], p.logfmt);
 #pragma unroll
         for (int u = 0; u < kWordsPerThread; ++u) {
-          const int w = threadIdx.x + u * kThreads;
+          const int w = tt + u * kSumTeamThreads;
           if (w >= num_int4) continue;  // uniform per half warp (H % 128 == 0)
           if (p.logfmt) {
             Floats8 values;
@@ -463,13 +466,13 @@ __device__ __forceinline__ bool combine_send_slots(const kernels::LowLatencyComb
         }
       }
     }
-    __syncthreads();
-    // Each row's flag, after every thread's stores (the barrier orders them before the
+    team_sync(team, kSumTeamThreads);
+    // Each row's flag, after every thread's stores (the team barrier orders them before the
     // system-scope releases).
-    if (static_cast<int>(threadIdx.x) < num_rows)
-      device::st_release_sys_u64(reinterpret_cast<uint64_t*>(region + L.combine_slot_flag(half, token, s_slots[threadIdx.x])),
+    if (tt < num_rows)
+      device::st_release_sys_u64(reinterpret_cast<uint64_t*>(region + L.combine_slot_flag(half, token, s_slots[team][tt])),
                                  flag);
-    __syncthreads();  // s_rows / s_slots are rewritten by the next item
+    team_sync(team, kSumTeamThreads);  // s_rows / s_slots are rewritten by the next item
   }
 
   return end_combine_send(p, s_masked, s_send_failed, seq);

@@ -79,11 +79,11 @@ __device__ __forceinline__ TokenClaim claim_token(const kernels::LowLatencyDispa
 
 /// Block-wide send phase. Returns false when the call failed here (bad expert id).
 ///
-/// The block's first token (t = blockIdx.x) was loaded with the kernel entry's loads (`first`), and
+/// The block's first token (t = blockIdx.x) was loaded with the kernel entry's loads (`first_loads`), and
 /// claims its slots before the counting pass: the atomics' round trip passes under it.
 template <bool kFp8>
 __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchParams& p, int* s_masked,
-                                              EntryState& entry, const TokenLoads& first) {
+                                              EntryState& entry, const TokenLoads& first_loads) {
   // Shared memory: s_masked [R], then the counting pass's [E] + [R] (below).
   const DeviceComm& c = p.comm;
   const LowLatencyComm& ll = p.ll;
@@ -94,13 +94,17 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
   const uint32_t seq = entry.send_seq;
   const int half = static_cast<int>(seq & 1u);
 
+  // 0. The block's first token claims its slots now (its ids came with the entry's loads): the
+  // atomics' round trip passes under the counting pass.
+  TokenClaim first_claim{-1, -1, 0, 0, false};
+  if (warp == 0 && static_cast<int>(blockIdx.x) < p.num_tokens)
+    first_claim = claim_token(p, s_masked, half, first_loads.expert_id);
+
   // 1. Every block counts every (token, expert) pair: rows per expert and messages per destination
   // (unmasked destinations), checking the ids on the way: in [-1, E), and no expert twice for one
   // token (an expert's R*T rows could not hold more). All blocks take the same decision before
   // anything is sent. The ids come in chunks of whole tokens through shared memory (coalesced
   // loads, all in flight), then one thread per pair compares with its token's earlier ids there.
-  TokenClaim first_claim{-1, -1, 0, 0, false};
-  if (warp == 0 && static_cast<int>(blockIdx.x) < p.num_tokens) first_claim = claim_token(p, s_masked, half, first.expert_id);
   int& s_bad = entry.failed;
   int* s_expert_rows = s_masked + R;      // [E]
   int* s_dest_msgs = s_expert_rows + E;   // [R]
@@ -199,7 +203,7 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
     // the slots; the block's first token's loads and claim were made earlier.
     const bool first_token = t == static_cast<int>(blockIdx.x);
     TokenLoads loads;
-    if (first_token) loads = first;
+    if (first_token) loads = first_loads;
     else load_token(p, t, loads);
     const int4 in[2] = {loads.in[0], loads.in[1]};
     if (warp == 0) {
@@ -369,12 +373,13 @@ __device__ __forceinline__ void load_message(const char* msg, const LowLatencyMe
   }
 }
 
-/// The receive's first loads: thread j's word of the counts blocks (word j of all sources' blocks
-/// in a row) and, in each team's thread 0, the flags of the team's first item (an item numbered
-/// slot-major over (source, slot), so that it needs no count to be found).
+/// The receive's first loads as a thread holds them: its word of the counts blocks (thread j: word j
+/// of all sources' blocks in a row), per half. (Each team's thread 0 also loads the flags of the
+/// team's first item, an item numbered slot-major over (source, slot) so that it needs no count to
+/// be found; those go to shared memory for the whole team.)
 struct FirstLook {
   uint64_t count[2] = {0, 0};  // per half
-  long long start = 0;         // clock64 at the look (the wait statistics)
+  long long start = 0;         // clock64 when the loads were issued (the wait statistics count from there)
 };
 
 /// Block-uniform: the counts are taken from one look at their stamped words (every source direct,
@@ -549,25 +554,30 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   trace_mark(&g_dispatch_trace, 6);
   // 2. Each source's call hash (a mismatch is reported here: s_failed gets bit 1), and the segment
   // begins (sources in rank order inside each expert; values no correct peer sends: bit 0), under
-  // one barrier.
+  // one barrier. Block 0 writes the outputs only when every hash matched (recv_stats is the
+  // caller's running sum: a call that fails must not add to it).
+  const int call_hash = p.call_hash & 0x7fffffff;
   for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    if (!s_masked[r] && s_hash[r] != (p.call_hash & 0x7fffffff)) {
-      ll_fail(c, Phase::kLowLatencyCallMismatch, r, -1, p.call_hash & 0x7fffffff, s_hash[r]);
+    if (!s_masked[r] && s_hash[r] != call_hash) {
+      ll_fail(c, Phase::kLowLatencyCallMismatch, r, -1, call_hash, s_hash[r]);
       atomicOr(&s_failed, 2);
     }
   }
+  bool write_outputs = blockIdx.x == 0;
+  if (write_outputs)
+    for (int r = 0; r < R; ++r) write_outputs &= s_masked[r] || s_hash[r] == call_hash;
   for (int i = threadIdx.x; i < num_local; i += blockDim.x) {
     int64_t total = 0;
     for (int r = 0; r < R; ++r) {
       const int n = s_begin[r * num_local + i];
-      if (n < 0 || n > L.max_tokens) s_failed = 1;  // not from a correct peer
-      if (blockIdx.x == 0) p.layout_range[int64_t(i) * R + r] = (total << 32) | static_cast<uint32_t>(n);
+      if (n < 0 || n > L.max_tokens) atomicOr(&s_failed, 1);  // not from a correct peer
+      if (write_outputs) p.layout_range[int64_t(i) * R + r] = (total << 32) | static_cast<uint32_t>(n);
       s_begin[r * num_local + i] = static_cast<int>(total);
       total += n;
     }
     s_total[i] = static_cast<int>(total);
-    if (total > rows_per_expert) s_failed = 1;  // cannot come from a correct peer
-    if (blockIdx.x == 0) {
+    if (total > rows_per_expert) atomicOr(&s_failed, 1);  // cannot come from a correct peer
+    if (write_outputs) {
       p.recv_count[i] = static_cast<int>(total);
       if (p.recv_stats != nullptr) atomicAdd(p.recv_stats + i, static_cast<int>(total));
     }
@@ -576,7 +586,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
     s_prefix[0] = 0;
     for (int r = 0; r < R; ++r) s_prefix[r + 1] = s_prefix[r] + max(0, s_count[r] - first_slots(r));
   }
-  if (blockIdx.x == 0)
+  if (write_outputs)
     for (int r = threadIdx.x; r < R; r += blockDim.x) p.plan[r] = s_count[r];
   __syncthreads();
   if (s_failed) {
@@ -759,7 +769,10 @@ cudaError_t launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int n
   attribute.val.cooperative = 1;
   config.attrs = &attribute;
   config.numAttrs = 1;
-  return cudaLaunchKernelEx(&config, kernel, p);
+  // The divisor of the top-k count, made here so that no caller can leave it unset.
+  LowLatencyDispatchParams params = p;
+  params.div_topk = FastDivmod::of(p.num_topk);
+  return cudaLaunchKernelEx(&config, kernel, params);
 }
 
 cudaError_t load_low_latency_dispatch_kernels() {

@@ -31,7 +31,7 @@ struct LowLatencyDispatchParams {
   const void* x;
   const int64_t* topk_idx;
   int num_tokens, num_topk, phases;
-  FastDivmod div_topk;  // by num_topk
+  FastDivmod div_topk;  // by num_topk (set by launch_low_latency_dispatch)
   int call_slot;  // [0, kLowLatencyCallSlots): where the send phase leaves its sequence number
   int fp8, round_scale, ue8m0;
   int call_hash;
