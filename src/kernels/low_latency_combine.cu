@@ -175,7 +175,7 @@ __device__ __forceinline__ bool end_combine_send(const kernels::LowLatencyCombin
   __syncthreads();
   if (s_send_failed) return false;
   trace_mark(&g_combine_trace, 4);
-  if (last_block_done(&state_of(p.ll)->ticket[kTicketCombineSend])) {
+  if (last_block_done(&state_of(p.ll)->ticket[kTicketCombineSend], p.ll.sym != nullptr)) {
     trace_mark(&g_combine_trace, 5);
     finish_send_phase(p.comm, p.ll, s_masked, kTicketCombineSend, p.call_slot, seq);
   }

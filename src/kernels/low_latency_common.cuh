@@ -174,17 +174,27 @@ __device__ __forceinline__ WaitResult wait_flag(const DeviceComm& c, const LowLa
   return res;
 }
 
-/// The last block of a phase to finish: every thread gets true in exactly one block. Each block's
-/// writes (to peers too) are ordered before its ticket by a GPU-scope fence; the last block then
-/// publishes them with system-scope releases (its signals), which carry them along (causality is
-/// transitive across the two scopes: the same chain DeepEP's NVLink path relies on).
-__device__ __forceinline__ bool last_block_done(int* ticket) {
+/// The last block of a phase to finish: every thread gets true in exactly one block. The last block
+/// publishes nothing to peers (every message and signal went out before, each with its own
+/// release); it resets this rank's counters, advances the sequence and, with NVSHMEM peers, runs
+/// the PE's quiet. Without NVSHMEM peers (`fence` false) the ticket is an acquire RMW and no fence
+/// runs: what the last block needs of the others is their counters' atomics, which returned their
+/// values before each block's barrier here, and a GPU-scope fence waited for the block's message
+/// stores to reach the peers (~1 us a send phase). With `fence`, each block's writes (its puts'
+/// descriptors too) are ordered before its ticket, so that the quiet sees them.
+__device__ __forceinline__ bool last_block_done(int* ticket, bool fence) {
   __shared__ int is_last;
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence();
-    is_last = atomicAdd(ticket, 1) == static_cast<int>(gridDim.x) - 1;
-    if (is_last) __threadfence();
+    if (fence) {
+      __threadfence();
+      is_last = atomicAdd(ticket, 1) == static_cast<int>(gridDim.x) - 1;
+      if (is_last) __threadfence();
+    } else {
+      int before;
+      asm volatile("atom.acquire.gpu.global.add.s32 %0, [%1], 1;" : "=r"(before) : "l"(ticket) : "memory");
+      is_last = before == static_cast<int>(gridDim.x) - 1;
+    }
   }
   __syncthreads();
   return is_last != 0;

@@ -315,7 +315,7 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
 
   // 4. The last block (nobody waits for it) resets this half's counters and advances the sequence.
   trace_mark(&g_dispatch_trace, 4);
-  if (last_block_done(&st->ticket[kTicketDispatchSend])) {
+  if (last_block_done(&st->ticket[kTicketDispatchSend], ll.sym != nullptr)) {
     trace_mark(&g_dispatch_trace, 5);
     for (int j = threadIdx.x; j < E; j += blockDim.x) *local_int(ll, L.expert_counter(half, j)) = 0;
     for (int d = threadIdx.x; d < R; d += blockDim.x) *local_int(ll, L.msg_counter(half, d)) = 0;
