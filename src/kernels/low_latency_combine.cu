@@ -174,10 +174,11 @@ __device__ __forceinline__ bool end_combine_send(const kernels::LowLatencyCombin
                                                  const int& s_send_failed, uint32_t seq) {
   __syncthreads();
   if (s_send_failed) return false;
+  reset_previous_counters(p.ll, static_cast<int>(seq & 1u));  // the previous call may have been a dispatch
   trace_mark(&g_combine_trace, 4);
   if (last_block_done(&state_of(p.ll)->ticket[kTicketCombineSend], p.ll.sym != nullptr)) {
     trace_mark(&g_combine_trace, 5);
-    finish_send_phase(p.comm, p.ll, s_masked, kTicketCombineSend, p.call_slot, seq);
+    finish_send_phase(p.comm, p.ll, s_masked, p.call_slot, seq);
   }
   return true;
 }

@@ -174,30 +174,37 @@ __device__ __forceinline__ WaitResult wait_flag(const DeviceComm& c, const LowLa
   return res;
 }
 
-/// The last block of a phase to finish: every thread gets true in exactly one block. The last block
-/// publishes nothing to peers (every message and signal went out before, each with its own
-/// release); it resets this rank's counters, advances the sequence and, with NVSHMEM peers, runs
-/// the PE's quiet. Without NVSHMEM peers (`fence` false) the ticket is an acquire RMW and no fence
-/// runs: what the last block needs of the others is their counters' atomics, which returned their
-/// values before each block's barrier here, and a GPU-scope fence waited for the block's message
-/// stores to reach the peers (~1 us a send phase). With `fence`, each block's writes (its puts'
-/// descriptors too) are ordered before its ticket, so that the quiet sees them.
+/// The last block of a phase to finish: every thread gets true in exactly one block. The ticket
+/// counts with atomicInc, which wraps to 0 at the last block: nothing resets it. The last block
+/// publishes nothing to peers (each message and signal went out with its own release) and resets
+/// no counter (the next call's send does, reset_previous_counters): it only leaves the call's
+/// number for later kernels and, with NVSHMEM peers, runs the PE's quiet. Only the quiet needs the
+/// other blocks' writes ordered before their tickets (their puts' descriptors), so the GPU-scope
+/// fences run only with `fence` (NVSHMEM peers): a fence waits for the block's message stores to
+/// reach the peers.
 __device__ __forceinline__ bool last_block_done(int* ticket, bool fence) {
   __shared__ int is_last;
   __syncthreads();
   if (threadIdx.x == 0) {
-    if (fence) {
-      __threadfence();
-      is_last = atomicAdd(ticket, 1) == static_cast<int>(gridDim.x) - 1;
-      if (is_last) __threadfence();
-    } else {
-      int before;
-      asm volatile("atom.acquire.gpu.global.add.s32 %0, [%1], 1;" : "=r"(before) : "l"(ticket) : "memory");
-      is_last = before == static_cast<int>(gridDim.x) - 1;
-    }
+    if (fence) __threadfence();
+    const unsigned last = gridDim.x - 1;
+    is_last = atomicInc(reinterpret_cast<unsigned*>(ticket), last) == last;
+    if (fence && is_last) __threadfence();
   }
   __syncthreads();
   return is_last != 0;
+}
+
+/// Block-wide, in every block of a send phase: zeroes (a slice per block) the previous call's
+/// counters, the other half's message and expert counters, for the next call of that half. The
+/// previous call's send phase ended before this kernel began and the next call of that half begins
+/// after this kernel ends, so kernel boundaries order these stores both ways (all of the area: the
+/// previous call may have had another E). Stores only; nothing waits for them.
+__device__ __forceinline__ void reset_previous_counters(const LowLatencyComm& ll, int half) {
+  const LowLatencyLayout& L = ll.layout;
+  const int other = half ^ 1, num_words = kMaxLowLatencyExperts + L.num_ranks;
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < num_words; i += gridDim.x * blockDim.x)
+    *local_int(ll, i < kMaxLowLatencyExperts ? L.expert_counter(other, i) : L.msg_counter(other, i - kMaxLowLatencyExperts)) = 0;
 }
 
 /// Re-reads every rank's mask into `s_masked` (a peer may have been masked meanwhile).
@@ -244,16 +251,15 @@ __device__ __forceinline__ bool grid_barrier(const DeviceComm& c, const LowLaten
 }
 
 /// Block-wide, in the last block of a send phase: completes this PE's puts (quiet_puts, with the
-/// masks re-read), then frees the phase's ticket, leaves the call's number in its slot (for the
-/// hook) and advances the sequence. Nobody waits for this.
+/// masks re-read), then leaves the call's number in its slot (for the hook) and advances the
+/// sequence (both read by later kernels only). Nobody waits for this.
 __device__ __forceinline__ void finish_send_phase(const DeviceComm& c, const LowLatencyComm& ll, int* s_masked,
-                                                  int ticket, int call_slot, uint32_t seq) {
+                                                  int call_slot, uint32_t seq) {
   reload_mask(c, ll, s_masked);
   __syncthreads();
   if (threadIdx.x == 0) {
     LowLatencyState* st = reinterpret_cast<LowLatencyState*>(ll.local + ll.layout.state());
     quiet_puts(ll, s_masked, c.num_ranks);
-    st->ticket[ticket] = 0;
     st->call_seq[call_slot] = seq;
     st->send_seq = seq + 1;
   }

@@ -313,13 +313,13 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
     }
   }
 
-  // 4. The last block (nobody waits for it) resets this half's counters and advances the sequence.
+  // 4. The previous call's counters are zeroed for the next call of their half; the last block
+  // (nobody waits for it) advances the sequence.
+  reset_previous_counters(ll, half);
   trace_mark(&g_dispatch_trace, 4);
   if (last_block_done(&st->ticket[kTicketDispatchSend], ll.sym != nullptr)) {
     trace_mark(&g_dispatch_trace, 5);
-    for (int j = threadIdx.x; j < E; j += blockDim.x) *local_int(ll, L.expert_counter(half, j)) = 0;
-    for (int d = threadIdx.x; d < R; d += blockDim.x) *local_int(ll, L.msg_counter(half, d)) = 0;
-    finish_send_phase(c, ll, s_masked, kTicketDispatchSend, p.call_slot, seq);
+    finish_send_phase(c, ll, s_masked, p.call_slot, seq);
   }
   return true;
 }
