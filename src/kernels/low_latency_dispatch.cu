@@ -7,13 +7,15 @@
 // destination rank and a position per (token, expert) from this rank's counters, stores the
 // message into every direct destination's inbox and raises the message's own flag (a system-scope
 // release); NVSHMEM destinations get one put-with-signal each from a staged copy, the signal being
-// the flag. Nothing waits for the last block: it only resets the counters and the sequence.
+// the flag. Nothing waits for the last block: it only advances the sequence (the next call's send
+// phase zeroes this call's counters).
 // Receive phase: every block waits for every source's counts (bounded; a silent peer is masked in
 // shrink mode) and derives the per-expert segments while the messages are still landing; then one
-// block per message waits for that message's flag and expands it into the [L, R*T, H] output,
+// team (128 threads) per message waits for that message's flag and expands it into the [L, R*T, H] output,
 // the scales (column-major), src_info, layout_range and the combine plan.
 #include <cuda_fp8.h>
 
+#include "core/fp8_quotient.hpp"
 #include "kernels/low_latency_common.cuh"
 #include "kernels/low_latency_trace.cuh"
 
@@ -269,11 +271,15 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
             const uint32_t bits = __float_as_uint(scale_inv);
             if ((bits & 0x7fffffu) != 0) scale_inv = __uint_as_float((bits & 0x7f800000u) + 0x800000u);
           }
+          // x / scale_inv without a division per element (src/core/fp8_quotient.hpp: the same e4m3
+          // values over the cast's whole domain).
+          const float reciprocal = fp8_scale_reciprocal(scale_inv);
           uint32_t packed[2];
 #pragma unroll
           for (int j = 0; j < 2; ++j) {
-            const __nv_fp8x4_e4m3 q(make_float4(__fdiv_rn(f[4 * j], scale_inv), __fdiv_rn(f[4 * j + 1], scale_inv),
-                                                __fdiv_rn(f[4 * j + 2], scale_inv), __fdiv_rn(f[4 * j + 3], scale_inv)));
+            const __nv_fp8x4_e4m3 q(make_float4(
+                fp8_quotient(f[4 * j], scale_inv, reciprocal), fp8_quotient(f[4 * j + 1], scale_inv, reciprocal),
+                fp8_quotient(f[4 * j + 2], scale_inv, reciprocal), fp8_quotient(f[4 * j + 3], scale_inv, reciprocal)));
             packed[j] = q.__x;
           }
           const uint2 out = make_uint2(packed[0], packed[1]);

@@ -1,0 +1,68 @@
+// fp8_quotient (src/core/fp8_quotient.hpp) against the division the interface states: for every
+// group scale a bfloat16 amax can give (amax = max(|x|, 1e-4), scale = amax / 448, without and with
+// round_scale) and every bfloat16 |x| <= amax, e4m3(fp8_quotient) == e4m3(x / scale). Negative x
+// mirror positive ones (every step is odd in x); a sample checks that too.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "check.hpp"
+#include "core/fp8_quotient.hpp"
+#include "oracle/low_latency_oracle.hpp"
+
+namespace ll = flashep::oracle::low_latency;
+
+namespace {
+
+float bf16_to_float(uint16_t bits) {
+  const uint32_t word = uint32_t(bits) << 16;
+  float value;
+  std::memcpy(&value, &word, sizeof(value));
+  return value;
+}
+
+}  // namespace
+
+int main() {
+  long pairs = 0, float_differences = 0, e4m3_differences = 0;
+  float largest_difference = 0.0f;  // the largest exact quotient whose float32 value differs
+  for (int round_scale = 0; round_scale < 2; ++round_scale) {
+    // amax: every finite positive bfloat16 at or above the floor, and the floor itself.
+    for (uint32_t a = 0; a <= 0x7f80u; ++a) {
+      const bool floor_case = a == 0x7f80u;
+      const float amax = floor_case ? ll::kAmaxFloor : bf16_to_float(static_cast<uint16_t>(a));
+      if (!floor_case && amax < ll::kAmaxFloor) continue;
+      const float scale = ll::scale_inv_of(amax, round_scale != 0);
+      const float reciprocal = flashep::fp8_scale_reciprocal(scale);
+      for (uint32_t b = 0; b < 0x7f80u; ++b) {
+        const float x = bf16_to_float(static_cast<uint16_t>(b));
+        if (x > amax) break;  // bfloat16 bits of positive values are ordered like the values
+        ++pairs;
+        const float fast = flashep::fp8_quotient(x, scale, reciprocal);
+        const float exact = x / scale;
+        if (fast == exact) continue;
+        ++float_differences;
+        largest_difference = std::fmax(largest_difference, exact);
+        if (ll::float_to_e4m3(fast) != ll::float_to_e4m3(exact)) {
+          if (++e4m3_differences <= 5) {
+            CHECK_EQ(ll::float_to_e4m3(fast), ll::float_to_e4m3(exact));
+            std::printf("x %a scale %a: %a against %a\n", x, scale, fast, exact);
+          }
+        }
+      }
+    }
+  }
+  // Odd in x (x <= amax = 3).
+  for (uint32_t b = 0; b < 0x4040u; b += 7) {
+    const float x = bf16_to_float(static_cast<uint16_t>(b)), scale = ll::scale_inv_of(3.0f, false);
+    CHECK_EQ(flashep::fp8_quotient(-x, scale, flashep::fp8_scale_reciprocal(scale)),
+             -flashep::fp8_quotient(x, scale, flashep::fp8_scale_reciprocal(scale)));
+  }
+  std::printf("test_fp8_quotient: %ld pairs; %ld float32 quotients differ, the largest of them %g (e4m3's smallest "
+              "subnormal is 2^-9 = %g); %ld e4m3 values differ\n",
+              pairs, float_differences, largest_difference, std::ldexp(1.0, -9), e4m3_differences);
+  CHECK_EQ(e4m3_differences, 0L);
+  // Markstein's exception: only quotients whose remainder underflows, far below what e4m3 keeps.
+  CHECK(largest_difference < std::ldexp(1.0f, -80));
+  return check::summary("test_fp8_quotient");
+}
