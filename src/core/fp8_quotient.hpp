@@ -25,11 +25,15 @@ FLASHEP_HD float fp8_scale_reciprocal(float scale_inv) {
 #endif
 }
 
-/// x / scale_inv, rounded to nearest, from reciprocal = fp8_scale_reciprocal(scale_inv).
+/// x / scale_inv, rounded to nearest, from reciprocal = fp8_scale_reciprocal(scale_inv). The
+/// correction's sum loses the sign of a zero (-0 + +0 is +0): the quotient takes x's sign back. An
+/// infinite scale (a group holding an infinity) has reciprocal 0: then the product alone is the
+/// quotient (+-0 for finite x, NaN for infinite x), where the correction would make NaN of 0 * inf.
 FLASHEP_HD float fp8_quotient(float x, float scale_inv, float reciprocal) {
   const float q = x * reciprocal;
   const float remainder = fmaf(-q, scale_inv, x);
-  return fmaf(remainder, reciprocal, q);
+  const float corrected = copysignf(fmaf(remainder, reciprocal, q), x);
+  return reciprocal != 0.0f ? corrected : q;
 }
 
 }  // namespace flashep

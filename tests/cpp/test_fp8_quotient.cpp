@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "check.hpp"
 #include "core/fp8_quotient.hpp"
@@ -52,12 +53,28 @@ int main() {
       }
     }
   }
-  // Odd in x (x <= amax = 3).
-  for (uint32_t b = 0; b < 0x4040u; b += 7) {
-    const float x = bf16_to_float(static_cast<uint16_t>(b)), scale = ll::scale_inv_of(3.0f, false);
-    CHECK_EQ(flashep::fp8_quotient(-x, scale, flashep::fp8_scale_reciprocal(scale)),
-             -flashep::fp8_quotient(x, scale, flashep::fp8_scale_reciprocal(scale)));
+  // Signed zeros, infinities and NaN, in groups whose amax they give (amax = max(|x|, rest)): a
+  // group holding an infinity has an infinite scale; a NaN does not change amax (fmaxf). e4m3 of
+  // NaN is 0x7f on both sides. And odd in x, to the bit, over every bfloat16 |x| <= 3.
+  const float inf = std::numeric_limits<float>::infinity(), nan = std::numeric_limits<float>::quiet_NaN();
+  for (float rest : {3.0f, 1e-4f, inf})
+    for (float x : {0.0f, -0.0f, 1e-30f, -1e-30f, 1e-4f, -2.5f, 3.0f, inf, -inf, nan}) {
+      const float amax = std::fmax(std::fmax(std::fabs(x), rest), ll::kAmaxFloor);
+      const float scale = ll::scale_inv_of(amax, false);
+      CHECK_EQ(ll::float_to_e4m3(flashep::fp8_quotient(x, scale, flashep::fp8_scale_reciprocal(scale))),
+               ll::float_to_e4m3(x / scale));
+    }
+  const float scale3 = ll::scale_inv_of(3.0f, false), reciprocal3 = flashep::fp8_scale_reciprocal(scale3);
+  long odd_failures = 0;
+  for (uint32_t b = 0; b <= 0x4040u; ++b) {
+    const float x = bf16_to_float(static_cast<uint16_t>(b)), minus_x = bf16_to_float(static_cast<uint16_t>(b | 0x8000u));
+    const float plus = flashep::fp8_quotient(x, scale3, reciprocal3), minus = flashep::fp8_quotient(minus_x, scale3, reciprocal3);
+    uint32_t plus_bits, minus_bits;
+    std::memcpy(&plus_bits, &plus, 4);
+    std::memcpy(&minus_bits, &minus, 4);
+    odd_failures += minus_bits != (plus_bits ^ 0x80000000u);
   }
+  CHECK_EQ(odd_failures, 0L);
   std::printf("test_fp8_quotient: %ld pairs; %ld float32 quotients differ, the largest of them %g (e4m3's smallest "
               "subnormal is 2^-9 = %g); %ld e4m3 values differ\n",
               pairs, float_differences, largest_difference, std::ldexp(1.0, -9), e4m3_differences);
