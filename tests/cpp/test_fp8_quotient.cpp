@@ -1,7 +1,8 @@
 // fp8_quotient (src/core/fp8_quotient.hpp) against the division the interface states: for every
 // group scale a bfloat16 amax can give (amax = max(|x|, 1e-4), scale = amax / 448, without and with
 // round_scale) and every bfloat16 |x| <= amax, e4m3(fp8_quotient) == e4m3(x / scale). Negative x
-// mirror positive ones (every step is odd in x); a sample checks that too.
+// mirror positive ones (every step is odd in x, zeros too: checked to the bit for |x| <= 3), and
+// signed zeros, infinities and NaN are checked in groups they belong to.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
