@@ -452,10 +452,11 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
 
   int* s_masked = smem;                // [R]
   int* s_count = smem + R;             // [R] messages from each source
-  int* s_begin = s_count + R;          // [R][L] rows per (source, expert), then segment begins
+  int* s_begin = s_count + R;          // [R][L] rows per (source, expert)
   int* s_total = s_begin + R * num_local;  // [L] rows per expert
   int* s_prefix = s_total + num_local;     // [R + 1] messages left after the first items, per source
   int* s_hash = s_prefix + R + 1;          // [R] each source's call hash (31 bits)
+  int* s_seg = s_hash + R;                 // [R][L] segment begins (step 2; s_begin keeps the counts)
   int& s_failed = entry.failed;  // 0 here: the send phase (if any) returned early otherwise
 
   const LowLatencyMessage m = make_ll_message(L.hidden, kFp8);
@@ -561,53 +562,60 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   // 2. Each source's call hash (a mismatch is reported here: s_failed gets bit 1), and the segment
   // begins (sources in rank order inside each expert; values no correct peer sends: bit 0), under
   // one barrier. Block 0 writes the outputs only when every hash matched (recv_stats is the
-  // caller's running sum: a call that fails must not add to it).
-  const int call_hash = p.call_hash & 0x7fffffff;
-  for (int r = threadIdx.x; r < R; r += blockDim.x) {
-    if (!s_masked[r] && s_hash[r] != call_hash) {
-      ll_fail(c, Phase::kLowLatencyCallMismatch, r, -1, call_hash, s_hash[r]);
-      atomicOr(&s_failed, 2);
+  // caller's running sum: a call that fails must not add to it). Block-wide (every thread calls it
+  // once, below); false when the call failed (every thread).
+  auto segments = [&]() -> bool {
+    const int call_hash = p.call_hash & 0x7fffffff;
+    for (int r = threadIdx.x; r < R; r += blockDim.x) {
+      if (!s_masked[r] && s_hash[r] != call_hash) {
+        ll_fail(c, Phase::kLowLatencyCallMismatch, r, -1, call_hash, s_hash[r]);
+        atomicOr(&s_failed, 2);
+      }
     }
-  }
-  bool write_outputs = blockIdx.x == 0;
-  if (write_outputs)
-    for (int r = 0; r < R; ++r) write_outputs &= s_masked[r] || s_hash[r] == call_hash;
-  for (int i = threadIdx.x; i < num_local; i += blockDim.x) {
-    int64_t total = 0;
-    for (int r = 0; r < R; ++r) {
-      const int n = s_begin[r * num_local + i];
-      if (n < 0 || n > L.max_tokens) atomicOr(&s_failed, 1);  // not from a correct peer
-      if (write_outputs) p.layout_range[int64_t(i) * R + r] = (total << 32) | static_cast<uint32_t>(n);
-      s_begin[r * num_local + i] = static_cast<int>(total);
-      total += n;
+    bool write_outputs = blockIdx.x == 0;
+    if (write_outputs)
+      for (int r = 0; r < R; ++r) write_outputs &= s_masked[r] || s_hash[r] == call_hash;
+    for (int i = threadIdx.x; i < num_local; i += blockDim.x) {
+      int64_t total = 0;
+      for (int r = 0; r < R; ++r) {
+        const int n = s_begin[r * num_local + i];
+        if (n < 0 || n > L.max_tokens) atomicOr(&s_failed, 1);  // not from a correct peer
+        if (write_outputs) p.layout_range[int64_t(i) * R + r] = (total << 32) | static_cast<uint32_t>(n);
+        s_seg[r * num_local + i] = static_cast<int>(total);
+        total += n;
+      }
+      s_total[i] = static_cast<int>(total);
+      if (total > rows_per_expert) atomicOr(&s_failed, 1);  // cannot come from a correct peer
+      if (write_outputs) {
+        p.recv_count[i] = static_cast<int>(total);
+        if (p.recv_stats != nullptr) atomicAdd(p.recv_stats + i, static_cast<int>(total));
+      }
     }
-    s_total[i] = static_cast<int>(total);
-    if (total > rows_per_expert) atomicOr(&s_failed, 1);  // cannot come from a correct peer
-    if (write_outputs) {
-      p.recv_count[i] = static_cast<int>(total);
-      if (p.recv_stats != nullptr) atomicAdd(p.recv_stats + i, static_cast<int>(total));
+    if (threadIdx.x == 0) {
+      s_prefix[0] = 0;
+      for (int r = 0; r < R; ++r) s_prefix[r + 1] = s_prefix[r] + max(0, s_count[r] - first_slots(r));
     }
-  }
-  if (threadIdx.x == 0) {
-    s_prefix[0] = 0;
-    for (int r = 0; r < R; ++r) s_prefix[r + 1] = s_prefix[r] + max(0, s_count[r] - first_slots(r));
-  }
-  if (write_outputs)
-    for (int r = threadIdx.x; r < R; r += blockDim.x) p.plan[r] = s_count[r];
-  __syncthreads();
-  if (s_failed) {
-    if (blockIdx.x == 0 && threadIdx.x == 0 && (s_failed & 2) == 0)
-      ll_fail(c, Phase::kLowLatencyBadMessage, -1, -1, static_cast<int>(rows_per_expert), -1);
-    return;
-  }
-  trace_mark(&g_dispatch_trace, 7);
+    if (write_outputs)
+      for (int r = threadIdx.x; r < R; r += blockDim.x) p.plan[r] = s_count[r];
+    __syncthreads();
+    if (s_failed) {
+      if (blockIdx.x == 0 && threadIdx.x == 0 && (s_failed & 2) == 0)
+        ll_fail(c, Phase::kLowLatencyBadMessage, -1, -1, static_cast<int>(rows_per_expert), -1);
+      return false;
+    }
+    trace_mark(&g_dispatch_trace, 7);
+    return true;
+  };
 
   // 3. Expand the messages: one team per item (kTeams per block). The team's thread 0 waits for the
   // message's flag (bounded; in shrink mode a source that stops mid-call is masked and its
   // remaining messages skipped: their rows stay unwritten), unless step 0 saw it; the team's warp 0
   // decodes the meta (target rows, plan, src_info); then every thread stores its words to every
   // target row. Returns false when the call failed here (team-uniform).
-  auto expand = [&](int src, int slot, bool is_held, bool is_first) -> bool {
+  // `from_counts` (the team's first message, expanded before step 2): its segment's begin summed
+  // from the sources' counts, bounded so that the row lies in its expert's rows whatever the counts
+  // (step 2 then fails a call whose counts no correct peer sends).
+  auto expand = [&](int src, int slot, bool is_held, bool is_first, bool from_counts) -> bool {
     const char* msg = inbox_region(c, ll, src) + L.dispatch_in(half, src, slot);
     if (!is_held) {
       if (tt == 0) {
@@ -633,9 +641,15 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
       int64_t out_row = -1;  // expert * (R*T) + row
       bool bad = token < 0 || token >= L.max_tokens;
       if (local >= 0) {
-        const int begin = s_begin[src * num_local + local];
-        const int end = src + 1 < R ? s_begin[(src + 1) * num_local + local] : s_total[local];
-        if (pos < 0 || pos >= end - begin) bad = true;
+        int64_t begin = 0, count = 0;
+        if (from_counts) {
+          for (int r = 0; r < src; ++r) begin += s_begin[r * num_local + local];
+          count = s_begin[src * num_local + local];
+        } else {
+          begin = s_seg[src * num_local + local];
+          count = (src + 1 < R ? s_seg[(src + 1) * num_local + local] : s_total[local]) - begin;
+        }
+        if (pos < 0 || pos >= count || begin < 0 || begin + count > rows_per_expert) bad = true;
         else out_row = int64_t(local) * rows_per_expert + begin + pos;
       }
       bad = __any_sync(0xffffffffu, bad);
@@ -681,13 +695,23 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
 
   // The team's first item (step 0's), if it is a message of this call, then the rest, numbered
   // source-major over what the first items left (s_prefix) and spread over every team: a source
-  // that sent many more messages than the others still reaches all teams. One call site of expand:
-  // its code is large, and code that runs once costs its fetch (scripts/icache_probe.cu).
+  // that sent many more messages than the others still reaches all teams. A first message that was
+  // there at step 0 (a hook's: all of them) is expanded before step 2, whose barrier then no
+  // longer sits between the counts and the first rows; every thread runs step 2 once, before its
+  // first other item. One call site of expand: its code is large, and code that runs once costs
+  // its fetch (scripts/icache_probe.cu).
   const int first_slot = L.div_ranks.div(first_item), first_src = first_item - first_slot * R;
-  bool first = first_item < R * L.max_tokens && first_slot < s_count[first_src];
+  bool first = first_item < R * L.max_tokens && first_slot < s_count[first_src];  // team-uniform
+  bool early = first && first_held, segmented = false, failed_early = false;
   int item = blockIdx.x + team * gridDim.x;
 #pragma unroll 1
-  while (first || item < s_prefix[R]) {
+  while (true) {
+    if (!early && !segmented) {
+      if (failed_early && tt == 0) atomicOr(&s_failed, 2);  // its expand reported the message
+      if (!segments()) return;  // every thread
+      segmented = true;
+    }
+    if (!first && item >= s_prefix[R]) break;
     int src = 0, slot = 0;
     if (first) {
       src = first_src;
@@ -697,8 +721,11 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
       slot = first_slots(src) + item - s_prefix[src];
       item += num_teams;
     }
-    if (!expand(src, slot, first && first_held, first)) return;  // team-uniform
-    first = false;
+    if (!expand(src, slot, first && first_held, first, early)) {  // team-uniform
+      if (!early) return;
+      failed_early = true;  // step 2's barrier first: the other teams are on their way to it
+    }
+    first = early = false;
   }
 
   trace_mark(&g_dispatch_trace, 8);
@@ -751,10 +778,10 @@ inline DispatchKernel dispatch_kernel_for(bool fp8, int phases) {
 
 namespace flashep::kernels {
 
-/// Shared memory: the receive phase's mask, counts, (source, expert) table, prefix and hashes, or the send
+/// Shared memory: the receive phase's mask, counts, (source, expert) counts and begins, prefix and hashes, or the send
 /// phase's mask, counts per expert and destination, and id chunk, whichever is larger.
 inline size_t ll_dispatch_smem(int num_ranks, int num_experts) {
-  const size_t receive = size_t(num_ranks) * 4 + 1 + size_t(num_experts) + size_t(num_experts / num_ranks);
+  const size_t receive = size_t(num_ranks) * 4 + 1 + 2 * size_t(num_experts) + size_t(num_experts / num_ranks);
   const size_t send = size_t(num_ranks) * 2 + size_t(num_experts) + 2 * size_t(ll::kCountChunk);
   return (receive > send ? receive : send) * sizeof(int);
 }
@@ -763,7 +790,7 @@ cudaError_t launch_low_latency_dispatch(const LowLatencyDispatchParams& p, int n
   const size_t smem = ll_dispatch_smem(p.comm.num_ranks, p.ll.layout.num_experts);
   void (*kernel)(const LowLatencyDispatchParams) = ll::dispatch_kernel_for(p.fp8, p.phases);
   if (kernel == nullptr) return cudaErrorInvalidValue;
-  // At most (4 * kMaxRanks + 1 + kMaxLowLatencyExperts * 2) or (2 * kMaxRanks + kMaxLowLatencyExperts +
+  // At most (4 * kMaxRanks + 1 + kMaxLowLatencyExperts * 3) or (2 * kMaxRanks + kMaxLowLatencyExperts +
   // 2 * kCountChunk) ints: below the default 48 KB.
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(num_blocks);
