@@ -46,6 +46,11 @@ __device__ __forceinline__ void team_sync(int team, int threads = kTeamThreads) 
   asm volatile("bar.sync %0, %1;" ::"r"(team + 1), "r"(threads) : "memory");
 }
 
+/// Barrier 0 of the whole block that warps may reach from different places or loop iterations
+/// (barrier.sync without .aligned; __syncthreads is the aligned form, which requires every thread
+/// of the block to take the same path to it). Same memory ordering as __syncthreads.
+__device__ __forceinline__ void block_sync_unaligned() { asm volatile("barrier.sync 0;" ::: "memory"); }
+
 /// This rank's region for `peer`'s writes when `peer` is reached directly (this rank's or an
 /// NVLink-domain peer's mapped region), else nullptr (an NVSHMEM peer).
 __device__ __forceinline__ char* direct_region(const DeviceComm& c, const LowLatencyComm& ll, int peer) {

@@ -597,7 +597,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
     }
     if (write_outputs)
       for (int r = threadIdx.x; r < R; r += blockDim.x) p.plan[r] = s_count[r];
-    __syncthreads();
+    block_sync_unaligned();  // teams come here from different iterations of the item loop below
     if (s_failed) {
       if (blockIdx.x == 0 && threadIdx.x == 0 && (s_failed & 2) == 0)
         ll_fail(c, Phase::kLowLatencyBadMessage, -1, -1, static_cast<int>(rows_per_expert), -1);
