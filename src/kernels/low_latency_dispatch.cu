@@ -330,6 +330,10 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
   return true;
 }
 
+/// Largest R for which a team's first message is expanded before the segment step (its begin is a
+/// sum over the sources below its own, one shared-memory load each).
+constexpr int kEarlyExpandMaxRanks = 32;
+
 /// 16-byte words of a message row per team thread (the largest H; FP8 rows are half as long).
 template <bool kFp8>
 inline constexpr int kWordsPerThread = kMaxLowLatencyHidden * (kFp8 ? 1 : 2) / 16 / kTeamThreads;
@@ -559,10 +563,13 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
     if (s_failed) return;
   }
   trace_mark(&g_dispatch_trace, 6);
-  // 2. Each source's call hash (a mismatch is reported here: s_failed gets bit 1), and the segment
-  // begins (sources in rank order inside each expert; values no correct peer sends: bit 0), under
-  // one barrier. Block 0 writes the outputs only when every hash matched (recv_stats is the
-  // caller's running sum: a call that fails must not add to it). Block-wide (every thread calls it
+  // 2. Each source's call hash (a mismatch is reported here: s_failed gets bit 1, which also marks
+  // a failed early expand, reported by expand), and the segment begins (sources in rank order
+  // inside each expert; values no correct peer sends: bit 0), under one barrier. Block 0 writes
+  // layout_range, recv_count, recv_stats and the plan's header only when every hash matched
+  // (recv_stats is the caller's running sum: a call that fails must not add to it); rows of early
+  // first messages from sources that made this call may be written before another source's
+  // mismatch shows (in bounds; the call fails). Block-wide (every thread calls it
   // once, below); false when the call failed (every thread).
   auto segments = [&]() -> bool {
     const int call_hash = p.call_hash & 0x7fffffff;
@@ -702,7 +709,12 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   // its fetch (scripts/icache_probe.cu).
   const int first_slot = L.div_ranks.div(first_item), first_src = first_item - first_slot * R;
   bool first = first_item < R * L.max_tokens && first_slot < s_count[first_src];  // team-uniform
-  bool early = first && first_held, segmented = false, failed_early = false;
+  // Early only when the call has not failed at step 1, the message's source made this call (its
+  // hash; a mismatch is step 2's to report, by name), and R is small (the begin is a sum over the
+  // sources below).
+  bool early = first && first_held && s_failed == 0 && R <= kEarlyExpandMaxRanks &&
+               s_hash[first_src] == (p.call_hash & 0x7fffffff);
+  bool segmented = false, failed_early = false;
   int item = blockIdx.x + team * gridDim.x;
 #pragma unroll 1
   while (true) {
