@@ -519,6 +519,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
           if (ok && value > L.max_tokens) {  // not from a correct peer: nothing may be read past its inbox
             ll_fail(c, Phase::kLowLatencyBadMessage, r, -1, L.max_tokens, value);
             s_failed = 1;
+            ok = 0;  // the other path returns at its barrier: s_failed is 0 wherever the look succeeded
           }
           // The wait statistics get the look's cycles (what wait_sources would add for a count
           // that is there); a look that fails is followed by wait_sources, which adds its own.
@@ -709,11 +710,11 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
   // its fetch (scripts/icache_probe.cu).
   const int first_slot = L.div_ranks.div(first_item), first_src = first_item - first_slot * R;
   bool first = first_item < R * L.max_tokens && first_slot < s_count[first_src];  // team-uniform
-  // Early only when the call has not failed at step 1, the message's source made this call (its
-  // hash; a mismatch is step 2's to report, by name), and R is small (the begin is a sum over the
-  // sources below).
-  bool early = first && first_held && s_failed == 0 && R <= kEarlyExpandMaxRanks &&
-               s_hash[first_src] == (p.call_hash & 0x7fffffff);
+  // Early only when the message's source made this call (its hash; a mismatch is step 2's to
+  // report, by name) and R is small (the begin is a sum over the sources below). Step 1 left
+  // s_failed 0 (it returned otherwise); s_failed is not read here, other teams' step 2 may be
+  // setting it, and the decision must be the same for the whole team.
+  bool early = first && first_held && R <= kEarlyExpandMaxRanks && s_hash[first_src] == (p.call_hash & 0x7fffffff);
   bool segmented = false, failed_early = false;
   int item = blockIdx.x + team * gridDim.x;
 #pragma unroll 1
