@@ -746,9 +746,9 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
 
 }  // namespace
 
-/// One kernel per phase set: a hook's receive runs code with no send path in it. After the GEMM
-/// between a send and its hook the instruction cache is cold, and every phase of the receive was
-/// measured at ~3 us although each is one memory round trip (docs/performance.md).
+/// One kernel per phase set: a hook's receive runs code with no send path in it (less code to
+/// fetch). Its steps cost about the same with and without a GEMM before it (2026-12-01): the
+/// receive's time is the instructions on its chain and its round trips (docs/performance.md).
 template <bool kFp8, int kPhases>
 __global__ void __launch_bounds__(kThreads, 1) dispatch(const __grid_constant__ kernels::LowLatencyDispatchParams p) {
   extern __shared__ int smem[];
