@@ -11,19 +11,11 @@
 #include "check.hpp"
 #include "core/fp8_quotient.hpp"
 #include "oracle/low_latency_oracle.hpp"
+#include "oracle/oracle.hpp"
 
 namespace ll = flashep::oracle::low_latency;
 
-namespace {
-
-float bf16_to_float(uint16_t bits) {
-  const uint32_t word = uint32_t(bits) << 16;
-  float value;
-  std::memcpy(&value, &word, sizeof(value));
-  return value;
-}
-
-}  // namespace
+using flashep::oracle::bf16_to_float;
 
 int main() {
   long pairs = 0, float_differences = 0, e4m3_differences = 0;
