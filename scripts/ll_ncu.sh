@@ -7,6 +7,7 @@
 #
 #   bash scripts/ll_ncu.sh [OUT_DIR]     (flashep installed; writes OUT_DIR/ll_receive.ncu-rep and .txt)
 #
+# Per source line: scripts/ncu_by_line.py (with a local -lineinfo build of the same source).
 # Profiles 3 launches of the FP8 receive kernel (ncu demangles it as flashep::ll::dispatch<(bool)1, (int)2>) after 10 warm-up calls; kernel
 # replay restores the memory each pass writes, so every pass sees the same messages.
 set -euo pipefail
