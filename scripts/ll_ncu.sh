@@ -7,7 +7,8 @@
 #
 #   bash scripts/ll_ncu.sh [OUT_DIR]     (flashep installed; writes OUT_DIR/ll_receive.ncu-rep and .txt)
 #
-# Profiles 3 launches of the FP8 receive kernel (dispatch<true, 2>) after 10 warm-up calls; kernel
+# Per source line: scripts/ncu_by_line.py (with a local -lineinfo build of the same source).
+# Profiles 3 launches of the FP8 receive kernel (ncu demangles it as flashep::ll::dispatch<(bool)1, (int)2>) after 10 warm-up calls; kernel
 # replay restores the memory each pass writes, so every pass sees the same messages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +17,7 @@ NCU="$(command -v ncu || true)"
 [[ -n "$NCU" ]] || NCU=/usr/local/cuda/bin/ncu
 [[ -x "$NCU" ]] || { echo "ll_ncu.sh: no ncu (Nsight Compute) on this machine" >&2; exit 2; }
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 NVSHMEM_REMOTE_TRANSPORT=none
-"$NCU" --kernel-name-base demangled --kernel-name 'regex:dispatch<true, 2>' --launch-skip 10 --launch-count 3 \
+"$NCU" --kernel-name-base demangled --kernel-name 'regex:ll::dispatch<\(bool\)1, \(int\)2>' --launch-skip 10 --launch-count 3 \
   --section SourceCounters --section WarpStateStats --section SchedulerStats --section LaunchStats \
   --section MemoryWorkloadAnalysis --import-source yes -f -o "$OUT_DIR/ll_receive" \
   python3 scripts/ll_one_rank_hooks.py

@@ -36,6 +36,12 @@ Environment knobs (read by the tests through the helpers below):
                              does not import, CUDA is unusable or fewer GPUs are visible FAILS instead
                              (pytest.fail, naming what is missing); tests needing more than N GPUs
                              still skip. Unset or empty: skip as usual (CPU machines, CI).
+  FLASHEP_TEST_SHARE_GPUS=N  up to N ranks per GPU (default 1): a world of R ranks runs on
+                             ceil(R / N) GPUs, rank r on GPU r % count, and torch.distributed uses gloo
+                             (NCCL refuses two ranks on one GPU). Correctness only: the ranks' contexts
+                             time-slice the GPU, so timings mean nothing. Peers on one GPU still map each
+                             other's buffers through CUDA IPC and run every multi-rank code path; what
+                             they cannot test is the ordering of stores crossing NVLink.
 """
 from __future__ import annotations
 
@@ -101,6 +107,25 @@ def expected_gpus() -> Optional[int]:
     return value
 
 
+def ranks_per_gpu() -> int:
+    """N of FLASHEP_TEST_SHARE_GPUS=N (default 1: one rank per GPU). Not an integer >= 1: ValueError."""
+    text = os.environ.get("FLASHEP_TEST_SHARE_GPUS", "").strip()
+    if not text:
+        return 1
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"FLASHEP_TEST_SHARE_GPUS={text!r}: expected ranks per GPU (an integer >= 1)")
+    return value
+
+
+def gpus_needed(world_size: int) -> int:
+    """GPUs a world of `world_size` ranks runs on: ceil(world_size / ranks_per_gpu())."""
+    return -(-world_size // ranks_per_gpu())
+
+
 def gpu_count_or_skip(world_size: int) -> int:
     """Skips the calling test (with the reason) unless torch imports and >= world_size GPUs exist.
 
@@ -109,11 +134,12 @@ def gpu_count_or_skip(world_size: int) -> int:
     import pytest
 
     expect = expected_gpus()
-    strict = expect is not None and world_size <= expect
+    needed = gpus_needed(world_size)
+    strict = expect is not None and needed <= expect
 
     def not_here(reason: str) -> NoReturn:
         if strict:
-            pytest.fail(f"FLASHEP_TEST_EXPECT_GPUS={expect} but {reason}; this test needs {world_size} GPUs "
+            pytest.fail(f"FLASHEP_TEST_EXPECT_GPUS={expect} but {reason}; this test needs {needed} GPUs "
                         f"and must run on this machine", pytrace=False)
         pytest.skip(reason)
 
@@ -121,13 +147,13 @@ def gpu_count_or_skip(world_size: int) -> int:
         import torch
     except Exception as error:  # ImportError, or a broken install
         not_here(f"torch is not importable ({type(error).__name__}: {error}); "
-                 f"this test needs torch and {world_size} GPUs")
+                 f"this test needs torch and {needed} GPUs")
     try:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     except Exception as error:
-        not_here(f"torch.cuda is not usable ({type(error).__name__}: {error}); needs {world_size} GPUs")
-    if count < world_size:
-        not_here(f"needs {world_size} GPUs, torch.cuda.device_count() = {count}"
+        not_here(f"torch.cuda is not usable ({type(error).__name__}: {error}); needs {needed} GPUs")
+    if count < needed:
+        not_here(f"needs {needed} GPUs, torch.cuda.device_count() = {count}"
                  + ("" if torch.version.cuda else f" (torch {torch.__version__} is built without CUDA)"))
     return count
 
@@ -200,9 +226,14 @@ def _child_main(fn: Callable, rank: int, world_size: int, port: int, result_queu
 
         # Oversubscription: R processes share the host's cores (input generation, CPU oracle).
         torch.set_num_threads(max(1, min(16, (os.cpu_count() or 8) // world_size)))
-        torch.cuda.set_device(rank)
-        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world_size, device_id=torch.device("cuda", rank))
+        if ranks_per_gpu() == 1:
+            torch.cuda.set_device(rank)
+            dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                    world_size=world_size, device_id=torch.device("cuda", torch.cuda.current_device()))
+        else:  # shared GPUs (FLASHEP_TEST_SHARE_GPUS): NCCL refuses two ranks on one GPU
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                    world_size=world_size)
         result = fn(rank, world_size, *args)
     except BaseException:
         text = traceback.format_exc()

@@ -79,7 +79,7 @@ def _timeout_worker(rank, R, marker, nodes=1):
 
     import flashep as deep_ep
 
-    dev = torch.device("cuda", rank)
+    dev = torch.device("cuda", torch.cuda.current_device())
     rdma = 0 if nodes == 1 else deep_ep._C.internode_rail_bytes(R, R // nodes, 4096, 2048, False, 4)
     buffer = deep_ep.Buffer(dist.group.WORLD, num_nvl_bytes=_nvl_bytes(deep_ep, R), num_rdma_bytes=rdma)
     # One healthy round first: both ranks are up and the buffer works.
@@ -164,7 +164,7 @@ def _mismatch_worker(rank, R):
 
     import flashep as deep_ep
 
-    dev = torch.device("cuda", rank)
+    dev = torch.device("cuda", torch.cuda.current_device())
     outcomes = []
 
     # 1. A dispatch whose rows differ (hidden 2048 on rank 0, 4096 on rank 1): caught at the count
@@ -281,7 +281,7 @@ def _internode_bad_inputs_worker(rank, R):
 
     import flashep as deep_ep
 
-    dev = torch.device("cuda", rank)
+    dev = torch.device("cuda", torch.cuda.current_device())
     group = dist.group.WORLD
     expect = _Expect(rank)
     dh.log0(rank, "multi-node bad inputs (each must raise before any kernel):")
@@ -359,7 +359,7 @@ def _bad_inputs_worker(rank, R):
 
     import flashep as deep_ep
 
-    dev = torch.device("cuda", rank)
+    dev = torch.device("cuda", torch.cuda.current_device())
     group = dist.group.WORLD
     buffer = deep_ep.Buffer(group, num_nvl_bytes=_nvl_bytes(deep_ep, R))
     problems, state = _roundtrip(buffer, torch, dev, rank, R, seed=1)

@@ -79,7 +79,7 @@ def _wrap_worker(rank, R, start):
 
     import flashep as deep_ep
 
-    dev = torch.device("cuda", rank)
+    dev = torch.device("cuda", torch.cuda.current_device())
     buffer = deep_ep.Buffer(dist.group.WORLD, _nvl_bytes(deep_ep, R), explicitly_destroy=True)
     # Each iteration passes 4 barriers (notify: 2, cached dispatch: 1, combine: 1): 16 iterations
     # cross the wrap point with room on both sides.
@@ -130,7 +130,7 @@ def _other_node_worker(rank, R):
 
     import flashep as deep_ep
 
-    dev = torch.device("cuda", rank)
+    dev = torch.device("cuda", torch.cuda.current_device())
     n, H, E, K = 96, 2048, 64, 6
     rdma = deep_ep._C.internode_rail_bytes(R, 1, 128, H, False, K)
     buffer = deep_ep.Buffer(dist.group.WORLD, _nvl_bytes(deep_ep, R), num_rdma_bytes=rdma)
@@ -188,7 +188,7 @@ def _containment_worker(rank, R):
 
     import flashep as deep_ep
 
-    dev = torch.device("cuda", rank)
+    dev = torch.device("cuda", torch.cuda.current_device())
     group = dist.group.WORLD
     n, H, E, K = 96, 2048, 64, 6
     lines = []
@@ -317,7 +317,7 @@ def _nvlink_check_worker(rank, R):
     for peer, transport, wrong in checks:
         expected = "self" if peer == rank else "nvlink"
         assert transport == expected and wrong == 0, f"peer {peer}: {transport}, {wrong} words wrong"
-    problems = _roundtrip(buffer, torch, torch.device("cuda", rank), rank, seed=3)
+    problems = _roundtrip(buffer, torch, torch.device("cuda", torch.cuda.current_device()), rank, seed=3)
     assert not problems, problems
     buffer.destroy()
     return f"NVLink check of 4 MiB with every peer: {checks}"
@@ -352,7 +352,7 @@ def _nvshmem_check_worker(rank, R):
         # The multi-node dispatch checks its arguments before anything runs (here the 1 MiB NVLink
         # buffer is too small for the default config, or the layout is missing).
         try:
-            buffer.dispatch(torch.zeros((4, 2048), dtype=torch.bfloat16, device=torch.device("cuda", rank)))
+            buffer.dispatch(torch.zeros((4, 2048), dtype=torch.bfloat16, device=torch.device("cuda", torch.cuda.current_device())))
         except (ValueError, RuntimeError) as error:
             lines.append(f"round {round_}: dispatch across domains with bad arguments: {type(error).__name__}: {error}")
         else:

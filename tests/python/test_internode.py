@@ -53,7 +53,7 @@ def _worker(rank, R, M, quick):
     env = ti.Env()
     env.np, env.torch, env.dist, env.deep_ep, env._C = np, torch, dist, deep_ep, _C
     env.rank, env.R, env.M = rank, R, M
-    env.dev = torch.device("cuda", rank)
+    env.dev = torch.device("cuda", torch.cuda.current_device())
     env.ck = ti.Checker(rank, R)
     env.scratch = torch.zeros((1,), dtype=torch.float32, device=env.dev)
     ck = env.ck

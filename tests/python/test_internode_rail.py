@@ -86,7 +86,7 @@ def _worker(rank, R, M):
     import flashep
     from flashep import _C
 
-    dev = torch.device("cuda", rank)
+    dev = torch.device("cuda", torch.cuda.current_device())
     N = R // M
     node, me = rank // M, rank % M
     size = max(_C.internode_rail_bytes(R, M, case[1], case[3], case[6], case[4]) for case in CASES)

@@ -368,7 +368,7 @@ def _worker(rank, R, quick):
     env = Env()
     env.np, env.torch, env.dist, env.deep_ep, env._C = np, torch, dist, deep_ep, _C
     env.rank, env.R = rank, R
-    env.dev = torch.device("cuda", rank)
+    env.dev = torch.device("cuda", torch.cuda.current_device())
     env.ck = Checker(rank, R)
     env.scratch = torch.zeros((1,), dtype=torch.float32, device=env.dev)
     ck = env.ck
