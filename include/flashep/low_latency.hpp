@@ -11,10 +11,15 @@
 // exits, and the receive phase, launched later, finishes the call: no SM is held in between. The
 // kernels keep their sequence numbers on the GPU, so every call can be captured in a CUDA graph and
 // replayed. Consecutive calls use alternating halves of the region: at most two calls may be in
-// flight (sent and not yet received), and every rank issues the same calls in the same order. The
-// send phase leaves its call's number in slot `call_slot` (0..15): the receive phase of the same
-// call passes the same slot, and calls in flight at the same time use different ones (the Python
-// layer passes its call count modulo 16); receive phases may then run in any order.
+// flight (sent and not yet received), and every rank issues the same calls in the same order. A
+// call rewrites the half of the call two before it on the same wire (dispatch, the fused combine,
+// the hooked combine over NVLink), so that call's receive phase must have run on this rank (else
+// the send phase fails: ErrorKind::kDeviceFault, nothing sent); on peers reached directly, the send
+// phase waits (bounded) until each of them has finished receiving that call too (credits: without
+// them a rank could rewrite a half a slower peer is still reading). The send phase leaves its call's
+// number in slot `call_slot` (0..15): the receive phase of the same call passes the same slot, and
+// calls in flight at the same time use different ones (the Python layer passes its call count
+// modulo 16); receive phases may then run in any order.
 //
 // Combine with the hook, when every peer is reached directly (one NVLink domain), sends each expert
 // row to its token's top-k slot and weights it on the receiving side, so that its send phase never

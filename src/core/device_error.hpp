@@ -40,6 +40,8 @@ enum class Phase : int {
   kRailReceive,               // multi-node rail stage: waiting for a source node's tokens
   kRailBadCount,              // multi-node rail stage: a source node's count exceeds what fits
   kRailReturn,                // multi-node combine: waiting for a destination node's returned row
+  kLowLatencyCredit,          // low-latency send: waiting for a peer to finish reading the previous call of the half
+  kLowLatencyHalfBusy,        // low-latency send: this rank has not received the previous call of the half (its hook)
 };
 
 /// Why the record was written.
@@ -97,6 +99,9 @@ inline const char* phase_name(Phase phase) {
     case Phase::kRailReceive: return "multi-node dispatch, rail stage (waiting for a source node's tokens)";
     case Phase::kRailBadCount: return "multi-node dispatch, rail stage (a source node sent more tokens than fit)";
     case Phase::kRailReturn: return "multi-node combine, rail return (waiting for a destination node's row)";
+    case Phase::kLowLatencyCredit:
+      return "low-latency send (waiting for a peer to finish receiving the previous call of this half)";
+    case Phase::kLowLatencyHalfBusy: return "low-latency send (the previous call of this half is not received)";
   }
   return "unknown";
 }
@@ -114,6 +119,7 @@ inline ErrorKind kind_of(const DeviceErrorRecord& r) {
     case Phase::kNotifyBadExpertCount:
     case Phase::kLowLatencyInvalidExpert:
     case Phase::kLowLatencyBadMessage:
+    case Phase::kLowLatencyHalfBusy:
     case Phase::kRailBadCount:
       return ErrorKind::kDeviceFault;
     case Phase::kCallMismatch:
@@ -157,6 +163,15 @@ inline std::string describe(const DeviceErrorRecord& r, double timeout_s) {
              " signalled a later call while this rank waited for call " + std::to_string(r.expected) +
              ": more than two low-latency calls were in flight (at most two may be sent and not yet received)" +
              unusable;
+    case Phase::kLowLatencyHalfBusy:
+      return s + phase_name(phase) + ": call " + std::to_string(r.observed) + " would overwrite the data of call " +
+             std::to_string(r.expected) + ", which used the same half of the buffer and whose receive phase (its "
+             "hook) has not run: run a call's hook before the call two after it on the same wire (dispatch, or "
+             "combine)" + unusable;
+    case Phase::kLowLatencyCredit:
+      return s + phase_name(phase) + ": rank " + std::to_string(r.peer) + " did not finish receiving call " +
+             std::to_string(r.expected) + " (the last it finished there: " + std::to_string(r.observed) +
+             ") within the timeout, so this rank could not send the next call of that half" + unusable;
     case Phase::kCombineBadHandle:
       return s + phase_name(phase) + ": it sends rows up to " + std::to_string(r.observed) + " of x to rank " +
              std::to_string(r.peer) + " on channel " + std::to_string(r.channel) + ", but x has " +

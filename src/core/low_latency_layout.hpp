@@ -19,6 +19,8 @@
 //   signals      (peers write; depend on R only)   per half and source: dispatch total, combine
 //                                                    weights
 //   state        (this rank only; R only)           sequence numbers, tickets, send counters, mask
+//   credits      (peers write; R only)              per source, wire and half: the last call whose
+//                                                    receive phase that source finished (its recv_done)
 //   counts       (peers write; R only)              per half and source: call hash, messages, L
 //                                                    row counts (stamped 64-bit words)
 //   flags        (peers write; R only)              per source, slot and half (the halves adjacent):
@@ -85,6 +87,11 @@ FLASHEP_HD bool ll_signal_is_ahead(uint64_t value, uint32_t seq) {
   return (value & kSignalValid) != 0 && static_cast<int32_t>(static_cast<uint32_t>(value >> 32) - seq) > 0;
 }
 FLASHEP_HD int ll_signal_count(uint64_t value) { return static_cast<int>(value & 0x7fffffffull); }
+/// Whether `value` is the signal of call `seq` or of a later one (a credit: the receive of `seq`, or
+/// of a later call of the same wire and half, has finished). Wrap-safe.
+FLASHEP_HD bool ll_signal_at_least(uint64_t value, uint32_t seq) {
+  return (value & kSignalValid) != 0 && static_cast<int32_t>(static_cast<uint32_t>(value >> 32) - seq) >= 0;
+}
 
 // ---- messages ------------------------------------------------------------------------------------
 
@@ -130,7 +137,22 @@ struct LowLatencyState {
   /// in any order and a fused call may come between a send and its hook.
   uint32_t call_seq[kLowLatencyCallSlots];
   int reserved[10];
+  /// Per wire and half (LowLatencyWire): ll_signal(seq, 0) of the last call this rank sent there
+  /// (written by the send phase's last block) and of the last call whose receive phase finished
+  /// here (written by every block of that receive at its end). Read by later kernels only.
+  uint64_t last_sent[3][2];
+  uint64_t recv_done[3][2];
   // followed by: int msg_counter[2][R]; int expert_counter[2][kMaxLowLatencyExperts]; int mask[R]
+};
+/// Bytes reserved for the state block.
+inline constexpr int kLowLatencyStateBytes = 256;
+/// The areas of a half that calls write (their "wire"): a call may write a half of one wire only
+/// once every rank has finished reading the previous call of that half and wire (the credits).
+enum LowLatencyWire : int {
+  kWireDispatch = 0,        // counts, dispatch flags, dispatch messages
+  kWireCombineReduced = 1,  // weights (read by the expert side's send phase), partial sums, their flags
+  kWireCombineSlots = 2,    // per-slot rows and their flags (hooked combine, every peer direct)
+  kLowLatencyWires = 3,
 };
 inline constexpr int kTicketDispatchSend = 0;
 inline constexpr int kTicketGridBarrier = 1;  // arrivals at grid_barrier
@@ -155,7 +177,7 @@ struct LowLatencyLayout {
   // words a source's counts block holds, kCountWordRows + L).
   FastDivmod div_ranks, div_local, div_source_words;
   int64_t state_offset, msg_counter_offset, expert_counter_offset,
-      mask_offset, counts_offset, dispatch_flags_offset, combine_flags_offset, combine_slot_flags_offset, weights_offset,
+      mask_offset, credits_offset, counts_offset, dispatch_flags_offset, combine_flags_offset, combine_slot_flags_offset, weights_offset,
       dispatch_in_offset, combine_in_offset, combine_slot_in_offset, dispatch_stage_offset,
       counts_stage_offset, weights_stage_offset, combine_stage_offset, zero_copy_offset, end;
 
@@ -175,6 +197,12 @@ struct LowLatencyLayout {
     return expert_counter_offset + (int64_t(half) * kMaxLowLatencyExperts + expert) * 4;
   }
   FLASHEP_HD int64_t mask(int rank) const { return mask_offset + int64_t(rank) * 4; }
+  /// `src`'s receive progress on `wire` and `half` (ll_signal(seq, 0) of the last call whose receive
+  /// phase it finished), which `src` forwards at the entry of each of its send phases. The halves of
+  /// one (src, wire) are adjacent (one 16-byte load).
+  FLASHEP_HD int64_t credit(int src, int wire, int half) const {
+    return credits_offset + ((int64_t(src) * kLowLatencyWires + wire) * 2 + half) * 8;
+  }
   FLASHEP_HD int64_t counts(int half, int src) const {
     return counts_offset + (int64_t(half) * num_ranks + src) * count_words * 8;
   }
@@ -250,13 +278,15 @@ FLASHEP_HD LowLatencyLayout make_low_latency_layout(int max_tokens, int hidden, 
   const int64_t R = num_ranks, T = max_tokens;
   int64_t at = align_up(int64_t(kLowLatencySignalKinds) * 2 * R * 8, 128);
   l.state_offset = at;
-  at += 128;
+  at += kLowLatencyStateBytes;
   l.msg_counter_offset = at;
   at = align_up(at + 2 * R * 4, 128);
   l.expert_counter_offset = at;
   at = align_up(at + 2 * kMaxLowLatencyExperts * 4, 128);
   l.mask_offset = at;
   at = align_up(at + R * 4, 128);
+  l.credits_offset = at;
+  at = align_up(at + R * kLowLatencyWires * 2 * 8, 128);
   l.counts_offset = at;
   at = align_up(at + 2 * R * ll_count_words(num_ranks) * 8, 128);
   l.dispatch_flags_offset = at;

@@ -171,14 +171,14 @@ __device__ __forceinline__ bool read_plan(const kernels::LowLatencyCombineParams
 /// team's waits end on the abort it raised): no half block may go on to the receive phase with its
 /// shared state unset. The last block (nobody waits for it) advances the sequence.
 __device__ __forceinline__ bool end_combine_send(const kernels::LowLatencyCombineParams& p, int* s_masked,
-                                                 const int& s_send_failed, uint32_t seq) {
+                                                 const int& s_send_failed, uint32_t seq, int wire) {
   __syncthreads();
   if (s_send_failed) return false;
   reset_previous_counters(p.ll, static_cast<int>(seq & 1u));  // the previous call may have been a dispatch
   trace_mark(&g_combine_trace, 4);
   if (last_block_done(&state_of(p.ll)->ticket[kTicketCombineSend], p.ll.sym != nullptr)) {
     trace_mark(&g_combine_trace, 5);
-    finish_send_phase(p.comm, p.ll, s_masked, p.call_slot, seq);
+    finish_send_phase(p.comm, p.ll, s_masked, p.call_slot, seq, wire);
   }
   return true;
 }
@@ -335,7 +335,7 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
   }
 
   // 3. The end (the last block advances the sequence).
-  return end_combine_send(p, s_masked, s_send_failed, seq);
+  return end_combine_send(p, s_masked, s_send_failed, seq, kWireCombineReduced);
 }
 
 /// Block-wide: token t's output row, the BF16 rounding of the float32 sum of `num_parts` rows
@@ -476,7 +476,7 @@ __device__ __forceinline__ bool combine_send_slots(const kernels::LowLatencyComb
     team_sync(team, kSumTeamThreads);  // s_rows / s_slots are rewritten by the next item
   }
 
-  return end_combine_send(p, s_masked, s_send_failed, seq);
+  return end_combine_send(p, s_masked, s_send_failed, seq, kWireCombineSlots);
 }
 
 /// Block-wide receive phase: one block per token; lane k of warp 0 takes top-k slot k.
@@ -545,6 +545,7 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
     __syncthreads();
     if (t == static_cast<int>(blockIdx.x)) trace_mark(&g_combine_trace, 9);  // the block's first token is added
   }
+  record_receive_done(ll, kSlots ? kWireCombineSlots : kWireCombineReduced, seq);
   trace_mark(&g_combine_trace, 6);
 }
 
@@ -558,7 +559,8 @@ __global__ void __launch_bounds__(kThreads, 1) combine(const __grid_constant__ k
   extern __shared__ int smem[];
   __shared__ EntryState entry;
   trace_mark(&g_combine_trace, 0);
-  if (!kernel_entry(p.comm, p.ll, kPhases, p.call_slot, smem, entry)) return;
+  if (!kernel_entry(p.comm, p.ll, kPhases, kSlots ? kWireCombineSlots : kWireCombineReduced, p.call_slot, smem, entry))
+    return;
   trace_mark(&g_combine_trace, 1);
   if constexpr ((kPhases & kLowLatencySend) != 0) {
     bool ok;

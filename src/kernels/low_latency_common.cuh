@@ -113,7 +113,9 @@ static __device__ __noinline__ void mask_peer(const DeviceComm& c, const LowLate
     printf("flashep: rank %d masks rank %d: no answer within %.1f s in %s (enable_shrink)\n", c.rank, peer,
            double(c.timeout_ns) * 1e-9, phase == Phase::kLowLatencyDispatchRecv     ? "low_latency_dispatch"
                                          : phase == Phase::kLowLatencyCombineWeights ? "low_latency_combine send"
-                                                                                     : "low_latency_combine");
+                                         : phase == Phase::kLowLatencyCredit
+                                             ? "a low-latency send (waiting for its previous call's receive)"
+                                             : "low_latency_combine");
 }
 
 /// One thread: spins until `word` (our memory) holds the signal of call `seq`. Bounded: past the
@@ -177,6 +179,41 @@ __device__ __forceinline__ WaitResult wait_flag(const DeviceComm& c, const LowLa
     atomicAdd(reinterpret_cast<unsigned long long*>(wait_stats + peer), static_cast<unsigned long long>(clock64() - wait_start));
   if (res == WaitResult::kMasked) s_masked[peer] = 1;
   return res;
+}
+
+/// One thread of a send phase: spins until `peer` (reached directly) has forwarded that it finished
+/// receiving call `seq` of `wire` and `half` (its credit word in our region, which it rewrites at
+/// each of its send phases' entries). Bounded like wait_word: past the timeout the peer is masked
+/// (shrink) or the call fails; an abort stops it. Rarely entered: a peer two calls behind.
+static __device__ __noinline__ WaitResult wait_credit(const DeviceComm& c, const LowLatencyComm& ll, int peer,
+                                                      int wire, int half, uint32_t seq) {
+  const uint64_t* word = reinterpret_cast<const uint64_t*>(ll.local + ll.layout.credit(peer, wire, half));
+  const uint64_t start = device::global_timer_ns();
+  for (uint32_t spins = 0;; ++spins) {
+    const uint64_t v = device::ld_acquire_sys_u64(word);
+    if (ll_signal_at_least(v, seq)) return WaitResult::kArrived;
+    if ((spins & 127) == 1 && ll_stop_if_aborted(c, device::abort_value(c), Phase::kLowLatencyCredit))
+      return WaitResult::kFailed;
+    if (ll.shrink && (spins & 127) == 64 && *reinterpret_cast<const volatile int*>(local_int(ll, ll.layout.mask(peer))) != 0)
+      return WaitResult::kMasked;
+    if ((spins & 127) == 127 && device::global_timer_ns() - start > c.timeout_ns) {
+      if (ll.shrink) {
+        mask_peer(c, ll, peer, Phase::kLowLatencyCredit);
+        return WaitResult::kMasked;
+      }
+      ll_fail(c, Phase::kLowLatencyCredit, peer, -1, static_cast<int>(seq),
+              (v & kSignalValid) != 0 ? static_cast<int>(v >> 32) : -1);
+      return WaitResult::kFailed;
+    }
+  }
+}
+
+/// Block-wide, at the normal end of a receive phase (every block): this call's receive of `wire`
+/// has finished here. Every block stores the same word; only later kernels read it (a send phase's
+/// entry checks it and forwards it to the peers as their credit), after this kernel has ended.
+__device__ __forceinline__ void record_receive_done(const LowLatencyComm& ll, int wire, uint32_t seq) {
+  if (threadIdx.x == 0)
+    *reinterpret_cast<volatile uint64_t*>(&state_of(ll)->recv_done[wire][seq & 1u]) = ll_signal(seq, 0);
 }
 
 /// The last block of a phase to finish: every thread gets true in exactly one block. The ticket
@@ -259,13 +296,14 @@ __device__ __forceinline__ bool grid_barrier(const DeviceComm& c, const LowLaten
 /// masks re-read), then leaves the call's number in its slot (for the hook) and advances the
 /// sequence (both read by later kernels only). Nobody waits for this.
 __device__ __forceinline__ void finish_send_phase(const DeviceComm& c, const LowLatencyComm& ll, int* s_masked,
-                                                  int call_slot, uint32_t seq) {
+                                                  int call_slot, uint32_t seq, int wire) {
   reload_mask(c, ll, s_masked);
   __syncthreads();
   if (threadIdx.x == 0) {
     LowLatencyState* st = reinterpret_cast<LowLatencyState*>(ll.local + ll.layout.state());
     quiet_puts(ll, s_masked, c.num_ranks);
     st->call_seq[call_slot] = seq;
+    st->last_sent[wire][seq & 1u] = ll_signal(seq, 0);
     st->send_seq = seq + 1;
   }
 }
@@ -284,40 +322,121 @@ struct NoEarlyLoads {
 };
 
 /// Block-wide kernel entry: the abort word, the sequence numbers and every rank's mask (into
-/// `s_masked`). Returns false (every thread) when the buffer is aborted: nothing may run.
-/// The receive phase's call: the one this kernel's send phase runs (fused), else the number the
-/// call's send phase left in its slot (the hook). `early_loads` runs after the entry's loads are
-/// issued and before the barrier that waits for them: loads it issues share their round trip.
+/// `s_masked`). Returns false (every thread) when the buffer is aborted or the call failed here:
+/// nothing may run. The receive phase's call: the one this kernel's send phase runs (fused), else
+/// the number the call's send phase left in its slot (the hook). `early_loads` runs after the
+/// entry's loads are issued and before the barrier that waits for them: loads it issues share their
+/// round trip.
+///
+/// A send phase (`wire`: what it writes, LowLatencyWire) also takes its credits here. A half of a
+/// wire is rewritten every second call on it, and a peer may still be reading the previous call of
+/// that half when this rank sends (it finished its own receive of that call, and the peer's send of
+/// it, but nothing says the peer finished receiving). So thread r < R checks, before anything is
+/// sent, that rank r finished receiving the last call this rank sent on (wire, half) (its credit
+/// word, which r forwards at the entry of each of its send phases) and waits for it (bounded) if
+/// not: in the patterns of a decode loop the credit came long ago, and the check costs no round
+/// trip (its loads go with the entry's). Thread `rank` checks this rank's own receive of that call:
+/// a call whose hook has not run cannot be overwritten (kLowLatencyHalfBusy). Block 0 forwards this
+/// rank's receive progress to its direct peers, except the current call's (blocks of a fused kernel
+/// may finish this call's receive while block 0 is still here). NVSHMEM peers get no credits (their
+/// halves are protected only by the order of the calls: the reduced combine's send waits for the
+/// sources' weights); masked peers are skipped.
+/// What thread r of a send phase's entry loads for rank r's credit (kernel_entry).
+struct CreditLoads {
+  uint64_t credit[2];                       // rank r's receive progress on (wire, each half), in our region
+  uint64_t last_sent[2];                    // this rank's last call on (wire, each half)
+  uint64_t done[kLowLatencyWires * 2];      // this rank's receive progress, every (wire, half): thread
+                                            // `rank` checks it, block 0 forwards it
+  __device__ void load(const LowLatencyComm& ll, const LowLatencyState* st, int r, int wire, bool need_done) {
+    device::ld_acquire_sys_v2_u64(reinterpret_cast<const uint64_t*>(ll.local + ll.layout.credit(r, wire, 0)), credit[0],
+                                  credit[1]);
+    last_sent[0] = *reinterpret_cast<const volatile uint64_t*>(&st->last_sent[wire][0]);
+    last_sent[1] = *reinterpret_cast<const volatile uint64_t*>(&st->last_sent[wire][1]);
+    for (int w = 0; w < kLowLatencyWires * 2; ++w)
+      done[w] = need_done ? *reinterpret_cast<const volatile uint64_t*>(&st->recv_done[w / 2][w % 2]) : 0;
+  }
+};
+
+/// One thread, for rank r (kernel_entry's comment): checks (or waits for) r's credit for the send of
+/// call `send_seq` on `wire`, and in block 0 forwards this rank's receive progress to r. `mask`
+/// gets 1 when r was masked meanwhile (shrink). Returns true when the call failed here.
+__device__ __forceinline__ bool take_credit(const DeviceComm& c, const LowLatencyComm& ll, int r, int wire,
+                                            uint32_t send_seq, const CreditLoads& loads, int& mask) {
+  const int half = static_cast<int>(send_seq & 1u);
+  const uint64_t previous = loads.last_sent[half];
+  const bool direct = r != c.rank && direct_region(c, ll, r) != nullptr;
+  bool failed = false;
+  if ((previous & kSignalValid) != 0) {
+    const uint32_t previous_seq = static_cast<uint32_t>(previous >> 32);
+    if (r == c.rank) {
+      if (!ll_signal_at_least(loads.done[wire * 2 + half], previous_seq)) {
+        ll_fail(c, Phase::kLowLatencyHalfBusy, c.rank, -1, static_cast<int>(previous_seq), static_cast<int>(send_seq));
+        failed = true;
+      }
+    } else if (!mask && direct && !ll_signal_at_least(loads.credit[half], previous_seq)) {
+      const WaitResult res = wait_credit(c, ll, r, wire, half, previous_seq);
+      if (res == WaitResult::kFailed) failed = true;
+      if (res == WaitResult::kMasked) mask = 1;
+    }
+  }
+  if (blockIdx.x == 0 && direct && !mask) {
+    char* peer = direct_region(c, ll, r);
+    for (int w = 0; w < kLowLatencyWires * 2; ++w)
+      if ((loads.done[w] & kSignalValid) != 0 && static_cast<uint32_t>(loads.done[w] >> 32) != send_seq)
+        device::st_relaxed_sys_u64(reinterpret_cast<uint64_t*>(peer + ll.layout.credit(c.rank, w / 2, w % 2)),
+                                   loads.done[w]);
+  }
+  return failed;
+}
+
 template <typename EarlyLoads = NoEarlyLoads>
-__device__ __forceinline__ bool kernel_entry(const DeviceComm& c, const LowLatencyComm& ll, int phases, int call_slot,
-                                             int* s_masked, EntryState& entry, const EarlyLoads& early_loads = {}) {
+__device__ __forceinline__ bool kernel_entry(const DeviceComm& c, const LowLatencyComm& ll, int phases, int wire,
+                                             int call_slot, int* s_masked, EntryState& entry,
+                                             const EarlyLoads& early_loads = {}) {
   // Every load is issued before any value is used or stored: a use (a shared store too) waits for
   // its load, and later loads issue after it, so stores between the loads made the entry up to
   // three round trips long (Nsight Compute, docs/results/2026-12-01-h200-r1-ncu.md).
   const int R = c.num_ranks;
+  const int t = static_cast<int>(threadIdx.x);
+  const bool sends = (phases & kLowLatencySend) != 0;
+  const LowLatencyState* st = reinterpret_cast<const LowLatencyState*>(ll.local + ll.layout.state());
   int mask = 0;
   device::AbortWords abort{0, 0};
   uint32_t send_seq = 0, recv_seq = 0;
-  if (static_cast<int>(threadIdx.x) < R) mask = *reinterpret_cast<const volatile int*>(local_int(ll, ll.layout.mask(threadIdx.x)));
-  if (threadIdx.x == 0) {
-    const LowLatencyState* st = reinterpret_cast<const LowLatencyState*>(ll.local + ll.layout.state());
+  CreditLoads credit_loads;
+  if (t < R) {
+    mask = *reinterpret_cast<const volatile int*>(local_int(ll, ll.layout.mask(t)));
+    if (sends) {
+      send_seq = ld_volatile_u32(&st->send_seq);
+      credit_loads.load(ll, st, t, wire, blockIdx.x == 0 || t == c.rank);
+    }
+  }
+  if (t == 0) {
     abort = device::load_abort_words(c);
     send_seq = ld_volatile_u32(&st->send_seq);
-    recv_seq = (phases & kLowLatencySend) ? send_seq : ld_volatile_u32(&st->call_seq[call_slot]);
+    recv_seq = sends ? send_seq : ld_volatile_u32(&st->call_seq[call_slot]);
   }
   early_loads();
-  if (threadIdx.x == 0) {
+  if (t == 0) {
     entry.abort = device::abort_of(abort);
     entry.send_seq = send_seq;
     entry.recv_seq = recv_seq;
     entry.failed = 0;
   }
-  if (static_cast<int>(threadIdx.x) < R) s_masked[threadIdx.x] = mask;
-  for (int r = threadIdx.x + blockDim.x; r < R; r += blockDim.x)  // more ranks than threads
-    s_masked[r] = *reinterpret_cast<const volatile int*>(local_int(ll, ll.layout.mask(r)));
-  __syncthreads();
+  bool failed = false;
+  if (sends && t < R) failed = take_credit(c, ll, t, wire, send_seq, credit_loads, mask);
+  if (t < R) s_masked[t] = mask;
+  for (int r = t + blockDim.x; r < R; r += blockDim.x) {  // more ranks than threads
+    int mask_r = *reinterpret_cast<const volatile int*>(local_int(ll, ll.layout.mask(r)));
+    if (sends) {
+      credit_loads.load(ll, st, r, wire, blockIdx.x == 0 || r == c.rank);
+      failed |= take_credit(c, ll, r, wire, ld_volatile_u32(&st->send_seq), credit_loads, mask_r);
+    }
+    s_masked[r] = mask_r;
+  }
+  if (__syncthreads_or(failed)) return false;
   if (entry.abort != 0) {
-    if (threadIdx.x == 0) ll_stop_if_aborted(c, entry.abort, Phase::kKernelEntry);
+    if (t == 0) ll_stop_if_aborted(c, entry.abort, Phase::kKernelEntry);
     return false;
   }
   return true;

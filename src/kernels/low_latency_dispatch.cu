@@ -325,7 +325,7 @@ __device__ __forceinline__ bool dispatch_send(const kernels::LowLatencyDispatchP
   trace_mark(&g_dispatch_trace, 4);
   if (last_block_done(&st->ticket[kTicketDispatchSend], ll.sym != nullptr)) {
     trace_mark(&g_dispatch_trace, 5);
-    finish_send_phase(c, ll, s_masked, p.call_slot, seq);
+    finish_send_phase(c, ll, s_masked, p.call_slot, seq, kWireDispatch);
   }
   return true;
 }
@@ -741,6 +741,7 @@ __device__ __forceinline__ void dispatch_receive(const kernels::LowLatencyDispat
     first = early = false;
   }
 
+  record_receive_done(ll, kWireDispatch, seq);
   trace_mark(&g_dispatch_trace, 8);
 }
 
@@ -765,7 +766,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch(const __grid_constant__ 
     }
     if constexpr (kLookAtEntry) first_look(p, -1, look, s_first_flag);
   };
-  if (!kernel_entry(p.comm, p.ll, kPhases, p.call_slot, smem, entry, early_loads)) return;
+  if (!kernel_entry(p.comm, p.ll, kPhases, kWireDispatch, p.call_slot, smem, entry, early_loads)) return;
   trace_mark(&g_dispatch_trace, 1);
   if constexpr ((kPhases & kLowLatencySend) != 0) {
     if (!dispatch_send<kFp8>(p, smem, entry, first_token)) return;

@@ -25,6 +25,7 @@ std::vector<std::pair<int64_t, int64_t>> areas(const LowLatencyLayout& l) {
       {l.msg_counter_offset, l.msg_counter_offset + 2 * R * 4},
       {l.expert_counter_offset, l.expert_counter_offset + 2 * int64_t(kMaxLowLatencyExperts) * 4},
       {l.mask_offset, l.mask_offset + R * 4},
+      {l.credits_offset, l.credit(int(R), 0, 0)},
       {l.counts_offset, l.counts(2, 0)},
       {l.dispatch_flags_offset, l.dispatch_flag(0, int(R), 0)},  // halves interleaved: the end is source R
       {l.combine_flags_offset, l.combine_flag(2, 0, 0)},
@@ -80,13 +81,15 @@ void test_areas_disjoint_and_aligned() {
 
 void test_fixed_part_does_not_move() {
   // Signals, state, mask and counts depend on R only: calls of other (T, H, E) never reinterpret them.
-  static_assert(sizeof(LowLatencyState) <= 128, "the state header fits its 128 bytes");
+  static_assert(sizeof(LowLatencyState) <= kLowLatencyStateBytes, "the state header fits its bytes");
   for (int R : {1, 2, 8, 16}) {
     const LowLatencyLayout a = make_low_latency_layout(1, 128, R, R);
     const LowLatencyLayout b = make_low_latency_layout(256, 7168, R, 288 / R * R > 0 ? 288 / R * R : R);
     CHECK_EQ(a.state_offset, b.state_offset);
     CHECK_EQ(a.mask_offset, b.mask_offset);
     CHECK_EQ(a.counts_offset, b.counts_offset);
+    CHECK_EQ(a.credit(R - 1, kWireCombineSlots, 1), b.credit(R - 1, kWireCombineSlots, 1));
+    CHECK_EQ(a.credit(R - 1, kWireDispatch, 0) % 16, 0);  // a (source, wire)'s halves: one 16-byte load
     CHECK_EQ(a.dispatch_flag(1, R - 1, 7), b.dispatch_flag(1, R - 1, 7));
     CHECK_EQ(a.combine_flag(1, R - 1, 7), b.combine_flag(1, R - 1, 7));
     CHECK_EQ(a.combine_slot_flag(1, 7, 3), b.combine_slot_flag(1, 7, 3));

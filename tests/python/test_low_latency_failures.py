@@ -48,6 +48,30 @@ def test_hooked_and_fused_combine_disagree():
         pytest.skip(results[0][1])
 
 
+@pytest.mark.parametrize("world_size", (1, 2), ids=("R1", "R2"))
+def test_overwrite_of_a_pending_hook(world_size):
+    """Dispatch A with the hook, B without, then C (two calls after A: A's half) before A's hook: C
+    would overwrite A's data, so every rank's C fails on the GPU before sending anything, naming the
+    calls (a FlashepDeviceFaultError), instead of A's hook reading C's data."""
+    results = dh.run_world(_pending_hook_worker, world_size, timeout_s=240, grace_s=60,
+                           env={"FLASHEP_TIMEOUT_S": "20"})
+    # A rank whose C found the other's abort first raises FlashepPeerFailedError (or Poisoned).
+    assert all(kind in ("FlashepDeviceFaultError", "FlashepPeerFailedError", "FlashepPoisonedError")
+               for kind, _ in results), results
+    faults = [text for kind, text in results if kind == "FlashepDeviceFaultError"]
+    assert faults and all("hook" in text and "has not run" in text for text in faults), results
+
+
+def test_credit_waits_for_a_slow_receiver():
+    """The last rank sends dispatch A with the hook and runs A's hook 2 s late; meanwhile the others
+    run A and B fused and send C, which rewrites A's half of the last rank's inbox: C's send waits for
+    the last rank's credit (it finished receiving A) instead of overwriting A. A's combine is then
+    checked on every rank, and the other ranks' C took the delay."""
+    results = dh.run_world(_slow_receiver_worker, 2, timeout_s=240, grace_s=60, env={"FLASHEP_TIMEOUT_S": "20"})
+    if results[0] is not True:
+        pytest.skip(results[0][1])
+
+
 def test_invalid_expert_found_on_gpu():
     dh.run_world(_bad_expert_worker, 2, timeout_s=240, grace_s=60,
                  env={"FLASHEP_TIMEOUT_S": "20", "FLASHEP_CHECK_INPUTS": "0"})
@@ -222,6 +246,65 @@ def _bad_expert_worker(rank, world_size):
     if rank == 0:
         assert isinstance(info.value, flashep.FlashepDeviceFaultError), repr(info.value)
         assert "topk_idx entry" in str(info.value), str(info.value)
+    dist.barrier()
+    buffer.destroy()
+    return True
+
+
+def _pending_hook_worker(rank, world_size):
+    import torch
+
+    import flashep
+    R = world_size
+    dev = torch.device("cuda", torch.cuda.current_device())
+    buffer = flashep.Buffer(None, 0, flashep.Buffer.get_low_latency_rdma_size_hint(T, H, R, E), low_latency_mode=True,
+                            explicitly_destroy=True)
+    x, idx, _ = _inputs(torch, rank, R, 1, dev)[:3]
+    _, _, _, _, hook_a = buffer.low_latency_dispatch(x, idx, T, E, use_fp8=False, return_recv_hook=True)
+    buffer.low_latency_dispatch(x, idx, T, E, use_fp8=False)  # B, fused
+    torch.cuda.synchronize()
+    with pytest.raises(flashep.FlashepError) as info:
+        buffer.low_latency_dispatch(x, idx, T, E, use_fp8=False)  # C: A's half, A's hook not run
+        torch.cuda.synchronize()
+        buffer.runtime.check()
+    buffer.destroy()
+    return type(info.value).__name__, str(info.value)
+
+
+def _slow_receiver_worker(rank, world_size):
+    import torch
+    import torch.distributed as dist
+
+    import flashep
+    R = world_size
+    slow = R - 1
+    dev = torch.device("cuda", torch.cuda.current_device())
+    buffer = flashep.Buffer(None, 0, flashep.Buffer.get_low_latency_rdma_size_hint(T, H, R, E), low_latency_mode=True,
+                            explicitly_destroy=True)
+    transports = [buffer.runtime.peer_transport(r) for r in range(R)]
+    if any(t not in ("nvlink", "self") for t in transports):  # credits are for direct peers
+        buffer.destroy()
+        return ("skip", f"the peers are not all on NVLink ({transports})")
+    runs = [_inputs(torch, rank, R, seed, dev)[:3] for seed in (1, 2, 3)]
+    dist.barrier()
+    a = buffer.low_latency_dispatch(runs[0][0], runs[0][1], T, E, use_fp8=False, return_recv_hook=(rank == slow))
+    buffer.low_latency_dispatch(runs[1][0], runs[1][1], T, E, use_fp8=False)  # B, fused
+    if rank == slow:
+        torch.cuda.synchronize()
+        time.sleep(2.0)
+        a[4]()  # A's hook, late
+    start = time.monotonic()
+    buffer.low_latency_dispatch(runs[2][0], runs[2][1], T, E, use_fp8=False)  # C: A's half
+    torch.cuda.synchronize()
+    took = time.monotonic() - start
+    x, idx, w = runs[0]
+    out, _, _ = buffer.low_latency_combine(a[0].clone(), idx, w, a[2])
+    torch.cuda.synchronize()
+    ref = (w * (idx >= 0)).sum(1, keepdim=True) * x.float()
+    assert torch.allclose(out.float(), ref, rtol=2 ** -7, atol=1e-5), \
+        f"rank {rank}: A's round trip differs by {float((out.float() - ref).abs().max())}"
+    if rank != slow:
+        assert took > 1.0, f"rank {rank}: C's send did not wait for rank {slow}'s late receive of A ({took:.2f} s)"
     dist.barrier()
     buffer.destroy()
     return True
