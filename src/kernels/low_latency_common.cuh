@@ -347,13 +347,21 @@ struct CreditLoads {
   uint64_t last_sent[2];                    // this rank's last call on (wire, each half)
   uint64_t done[kLowLatencyWires * 2];      // this rank's receive progress, every (wire, half): thread
                                             // `rank` checks it, block 0 forwards it
-  __device__ void load(const LowLatencyComm& ll, const LowLatencyState* st, int r, int wire, bool need_done) {
-    device::ld_acquire_sys_v2_u64(reinterpret_cast<const uint64_t*>(ll.local + ll.layout.credit(r, wire, 0)), credit[0],
-                                  credit[1]);
+  /// This rank's words (written by earlier kernels only).
+  __device__ void load_own(const LowLatencyState* st, int wire, bool need_done) {
     last_sent[0] = *reinterpret_cast<const volatile uint64_t*>(&st->last_sent[wire][0]);
     last_sent[1] = *reinterpret_cast<const volatile uint64_t*>(&st->last_sent[wire][1]);
     for (int w = 0; w < kLowLatencyWires * 2; ++w)
       done[w] = need_done ? *reinterpret_cast<const volatile uint64_t*>(&st->recv_done[w / 2][w % 2]) : 0;
+  }
+  /// Peer r's credit, with acquire (what this rank sends after it must not pass the peer's reads):
+  /// issued after every other load of the entry, which an acquire would otherwise hold back a
+  /// round trip. None for this rank.
+  __device__ void load_credit(const DeviceComm& c, const LowLatencyComm& ll, int r, int wire) {
+    credit[0] = credit[1] = 0;
+    if (r != c.rank)
+      device::ld_acquire_sys_v2_u64(reinterpret_cast<const uint64_t*>(ll.local + ll.layout.credit(r, wire, 0)),
+                                    credit[0], credit[1]);
   }
 };
 
@@ -408,7 +416,7 @@ __device__ __forceinline__ bool kernel_entry(const DeviceComm& c, const LowLaten
     mask = *reinterpret_cast<const volatile int*>(local_int(ll, ll.layout.mask(t)));
     if (sends) {
       send_seq = ld_volatile_u32(&st->send_seq);
-      credit_loads.load(ll, st, t, wire, blockIdx.x == 0 || t == c.rank);
+      credit_loads.load_own(st, wire, blockIdx.x == 0 || t == c.rank);
     }
   }
   if (t == 0) {
@@ -417,6 +425,7 @@ __device__ __forceinline__ bool kernel_entry(const DeviceComm& c, const LowLaten
     recv_seq = sends ? send_seq : ld_volatile_u32(&st->call_seq[call_slot]);
   }
   early_loads();
+  if (sends && t < R) credit_loads.load_credit(c, ll, t, wire);
   if (t == 0) {
     entry.abort = device::abort_of(abort);
     entry.send_seq = send_seq;
@@ -429,7 +438,8 @@ __device__ __forceinline__ bool kernel_entry(const DeviceComm& c, const LowLaten
   for (int r = t + blockDim.x; r < R; r += blockDim.x) {  // more ranks than threads
     int mask_r = *reinterpret_cast<const volatile int*>(local_int(ll, ll.layout.mask(r)));
     if (sends) {
-      credit_loads.load(ll, st, r, wire, blockIdx.x == 0 || r == c.rank);
+      credit_loads.load_own(st, wire, blockIdx.x == 0 || r == c.rank);
+      credit_loads.load_credit(c, ll, r, wire);
       failed |= take_credit(c, ll, r, wire, ld_volatile_u32(&st->send_seq), credit_loads, mask_r);
     }
     s_masked[r] = mask_r;
