@@ -371,17 +371,18 @@ struct CreditLoads {
 __device__ __forceinline__ bool take_credit(const DeviceComm& c, const LowLatencyComm& ll, int r, int wire,
                                             uint32_t send_seq, const CreditLoads& loads, int& mask) {
   const int half = static_cast<int>(send_seq & 1u);
-  const uint64_t previous = loads.last_sent[half];
+  // Selects, not indexing by `half`: a runtime index puts the arrays in local memory.
+  const uint64_t previous = half != 0 ? loads.last_sent[1] : loads.last_sent[0];
   const bool direct = r != c.rank && direct_region(c, ll, r) != nullptr;
   bool failed = false;
   if ((previous & kSignalValid) != 0) {
     const uint32_t previous_seq = static_cast<uint32_t>(previous >> 32);
     if (r == c.rank) {
-      if (!ll_signal_at_least(loads.done[wire * 2 + half], previous_seq)) {
+      if (!ll_signal_at_least(half != 0 ? loads.done[wire * 2 + 1] : loads.done[wire * 2], previous_seq)) {
         ll_fail(c, Phase::kLowLatencyHalfBusy, c.rank, -1, static_cast<int>(previous_seq), static_cast<int>(send_seq));
         failed = true;
       }
-    } else if (!mask && direct && !ll_signal_at_least(loads.credit[half], previous_seq)) {
+    } else if (!mask && direct && !ll_signal_at_least(half != 0 ? loads.credit[1] : loads.credit[0], previous_seq)) {
       const WaitResult res = wait_credit(c, ll, r, wire, half, previous_seq);
       if (res == WaitResult::kFailed) failed = true;
       if (res == WaitResult::kMasked) mask = 1;
@@ -395,6 +396,17 @@ __device__ __forceinline__ bool take_credit(const DeviceComm& c, const LowLatenc
                                    loads.done[w]);
   }
   return failed;
+}
+
+/// take_credit for a rank past the block's threads (R > kThreads): out of line, as it never runs
+/// at the sizes the low-latency mode is for.
+static __device__ __noinline__ bool take_credit_late(const DeviceComm& c, const LowLatencyComm& ll, int r, int wire,
+                                                     int& mask) {
+  const LowLatencyState* st = reinterpret_cast<const LowLatencyState*>(ll.local + ll.layout.state());
+  CreditLoads loads;
+  loads.load_own(st, wire, blockIdx.x == 0 || r == c.rank);
+  loads.load_credit(c, ll, r, wire);
+  return take_credit(c, ll, r, wire, ld_volatile_u32(&st->send_seq), loads, mask);
 }
 
 template <typename EarlyLoads = NoEarlyLoads>
@@ -437,11 +449,7 @@ __device__ __forceinline__ bool kernel_entry(const DeviceComm& c, const LowLaten
   if (t < R) s_masked[t] = mask;
   for (int r = t + blockDim.x; r < R; r += blockDim.x) {  // more ranks than threads
     int mask_r = *reinterpret_cast<const volatile int*>(local_int(ll, ll.layout.mask(r)));
-    if (sends) {
-      credit_loads.load_own(st, wire, blockIdx.x == 0 || r == c.rank);
-      credit_loads.load_credit(c, ll, r, wire);
-      failed |= take_credit(c, ll, r, wire, ld_volatile_u32(&st->send_seq), credit_loads, mask_r);
-    }
+    if (sends) failed |= take_credit_late(c, ll, r, wire, mask_r);
     s_masked[r] = mask_r;
   }
   if (__syncthreads_or(failed)) return false;
