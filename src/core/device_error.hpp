@@ -106,6 +106,13 @@ inline const char* phase_name(Phase phase) {
   return "unknown";
 }
 
+/// "dispatch, half 1" for a low-latency credit's channel (wire * 2 + half, LowLatencyWire).
+inline std::string ll_wire_half_name(int channel) {
+  static const char* const wires[] = {"dispatch", "combine", "hooked combine over NVLink"};
+  if (channel < 0 || channel >= 6) return "wire ?";
+  return std::string(wires[channel / 2]) + ", half " + std::to_string(channel % 2);
+}
+
 /// What kind of error a record is (flashep/errors.hpp).
 inline ErrorKind kind_of(const DeviceErrorRecord& r) {
   if (static_cast<Cause>(r.cause) == Cause::kPeerAbort) return ErrorKind::kPeerFailed;
@@ -165,13 +172,15 @@ inline std::string describe(const DeviceErrorRecord& r, double timeout_s) {
              unusable;
     case Phase::kLowLatencyHalfBusy:
       return s + phase_name(phase) + ": call " + std::to_string(r.observed) + " would overwrite the data of call " +
-             std::to_string(r.expected) + ", which used the same half of the buffer and whose receive phase (its "
-             "hook) has not run: run a call's hook before the call two after it on the same wire (dispatch, or "
-             "combine)" + unusable;
+             std::to_string(r.expected) + " (" + ll_wire_half_name(r.channel) +
+             "), whose receive phase (its hook) has not run on this rank: run a call's hook before the next call "
+             "on the same wire and half, and before a call of another (T, H, E)" + unusable;
     case Phase::kLowLatencyCredit:
-      return s + phase_name(phase) + ": rank " + std::to_string(r.peer) + " did not finish receiving call " +
-             std::to_string(r.expected) + " (the last it finished there: " + std::to_string(r.observed) +
-             ") within the timeout, so this rank could not send the next call of that half" + unusable;
+      return s + phase_name(phase) + ": rank " + std::to_string(r.peer) + " did not say it finished receiving call " +
+             std::to_string(r.expected) + " (" + ll_wire_half_name(r.channel) + "; the last it said: " +
+             (r.observed < 0 ? std::string("none") : std::to_string(r.observed)) +
+             ") within the timeout, so this rank could not send the next call there (a rank stopped, or more "
+             "calls in flight than the two halves hold)" + unusable;
     case Phase::kCombineBadHandle:
       return s + phase_name(phase) + ": it sends rows up to " + std::to_string(r.observed) + " of x to rank " +
              std::to_string(r.peer) + " on channel " + std::to_string(r.channel) + ", but x has " +

@@ -136,7 +136,10 @@ struct LowLatencyState {
   /// a receive phase launched later (the hook) reads its own call's number here, so hooks may run
   /// in any order and a fused call may come between a send and its hook.
   uint32_t call_seq[kLowLatencyCallSlots];
-  int reserved[10];
+  /// LowLatencyLayout::layout_id of the last call this rank sent (0: none since the last clean). A
+  /// call of another layout may overlap any area of any half: its send waits for every credit.
+  uint32_t layout_id;
+  int reserved[9];
   /// Per wire and half (LowLatencyWire): ll_signal(seq, 0) of the last call this rank sent there
   /// (written by the send phase's last block) and of the last call whose receive phase finished
   /// here (written by every block of that receive at its end). Read by later kernels only.
@@ -173,6 +176,7 @@ struct LowLatencyLayout {
   LowLatencyMessage msg; // of the largest form (BF16): the stride is the same for FP8
   int num_local;         // L = E / R, experts per rank
   int count_words;       // ll_count_words(R): the stride of a counts block
+  uint32_t layout_id;    // (T, H, E) hashed, never 0 (LowLatencyState::layout_id)
   // Divisions the kernels do on their critical path, by divisors of the layout (R, L, and the
   // words a source's counts block holds, kCountWordRows + L).
   FastDivmod div_ranks, div_local, div_source_words;
@@ -199,9 +203,10 @@ struct LowLatencyLayout {
   FLASHEP_HD int64_t mask(int rank) const { return mask_offset + int64_t(rank) * 4; }
   /// `src`'s receive progress on `wire` and `half` (ll_signal(seq, 0) of the last call whose receive
   /// phase it finished), which `src` forwards at the entry of each of its send phases. The halves of
-  /// one (src, wire) are adjacent (one 16-byte load).
+  /// one (src, wire) are adjacent (one 16-byte load), and the sources of one wire too (the threads
+  /// of a warp that load them, one per source, share lines).
   FLASHEP_HD int64_t credit(int src, int wire, int half) const {
-    return credits_offset + ((int64_t(src) * kLowLatencyWires + wire) * 2 + half) * 8;
+    return credits_offset + ((int64_t(wire) * num_ranks + src) * 2 + half) * 8;
   }
   FLASHEP_HD int64_t counts(int half, int src) const {
     return counts_offset + (int64_t(half) * num_ranks + src) * count_words * 8;
@@ -272,6 +277,10 @@ FLASHEP_HD LowLatencyLayout make_low_latency_layout(int max_tokens, int hidden, 
   l.msg = make_ll_message(hidden, false);
   l.num_local = num_ranks > 0 ? num_experts / num_ranks : 0;
   l.count_words = ll_count_words(num_ranks);
+  {
+    const int fields[3] = {max_tokens, hidden, num_experts};
+    l.layout_id = call_fields_hash(fields, 3) | 1u;
+  }
   l.div_ranks = FastDivmod::of(num_ranks);
   l.div_local = FastDivmod::of(l.num_local);
   l.div_source_words = FastDivmod::of(kCountWordRows + l.num_local);

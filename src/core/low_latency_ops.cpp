@@ -193,12 +193,14 @@ void BufferImpl::clean_low_latency_buffer(cudaStream_t stream) {
   const kernels::LowLatencyComm ll = low_latency_comm(1, 128, options_.num_ranks, "clean_low_latency_buffer");
   std::vector<char*> regions{ll.local};
   if (ll.sym != nullptr && ll.sym != ll.local) regions.push_back(ll.sym);  // NVSHMEM peers' signals
-  // Everything but the mask: signals, state (the sequence restarts at 0 on every rank) and every
-  // area whose offsets depend on (T, H, E), the dispatch flags among them, so that no flag of an
-  // earlier call can read as one of the restarted sequence.
+  // Everything but the mask: signals, state (the sequence restarts at 0 on every rank), the credits
+  // (a peer's credit of the old sequence would pass every check of the new one) and every area whose
+  // offsets depend on (T, H, E), the dispatch flags among them, so that no flag of an earlier call
+  // can read as one of the restarted sequence.
   for (char* region : regions) {
     launch_check(cudaMemsetAsync(region, 0, static_cast<size_t>(fixed.mask_offset), stream), "clean_low_latency_buffer");
-    launch_check(cudaMemsetAsync(region + fixed.counts_offset, 0, static_cast<size_t>(ll_bytes_ - fixed.counts_offset), stream),
+    launch_check(cudaMemsetAsync(region + fixed.credits_offset, 0, static_cast<size_t>(ll_bytes_ - fixed.credits_offset),
+                                 stream),
                  "clean_low_latency_buffer");
   }
   ll_combine_calls_ = 0;

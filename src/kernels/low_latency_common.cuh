@@ -73,6 +73,10 @@ __device__ __forceinline__ int* local_int(const LowLatencyComm& ll, int64_t offs
 __device__ __forceinline__ uint32_t ld_volatile_u32(const uint32_t* ptr) {
   return *reinterpret_cast<const volatile uint32_t*>(ptr);
 }
+/// Two adjacent 64-bit words (16-byte aligned) of this rank's state, written by earlier kernels.
+__device__ __forceinline__ void ld_volatile_v2_u64(const uint64_t* ptr, uint64_t& first, uint64_t& second) {
+  asm volatile("ld.volatile.global.v2.u64 {%0, %1}, [%2];" : "=l"(first), "=l"(second) : "l"(ptr));
+}
 
 /// Warp-wide: `bytes` (multiple of 4) of our staged copy at `stage_offset` of the symmetric region
 /// into `peer`'s symmetric region at `dst_offset`, then `value` applied (`add`: added, else set) to
@@ -201,7 +205,7 @@ static __device__ __noinline__ WaitResult wait_credit(const DeviceComm& c, const
         mask_peer(c, ll, peer, Phase::kLowLatencyCredit);
         return WaitResult::kMasked;
       }
-      ll_fail(c, Phase::kLowLatencyCredit, peer, -1, static_cast<int>(seq),
+      ll_fail(c, Phase::kLowLatencyCredit, peer, wire * 2 + half, static_cast<int>(seq),
               (v & kSignalValid) != 0 ? static_cast<int>(v >> 32) : -1);
       return WaitResult::kFailed;
     }
@@ -304,6 +308,7 @@ __device__ __forceinline__ void finish_send_phase(const DeviceComm& c, const Low
     quiet_puts(ll, s_masked, c.num_ranks);
     st->call_seq[call_slot] = seq;
     st->last_sent[wire][seq & 1u] = ll_signal(seq, 0);
+    st->layout_id = ll.layout.layout_id;
     st->send_seq = seq + 1;
   }
 }
@@ -341,72 +346,58 @@ struct NoEarlyLoads {
 /// may finish this call's receive while block 0 is still here). NVSHMEM peers get no credits (their
 /// halves are protected only by the order of the calls: the reduced combine's send waits for the
 /// sources' weights); masked peers are skipped.
-/// What thread r of a send phase's entry loads for rank r's credit (kernel_entry).
-struct CreditLoads {
-  uint64_t credit[2];                       // rank r's receive progress on (wire, each half), in our region
-  uint64_t last_sent[2];                    // this rank's last call on (wire, each half)
-  uint64_t done[kLowLatencyWires * 2];      // this rank's receive progress, every (wire, half): thread
-                                            // `rank` checks it, block 0 forwards it
-  /// This rank's words (written by earlier kernels only).
-  __device__ void load_own(const LowLatencyState* st, int wire, bool need_done) {
-    last_sent[0] = *reinterpret_cast<const volatile uint64_t*>(&st->last_sent[wire][0]);
-    last_sent[1] = *reinterpret_cast<const volatile uint64_t*>(&st->last_sent[wire][1]);
-    for (int w = 0; w < kLowLatencyWires * 2; ++w)
-      done[w] = need_done ? *reinterpret_cast<const volatile uint64_t*>(&st->recv_done[w / 2][w % 2]) : 0;
-  }
-  /// Peer r's credit, with acquire (what this rank sends after it must not pass the peer's reads):
-  /// issued after every other load of the entry, which an acquire would otherwise hold back a
-  /// round trip. None for this rank.
-  __device__ void load_credit(const DeviceComm& c, const LowLatencyComm& ll, int r, int wire) {
-    credit[0] = credit[1] = 0;
-    if (r != c.rank)
-      device::ld_acquire_sys_v2_u64(reinterpret_cast<const uint64_t*>(ll.local + ll.layout.credit(r, wire, 0)),
-                                    credit[0], credit[1]);
-  }
-};
-
-/// One thread, for rank r (kernel_entry's comment): checks (or waits for) r's credit for the send of
-/// call `send_seq` on `wire`, and in block 0 forwards this rank's receive progress to r. `mask`
-/// gets 1 when r was masked meanwhile (shrink). Returns true when the call failed here.
-__device__ __forceinline__ bool take_credit(const DeviceComm& c, const LowLatencyComm& ll, int r, int wire,
-                                            uint32_t send_seq, const CreditLoads& loads, int& mask) {
+/// The credit check's slow path, out of line (the entry's fast path is a compare), for thread r of
+/// a send phase: the credit of (wire, half) was not there, or this call's layout differs from the
+/// last one sent (`all_wires`: then every wire and half, since areas of one layout overlap any area
+/// of another). For r = this rank, its own receives: a call sent and not yet received here (its
+/// hook not run) would be overwritten, so the call fails (kLowLatencyHalfBusy; not when the buffer
+/// is aborted already: the abort is the cause). Else it waits for rank r's credits (wait_credit).
+static __device__ __noinline__ WaitResult take_credit_slow(const DeviceComm& c, const LowLatencyComm& ll, int r,
+                                                          int wire, uint32_t send_seq, bool all_wires) {
+  const LowLatencyState* st = reinterpret_cast<const LowLatencyState*>(ll.local + ll.layout.state());
   const int half = static_cast<int>(send_seq & 1u);
-  // Selects, not indexing by `half`: a runtime index puts the arrays in local memory.
-  const uint64_t previous = half != 0 ? loads.last_sent[1] : loads.last_sent[0];
-  const bool direct = r != c.rank && direct_region(c, ll, r) != nullptr;
-  bool failed = false;
-  if ((previous & kSignalValid) != 0) {
-    const uint32_t previous_seq = static_cast<uint32_t>(previous >> 32);
-    if (r == c.rank) {
-      if (!ll_signal_at_least(half != 0 ? loads.done[wire * 2 + 1] : loads.done[wire * 2], previous_seq)) {
-        ll_fail(c, Phase::kLowLatencyHalfBusy, c.rank, -1, static_cast<int>(previous_seq), static_cast<int>(send_seq));
-        failed = true;
+  for (int w = 0; w < kLowLatencyWires; ++w) {
+    for (int h = 0; h < 2; ++h) {
+      if (!all_wires && (w != wire || h != half)) continue;
+      const uint64_t previous = *reinterpret_cast<const volatile uint64_t*>(&st->last_sent[w][h]);
+      if ((previous & kSignalValid) == 0) continue;
+      const uint32_t previous_seq = static_cast<uint32_t>(previous >> 32);
+      if (r == c.rank) {
+        if (!ll_signal_at_least(*reinterpret_cast<const volatile uint64_t*>(&st->recv_done[w][h]), previous_seq)) {
+          if (!ll_stop_if_aborted(c, device::abort_value(c), Phase::kLowLatencyHalfBusy))
+            ll_fail(c, Phase::kLowLatencyHalfBusy, c.rank, w * 2 + h, static_cast<int>(previous_seq),
+                    static_cast<int>(send_seq));
+          return WaitResult::kFailed;
+        }
+      } else {
+        const WaitResult res = wait_credit(c, ll, r, w, h, previous_seq);
+        if (res != WaitResult::kArrived) return res;
       }
-    } else if (!mask && direct && !ll_signal_at_least(half != 0 ? loads.credit[1] : loads.credit[0], previous_seq)) {
-      const WaitResult res = wait_credit(c, ll, r, wire, half, previous_seq);
-      if (res == WaitResult::kFailed) failed = true;
-      if (res == WaitResult::kMasked) mask = 1;
     }
   }
-  if (blockIdx.x == 0 && direct && !mask) {
-    char* peer = direct_region(c, ll, r);
-    for (int w = 0; w < kLowLatencyWires * 2; ++w)
-      if ((loads.done[w] & kSignalValid) != 0 && static_cast<uint32_t>(loads.done[w] >> 32) != send_seq)
-        device::st_relaxed_sys_u64(reinterpret_cast<uint64_t*>(peer + ll.layout.credit(c.rank, w / 2, w % 2)),
-                                   loads.done[w]);
-  }
-  return failed;
+  return WaitResult::kArrived;
 }
 
-/// take_credit for a rank past the block's threads (R > kThreads): out of line, as it never runs
-/// at the sizes the low-latency mode is for.
+/// take_credit (kernel_entry) for a rank past the block's threads (R > kThreads): out of line, as it
+/// never runs at the sizes the low-latency mode is for. Loads as it goes; forwards, then checks.
 static __device__ __noinline__ bool take_credit_late(const DeviceComm& c, const LowLatencyComm& ll, int r, int wire,
                                                      int& mask) {
   const LowLatencyState* st = reinterpret_cast<const LowLatencyState*>(ll.local + ll.layout.state());
-  CreditLoads loads;
-  loads.load_own(st, wire, blockIdx.x == 0 || r == c.rank);
-  loads.load_credit(c, ll, r, wire);
-  return take_credit(c, ll, r, wire, ld_volatile_u32(&st->send_seq), loads, mask);
+  const uint32_t send_seq = ld_volatile_u32(&st->send_seq);
+  const bool direct = r != c.rank && direct_region(c, ll, r) != nullptr;
+  if (mask || !(direct || r == c.rank)) return false;
+  if (direct && blockIdx.x == 0)
+    for (int w = 0; w < kLowLatencyWires * 2; ++w) {
+      const uint64_t done = *reinterpret_cast<const volatile uint64_t*>(&st->recv_done[w / 2][w % 2]);
+      if ((done & kSignalValid) != 0 && static_cast<uint32_t>(done >> 32) != send_seq)
+        device::st_relaxed_sys_u64(reinterpret_cast<uint64_t*>(direct_region(c, ll, r) + ll.layout.credit(c.rank, w / 2, w % 2)),
+                                   done);
+    }
+  const uint32_t layout_id = ld_volatile_u32(&st->layout_id);
+  const WaitResult res =
+      take_credit_slow(c, ll, r, wire, send_seq, layout_id != 0 && layout_id != ll.layout.layout_id);
+  if (res == WaitResult::kMasked) mask = 1;
+  return res == WaitResult::kFailed;
 }
 
 template <typename EarlyLoads = NoEarlyLoads>
@@ -422,22 +413,34 @@ __device__ __forceinline__ bool kernel_entry(const DeviceComm& c, const LowLaten
   const LowLatencyState* st = reinterpret_cast<const LowLatencyState*>(ll.local + ll.layout.state());
   int mask = 0;
   device::AbortWords abort{0, 0};
-  uint32_t send_seq = 0, recv_seq = 0;
-  CreditLoads credit_loads;
+  uint32_t send_seq = 0, recv_seq = 0, layout_id = 0;
+  // Thread t < R of a send phase, for rank t: this rank's last call on (wire, each half), its own
+  // receives there (t = rank), its receives on every (wire, half) to forward (block 0), and rank
+  // t's credit (direct peers; acquire, issued after every other load: an acquire holds back the
+  // loads after it, a round trip when it came first).
+  const bool direct = t < R && t != c.rank && direct_region(c, ll, t) != nullptr;
+  const bool forwards = sends && direct && blockIdx.x == 0;
+  uint64_t last_sent[2] = {0, 0}, own[2] = {0, 0}, credit[2] = {0, 0}, done[kLowLatencyWires * 2] = {};
   if (t < R) {
     mask = *reinterpret_cast<const volatile int*>(local_int(ll, ll.layout.mask(t)));
     if (sends) {
       send_seq = ld_volatile_u32(&st->send_seq);
-      credit_loads.load_own(st, wire, blockIdx.x == 0 || t == c.rank);
+      layout_id = ld_volatile_u32(&st->layout_id);
+      ld_volatile_v2_u64(&st->last_sent[wire][0], last_sent[0], last_sent[1]);
+      if (t == c.rank) ld_volatile_v2_u64(&st->recv_done[wire][0], own[0], own[1]);
+      if (forwards)
+        for (int w = 0; w < kLowLatencyWires; ++w) ld_volatile_v2_u64(&st->recv_done[w][0], done[2 * w], done[2 * w + 1]);
     }
   }
   if (t == 0) {
     abort = device::load_abort_words(c);
-    send_seq = ld_volatile_u32(&st->send_seq);
+    if (!sends) send_seq = ld_volatile_u32(&st->send_seq);
     recv_seq = sends ? send_seq : ld_volatile_u32(&st->call_seq[call_slot]);
   }
   early_loads();
-  if (sends && t < R) credit_loads.load_credit(c, ll, t, wire);
+  if (sends && direct)
+    device::ld_acquire_sys_v2_u64(reinterpret_cast<const uint64_t*>(ll.local + ll.layout.credit(t, wire, 0)), credit[0],
+                                  credit[1]);
   if (t == 0) {
     entry.abort = device::abort_of(abort);
     entry.send_seq = send_seq;
@@ -445,7 +448,29 @@ __device__ __forceinline__ bool kernel_entry(const DeviceComm& c, const LowLaten
     entry.failed = 0;
   }
   bool failed = false;
-  if (sends && t < R) failed = take_credit(c, ll, t, wire, send_seq, credit_loads, mask);
+  if (sends && t < R && !mask) {
+    // Forward first: a peer may be waiting for it while this rank waits for the peer's.
+    if (forwards) {
+      char* peer = direct_region(c, ll, t);
+      for (int w = 0; w < kLowLatencyWires * 2; ++w)
+        if ((done[w] & kSignalValid) != 0 && static_cast<uint32_t>(done[w] >> 32) != send_seq)
+          device::st_relaxed_sys_u64(reinterpret_cast<uint64_t*>(peer + ll.layout.credit(c.rank, w / 2, w % 2)), done[w]);
+    }
+    const bool half = (send_seq & 1u) != 0;
+    const uint64_t previous = half ? last_sent[1] : last_sent[0];  // selects: an index would go to local memory
+    const bool all_wires = layout_id != 0 && layout_id != ll.layout.layout_id;
+    bool slow = all_wires && (direct || t == c.rank);
+    if (!slow && (previous & kSignalValid) != 0) {
+      const uint32_t previous_seq = static_cast<uint32_t>(previous >> 32);
+      if (t == c.rank) slow = !ll_signal_at_least(half ? own[1] : own[0], previous_seq);
+      else if (direct) slow = !ll_signal_at_least(half ? credit[1] : credit[0], previous_seq);
+    }
+    if (slow) {
+      const WaitResult res = take_credit_slow(c, ll, t, wire, send_seq, all_wires);
+      failed = res == WaitResult::kFailed;
+      if (res == WaitResult::kMasked) mask = 1;
+    }
+  }
   if (t < R) s_masked[t] = mask;
   for (int r = t + blockDim.x; r < R; r += blockDim.x) {  // more ranks than threads
     int mask_r = *reinterpret_cast<const volatile int*>(local_int(ll, ll.layout.mask(r)));

@@ -25,7 +25,7 @@ std::vector<std::pair<int64_t, int64_t>> areas(const LowLatencyLayout& l) {
       {l.msg_counter_offset, l.msg_counter_offset + 2 * R * 4},
       {l.expert_counter_offset, l.expert_counter_offset + 2 * int64_t(kMaxLowLatencyExperts) * 4},
       {l.mask_offset, l.mask_offset + R * 4},
-      {l.credits_offset, l.credit(int(R), 0, 0)},
+      {l.credits_offset, l.credit(0, kLowLatencyWires, 0)},
       {l.counts_offset, l.counts(2, 0)},
       {l.dispatch_flags_offset, l.dispatch_flag(0, int(R), 0)},  // halves interleaved: the end is source R
       {l.combine_flags_offset, l.combine_flag(2, 0, 0)},
@@ -90,6 +90,11 @@ void test_fixed_part_does_not_move() {
     CHECK_EQ(a.counts_offset, b.counts_offset);
     CHECK_EQ(a.credit(R - 1, kWireCombineSlots, 1), b.credit(R - 1, kWireCombineSlots, 1));
     CHECK_EQ(a.credit(R - 1, kWireDispatch, 0) % 16, 0);  // a (source, wire)'s halves: one 16-byte load
+    CHECK_EQ(a.credit(R - 1, kWireDispatch, 1), a.credit(R - 1, kWireDispatch, 0) + 8);
+    // The layout id tells layouts apart (a change makes the send wait for every credit) and is never
+    // 0 (the state's "none since the last clean").
+    CHECK(a.layout_id != 0 && b.layout_id != 0 && a.layout_id != b.layout_id);
+    CHECK_EQ(a.layout_id, make_low_latency_layout(1, 128, R, R).layout_id);
     CHECK_EQ(a.dispatch_flag(1, R - 1, 7), b.dispatch_flag(1, R - 1, 7));
     CHECK_EQ(a.combine_flag(1, R - 1, 7), b.combine_flag(1, R - 1, 7));
     CHECK_EQ(a.combine_slot_flag(1, 7, 3), b.combine_slot_flag(1, 7, 3));

@@ -334,7 +334,8 @@ def _two_hooks(buffer, rank, R, errors, transport):
     # half of the double buffer, the reduced wire) may run before its hook, as the two wires' rows
     # and flags live apart. (Two calls of one wire in one half, with a hook pending, overrun.)
     # (peer_transport is the NVLink domain's; the low-latency path is direct only with the nvlink transport.)
-    if transport == "nvlink" and all(buffer.runtime.peer_transport(r) in ("nvlink", "self") for r in range(R)):
+    direct = transport == "nvlink" and all(buffer.runtime.peer_transport(r) in ("nvlink", "self") for r in range(R))
+    if direct:
         e = dispatch(0, False)
         ce = combine(0, e, True)   # call s, per-slot
         f = dispatch(1, False)     # call s + 1
@@ -343,6 +344,29 @@ def _two_hooks(buffer, rank, R, errors, transport):
         torch.cuda.synchronize()
         check(0, ce[0], "a hooked combine with a fused one of its half before its hook (E)")
         check(1, cf[0], "a hooked combine with a fused one of its half before its hook (F)")
+        # Every rank late alike: the next call on a hook's wire and half right after the hook. Each
+        # rank's send needs the others' credit for the hooked call, which they forward at the entry
+        # of that same send: forwarded before the wait, or every rank waits for the others.
+        g = dispatch(0, True)
+        h = dispatch(1, False)
+        g[4]()
+        i = dispatch(2, False)       # g's half: needs every rank's receive of g
+        j = dispatch(3, True)
+        k = dispatch(0, True)        # two hooks pending
+        j[4]()
+        k[4]()
+        m = dispatch(1, False)       # j's half
+        cg = combine(0, g, True)
+        ch = combine(1, h, True)
+        cg[2]()
+        ch[2]()
+        ci = combine(2, i, True)     # cg's half of the per-slot wire
+        ci[2]()
+        cm = combine(1, m, False)
+        torch.cuda.synchronize()
+        for which, (i_run, result) in enumerate(((0, cg), (1, ch), (2, ci), (1, cm))):
+            check(i_run, result[0], f"hooks run late on every rank ({'GHIM'[which]})")
+        del k
 
 
 def _fresh(R, T, H, E, K, seed, dev, rank):
