@@ -43,6 +43,7 @@
 // the sequence numbers live on the GPU).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "core/fast_divmod.hpp"
@@ -149,6 +150,9 @@ struct LowLatencyState {
 };
 /// Bytes reserved for the state block.
 inline constexpr int kLowLatencyStateBytes = 256;
+static_assert(sizeof(LowLatencyState) <= kLowLatencyStateBytes, "the state fits its block");
+static_assert(offsetof(LowLatencyState, last_sent) % 16 == 0 && offsetof(LowLatencyState, recv_done) % 16 == 0,
+              "the kernels load each (wire) pair of these words with one 16-byte load");
 /// The areas of a half that calls write (their "wire"): a call may write a half of one wire only
 /// once every rank has finished reading the previous call of that half and wire (the credits).
 enum LowLatencyWire : int {

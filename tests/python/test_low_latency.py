@@ -367,6 +367,16 @@ def _two_hooks(buffer, rank, R, errors, transport):
         for which, (i_run, result) in enumerate(((0, cg), (1, ch), (2, ci), (1, cm))):
             check(i_run, result[0], f"hooks run late on every rank ({'GHIM'[which]})")
         del k
+        # A change of shape right after a hook on every rank: the send checks every wire and half.
+        n = dispatch(2, True)
+        n[4]()
+        x_o, idx_o, w_o, E_o = runs[3]
+        o = buffer.low_latency_dispatch(x_o, idx_o, 65, E_o, use_fp8=False)  # another T: another layout
+        co = buffer.low_latency_combine(o[0].clone(), idx_o, w_o, o[2])
+        cn = combine(2, n, False)
+        torch.cuda.synchronize()
+        check(3, co[0], "a call of another shape after a hook on every rank")
+        check(2, cn[0], "back to the first shape")
 
 
 def _fresh(R, T, H, E, K, seed, dev, rank):
