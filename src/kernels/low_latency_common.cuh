@@ -378,6 +378,17 @@ static __device__ __noinline__ WaitResult take_credit_slow(const DeviceComm& c, 
   return WaitResult::kArrived;
 }
 
+/// One thread of block 0 of a send phase: this rank's receive progress (`done`, every wire and half)
+/// into direct peer r's credit words for it, except the current call's (`send_seq`: blocks of a
+/// fused kernel may be finishing its receive).
+__device__ __forceinline__ void forward_receives(const DeviceComm& c, const LowLatencyComm& ll, int r,
+                                                 const uint64_t (&done)[kLowLatencyWires * 2], uint32_t send_seq) {
+  char* peer = direct_region(c, ll, r);
+  for (int w = 0; w < kLowLatencyWires * 2; ++w)
+    if ((done[w] & kSignalValid) != 0 && static_cast<uint32_t>(done[w] >> 32) != send_seq)
+      device::st_relaxed_sys_u64(reinterpret_cast<uint64_t*>(peer + ll.layout.credit(c.rank, w / 2, w % 2)), done[w]);
+}
+
 /// take_credit (kernel_entry) for a rank past the block's threads (R > kThreads): out of line, as it
 /// never runs at the sizes the low-latency mode is for. Loads as it goes; forwards, then checks.
 static __device__ __noinline__ bool take_credit_late(const DeviceComm& c, const LowLatencyComm& ll, int r, int wire,
@@ -386,13 +397,11 @@ static __device__ __noinline__ bool take_credit_late(const DeviceComm& c, const 
   const uint32_t send_seq = ld_volatile_u32(&st->send_seq);
   const bool direct = r != c.rank && direct_region(c, ll, r) != nullptr;
   if (mask || !(direct || r == c.rank)) return false;
-  if (direct && blockIdx.x == 0)
-    for (int w = 0; w < kLowLatencyWires * 2; ++w) {
-      const uint64_t done = *reinterpret_cast<const volatile uint64_t*>(&st->recv_done[w / 2][w % 2]);
-      if ((done & kSignalValid) != 0 && static_cast<uint32_t>(done >> 32) != send_seq)
-        device::st_relaxed_sys_u64(reinterpret_cast<uint64_t*>(direct_region(c, ll, r) + ll.layout.credit(c.rank, w / 2, w % 2)),
-                                   done);
-    }
+  if (direct && blockIdx.x == 0) {
+    uint64_t done[kLowLatencyWires * 2];
+    for (int w = 0; w < kLowLatencyWires; ++w) ld_volatile_v2_u64(&st->recv_done[w][0], done[2 * w], done[2 * w + 1]);
+    forward_receives(c, ll, r, done, send_seq);
+  }
   const uint32_t layout_id = ld_volatile_u32(&st->layout_id);
   const WaitResult res =
       take_credit_slow(c, ll, r, wire, send_seq, layout_id != 0 && layout_id != ll.layout.layout_id);
@@ -450,12 +459,7 @@ __device__ __forceinline__ bool kernel_entry(const DeviceComm& c, const LowLaten
   bool failed = false;
   if (sends && t < R && !mask) {
     // Forward first: a peer may be waiting for it while this rank waits for the peer's.
-    if (forwards) {
-      char* peer = direct_region(c, ll, t);
-      for (int w = 0; w < kLowLatencyWires * 2; ++w)
-        if ((done[w] & kSignalValid) != 0 && static_cast<uint32_t>(done[w] >> 32) != send_seq)
-          device::st_relaxed_sys_u64(reinterpret_cast<uint64_t*>(peer + ll.layout.credit(c.rank, w / 2, w % 2)), done[w]);
-    }
+    if (forwards) forward_receives(c, ll, t, done, send_seq);
     const bool half = (send_seq & 1u) != 0;
     const uint64_t previous = half ? last_sent[1] : last_sent[0];  // selects: an index would go to local memory
     const bool all_wires = layout_id != 0 && layout_id != ll.layout.layout_id;
