@@ -23,6 +23,8 @@
 #                that a failure of the newest path does not stop the others' tests (+ skip check)
 #   3b. kernels16 the intranode tests again (quick grid) on the kernels built for 8- and 16-rank
 #                domains (FLASHEP_DEBUG_KERNEL_RANKS), so fewer GPUs test that code too (+ skip check)
+#   3c. shared_gpu (one GPU only) the 2-rank low-latency tests with both ranks on the GPU
+#                (FLASHEP_TEST_SHARE_GPUS=2, quick grid; + skip check)
 #   4. bench     python3 -m flashep.bench [--out $OUT/bench.md], then
 #                python3 -m flashep.bench_low_latency [--out $OUT/bench_low_latency.md], then
 #                scripts/latency_probe.cu (built with nvcc: load round trips, local and peer) and
@@ -263,6 +265,18 @@ if [[ $RUN_TESTS -eq 1 && $INSTALL_OK -eq 1 ]]; then
     done
   }
   run_step kernels16 larger_domains || true
+fi
+
+# ---- 3c. one GPU: the 2-rank low-latency tests with both ranks on it (FLASHEP_TEST_SHARE_GPUS=2:
+#          correctness only, the ranks time-slice the GPU), so a 1-GPU machine still runs the
+#          multi-rank paths (this found a race that the 1-rank tests cannot, 2026-12-01)
+if [[ $RUN_TESTS -eq 1 && $INSTALL_OK -eq 1 && "${EXPECT_GPUS:-0}" -lt 2 ]]; then
+  shared_gpu() {
+    FLASHEP_TEST_SHARE_GPUS=2 FLASHEP_TEST_QUICK=1 pytest_checked "$XMLDIR/pytest-shared.xml" -v -s -rfEs \
+      -p no:cacheprovider tests/python/test_low_latency.py tests/python/test_low_latency_failures.py \
+      -k "not R1 and not R4 and not R8"
+  }
+  run_step shared_gpu shared_gpu || true
 fi
 
 # ---- 4. benchmark (before the sanitizer: it is the main job, the sanitizer the slowest step)
