@@ -226,12 +226,11 @@ def _child_main(fn: Callable, rank: int, world_size: int, port: int, result_queu
 
         # Oversubscription: R processes share the host's cores (input generation, CPU oracle).
         torch.set_num_threads(max(1, min(16, (os.cpu_count() or 8) // world_size)))
+        torch.cuda.set_device(rank % torch.cuda.device_count())  # rank itself unless GPUs are shared
         if ranks_per_gpu() == 1:
-            torch.cuda.set_device(rank)
             dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                    world_size=world_size, device_id=torch.device("cuda", torch.cuda.current_device()))
+                                    world_size=world_size, device_id=torch.device("cuda", rank))
         else:  # shared GPUs (FLASHEP_TEST_SHARE_GPUS): NCCL refuses two ranks on one GPU
-            torch.cuda.set_device(rank % torch.cuda.device_count())
             dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                     world_size=world_size)
         result = fn(rank, world_size, *args)

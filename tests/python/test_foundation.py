@@ -337,6 +337,7 @@ def _nvshmem_check_worker(rank, R):
 
     import flashep as deep_ep
 
+    dev = torch.device("cuda", torch.cuda.current_device())
     lines = []
     for round_ in range(2):  # create, check, destroy; then again in the same process
         buffer = deep_ep.Buffer(dist.group.WORLD, num_nvl_bytes=1 << 20, num_rdma_bytes=64 << 20,
@@ -352,7 +353,7 @@ def _nvshmem_check_worker(rank, R):
         # The multi-node dispatch checks its arguments before anything runs (here the 1 MiB NVLink
         # buffer is too small for the default config, or the layout is missing).
         try:
-            buffer.dispatch(torch.zeros((4, 2048), dtype=torch.bfloat16, device=torch.device("cuda", torch.cuda.current_device())))
+            buffer.dispatch(torch.zeros((4, 2048), dtype=torch.bfloat16, device=dev))
         except (ValueError, RuntimeError) as error:
             lines.append(f"round {round_}: dispatch across domains with bad arguments: {type(error).__name__}: {error}")
         else:
