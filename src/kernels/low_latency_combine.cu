@@ -340,32 +340,52 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
 
 /// Block-wide: token t's output row, the BF16 rounding of the float32 sum of `num_parts` rows
 /// (BF16, or LogFMT-10 with p.logfmt), in order, each times its weight when kWeighted.
+/// BF16 rows: each thread takes two 16-byte words per round (w and w + kThreads) and issues every
+/// part's loads of both before adding any, so a row of up to 2 * kThreads words (H <= 8192) costs
+/// one round trip of loads, not two (the per-slot hook adds K rows per token: at H = 7168 the
+/// second round trip was ~0.7 us of its receive at one rank, nvidia-h200).
 template <bool kWeighted>
 __device__ __forceinline__ void add_parts(const kernels::LowLatencyCombineParams& p, const char* const* parts,
                                           const float* weights, int num_parts, int t) {
   const int H = p.ll.layout.hidden, num_int4 = H / 8;
-  for (int w = threadIdx.x; w < num_int4; w += kThreads) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int d0 = 0; d0 < num_parts; d0 += 8) {
-      int4 v[8];
+  int4* out = reinterpret_cast<int4*>(p.out) + int64_t(t) * num_int4;
+  if (p.logfmt) {
+    for (int w = threadIdx.x; w < num_int4; w += kThreads) {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int d = 0; d < num_parts; ++d) {
+        const Floats8 part = load_logfmt(parts[d], H, w);
 #pragma unroll
-      for (int d = 0; d < 8; ++d)
-        if (d0 + d < num_parts && !p.logfmt) v[d] = device::ld_ring(reinterpret_cast<const int4*>(parts[d0 + d]) + w);
+        for (int j = 0; j < 8; ++j) acc[j] = kWeighted ? fmaf(weights[d], part.v[j], acc[j]) : acc[j] + part.v[j];
+      }
+      out[w] = to_bf16x8(acc);
+    }
+    return;
+  }
+  for (int w = threadIdx.x; w < num_int4; w += 2 * kThreads) {
+    const bool second = w + kThreads < num_int4;
+    float acc[2][8] = {{0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}};
+    for (int d0 = 0; d0 < num_parts; d0 += 8) {
+      int4 v[2][8];
 #pragma unroll
       for (int d = 0; d < 8; ++d) {
         if (d0 + d >= num_parts) continue;
-        if (p.logfmt) {
-          const Floats8 part = load_logfmt(parts[d0 + d], H, w);
+        const int4* part = reinterpret_cast<const int4*>(parts[d0 + d]);
+        v[0][d] = device::ld_ring(part + w);
+        if (second) v[1][d] = device::ld_ring(part + w + kThreads);
+      }
 #pragma unroll
-          for (int j = 0; j < 8; ++j) acc[j] = kWeighted ? fmaf(weights[d0 + d], part.v[j], acc[j]) : acc[j] + part.v[j];
-        } else if (kWeighted) {
-          fma_bf16x8(acc, v[d], weights[d0 + d]);
-        } else {
-          add_bf16x8(acc, v[d]);
+      for (int d = 0; d < 8; ++d) {
+        if (d0 + d >= num_parts) continue;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          if (i == 1 && !second) continue;
+          if constexpr (kWeighted) fma_bf16x8(acc[i], v[i][d], weights[d0 + d]);
+          else add_bf16x8(acc[i], v[i][d]);
         }
       }
     }
-    reinterpret_cast<int4*>(p.out)[int64_t(t) * num_int4 + w] = to_bf16x8(acc);
+    out[w] = to_bf16x8(acc[0]);
+    if (second) out[w + kThreads] = to_bf16x8(acc[1]);
   }
 }
 
@@ -479,6 +499,24 @@ __device__ __forceinline__ bool combine_send_slots(const kernels::LowLatencyComb
   return end_combine_send(p, s_masked, s_send_failed, seq, kWireCombineSlots);
 }
 
+/// Lane k of warp 0's view of top-k slot k of a token: its expert id (-1 past K) and, for the
+/// per-slot combine, its weight (the weight is loaded with the id, not after the slot's flag: one
+/// round trip less on the receive's chain).
+struct TokenSlots {
+  int token = -1;  // the token these are of (-1: none loaded)
+  int64_t expert = -1;
+  float weight = 0.0f;
+};
+
+template <bool kSlots>
+__device__ __forceinline__ void load_token_slots(const kernels::LowLatencyCombineParams& p, int t, TokenSlots& slots) {
+  const int lane = static_cast<int>(threadIdx.x);  // warp 0
+  const int K = p.num_topk;
+  slots.token = t;
+  slots.expert = lane < K ? __ldg(p.topk_idx + int64_t(t) * K + lane) : -1;
+  if constexpr (kSlots) slots.weight = lane < K ? __ldg(p.topk_weights + int64_t(t) * K + lane) : 0.0f;
+}
+
 /// Block-wide receive phase: one block per token; lane k of warp 0 takes top-k slot k.
 /// - Reduced combine: the first lane of each rank its experts live on waits for that rank's partial
 ///   sum; the sums that came are added.
@@ -488,7 +526,8 @@ __device__ __forceinline__ bool combine_send_slots(const kernels::LowLatencyComb
 /// The waits are bounded; in shrink mode a silent rank is masked and its terms left out. Sums in
 /// float32, the result rounded to BF16 once.
 template <bool kSlots>
-__device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombineParams& p, int* smem, EntryState& entry) {
+__device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombineParams& p, int* smem, EntryState& entry,
+                                                const TokenSlots& first) {
   const DeviceComm& c = p.comm;
   const LowLatencyComm& ll = p.ll;
   const LowLatencyLayout& L = ll.layout;
@@ -502,7 +541,10 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
   __shared__ int s_num_parts, s_part_failed;
   for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
     if (warp == 0) {
-      const int64_t expert = lane < K ? __ldg(p.topk_idx + int64_t(t) * K + lane) : -1;
+      // The block's first token's slots came with the kernel entry's loads (a hook's receive).
+      TokenSlots slots = first;
+      if (t != first.token) load_token_slots<kSlots>(p, t, slots);
+      const int64_t expert = slots.expert;
       // 32-bit division once the id is known to be in range (a 64-bit one is a call).
       int dst = (expert >= 0 && expert < L.num_experts) ? L.div_local.div(static_cast<int>(expert)) : -1;
       if (dst >= 0 && s_masked[dst]) dst = -1;
@@ -531,7 +573,7 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
         const int i = __popc(came & ((1u << lane) - 1u));
         s_parts[i] = inbox_region(c, ll, dst) +
                      (kSlots ? L.combine_slot_in(half, t, lane, p.logfmt) : L.combine_in(half, dst, t, p.logfmt));
-        if (kSlots) s_part_weights[i] = __ldg(p.topk_weights + int64_t(t) * K + lane);
+        if (kSlots) s_part_weights[i] = slots.weight;
       }
       if (lane == 0) {
         s_num_parts = __popc(came);
@@ -559,7 +601,16 @@ __global__ void __launch_bounds__(kThreads, 1) combine(const __grid_constant__ k
   extern __shared__ int smem[];
   __shared__ EntryState entry;
   trace_mark(&g_combine_trace, 0);
-  if (!kernel_entry(p.comm, p.ll, kPhases, kSlots ? kWireCombineSlots : kWireCombineReduced, p.call_slot, smem, entry))
+  // A hook's receive loads its first token's slots with the entry's loads (they share its round
+  // trip); a fused kernel's receive comes after the send, which would hold them in registers.
+  TokenSlots first;
+  auto early_loads = [&] {
+    if constexpr (kPhases == kLowLatencyReceive) {
+      if (threadIdx.x < 32 && static_cast<int>(blockIdx.x) < p.num_tokens) load_token_slots<kSlots>(p, blockIdx.x, first);
+    }
+  };
+  if (!kernel_entry(p.comm, p.ll, kPhases, kSlots ? kWireCombineSlots : kWireCombineReduced, p.call_slot, smem, entry,
+                    early_loads))
     return;
   trace_mark(&g_combine_trace, 1);
   if constexpr ((kPhases & kLowLatencySend) != 0) {
@@ -568,7 +619,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine(const __grid_constant__ k
     else ok = combine_send(p, smem, entry);
     if (!ok) return;
   }
-  if constexpr ((kPhases & kLowLatencyReceive) != 0) combine_receive<kSlots>(p, smem, entry);
+  if constexpr ((kPhases & kLowLatencyReceive) != 0) combine_receive<kSlots>(p, smem, entry, first);
   trace_mark(&g_combine_trace, 7);
 }
 
