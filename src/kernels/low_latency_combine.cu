@@ -340,52 +340,32 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
 
 /// Block-wide: token t's output row, the BF16 rounding of the float32 sum of `num_parts` rows
 /// (BF16, or LogFMT-10 with p.logfmt), in order, each times its weight when kWeighted.
-/// BF16 rows: each thread takes two 16-byte words per round (w and w + kThreads) and issues every
-/// part's loads of both before adding any, so a row of up to 2 * kThreads words (H <= 8192) costs
-/// one round trip of loads, not two (the per-slot hook adds K rows per token: at H = 7168 the
-/// second round trip was ~0.7 us of its receive at one rank, nvidia-h200).
 template <bool kWeighted>
 __device__ __forceinline__ void add_parts(const kernels::LowLatencyCombineParams& p, const char* const* parts,
                                           const float* weights, int num_parts, int t) {
   const int H = p.ll.layout.hidden, num_int4 = H / 8;
-  int4* out = reinterpret_cast<int4*>(p.out) + int64_t(t) * num_int4;
-  if (p.logfmt) {
-    for (int w = threadIdx.x; w < num_int4; w += kThreads) {
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int d = 0; d < num_parts; ++d) {
-        const Floats8 part = load_logfmt(parts[d], H, w);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[j] = kWeighted ? fmaf(weights[d], part.v[j], acc[j]) : acc[j] + part.v[j];
-      }
-      out[w] = to_bf16x8(acc);
-    }
-    return;
-  }
-  for (int w = threadIdx.x; w < num_int4; w += 2 * kThreads) {
-    const bool second = w + kThreads < num_int4;
-    float acc[2][8] = {{0, 0, 0, 0, 0, 0, 0, 0}, {0, 0, 0, 0, 0, 0, 0, 0}};
+  for (int w = threadIdx.x; w < num_int4; w += kThreads) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int d0 = 0; d0 < num_parts; d0 += 8) {
-      int4 v[2][8];
+      int4 v[8];
+#pragma unroll
+      for (int d = 0; d < 8; ++d)
+        if (d0 + d < num_parts && !p.logfmt) v[d] = device::ld_ring(reinterpret_cast<const int4*>(parts[d0 + d]) + w);
 #pragma unroll
       for (int d = 0; d < 8; ++d) {
         if (d0 + d >= num_parts) continue;
-        const int4* part = reinterpret_cast<const int4*>(parts[d0 + d]);
-        v[0][d] = device::ld_ring(part + w);
-        if (second) v[1][d] = device::ld_ring(part + w + kThreads);
-      }
+        if (p.logfmt) {
+          const Floats8 part = load_logfmt(parts[d0 + d], H, w);
 #pragma unroll
-      for (int d = 0; d < 8; ++d) {
-        if (d0 + d >= num_parts) continue;
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          if (i == 1 && !second) continue;
-          if constexpr (kWeighted) fma_bf16x8(acc[i], v[i][d], weights[d0 + d]);
-          else add_bf16x8(acc[i], v[i][d]);
+          for (int j = 0; j < 8; ++j) acc[j] = kWeighted ? fmaf(weights[d0 + d], part.v[j], acc[j]) : acc[j] + part.v[j];
+        } else if (kWeighted) {
+          fma_bf16x8(acc, v[d], weights[d0 + d]);
+        } else {
+          add_bf16x8(acc, v[d]);
         }
       }
     }
-    out[w] = to_bf16x8(acc[0]);
-    if (second) out[w + kThreads] = to_bf16x8(acc[1]);
+    reinterpret_cast<int4*>(p.out)[int64_t(t) * num_int4 + w] = to_bf16x8(acc);
   }
 }
 
