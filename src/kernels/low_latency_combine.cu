@@ -507,7 +507,7 @@ __device__ __forceinline__ void load_token_slots(const kernels::LowLatencyCombin
 /// float32, the result rounded to BF16 once.
 template <bool kSlots>
 __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombineParams& p, int* smem, EntryState& entry,
-                                                const TokenSlots& first) {
+                                                const TokenSlots& entry_slots) {
   const DeviceComm& c = p.comm;
   const LowLatencyComm& ll = p.ll;
   const LowLatencyLayout& L = ll.layout;
@@ -522,8 +522,8 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
   for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
     if (warp == 0) {
       // The block's first token's slots came with the kernel entry's loads (a hook's receive).
-      TokenSlots slots = first;
-      if (t != first.token) load_token_slots<kSlots>(p, t, slots);
+      TokenSlots slots = entry_slots;
+      if (t != entry_slots.token) load_token_slots<kSlots>(p, t, slots);
       const int64_t expert = slots.expert;
       // 32-bit division once the id is known to be in range (a 64-bit one is a call).
       int dst = (expert >= 0 && expert < L.num_experts) ? L.div_local.div(static_cast<int>(expert)) : -1;
@@ -583,10 +583,11 @@ __global__ void __launch_bounds__(kThreads, 1) combine(const __grid_constant__ k
   trace_mark(&g_combine_trace, 0);
   // A hook's receive loads its first token's slots with the entry's loads (they share its round
   // trip); a fused kernel's receive comes after the send, which would hold them in registers.
-  TokenSlots first;
+  TokenSlots entry_slots;
   auto early_loads = [&] {
     if constexpr (kPhases == kLowLatencyReceive) {
-      if (threadIdx.x < 32 && static_cast<int>(blockIdx.x) < p.num_tokens) load_token_slots<kSlots>(p, blockIdx.x, first);
+      if (threadIdx.x < 32 && static_cast<int>(blockIdx.x) < p.num_tokens)
+        load_token_slots<kSlots>(p, blockIdx.x, entry_slots);
     }
   };
   if (!kernel_entry(p.comm, p.ll, kPhases, kSlots ? kWireCombineSlots : kWireCombineReduced, p.call_slot, smem, entry,
@@ -599,7 +600,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine(const __grid_constant__ k
     else ok = combine_send(p, smem, entry);
     if (!ok) return;
   }
-  if constexpr ((kPhases & kLowLatencyReceive) != 0) combine_receive<kSlots>(p, smem, entry, first);
+  if constexpr ((kPhases & kLowLatencyReceive) != 0) combine_receive<kSlots>(p, smem, entry, entry_slots);
   trace_mark(&g_combine_trace, 7);
 }
 
