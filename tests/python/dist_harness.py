@@ -41,7 +41,9 @@ Environment knobs (read by the tests through the helpers below):
                              (NCCL refuses two ranks on one GPU). Correctness only: the ranks' contexts
                              time-slice the GPU, so timings mean nothing. Peers on one GPU still map each
                              other's buffers through CUDA IPC and run every multi-rank code path; what
-                             they cannot test is the ordering of stores crossing NVLink.
+                             they cannot test is the ordering of stores crossing NVLink, nor (without
+                             MPS) races at microsecond scale: time-sliced, two ranks' kernels never run
+                             at the same time (the cross-rank waits are exercised, their races are not).
 """
 from __future__ import annotations
 
