@@ -364,4 +364,36 @@ inline int ll_num_blocks(int num_ranks, int max_tokens, int num_device_sms) {
   return static_cast<int>(want < 1 ? 1 : (want > num_device_sms ? num_device_sms : want));
 }
 
+/// How a combine receive spreads its tokens over the blocks: each token's output row is cut into
+/// `chunks` runs of `chunk_words` 16-byte words (a multiple of 32: whole warps, and whole LogFMT
+/// groups of 16 words), one work item per (token, chunk), so that a few tokens still use many SMs
+/// (one block per token left most of the GPU idle at small batches, with a block's threads walking
+/// a 7168-wide row in two rounds). Every word of every token is in exactly one item; items <= the
+/// blocks when the tokens are fewer than the blocks, else one chunk per token.
+struct LowLatencyReceiveSplit {
+  int chunks = 1;       // items per token
+  int chunk_words = 0;  // words per item (the last chunk of a row may be shorter)
+};
+inline constexpr int kLowLatencyMinChunkWords = 32;
+
+FLASHEP_HD LowLatencyReceiveSplit ll_combine_receive_split(int num_tokens, int num_blocks, int num_words) {
+  LowLatencyReceiveSplit split;
+  split.chunk_words = num_words;
+  if (num_tokens < 1 || num_blocks <= num_tokens || num_words <= kLowLatencyMinChunkWords) return split;
+  const int most = (num_words + kLowLatencyMinChunkWords - 1) / kLowLatencyMinChunkWords;
+  const int want = num_blocks / num_tokens < most ? num_blocks / num_tokens : most;
+  const int per = (num_words + want - 1) / want;
+  split.chunk_words = (per + kLowLatencyMinChunkWords - 1) / kLowLatencyMinChunkWords * kLowLatencyMinChunkWords;
+  split.chunks = (num_words + split.chunk_words - 1) / split.chunk_words;
+  return split;
+}
+
+/// Blocks of a combine's receive-only kernel (a hook): as many as its (token, chunk) items can use
+/// (ll_combine_receive_split), at most the SMs; it has no send phase to size for.
+inline int ll_combine_receive_blocks(int num_tokens, int hidden, int num_device_sms) {
+  const int64_t chunks = (int64_t(hidden / 8) + kLowLatencyMinChunkWords - 1) / kLowLatencyMinChunkWords;
+  const int64_t want = int64_t(num_tokens) * chunks;
+  return static_cast<int>(want < 1 ? 1 : (want > num_device_sms ? num_device_sms : want));
+}
+
 }  // namespace flashep

@@ -183,8 +183,11 @@ void BufferImpl::low_latency_combine(const LowLatencyCombineArgs& a, cudaStream_
   p.plan = h.plan;
   p.out = a.out;
   p.wait_stats = a.combine_wait_recv_cost_stats;
-  launch_check(kernels::launch_low_latency_combine(p, low_latency_blocks(h.max_tokens), stream),
-               op);
+  // A hook's receive spreads its tokens' rows over more blocks than the send's (one per token).
+  const int blocks = a.phases == kLowLatencyReceive && env_.ll_blocks <= 0
+                         ? ll_combine_receive_blocks(p.num_tokens, h.hidden, num_device_sms_)
+                         : low_latency_blocks(h.max_tokens);
+  launch_check(kernels::launch_low_latency_combine(p, blocks, stream), op);
 }
 
 void BufferImpl::clean_low_latency_buffer(cudaStream_t stream) {

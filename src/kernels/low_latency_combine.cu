@@ -338,13 +338,14 @@ __device__ __forceinline__ bool combine_send(const kernels::LowLatencyCombinePar
   return end_combine_send(p, s_masked, s_send_failed, seq, kWireCombineReduced);
 }
 
-/// Block-wide: token t's output row, the BF16 rounding of the float32 sum of `num_parts` rows
-/// (BF16, or LogFMT-10 with p.logfmt), in order, each times its weight when kWeighted.
+/// Block-wide: words [word_begin, word_end) of token t's output row, the BF16 rounding of the
+/// float32 sum of `num_parts` rows (BF16, or LogFMT-10 with p.logfmt), in order, each times its
+/// weight when kWeighted. word_begin is a multiple of 16 (LogFMT groups are whole half warps).
 template <bool kWeighted>
 __device__ __forceinline__ void add_parts(const kernels::LowLatencyCombineParams& p, const char* const* parts,
-                                          const float* weights, int num_parts, int t) {
+                                          const float* weights, int num_parts, int t, int word_begin, int word_end) {
   const int H = p.ll.layout.hidden, num_int4 = H / 8;
-  for (int w = threadIdx.x; w < num_int4; w += kThreads) {
+  for (int w = word_begin + static_cast<int>(threadIdx.x); w < word_end; w += kThreads) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     for (int d0 = 0; d0 < num_parts; d0 += 8) {
       int4 v[8];
@@ -519,7 +520,12 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
   __shared__ const char* s_parts[32];
   __shared__ float s_part_weights[32];
   __shared__ int s_num_parts, s_part_failed;
-  for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
+  // Items (token, chunk of its row): p.div_chunks divides by the chunks per token.
+  const int num_chunks = static_cast<int>(p.div_chunks.divisor), num_words = L.hidden / 8;
+  const int num_items = p.num_tokens * num_chunks;
+  for (int item = blockIdx.x; item < num_items; item += gridDim.x) {
+    const int t = p.div_chunks.div(item);
+    const int chunk = item - t * num_chunks;
     if (warp == 0) {
       // The block's first token's slots came with the kernel entry's loads (a hook's receive).
       TokenSlots slots = entry_slots;
@@ -538,7 +544,8 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
       if (kSlots ? dst >= 0 : first) {
         uint64_t value = 0;
         res = wait_flag(c, ll, dst, kSlots ? L.combine_slot_flag(half, t, lane) : L.combine_flag(half, dst, t), seq,
-                        Phase::kLowLatencyCombineRecv, first ? p.wait_stats : nullptr, s_masked, &value);
+                        Phase::kLowLatencyCombineRecv, first && chunk == 0 ? p.wait_stats : nullptr, s_masked,
+                        &value);
         if constexpr (kSlots) {
           const int hash = p.call_hash & 0x7fffffff;
           if (res == WaitResult::kArrived && ll_signal_count(value) != hash) {
@@ -561,11 +568,12 @@ __device__ __forceinline__ void combine_receive(const kernels::LowLatencyCombine
       }
     }
     __syncthreads();
-    if (t == static_cast<int>(blockIdx.x)) trace_mark(&g_combine_trace, 8);  // the block's first token's parts are there
+    if (item == static_cast<int>(blockIdx.x)) trace_mark(&g_combine_trace, 8);  // the block's first item's parts are there
     if (s_part_failed) return;
-    add_parts<kSlots>(p, s_parts, s_part_weights, s_num_parts, t);
+    const int word_begin = chunk * p.chunk_words;
+    add_parts<kSlots>(p, s_parts, s_part_weights, s_num_parts, t, word_begin, min(word_begin + p.chunk_words, num_words));
     __syncthreads();
-    if (t == static_cast<int>(blockIdx.x)) trace_mark(&g_combine_trace, 9);  // the block's first token is added
+    if (item == static_cast<int>(blockIdx.x)) trace_mark(&g_combine_trace, 9);  // the block's first item is added
   }
   record_receive_done(ll, kSlots ? kWireCombineSlots : kWireCombineReduced, seq);
   trace_mark(&g_combine_trace, 6);
@@ -586,8 +594,9 @@ __global__ void __launch_bounds__(kThreads, 1) combine(const __grid_constant__ k
   TokenSlots entry_slots;
   auto early_loads = [&] {
     if constexpr (kPhases == kLowLatencyReceive) {
-      if (threadIdx.x < 32 && static_cast<int>(blockIdx.x) < p.num_tokens)
-        load_token_slots<kSlots>(p, blockIdx.x, entry_slots);
+      const int item = static_cast<int>(blockIdx.x);
+      if (threadIdx.x < 32 && item < p.num_tokens * static_cast<int>(p.div_chunks.divisor))
+        load_token_slots<kSlots>(p, p.div_chunks.div(item), entry_slots);
     }
   };
   if (!kernel_entry(p.comm, p.ll, kPhases, kSlots ? kWireCombineSlots : kWireCombineReduced, p.call_slot, smem, entry,
@@ -621,7 +630,15 @@ inline CombineKernel combine_kernel_for(int phases, bool slots) {
 
 namespace flashep::kernels {
 
-cudaError_t launch_low_latency_combine(const LowLatencyCombineParams& p, int num_blocks, cudaStream_t stream) {
+cudaError_t launch_low_latency_combine(const LowLatencyCombineParams& params, int num_blocks, cudaStream_t stream) {
+  LowLatencyCombineParams p = params;
+  // Shrink mode keeps one block per token: blocks decide alone which ranks' terms came, and the
+  // chunks of one row must not disagree about a rank masked while they waited.
+  const LowLatencyReceiveSplit split =
+      p.ll.shrink ? LowLatencyReceiveSplit{1, p.ll.layout.hidden / 8}
+                  : ll_combine_receive_split(p.num_tokens, num_blocks, p.ll.layout.hidden / 8);
+  p.chunk_words = split.chunk_words;
+  p.div_chunks = FastDivmod::of(split.chunks);
   const size_t smem = (size_t(p.comm.num_ranks) * 2 + 1) * sizeof(int);  // mask, plan prefix
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(num_blocks);

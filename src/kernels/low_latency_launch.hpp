@@ -60,6 +60,10 @@ struct LowLatencyCombineParams {
   /// exchanged and the send phase waits for no peer. Else the reduced combine: the expert side
   /// waits for the source's weights and sends one weighted partial sum per (token, rank).
   int slot_mode;
+  /// The receive's split of each token's row over the blocks (set by launch_low_latency_combine
+  /// from its block count: ll_combine_receive_split).
+  int chunk_words;
+  FastDivmod div_chunks;
   const int* plan;
   void* out;
   int64_t* wait_stats;

@@ -187,6 +187,37 @@ void test_hint_and_blocks() {
   CHECK(ll_call_hash(1, 128, 7168, 288, 8, 1) != 0);
 }
 
+/// The combine receive's split: every word of every token in exactly one (token, chunk) item,
+/// chunks of whole warps (and so whole LogFMT groups), no more items than blocks when the tokens
+/// are fewer, one chunk per token otherwise.
+void test_receive_split() {
+  for (int hidden = 128; hidden <= kMaxLowLatencyHidden; hidden += 128) {
+    const int words = hidden / 8;
+    for (int tokens : {0, 1, 2, 3, 5, 32, 127, 128, 131, 132, 256}) {
+      for (int blocks : {1, 2, 7, 28, 64, 132}) {
+        const LowLatencyReceiveSplit split = ll_combine_receive_split(tokens, blocks, words);
+        CHECK(split.chunks >= 1);
+        CHECK(split.chunk_words >= 1);
+        CHECK(split.chunk_words == words || split.chunk_words % kLowLatencyMinChunkWords == 0);
+        // Exactly covered: the last chunk is non-empty and ends at or past the row's end.
+        CHECK(int64_t(split.chunks) * split.chunk_words >= words);
+        CHECK(int64_t(split.chunks - 1) * split.chunk_words < words);
+        if (tokens >= 1 && blocks > tokens) CHECK(int64_t(tokens) * split.chunks <= blocks);
+        if (blocks <= tokens) CHECK_EQ(split.chunks, 1);
+      }
+    }
+  }
+  // DeepEP's hidden: one token over 28 blocks of 32 words; 128 tokens on 132 blocks stay whole.
+  CHECK_EQ(ll_combine_receive_split(1, 132, 896).chunks, 28);
+  CHECK_EQ(ll_combine_receive_split(1, 132, 896).chunk_words, 32);
+  CHECK_EQ(ll_combine_receive_split(128, 132, 896).chunks, 1);
+  CHECK_EQ(ll_combine_receive_split(32, 132, 896).chunks, 4);
+  CHECK_EQ(ll_combine_receive_split(32, 132, 896).chunk_words, 224);
+  CHECK_EQ(ll_combine_receive_blocks(1, 7168, 132), 28);
+  CHECK_EQ(ll_combine_receive_blocks(128, 7168, 132), 132);
+  CHECK_EQ(ll_combine_receive_blocks(0, 7168, 132), 1);
+}
+
 }  // namespace
 
 int main() {
@@ -197,5 +228,6 @@ int main() {
   test_signals();
   test_plan();
   test_hint_and_blocks();
+  test_receive_split();
   return check::summary("test_low_latency_layout");
 }
