@@ -385,13 +385,16 @@ FLASHEP_HD LowLatencyReceiveSplit ll_combine_receive_split(int num_tokens, int n
   const int per = (num_words + want - 1) / want;
   split.chunk_words = (per + kLowLatencyMinChunkWords - 1) / kLowLatencyMinChunkWords * kLowLatencyMinChunkWords;
   split.chunks = (num_words + split.chunk_words - 1) / split.chunk_words;
+  if (split.chunks == 1) split.chunk_words = num_words;  // a whole row, however it was reached
   return split;
 }
 
-/// Blocks of a combine's receive-only kernel (a hook): as many as its (token, chunk) items can use
-/// (ll_combine_receive_split), at most the SMs; it has no send phase to size for.
-inline int ll_combine_receive_blocks(int num_tokens, int hidden, int num_device_sms) {
-  const int64_t chunks = (int64_t(hidden / 8) + kLowLatencyMinChunkWords - 1) / kLowLatencyMinChunkWords;
+/// Blocks of a combine's receive-only kernel (a hook): one per (token, chunk) item of the split it
+/// will run with (ll_combine_receive_split on the SMs; whole rows in shrink mode), at most the SMs.
+/// It has no send phase to size for, and a block without an item would still run the entry's loads.
+/// launch_low_latency_combine, given this count, computes the same split again.
+inline int ll_combine_receive_blocks(int num_tokens, int hidden, int num_device_sms, bool shrink) {
+  const int chunks = shrink ? 1 : ll_combine_receive_split(num_tokens, num_device_sms, hidden / 8).chunks;
   const int64_t want = int64_t(num_tokens) * chunks;
   return static_cast<int>(want < 1 ? 1 : (want > num_device_sms ? num_device_sms : want));
 }

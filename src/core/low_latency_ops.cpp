@@ -183,9 +183,9 @@ void BufferImpl::low_latency_combine(const LowLatencyCombineArgs& a, cudaStream_
   p.plan = h.plan;
   p.out = a.out;
   p.wait_stats = a.combine_wait_recv_cost_stats;
-  // A hook's receive spreads its tokens' rows over more blocks than the send's (one per token).
+  // A hook's receive: one block per (token, chunk) item, not the send's count (min(R * T, SMs)).
   const int blocks = a.phases == kLowLatencyReceive && env_.ll_blocks <= 0
-                         ? ll_combine_receive_blocks(p.num_tokens, h.hidden, num_device_sms_)
+                         ? ll_combine_receive_blocks(p.num_tokens, h.hidden, num_device_sms_, p.ll.shrink != 0)
                          : low_latency_blocks(h.max_tokens);
   launch_check(kernels::launch_low_latency_combine(p, blocks, stream), op);
 }

@@ -6,9 +6,10 @@
 // experts for that token, each times its weight (float32, top-k slots in order), and sends the
 // BF16 sum to the source, at the token's row of its inbox, then raises the row's own flag. The
 // last block only advances the sequence: no signal waits for it.
-// Receive phase: one block per token; lanes of warp 0 wait for the flags of the ranks its experts
-// live on (bounded; a silent rank is masked in shrink mode and its term left out), then every
-// thread adds those ranks' sums (float32) and writes the BF16 result.
+// Receive phase: one block per token, or per (token, chunk of its row) when the tokens are fewer
+// than the blocks; lanes of warp 0 wait for the flags of the ranks its experts live on (bounded; a
+// silent rank is masked in shrink mode and its term left out), then the block's threads add those
+// ranks' sums (float32) and write the BF16 result.
 //
 // Per-slot combine (a hooked call whose peers are all direct, p.slot_mode): the send phase must
 // not wait for peers (the hook's promise: no SM held while others catch up), and the reduced sums
@@ -498,7 +499,8 @@ __device__ __forceinline__ void load_token_slots(const kernels::LowLatencyCombin
   if constexpr (kSlots) slots.weight = lane < K ? __ldg(p.topk_weights + int64_t(t) * K + lane) : 0.0f;
 }
 
-/// Block-wide receive phase: one block per token; lane k of warp 0 takes top-k slot k.
+/// Block-wide receive phase: one block per (token, chunk) item (p.div_chunks, p.chunk_words: whole
+/// rows unless the tokens are fewer than the blocks); lane k of warp 0 takes top-k slot k.
 /// - Reduced combine: the first lane of each rank its experts live on waits for that rank's partial
 ///   sum; the sums that came are added.
 /// - Per-slot combine (kSlots): each lane whose expert is not masked waits for its slot's row and

@@ -213,9 +213,37 @@ void test_receive_split() {
   CHECK_EQ(ll_combine_receive_split(128, 132, 896).chunks, 1);
   CHECK_EQ(ll_combine_receive_split(32, 132, 896).chunks, 4);
   CHECK_EQ(ll_combine_receive_split(32, 132, 896).chunk_words, 224);
-  CHECK_EQ(ll_combine_receive_blocks(1, 7168, 132), 28);
-  CHECK_EQ(ll_combine_receive_blocks(128, 7168, 132), 132);
-  CHECK_EQ(ll_combine_receive_blocks(0, 7168, 132), 1);
+  // The hook's block count: one per item of the split the launch computes again from that count.
+  for (int hidden = 128; hidden <= kMaxLowLatencyHidden; hidden += 128) {
+    for (int tokens = 0; tokens <= 256; ++tokens) {
+      for (bool shrink : {false, true}) {
+        const int blocks = ll_combine_receive_blocks(tokens, hidden, 132, shrink);
+        CHECK(blocks >= 1 && blocks <= 132);
+        if (shrink) {
+          CHECK_EQ(blocks, tokens < 1 ? 1 : (tokens > 132 ? 132 : tokens));
+          continue;
+        }
+        const LowLatencyReceiveSplit split = ll_combine_receive_split(tokens, blocks, hidden / 8);
+        if (tokens >= 1 && tokens < 132) CHECK_EQ(blocks, tokens * split.chunks);  // no block without an item
+        if (tokens >= 132) CHECK_EQ(blocks, 132);
+        const LowLatencyReceiveSplit on_sms = ll_combine_receive_split(tokens, 132, hidden / 8);
+        CHECK_EQ(split.chunks, on_sms.chunks);  // the launch's split is the one the count was made for
+        CHECK_EQ(split.chunk_words, on_sms.chunk_words);
+        if (hidden / 8 <= kLowLatencyMinChunkWords) CHECK_EQ(split.chunks, 1);
+      }
+    }
+  }
+  // The item -> (token, chunk) mapping of the kernel (FastDivmod by the chunks).
+  for (int chunks = 1; chunks <= 32; ++chunks) {
+    const FastDivmod div = FastDivmod::of(chunks);
+    CHECK_EQ(int(div.divisor), chunks);
+    for (int item = 0; item < 132 * 8; ++item) CHECK_EQ(div.div(item), item / chunks);
+  }
+  CHECK_EQ(ll_combine_receive_blocks(1, 7168, 132, false), 28);
+  CHECK_EQ(ll_combine_receive_blocks(5, 7168, 132, false), 70);  // 14 chunks of 64 words each
+  CHECK_EQ(ll_combine_receive_blocks(1, 7168, 132, true), 1);
+  CHECK_EQ(ll_combine_receive_blocks(128, 7168, 132, false), 128);
+  CHECK_EQ(ll_combine_receive_blocks(0, 7168, 132, false), 1);
 }
 
 }  // namespace
