@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # flashep: build, install and check everything on the GPU machine (no network needed).
 #
-#   scripts/gpu_check.sh [--gpus N] [--quick] [--sanitize] [--ll-trace] [--no-tests] [--no-bench]
-#                        [--no-install] [--no-cpp] [-- extra pytest arguments]
+#   scripts/gpu_check.sh [--gpus N] [--quick] [--sanitize] [--ll-trace] [--low-latency] [--no-tests]
+#                        [--no-bench] [--no-install] [--no-cpp] [-- extra pytest arguments]
 #
 # A GPU machine that cannot run the GPU tests is a failure here, never a pass with skips (issue 7):
 # the machine is expected to have N GPUs (--gpus N; default: the GPUs `nvidia-smi -L` lists; no
@@ -46,6 +46,10 @@
 #        --quick      smaller test grids (FLASHEP_TEST_QUICK=1)
 #        --sanitize   add step 5
 #        --ll-trace   add step 4b
+#        --low-latency the low-latency mode only (issue 8's checks in one device call): step 3 runs
+#                     test_low_latency.py and test_low_latency_failures.py, step 4 only
+#                     bench_low_latency, step 5 only its low-latency part; steps 2, 3a, 3b, the
+#                     high-throughput and multi-node benchmarks and the probes are skipped
 #        --no-tests   skip steps 2, 3, 3b (and 5)
 #        --no-bench   skip step 4
 #        --no-install reuse the installed package (skip step 1)
@@ -63,7 +67,7 @@ cd "$ROOT"
 
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
-QUICK=0 SANITIZE=0 LL_TRACE=0 RUN_TESTS=1 RUN_BENCH=1 RUN_INSTALL=1 RUN_CPP=1
+QUICK=0 SANITIZE=0 LL_TRACE=0 LL_ONLY=0 RUN_TESTS=1 RUN_BENCH=1 RUN_INSTALL=1 RUN_CPP=1
 EXPECT_GPUS=""
 PYTEST_EXTRA=()
 while [[ $# -gt 0 ]]; do
@@ -74,6 +78,7 @@ while [[ $# -gt 0 ]]; do
     --quick) QUICK=1 ;;
     --sanitize) SANITIZE=1 ;;
     --ll-trace) LL_TRACE=1 ;;
+    --low-latency) LL_ONLY=1 ;;
     --no-tests) RUN_TESTS=0 ;;
     --no-bench) RUN_BENCH=0 ;;
     --no-install) RUN_INSTALL=0 ;;
@@ -222,7 +227,7 @@ if "$PY" -c "import nvidia.nvshmem" 2>/dev/null; then
 fi
 
 # ---- 2. C++ tests and examples
-if [[ $RUN_TESTS -eq 1 && $RUN_CPP -eq 1 ]]; then
+if [[ $RUN_TESTS -eq 1 && $RUN_CPP -eq 1 && $LL_ONLY -eq 0 ]]; then
   cpp_tests() {
     cmake -B build -G Ninja -DCMAKE_BUILD_TYPE=Release ${CUDACXX:+-DCMAKE_CUDA_COMPILER="$CUDACXX"} &&
       cmake --build build -j "$NPROC" &&
@@ -231,12 +236,19 @@ if [[ $RUN_TESTS -eq 1 && $RUN_CPP -eq 1 ]]; then
   }
   run_step cpp cpp_tests || true
 else
-  skip_step cpp "$([[ $RUN_TESTS -eq 0 ]] && echo --no-tests || echo --no-cpp)"
+  skip_step cpp "$([[ $RUN_TESTS -eq 0 ]] && echo --no-tests || { [[ $LL_ONLY -eq 1 ]] && echo --low-latency || echo --no-cpp; })"
 fi
 
 # ---- 3. Python tests (CPU + GPU; the GPU ones adapt to the GPU count; strict mode: none of those
 #         needing <= EXPECT_GPUS may skip)
-if [[ $RUN_TESTS -eq 1 && $INSTALL_OK -eq 1 ]]; then
+if [[ $RUN_TESTS -eq 1 && $INSTALL_OK -eq 1 && $LL_ONLY -eq 1 ]]; then
+  py_tests() {
+    pytest_checked "$XMLDIR/pytest.xml" -x -v -s -rfEs -p no:cacheprovider tests/python/test_low_latency.py \
+      tests/python/test_low_latency_failures.py "${PYTEST_EXTRA[@]}"
+  }
+  run_step pytest py_tests || true
+  skip_step internode "--low-latency"
+elif [[ $RUN_TESTS -eq 1 && $INSTALL_OK -eq 1 ]]; then
   py_tests() {
     pytest_checked "$XMLDIR/pytest.xml" -x -v -s -rfEs -p no:cacheprovider tests/python \
       --ignore=tests/python/test_internode.py --ignore=tests/python/test_internode_rail.py "${PYTEST_EXTRA[@]}"
@@ -255,7 +267,7 @@ fi
 
 # ---- 3b. the kernels built for larger domains (8 and 16 ranks: other register budgets and
 #          unrolling), run on the GPUs here through FLASHEP_DEBUG_KERNEL_RANKS, quick grid
-if [[ $RUN_TESTS -eq 1 && $INSTALL_OK -eq 1 ]]; then
+if [[ $RUN_TESTS -eq 1 && $INSTALL_OK -eq 1 && $LL_ONLY -eq 0 ]]; then
   larger_domains() {
     local k
     for k in 8 16; do
@@ -285,7 +297,7 @@ if [[ $RUN_BENCH -eq 1 && $INSTALL_OK -eq 1 ]]; then
   if [[ -n "${OUT:-}" ]]; then BENCH_OUT=(--out "$OUT/bench.md"); fi
   # shellcheck disable=SC2086
   bench() { "$PY" -m flashep.bench "${BENCH_OUT[@]}" ${BENCH_ARGS:-}; }
-  run_step bench bench || true
+  if [[ $LL_ONLY -eq 0 ]]; then run_step bench bench || true; else skip_step bench "--low-latency"; fi
   BENCH_LL_OUT=()
   if [[ -n "${OUT:-}" ]]; then BENCH_LL_OUT=(--out "$OUT/bench_low_latency.md"); fi
   # shellcheck disable=SC2086
@@ -297,16 +309,18 @@ if [[ $RUN_BENCH -eq 1 && $INSTALL_OK -eq 1 ]]; then
     local probe="${TMPDIR:-/tmp}/flashep_latency_probe"
     "${NVCC:-/usr/local/cuda/bin/nvcc}" -O3 -arch=sm_90 -o "$probe" scripts/latency_probe.cu && "$probe"
   }
-  run_step latency_probe latency_probe || true
+  if [[ $LL_ONLY -eq 0 ]]; then run_step latency_probe latency_probe || true; fi
   # What straight-line code costs the first time it runs (scripts/icache_probe.cu).
   icache_probe() {
     local probe="${TMPDIR:-/tmp}/flashep_icache_probe"
     "${NVCC:-/usr/local/cuda/bin/nvcc}" -O3 -arch=sm_90 -o "$probe" scripts/icache_probe.cu && "$probe"
   }
-  run_step icache_probe icache_probe || true
+  if [[ $LL_ONLY -eq 0 ]]; then run_step icache_probe icache_probe || true; fi
   # The multi-node path on this host (2+ GPUs, a build with NVSHMEM): 2 virtual nodes of R/2 GPUs,
   # the DeepEP workload, the raw NVSHMEM put next to it and the kernels of each call (--profile).
-  if [[ "$EXPECT_GPUS" -ge 2 && $((EXPECT_GPUS % 2)) -eq 0 ]] && "$PY" -c "import flashep, sys; sys.exit(0 if flashep._C.nvshmem_built() else 1)"; then
+  if [[ $LL_ONLY -eq 1 ]]; then
+    skip_step bench_multinode "--low-latency"
+  elif [[ "$EXPECT_GPUS" -ge 2 && $((EXPECT_GPUS % 2)) -eq 0 ]] && "$PY" -c "import flashep, sys; sys.exit(0 if flashep._C.nvshmem_built() else 1)"; then
     BENCH_MN_OUT=()
     if [[ -n "${OUT:-}" ]]; then BENCH_MN_OUT=(--out "$OUT/bench_multinode.md"); fi
     # shellcheck disable=SC2086
@@ -346,19 +360,21 @@ if [[ $SANITIZE -eq 1 && $RUN_TESTS -eq 1 && $INSTALL_OK -eq 1 ]]; then
   sanitize() {
     local xml="$XMLDIR/pytest-sanitize.xml" rc=0
     rm -f "$xml"
-    COLUMNS="${COLUMNS:-160}" FLASHEP_TEST_QUICK=1 FLASHEP_TEST_STRESS_ITERS=20 FLASHEP_TIMEOUT_S=600 FLASHEP_TEST_TIMEOUT_S=3000 \
-      timeout "${SANITIZE_TIMEOUT_S:-600}" "$SANITIZER" --tool memcheck --target-processes all --report-api-errors no --error-exitcode 99 \
-      "$PY" -m pytest -x -v -s -rfEs -p no:cacheprovider --junitxml "$xml" tests/python/test_intranode.py -k R2 || rc=$?
-    skips_ok "$xml" || { [[ $rc -ne 0 ]] || rc=1; }
-    # The GPU's own input checks (bad counts, expert ids, handles) and the abort paths: nothing is
-    # read or written out of bounds on the way to the error. Peers raise later under the sanitizer.
-    local xml2="$XMLDIR/pytest-sanitize-foundation.xml"
-    rm -f "$xml2"
-    COLUMNS="${COLUMNS:-160}" FLASHEP_TEST_PEER_RAISE_S=60 FLASHEP_TEST_TIMEOUT_S=3000 \
-      timeout "${SANITIZE_TIMEOUT_S:-600}" "$SANITIZER" --tool memcheck --target-processes all --report-api-errors no --error-exitcode 99 \
-      "$PY" -m pytest -x -v -s -rfEs -p no:cacheprovider --junitxml "$xml2" tests/python/test_foundation.py \
-      -k "containment or bad_input or nvlink" || rc=$?
-    skips_ok "$xml2" || { [[ $rc -ne 0 ]] || rc=1; }
+    if [[ $LL_ONLY -eq 0 ]]; then
+      COLUMNS="${COLUMNS:-160}" FLASHEP_TEST_QUICK=1 FLASHEP_TEST_STRESS_ITERS=20 FLASHEP_TIMEOUT_S=600 FLASHEP_TEST_TIMEOUT_S=3000 \
+        timeout "${SANITIZE_TIMEOUT_S:-600}" "$SANITIZER" --tool memcheck --target-processes all --report-api-errors no --error-exitcode 99 \
+        "$PY" -m pytest -x -v -s -rfEs -p no:cacheprovider --junitxml "$xml" tests/python/test_intranode.py -k R2 || rc=$?
+      skips_ok "$xml" || { [[ $rc -ne 0 ]] || rc=1; }
+      # The GPU's own input checks (bad counts, expert ids, handles) and the abort paths: nothing is
+      # read or written out of bounds on the way to the error. Peers raise later under the sanitizer.
+      local xml2="$XMLDIR/pytest-sanitize-foundation.xml"
+      rm -f "$xml2"
+      COLUMNS="${COLUMNS:-160}" FLASHEP_TEST_PEER_RAISE_S=60 FLASHEP_TEST_TIMEOUT_S=3000 \
+        timeout "${SANITIZE_TIMEOUT_S:-600}" "$SANITIZER" --tool memcheck --target-processes all --report-api-errors no --error-exitcode 99 \
+        "$PY" -m pytest -x -v -s -rfEs -p no:cacheprovider --junitxml "$xml2" tests/python/test_foundation.py \
+        -k "containment or bad_input or nvlink" || rc=$?
+      skips_ok "$xml2" || { [[ $rc -ne 0 ]] || rc=1; }
+    fi
     # The low-latency kernels, both transports, quick grid.
     local xml3="$XMLDIR/pytest-sanitize-low-latency.xml"
     rm -f "$xml3"
@@ -367,6 +383,7 @@ if [[ $SANITIZE -eq 1 && $RUN_TESTS -eq 1 && $INSTALL_OK -eq 1 ]]; then
       timeout "${SANITIZE_TIMEOUT_S:-600}" "$SANITIZER" --tool memcheck --target-processes all --report-api-errors no --error-exitcode 99 \
       "$PY" -m pytest -x -v -s -rfEs -p no:cacheprovider --junitxml "$xml3" tests/python/test_low_latency.py -k R2 || rc=$?
     skips_ok "$xml3" || { [[ $rc -ne 0 ]] || rc=1; }
+    [[ $LL_ONLY -eq 0 ]] || return "$rc"
     # The multi-node path (rail stage, reordering, NVLink stage) as 2 nodes of 1 GPU, quick grid.
     local xml4="$XMLDIR/pytest-sanitize-internode.xml"
     rm -f "$xml4"
