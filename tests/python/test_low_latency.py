@@ -94,6 +94,8 @@ def _cases(quick):
         Case("zero-copy-out", zero_copy=True, out=True),
         Case("out", out=True, round_scale=True),
         Case("n<T", T=128, n=37),
+        # A hook's combine receive with few tokens: each row is added by several blocks (chunks).
+        Case("hook-few-tokens", T=128, n=5, hook=True),
         Case("one-token", T=1, n=1),
         Case("T32", T=32),
         Case("T256", T=256, H=4096),
@@ -108,7 +110,7 @@ def _cases(quick):
     ]
     if quick:
         keep = {"default-fp8", "bf16", "hook-fp8", "hook-bf16-zero-copy", "n<T", "E=R", "one-expert",
-                "rank0-sends-nothing", "fp8-ue8m0"}
+                "rank0-sends-nothing", "fp8-ue8m0", "hook-few-tokens"}
         cases = [c for c in cases if c.name in keep]
     pattern = os.environ.get("FLASHEP_TEST_CASES", "")
     if pattern:
@@ -493,11 +495,13 @@ def _logfmt_worker(rank, world_size):
     from flashep import _C
     R = world_size
     dev = torch.device("cuda", torch.cuda.current_device())
-    case = Case("logfmt", T=128, H=7168, K=8, E=288 if 288 % R == 0 else 64 * R, fp8=False)
-    buffer = flashep.Buffer(None, 0, flashep.Buffer.get_low_latency_rdma_size_hint(case.T, case.H, R, case.num_experts(R)),
+    full = Case("logfmt", T=128, H=7168, K=8, E=288 if 288 % R == 0 else 64 * R, fp8=False)
+    # Few tokens: the combine receive cuts each row into chunks (whole LogFMT groups) over blocks.
+    few = Case("logfmt-few-tokens", T=128, n=5, H=7168, K=8, E=full.E, fp8=False)
+    buffer = flashep.Buffer(None, 0, flashep.Buffer.get_low_latency_rdma_size_hint(full.T, full.H, R, full.num_experts(R)),
                             low_latency_mode=True, explicitly_destroy=True)
     errors = []
-    for seed, hook in ((1, False), (2, True), (3, False)):
+    for case, seed, hook in ((full, 1, False), (full, 2, True), (full, 3, False), (few, 4, True), (few, 5, False)):
         xs, idxs, weights, E, K = _inputs(case, R, seed)
         xs = [(x.float() * 0.02).to(torch.bfloat16) for x in xs]  # partial sums below 1: groups cast
         x, idx, w = xs[rank].to(dev), idxs[rank].to(dev), weights[rank].to(dev)
