@@ -77,6 +77,12 @@ def test_invalid_expert_found_on_gpu():
                  env={"FLASHEP_TIMEOUT_S": "20", "FLASHEP_CHECK_INPUTS": "0"})
 
 
+def _ll_buffer(flashep, R, **options):
+    """A low-latency Buffer sized for this file's (T, H, R, E), destroyed explicitly by the worker."""
+    return flashep.Buffer(None, 0, flashep.Buffer.get_low_latency_rdma_size_hint(T, H, R, E), low_latency_mode=True,
+                          explicitly_destroy=True, **options)
+
+
 def _inputs(torch, rank, R, seed, dev):
     g = torch.Generator().manual_seed(seed * 100 + rank)
     x = (torch.randn((T, H), generator=g) * 2).to(torch.bfloat16)
@@ -125,9 +131,7 @@ def _skip_worker(rank, world_size, shrink, transport):
     R = world_size
     dev = torch.device("cuda", torch.cuda.current_device())
     skipper = R - 1
-    buffer = flashep.Buffer(None, 0, flashep.Buffer.get_low_latency_rdma_size_hint(T, H, R, E), low_latency_mode=True,
-                            allow_nvlink_for_low_latency_mode=(transport == "nvlink"), enable_shrink=shrink,
-                            explicitly_destroy=True)
+    buffer = _ll_buffer(flashep, R, allow_nvlink_for_low_latency_mode=(transport == "nvlink"), enable_shrink=shrink)
     problem = _check_against_oracle(torch, buffer, rank, R, 1, set(), dev)
     assert not problem, f"rank {rank} before the failure: {problem}"
     dist.barrier()
@@ -196,8 +200,7 @@ def _hook_mismatch_worker(rank, world_size):
     import flashep
     R = world_size
     dev = torch.device("cuda", torch.cuda.current_device())
-    buffer = flashep.Buffer(None, 0, flashep.Buffer.get_low_latency_rdma_size_hint(T, H, R, E), low_latency_mode=True,
-                            explicitly_destroy=True)
+    buffer = _ll_buffer(flashep, R)
     # The two wires differ only when every peer is reached over NVLink (else a hooked combine uses
     # the reduced wire too, and nothing disagrees). This buffer allows NVLink for the low-latency
     # path, so the NVLink domain's transports tell.
@@ -234,8 +237,7 @@ def _bad_expert_worker(rank, world_size):
     import flashep
     R = world_size
     dev = torch.device("cuda", torch.cuda.current_device())
-    buffer = flashep.Buffer(None, 0, flashep.Buffer.get_low_latency_rdma_size_hint(T, H, R, E), low_latency_mode=True,
-                            explicitly_destroy=True)
+    buffer = _ll_buffer(flashep, R)
     x, idx, _ = _inputs(torch, rank, R, 1, dev)[:3]
     if rank == 0:
         idx[3, 1] = E  # out of range
@@ -257,8 +259,7 @@ def _pending_hook_worker(rank, world_size):
     import flashep
     R = world_size
     dev = torch.device("cuda", torch.cuda.current_device())
-    buffer = flashep.Buffer(None, 0, flashep.Buffer.get_low_latency_rdma_size_hint(T, H, R, E), low_latency_mode=True,
-                            explicitly_destroy=True)
+    buffer = _ll_buffer(flashep, R)
     x, idx, _ = _inputs(torch, rank, R, 1, dev)[:3]
     _, _, _, _, hook_a = buffer.low_latency_dispatch(x, idx, T, E, use_fp8=False, return_recv_hook=True)
     buffer.low_latency_dispatch(x, idx, T, E, use_fp8=False)  # B, fused
@@ -279,8 +280,7 @@ def _slow_receiver_worker(rank, world_size):
     R = world_size
     slow = R - 1
     dev = torch.device("cuda", torch.cuda.current_device())
-    buffer = flashep.Buffer(None, 0, flashep.Buffer.get_low_latency_rdma_size_hint(T, H, R, E), low_latency_mode=True,
-                            explicitly_destroy=True)
+    buffer = _ll_buffer(flashep, R)
     transports = [buffer.runtime.peer_transport(r) for r in range(R)]
     if any(t not in ("nvlink", "self") for t in transports):  # credits are for direct peers
         buffer.destroy()
